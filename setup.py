@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="gpt2-tf2",
+    version="0.1.0",
+    description="OpenAI's GPT-2 in pure TensorFlow 2 / Keras 3, reading OpenAI's original checkpoints",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["gpt2", "encoder"],
+    package_data={"encoder": ["encoder.json", "vocab.bpe"]},
+    py_modules=[],
+    install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "gpt2-generate=gpt2.generate_cli:main",
+            "gpt2-download=gpt2.download:main",
+        ]
+    },
+)
