@@ -6,8 +6,9 @@ So a file under its final name is complete by construction, and that is the whol
 test for "already downloaded": existing final names are skipped without asking the
 server. A `.part` left by an interrupted run is resumed with an HTTP Range request
 (or restarted, if the server ignores Range). After the files are in place the model
-directory is checked against its own hparams.json (not a preset: a mirror may serve
-a fine-tuned variant with other shapes under the same name).
+directory is checked with gpt2.checkpoint.check_model_dir against its own hparams.json
+(not a preset: a mirror may serve a fine-tuned variant with other shapes under the
+same name).
 """
 
 import argparse
@@ -19,7 +20,8 @@ import time
 import requests
 import tqdm
 
-from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+from gpt2.checkpoint import check_model_dir
+from gpt2.hparams import OLD_NAMES, PRESETS
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_BASE_URL"
@@ -60,7 +62,10 @@ def resolve_name(name):
 
 def resolve_base_url(base_url=None):
     """`base_url` if given, else $GPT2_BASE_URL if set, else OpenAI's; without a trailing '/'."""
-    return (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+    url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise DownloadError(f"base URL {url!r} must start with http:// or https:// (--base-url, ${BASE_URL_ENV})")
+    return url
 
 
 def download_model(
@@ -129,6 +134,8 @@ def _download_file(session, url, path, *, label, progress, retries, backoff, tim
             delay = min(backoff * 2 ** max(failures - 1, 0), MAX_BACKOFF)
             print(f"warning: {url}: {reason}; retrying in {delay:g}s", file=sys.stderr)
             time.sleep(delay)
+        except requests.RequestException as error:  # e.g. a --base-url without http(s)://
+            raise DownloadError(f"{url}: {error}") from None
     os.replace(part, path)
 
 
@@ -199,13 +206,12 @@ def _reason(error, timeout):
         return f"connection timed out after {timeout[0]:g}s"
     if isinstance(error, requests.exceptions.ChunkedEncodingError):
         return "connection closed mid-file"
-    if "Read timed out" in str(error):
+    if isinstance(error, requests.Timeout) or "Read timed out" in str(error):  # stalled headers or body
         return f"no data for {timeout[1]:g}s"
-    if isinstance(error, requests.ConnectionError):
-        # Innermost OS message, e.g. "Connection refused" or "Name or service not known".
-        match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
-        return f"cannot connect ({match.group(1).strip()})" if match else "cannot connect"
-    return type(error).__name__
+    # Any other requests.ConnectionError: keep the innermost OS message,
+    # e.g. "Connection refused" or "Name or service not known".
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+    return f"cannot connect ({match.group(1).strip()})" if match else "cannot connect"
 
 
 def _size(path):
@@ -217,56 +223,16 @@ def _truncate(path):
 
 
 def _verify_model_dir(model_dir):
-    """Checks that hparams.json parses and the checkpoint's variables have its shapes.
+    """Checks the downloaded folder against its own hparams.json (index only, not the weights).
 
-    Reads only the checkpoint index, not the weights. Returns the HParams; raises
-    DownloadError (one line) on any problem, leaving the files in place.
+    Raises DownloadError (one line) on any problem, leaving the files in place.
     """
     try:
-        hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
-    except (OSError, ValueError) as error:
-        raise DownloadError(f"{model_dir}: {error}") from None
-    import tensorflow as tf  # slow to import, so only here
-
-    try:
-        shapes = tf.train.load_checkpoint(model_dir).get_variable_to_shape_map()
-    except (tf.errors.OpError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DownloadError(f"{model_dir}: cannot read the checkpoint ({first_line})") from None
-    problems = []
-    for var, expected in _expected_shapes(hparams).items():
-        if var not in shapes:
-            problems.append(f"{var} missing")
-        elif list(shapes[var]) != expected:
-            problems.append(f"{var} is {list(shapes[var])}, expected {expected}")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        return check_model_dir(model_dir)
+    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         raise DownloadError(
-            f"{model_dir}: checkpoint does not match its hparams.json: {'; '.join(problems[:3])}{more}"
-        )
-    return hparams
-
-
-def _expected_shapes(hparams):
-    """Variable name -> shape of an OpenAI GPT-2 checkpoint with these hparams."""
-    d = hparams.n_embd
-    shapes = {
-        "model/wte": [hparams.n_vocab, d],
-        "model/wpe": [hparams.n_ctx, d],
-        "model/ln_f/g": [d],
-        "model/ln_f/b": [d],
-    }
-    for i in range(hparams.n_layer):
-        block = {
-            "ln_1/g": [d], "ln_1/b": [d],
-            "attn/c_attn/w": [1, d, 3 * d], "attn/c_attn/b": [3 * d],
-            "attn/c_proj/w": [1, d, d], "attn/c_proj/b": [d],
-            "ln_2/g": [d], "ln_2/b": [d],
-            "mlp/c_fc/w": [1, d, 4 * d], "mlp/c_fc/b": [4 * d],
-            "mlp/c_proj/w": [1, 4 * d, d], "mlp/c_proj/b": [d],
-        }
-        shapes.update({f"model/h{i}/{var}": shape for var, shape in block.items()})
-    return shapes
+            f"{error} (downloaded files kept; delete {model_dir} to fetch them again)"
+        ) from None
 
 
 def main(argv=None):
