@@ -28,52 +28,65 @@ def _round_up(n, multiple):
 
 
 class _Settings(tf.experimental.ExtensionType):
-    """Per-call values that are tensors in the compiled graph, so changing them never retraces."""
+    """Per-row sampling values, tensors in the compiled graph, so new values never retrace."""
 
-    temperature: tf.Tensor  # float32 scalar, 0 = greedy
-    top_k: tf.Tensor  # int32 scalar, 0 = off
-    top_p: tf.Tensor  # float32 scalar, 1 = off
-    seed: tf.Tensor  # int32 scalar
+    temperature: tf.Tensor  # float32 [b], 0 = greedy
+    top_k: tf.Tensor  # int32 [b], 0 = off
+    top_p: tf.Tensor  # float32 [b], 1 = off
+    seed: tf.Tensor  # int32 [b]: each row draws its own random stream
+    length: tf.Tensor  # int32 [b]: new tokens wanted per row
     stop_token: tf.Tensor  # int32 scalar, -1 = never stop
 
 
 def filter_logits(logits, top_k, top_p):
-    """OpenAI's top-k then top-p filtering; filtered logits become -1e10.
+    """OpenAI's top-k then top-p filtering, per row; filtered logits become -1e10.
 
-    logits: float32 [b, V]; top_k: int32 scalar (0 = off); top_p: float32 scalar (1 = off).
+    logits: float32 [b, V]; top_k: int32 [b] (0 = off); top_p: float32 [b] (1 = off).
     Top-k keeps logits >= the k-th largest; top-p keeps the smallest prefix of the sorted
-    distribution whose cumulative probability reaches p (at least one token), per row.
+    distribution whose cumulative probability reaches p (at least one token).
     """
     masked = tf.cast(MASKED_SCORE, logits.dtype)
     sorted_logits = tf.sort(logits, direction="DESCENDING", axis=-1)
     vocab = tf.shape(logits)[-1]
     kth_index = tf.where(top_k > 0, tf.minimum(top_k, vocab) - 1, vocab - 1)
-    kth_value = tf.gather(sorted_logits, kth_index, axis=-1)[:, None]
+    kth_value = tf.gather(sorted_logits, kth_index, axis=-1, batch_dims=1)[:, None]
     logits = tf.where(logits < kth_value, masked, logits)
     sorted_logits = tf.where(sorted_logits < kth_value, masked, sorted_logits)
     cumulative = tf.cumsum(tf.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    last_kept = tf.maximum(tf.reduce_sum(tf.cast(cumulative <= top_p, tf.int32), axis=-1) - 1, 0)
-    min_value = tf.gather(sorted_logits, last_kept, axis=-1, batch_dims=1)[:, None]
-    return tf.where((top_p < 1.0) & (logits < min_value), masked, logits)
+    inside = tf.reduce_sum(tf.cast(cumulative <= top_p[:, None], tf.int32), axis=-1)
+    min_value = tf.gather(sorted_logits, tf.maximum(inside - 1, 0), axis=-1, batch_dims=1)[:, None]
+    return tf.where((top_p[:, None] < 1.0) & (logits < min_value), masked, logits)
+
+
+def draw_from(logits, seed, step):
+    """One multinomial draw per row from softmax(logits) [b, V], by inverting the CDF at a
+    uniform number drawn from the row's own stream (seed [b], step): a row's draw does not
+    depend on the other rows in the batch. Returns int32 [b]."""
+    uniform = tf.map_fn(
+        lambda row_seed: tf.random.stateless_uniform([], tf.stack([row_seed, step])),
+        seed,
+        fn_output_signature=tf.float32,
+    )
+    cdf = tf.cumsum(tf.nn.softmax(logits, axis=-1), axis=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    return tf.minimum(tf.reduce_sum(tf.cast(cdf <= target, tf.int32), axis=-1), tf.shape(logits)[-1] - 1)
 
 
 def choose_tokens(logits, settings, step):
     """Picks the next token of each row. logits: float32 [b, V]; step: int32 scalar. Returns int32 [b]."""
-
-    def greedy():
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    sampling = settings.temperature > 0.0
 
     def sample():
-        scaled = logits / settings.temperature
+        scaled = logits / tf.where(sampling, settings.temperature, 1.0)[:, None]
         filtered = tf.cond(
-            (settings.top_k > 0) | (settings.top_p < 1.0),
+            tf.reduce_any((settings.top_k > 0) | (settings.top_p < 1.0)),
             lambda: filter_logits(scaled, settings.top_k, settings.top_p),
             lambda: scaled,
         )
-        seed = tf.stack([settings.seed, step])
-        return tf.random.stateless_categorical(filtered, 1, seed, dtype=tf.int32)[:, 0]
+        return tf.where(sampling, draw_from(filtered, settings.seed, step), greedy)
 
-    return tf.cond(settings.temperature > 0.0, sample, greedy)
+    return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
 
 
 class _Decoder:
@@ -81,12 +94,20 @@ class _Decoder:
 
     def __init__(self, model, jit_compile):
         self.model = model
-        self.generate = tf.function(self._generate, jit_compile=jit_compile)
-        self.prefill = tf.function(self._prefill, jit_compile=jit_compile)
-        self.step = tf.function(self._step, jit_compile=jit_compile)
+        options = dict(jit_compile=jit_compile, autograph=False)
+        self.generate = tf.function(self._generate, **options)
+        self.prefill = tf.function(self._prefill, **options)
+        self.step = tf.function(self._step, **options)
+
+    def _finish(self, chosen, done, step, settings):
+        """Rows already done emit the stop token (or 0); a row is done after its stop token or
+        its `length`-th token. chosen, done: [b]; step: the step that chose them."""
+        tokens = tf.where(done, tf.maximum(settings.stop_token, 0), chosen)
+        done = done | tf.equal(tokens, settings.stop_token) | (step + 1 >= settings.length)
+        return tokens, done
 
     def _prefill(self, tokens, pad, cache_len, settings):
-        """Runs the prompt. tokens: int32 [b, P] left-padded by pad [b]; cache_len: Python int.
+        """Runs the prompt. tokens: int32 [b, P], left-padded by pad [b]; cache_len: Python int.
 
         Returns (first new tokens [b], cache, done [b]).
         """
@@ -99,35 +120,37 @@ class _Decoder:
         )
         cache = self.model.empty_cache(tf.shape(tokens)[0], cache_len)
         h, cache = self.model.call_cached(tokens, positions, cache, 0, visible[:, None])
-        next_tokens = choose_tokens(self.model.logits(h[:, -1]), settings, tf.constant(0))
-        return next_tokens, cache, tf.equal(next_tokens, settings.stop_token)
+        step = tf.constant(0)
+        chosen = choose_tokens(self.model.logits(h[:, -1]), settings, step)
+        new_tokens, done = self._finish(chosen, tf.zeros_like(chosen, tf.bool), step, settings)
+        return new_tokens, cache, done
 
     def _step(self, tokens, pad, cache, slot, step, done, settings):
         """Feeds tokens [b] at cache slot `slot` (int32 scalar); picks the tokens of `step`.
 
-        Rows already `done` [b] keep emitting the stop token. Returns (tokens [b], cache, done).
+        Returns (new tokens [b], cache, done [b]).
         """
         cache_len = cache[0][0].shape[2]
         slots = tf.range(cache_len)
         visible = (slots[None, :] <= slot) & (slots[None, :] >= pad[:, None])
         positions = (slot - pad)[:, None]
         h, cache = self.model.call_cached(tokens[:, None], positions, cache, slot, visible[:, None, None])
-        next_tokens = choose_tokens(self.model.logits(h[:, 0]), settings, step)
-        next_tokens = tf.where(done, settings.stop_token, next_tokens)
-        return next_tokens, cache, done | tf.equal(next_tokens, settings.stop_token)
+        chosen = choose_tokens(self.model.logits(h[:, 0]), settings, step)
+        new_tokens, done = self._finish(chosen, done, step, settings)
+        return new_tokens, cache, done
 
-    def _generate(self, tokens, pad, length, cache_len, settings):
-        """The whole decode. tokens: int32 [b, P]; length: int32 scalar, new tokens wanted.
+    def _generate(self, tokens, pad, cache_len, settings):
+        """The whole decode. tokens: int32 [b, P], left-padded by pad [b].
 
-        Returns (int32 [b, C]: prompt then new tokens, int32 scalar: new tokens produced).
+        Returns (int32 [b, C]: prompt slots then new tokens, int32 scalar: steps run).
         """
         prompt_len = tokens.shape[1]
         batch = tf.shape(tokens)[0]
         first, cache, done = self._prefill(tokens, pad, cache_len, settings)
         output = tf.concat([tokens, first[:, None], tf.zeros([batch, cache_len - prompt_len - 1], tf.int32)], 1)
 
-        def keep_going(step, last, cache, done, output):
-            return (step < length) & ~tf.reduce_all(done)
+        def not_done(step, last, cache, done, output):
+            return ~tf.reduce_all(done)
 
         def body(step, last, cache, done, output):
             slot = prompt_len + step - 1
@@ -135,9 +158,7 @@ class _Decoder:
             output = keras.ops.slice_update(output, [0, slot + 1], last[:, None])
             return step + 1, last, cache, done, output
 
-        steps, _, _, _, output = tf.while_loop(
-            keep_going, body, (tf.constant(1), first, cache, done, output)
-        )
+        steps, _, _, _, output = tf.while_loop(not_done, body, (tf.constant(1), first, cache, done, output))
         return output, steps
 
 
@@ -152,18 +173,28 @@ def compiled_decoder(model, jit_compile=True):
     return per_model[jit_compile]
 
 
-def _check_settings(hparams, prompt_lengths, length, temperature, top_k, top_p):
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+def _per_row(value, batch, name):
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * batch
+    if len(values) != batch:
+        raise ValueError(f"{name}: expected one value per prompt ({batch}), got {len(values)}")
+    return values
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_row(n_ctx, prompt_len, length, temperature, top_k, top_p):
+    if not _is_int(length) or length < 1:
         raise ValueError(f"length must be a positive integer, got {length!r}")
-    longest = max(prompt_lengths)
-    if longest + length > hparams.n_ctx:
+    if prompt_len + length > n_ctx:
         raise ValueError(
-            f"prompt ({longest} tokens) + length ({length}) exceeds the model's context of "
-            f"{hparams.n_ctx} tokens; shorten the prompt or lower length"
+            f"prompt ({prompt_len} tokens) + length ({length}) exceeds the model's context of "
+            f"{n_ctx} tokens; shorten the prompt or lower length"
         )
-    if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0 or math.isinf(temperature):
+    if not isinstance(temperature, (int, float, np.number)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
@@ -185,6 +216,72 @@ def _left_pad(rows, n_vocab):
     return tokens, pad
 
 
+def row_seeds(seed, batch):
+    """Per-row int32 seeds from one seed (None: fresh entropy). Row i's seed does not depend on batch."""
+    return np.random.SeedSequence(seed).generate_state(batch).view(np.int32)
+
+
+def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
+                stop_token=None, callback=None, jit_compile=True):
+    """The sampler behind `sample_sequence`, with every setting either one value or one per row.
+
+    prompts: list of token lists (any lengths). length, temperature, top_k, top_p: a value or a
+    list with one per prompt. seeds: int32 per row (see `row_seeds`); None = fresh ones.
+    Returns a list with each row's new tokens (int32): `length` of them, or fewer ending with
+    stop_token. callback(step, tokens [b]) streams each step as it is produced.
+    """
+    batch = len(prompts)
+    if batch == 0:
+        raise ValueError("no prompts given")
+    hparams = model.hparams
+    lengths = _per_row(length, batch, "length")
+    temperatures = _per_row(temperature, batch, "temperature")
+    top_ks = _per_row(top_k, batch, "top_k")
+    top_ps = _per_row(top_p, batch, "top_p")
+    for row in zip(map(len, prompts), lengths, temperatures, top_ks, top_ps):
+        _check_row(hparams.n_ctx, *row)
+    tokens, pad = _left_pad(prompts, hparams.n_vocab)
+    cache_len = _round_up(tokens.shape[1] + max(lengths), CACHE_BUCKET)
+    settings = _Settings(
+        temperature=tf.constant(temperatures, tf.float32),
+        top_k=tf.constant(top_ks, tf.int32),
+        top_p=tf.constant(top_ps, tf.float32),
+        seed=tf.constant(row_seeds(None, batch) if seeds is None else seeds, tf.int32),
+        length=tf.constant(lengths, tf.int32),
+        stop_token=tf.constant(-1 if stop_token is None else stop_token, tf.int32),
+    )
+    decoder = compiled_decoder(model, jit_compile)
+    if callback is None:
+        output, _ = decoder.generate(tokens, pad, cache_len, settings)
+        new_tokens = output.numpy()[:, tokens.shape[1]:]
+    else:
+        new_tokens = _stream(decoder, tokens, pad, cache_len, settings, callback)
+    rows = []
+    for row, row_length in zip(new_tokens, lengths):
+        row = row[:row_length]
+        stops = np.flatnonzero(row == stop_token) if stop_token is not None else []
+        rows.append(row[: stops[0] + 1] if len(stops) else row)
+    return rows
+
+
+def _stream(decoder, tokens, pad, cache_len, settings, callback):
+    """The decode as a Python loop over the compiled step, handing each step's tokens to callback.
+    Returns the new tokens, int32 [b, steps]."""
+    new_tokens, cache, done = decoder.prefill(tokens, pad, cache_len, settings)
+    produced = [new_tokens.numpy()]
+    callback(0, produced[-1])
+    prompt_len = tokens.shape[1]
+    step = 1
+    while not done.numpy().all():
+        new_tokens, cache, done = decoder.step(
+            new_tokens, pad, cache, tf.constant(prompt_len + step - 1), tf.constant(step), done, settings
+        )
+        produced.append(new_tokens.numpy())
+        callback(step, produced[-1])
+        step += 1
+    return np.stack(produced, axis=1)
+
+
 def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                     stop_token=None, callback=None, jit_compile=True):
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
@@ -192,62 +289,31 @@ def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0,
     context: int [batch, context_len], or a list of token lists of different lengths (rows are
     left-padded internally; each row gives what it would alone under greedy decoding).
     temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off. seed: an int makes the output
-    reproducible; None draws a fresh one. stop_token (e.g. 50256): a row stops after producing it
-    and the loop ends once every row has stopped; the rest of a stopped row holds stop_token.
-    callback(step, tokens): if given, called with each step's new tokens (int32 [batch]) as they
-    are produced (streaming; one compiled step per token instead of one compiled loop).
-    jit_compile: compile with XLA (faster on CPU here; see BENCHMARKS.md).
+    reproducible (each row draws from its own stream); None draws a fresh one.
+    stop_token (e.g. 50256): a row stops after producing it, and decoding ends once every row has
+    stopped. callback(step, tokens): if given, called with each step's new tokens (int32 [batch])
+    as they are produced (streaming; rows that have stopped repeat stop_token).
+    jit_compile: compile with XLA (faster on this CPU; see BENCHMARKS.md).
 
-    Returns int32 [batch, context_len + new tokens] for rectangular `context`, or a list of 1-D
-    arrays (each prompt + its new tokens) for ragged prompts. New tokens number `length` unless
-    every row stopped earlier.
+    Returns int32 [batch, context_len + new tokens] for rectangular `context` (rows that stopped
+    early are filled with stop_token), or for ragged prompts a list of 1-D arrays, each prompt +
+    its new tokens.
     """
     if isinstance(context, tf.Tensor):
         context = context.numpy()
-    ragged = not isinstance(context, np.ndarray) and len({len(row) for row in context}) > 1
-    rows = [list(row) for row in context] if ragged else np.asarray(context)
-    if not ragged and (rows.ndim != 2 or rows.shape[0] == 0):
-        raise ValueError(f"context must be int tokens [batch, context_len], got shape {rows.shape}")
-    hparams = model.hparams
-    prompt_lengths = [len(row) for row in rows]
-    _check_settings(hparams, prompt_lengths, length, temperature, top_k, top_p)
-    tokens, pad = _left_pad(rows, hparams.n_vocab)
-    cache_len = _round_up(tokens.shape[1] + length, CACHE_BUCKET)
-    if seed is None:
-        seed = np.random.default_rng().integers(2**31)
-    settings = _Settings(
-        temperature=tf.constant(temperature, tf.float32),
-        top_k=tf.constant(top_k, tf.int32),
-        top_p=tf.constant(top_p, tf.float32),
-        seed=tf.constant(seed, tf.int32),
-        stop_token=tf.constant(-1 if stop_token is None else stop_token, tf.int32),
+    prompts = [list(row) for row in context]
+    if not prompts:
+        raise ValueError("context holds no prompts")
+    new_tokens = sample_rows(
+        model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)),
+        stop_token, callback, jit_compile,
     )
-    decoder = compiled_decoder(model, jit_compile)
-    if callback is None:
-        output, steps = decoder.generate(tokens, pad, tf.constant(length), cache_len, settings)
-        output = output.numpy()[:, : tokens.shape[1] + int(steps)]
-    else:
-        output = _stream(decoder, tokens, pad, length, cache_len, settings, callback)
-    if ragged:
-        return [output[i, pad[i]:] for i in range(len(rows))]
-    return output[:, pad[0]:]
-
-
-def _stream(decoder, tokens, pad, length, cache_len, settings, callback):
-    """The decode as a Python loop over the compiled step, handing each step's tokens to callback."""
-    new_tokens, cache, done = decoder.prefill(tokens, pad, cache_len, settings)
-    produced = [new_tokens.numpy()]
-    callback(0, produced[-1])
-    prompt_len = tokens.shape[1]
-    for step in range(1, length):
-        if done.numpy().all():
-            break
-        new_tokens, cache, done = decoder.step(
-            new_tokens, pad, cache, tf.constant(prompt_len + step - 1), tf.constant(step), done, settings
-        )
-        produced.append(new_tokens.numpy())
-        callback(step, produced[-1])
-    return np.concatenate([tokens, np.stack(produced, axis=1)], axis=1)
+    outputs = [np.concatenate([np.asarray(p, np.int32), n]) for p, n in zip(prompts, new_tokens)]
+    if len({len(p) for p in prompts}) > 1:
+        return outputs
+    width = max(len(row) for row in outputs)
+    fill = 0 if stop_token is None else stop_token
+    return np.stack([np.pad(row, (0, width - len(row)), constant_values=fill) for row in outputs])
 
 
 def generate(model, enc, prompts, length=64, temperature=1.0, top_k=0, top_p=1.0, seed=None,
@@ -255,19 +321,13 @@ def generate(model, enc, prompts, length=64, temperature=1.0, top_k=0, top_p=1.0
     """Text in, text out: returns the continuation (without the prompt) of each prompt.
 
     prompts: a string or a list of strings; an empty string samples unconditionally. With
-    stop_at_eot, a row ends at <|endoftext|> and the text stops before it.
+    stop_at_eot, a row ends at <|endoftext|> and its text stops before it.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     rows = [enc.encode(p) if p else [enc.eot_token] for p in prompts]
-    outputs = sample_sequence(
-        model, rows, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        stop_token=enc.eot_token if stop_at_eot else None,
+    eot = enc.eot_token if stop_at_eot else None
+    new_tokens = sample_rows(
+        model, rows, length, temperature, top_k, top_p, row_seeds(seed, len(rows)), stop_token=eot
     )
-    texts = []
-    for row, output in zip(rows, outputs):
-        new = list(output[len(row):])
-        if stop_at_eot and enc.eot_token in new:
-            new = new[: new.index(enc.eot_token)]
-        texts.append(enc.decode(new))
-    return texts
+    return [enc.decode([t for t in row if t != eot] if eot is not None else row) for row in new_tokens]
