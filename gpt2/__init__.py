@@ -1,18 +1,28 @@
-"""OpenAI's GPT-2 in TensorFlow 2 / Keras 3, reading and writing OpenAI's original checkpoints."""
+"""OpenAI's GPT-2 in TensorFlow 2 / Keras 3, reading and writing OpenAI's original checkpoints.
 
-from gpt2.checkpoint import CheckpointError, load_model, save_checkpoint, write_random_checkpoint
+TensorFlow is imported on first use of a name that needs it, so command-line tools answer
+`--help` and usage errors without paying for it.
+"""
+
+import importlib
+
 from gpt2.hparams import PRESETS, HParams
-from gpt2.model import GPT2
-from gpt2.sample import generate, sample_sequence
 
-__all__ = [
-    "GPT2",
-    "PRESETS",
-    "CheckpointError",
-    "HParams",
-    "generate",
-    "load_model",
-    "sample_sequence",
-    "save_checkpoint",
-    "write_random_checkpoint",
-]
+_LAZY = {
+    "GPT2": "gpt2.model",
+    "CheckpointError": "gpt2.checkpoint",
+    "load_model": "gpt2.checkpoint",
+    "save_checkpoint": "gpt2.checkpoint",
+    "write_random_checkpoint": "gpt2.checkpoint",
+    "generate": "gpt2.sample",
+    "sample_sequence": "gpt2.sample",
+    "download_model": "gpt2.download",
+}
+
+__all__ = ["HParams", "PRESETS", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gpt2' has no attribute {name!r}")

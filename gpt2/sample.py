@@ -21,6 +21,8 @@ from gpt2.layers import MASKED_SCORE
 # lengths reuse one compiled function instead of tracing (and compiling) a new one.
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
+# Top-k/top-p look at this many of the largest logits first (exact when the kept set fits in them).
+CANDIDATES = 256
 
 
 def _round_up(n, multiple):
@@ -38,53 +40,131 @@ class _Settings(tf.experimental.ExtensionType):
     stop_token: tf.Tensor  # int32 scalar, -1 = never stop
 
 
+def _sortable_keys(x):
+    """float32 -> int32 with the same order (so thresholds can be searched exactly by bisection)."""
+    bits = tf.bitcast(x, tf.int32)
+    return tf.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _largest_key_where(keys, holds):
+    """Per row, the largest int32 t with holds(keys >= t) true, for a `holds` that is true at the
+    smallest t and monotone. keys: int32 [b, V]; holds: bool [b, V] mask -> bool [b].
+
+    A 32-step bisection over the int32 range: no sort of the vocabulary (XLA's CPU sort of 50257
+    values costs more than a whole decode step).
+    """
+    low = tf.fill(tf.shape(keys)[:1], tf.constant(-(2**31), tf.int64))
+    high = tf.fill(tf.shape(keys)[:1], tf.constant(2**31 - 1, tf.int64))
+    wide_keys = tf.cast(keys, tf.int64)
+
+    def narrow(low, high):
+        middle = (low + high + 1) // 2
+        ok = holds(wide_keys >= middle[:, None])
+        return tf.where(ok, middle, low), tf.where(ok, high, middle - 1)
+
+    low, _ = tf.while_loop(lambda low, high: True, narrow, (low, high), maximum_iterations=32)
+    return low[:, None]
+
+
 def filter_logits(logits, top_k, top_p):
     """OpenAI's top-k then top-p filtering, per row; filtered logits become -1e10.
 
     logits: float32 [b, V]; top_k: int32 [b] (0 = off); top_p: float32 [b] (1 = off).
-    Top-k keeps logits >= the k-th largest; top-p keeps the smallest prefix of the sorted
-    distribution whose cumulative probability reaches p (at least one token).
+    Top-k keeps logits >= the k-th largest; top-p keeps the largest logits whose probabilities
+    sum to at most p (at least the largest one), as OpenAI's sorted cumulative sum does.
     """
     masked = tf.cast(MASKED_SCORE, logits.dtype)
-    sorted_logits = tf.sort(logits, direction="DESCENDING", axis=-1)
-    vocab = tf.shape(logits)[-1]
-    kth_index = tf.where(top_k > 0, tf.minimum(top_k, vocab) - 1, vocab - 1)
-    kth_value = tf.gather(sorted_logits, kth_index, axis=-1, batch_dims=1)[:, None]
-    logits = tf.where(logits < kth_value, masked, logits)
-    sorted_logits = tf.where(sorted_logits < kth_value, masked, sorted_logits)
-    cumulative = tf.cumsum(tf.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    inside = tf.reduce_sum(tf.cast(cumulative <= top_p[:, None], tf.int32), axis=-1)
-    min_value = tf.gather(sorted_logits, tf.maximum(inside - 1, 0), axis=-1, batch_dims=1)[:, None]
-    return tf.where((top_p[:, None] < 1.0) & (logits < min_value), masked, logits)
+    keys = _sortable_keys(logits)
+    k = tf.cast(tf.where(top_k > 0, top_k, tf.shape(logits)[-1]), tf.int32)[:, None]
+    kth_key = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.cast(kept, tf.int32), -1) >= k[:, 0])
+    logits = tf.where(tf.cast(keys, tf.int64) < kth_key, masked, logits)
+    probs = tf.nn.softmax(logits, axis=-1)
+    p = top_p[:, None]
+    beyond_p = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.where(kept, probs, 0.0), -1) > p[:, 0])
+    nucleus_key = tf.minimum(beyond_p + 1, tf.reduce_max(tf.cast(keys, tf.int64), -1, keepdims=True))
+    return tf.where((p < 1.0) & (tf.cast(keys, tf.int64) < nucleus_key), masked, logits)
 
 
-def draw_from(logits, seed, step):
-    """One multinomial draw per row from softmax(logits) [b, V], by inverting the CDF at a
-    uniform number drawn from the row's own stream (seed [b], step): a row's draw does not
-    depend on the other rows in the batch. Returns int32 [b]."""
-    uniform = tf.map_fn(
+def _row_uniforms(seed, step):
+    """One uniform number in [0, 1) per row, from the row's own stream: seed int32 [b] -> [b]."""
+    return tf.map_fn(
         lambda row_seed: tf.random.stateless_uniform([], tf.stack([row_seed, step])),
         seed,
         fn_output_signature=tf.float32,
     )
-    cdf = tf.cumsum(tf.nn.softmax(logits, axis=-1), axis=-1)
-    target = uniform[:, None] * cdf[:, -1:]
-    return tf.minimum(tf.reduce_sum(tf.cast(cdf <= target, tf.int32), axis=-1), tf.shape(logits)[-1] - 1)
+
+
+def _invert_cdf(logits, uniform):
+    """Index of the draw from softmax(logits) [b, n] at uniform [b]: an exact multinomial draw.
+
+    The CDF is walked in blocks of 256 (block totals, then one block), not as one n-long cumsum.
+    """
+    n = logits.shape[-1]
+    blocks = -(-n // 256)
+    probs = tf.pad(tf.nn.softmax(logits, axis=-1), [[0, 0], [0, blocks * 256 - n]])
+    probs = tf.reshape(probs, [-1, blocks, 256])
+    block_cdf = tf.cumsum(tf.reduce_sum(probs, axis=-1), axis=-1)
+    target = uniform * block_cdf[:, -1]
+    block = tf.minimum(tf.reduce_sum(tf.cast(block_cdf <= target[:, None], tf.int32), axis=-1), blocks - 1)
+    before = tf.gather(block_cdf, block - 1, axis=-1, batch_dims=1)
+    within_cdf = tf.cumsum(tf.gather(probs, block, axis=1, batch_dims=1), axis=-1)
+    within = tf.where(block > 0, before, 0.0)[:, None] + within_cdf
+    index = block * 256 + tf.reduce_sum(tf.cast(within <= target[:, None], tf.int32), axis=-1)
+    return tf.minimum(index, n - 1)
+
+
+def _filter_candidates(logits, top_k, top_p):
+    """Top-k/top-p over the CANDIDATES largest logits only, which is exact whenever the kept set
+    lies among them (top_k <= CANDIDATES, or a nucleus smaller than that).
+
+    Returns (filtered candidate logits [b, C], their token ids [b, C], exact [b] bool).
+    """
+    masked = tf.cast(MASKED_SCORE, logits.dtype)
+    values, ids = tf.math.top_k(logits, CANDIDATES)
+    k_inside = (top_k > 0) & (top_k <= CANDIDATES)
+    kth = tf.gather(values, tf.clip_by_value(top_k, 1, CANDIDATES) - 1, axis=-1, batch_dims=1)[:, None]
+    values = tf.where(k_inside[:, None] & (values < kth), masked, values)
+    total = tf.where(k_inside, tf.reduce_logsumexp(values, -1), tf.reduce_logsumexp(logits, -1))
+    cumulative = tf.cumsum(tf.exp(values - total[:, None]), axis=-1)
+    inside = tf.reduce_sum(tf.cast(cumulative <= top_p[:, None], tf.int32), axis=-1)
+    min_value = tf.gather(values, tf.maximum(inside - 1, 0), axis=-1, batch_dims=1)[:, None]
+    values = tf.where((top_p < 1.0)[:, None] & (values < min_value), masked, values)
+    nucleus_inside = (top_k == 0) & (top_p < 1.0) & (inside < CANDIDATES)
+    return values, ids, k_inside | nucleus_inside
 
 
 def choose_tokens(logits, settings, step):
-    """Picks the next token of each row. logits: float32 [b, V]; step: int32 scalar. Returns int32 [b]."""
+    """Picks the next token of each row. logits: float32 [b, V]; step: int32 scalar. Returns int32 [b].
+
+    Rows whose top-k/top-p set lies among the largest CANDIDATES logits (the usual case) draw
+    from those; the others filter and draw over the whole vocabulary.
+    """
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     sampling = settings.temperature > 0.0
 
     def sample():
         scaled = logits / tf.where(sampling, settings.temperature, 1.0)[:, None]
-        filtered = tf.cond(
-            tf.reduce_any((settings.top_k > 0) | (settings.top_p < 1.0)),
-            lambda: filter_logits(scaled, settings.top_k, settings.top_p),
-            lambda: scaled,
+        uniform = _row_uniforms(settings.seed, step)
+        filtering = (settings.top_k > 0) | (settings.top_p < 1.0)
+
+        def candidates():
+            values, ids, exact = _filter_candidates(scaled, settings.top_k, settings.top_p)
+            return tf.gather(ids, _invert_cdf(values, uniform), axis=-1, batch_dims=1), exact
+
+        from_candidates, exact = tf.cond(
+            tf.reduce_any(filtering), candidates, lambda: (greedy, tf.zeros_like(filtering))
         )
-        return tf.where(sampling, draw_from(filtered, settings.seed, step), greedy)
+
+        def from_vocabulary():
+            filtered = tf.cond(
+                tf.reduce_any(filtering & ~exact),
+                lambda: filter_logits(scaled, settings.top_k, settings.top_p),
+                lambda: scaled,
+            )
+            return _invert_cdf(filtered, uniform)
+
+        drawn = tf.cond(tf.reduce_all(exact), lambda: from_candidates, from_vocabulary)
+        return tf.where(sampling, tf.where(exact, from_candidates, drawn), greedy)
 
     return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
 

@@ -1,0 +1,143 @@
+"""Reading and writing OpenAI's checkpoint folders, and the errors for broken ones."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gpt2
+from conftest import TINY_MODEL
+from gpt2.checkpoint import DATA_FILE, CheckpointError
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, target, ignore=shutil.ignore_patterns("reference*", "*.md"))
+    for path in target.iterdir():
+        path.chmod(0o644)
+    return target
+
+
+def rewrite_variables(model_dir, edit):
+    """Re-saves the checkpoint in model_dir after edit(dict name -> array) changed it."""
+    reader = tf.train.load_checkpoint(str(model_dir / "model.ckpt"))
+    values = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    edit(values)
+    for path in model_dir.glob("model.ckpt.*"):
+        if not path.name.endswith(".meta"):
+            path.unlink()
+    names = sorted(values)
+    tf.raw_ops.SaveV2(prefix=str(model_dir / "model.ckpt"), tensor_names=names,
+                      shape_and_slices=[""] * len(names), tensors=[values[n] for n in names])
+
+
+def test_loaded_weights_equal_checkpoint_tensors(tiny_model):
+    reader = tf.train.load_checkpoint(TINY_MODEL)
+    variables = gpt2.checkpoint.model_variables(tiny_model)
+    assert set(variables) == set(reader.get_variable_to_shape_map())
+    for name, variable in variables.items():
+        np.testing.assert_array_equal(variable.numpy(), reader.get_tensor(name).reshape(variable.shape))
+
+
+def test_save_then_load_is_bit_exact(tiny_model, tmp_path):
+    gpt2.save_checkpoint(tiny_model, str(tmp_path / "saved"))
+    assert sorted(os.listdir(tmp_path / "saved")) == sorted(
+        ["checkpoint", "hparams.json", "model.ckpt.index", DATA_FILE]
+    )
+    reloaded = gpt2.load_model(str(tmp_path / "saved"))
+    assert reloaded.hparams == tiny_model.hparams
+    for a, b in zip(tiny_model.weights, reloaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    original = tf.train.load_checkpoint(TINY_MODEL)
+    written = tf.train.load_checkpoint(str(tmp_path / "saved"))
+    assert written.get_variable_to_shape_map() == original.get_variable_to_shape_map()
+    for name in original.get_variable_to_shape_map():
+        np.testing.assert_array_equal(written.get_tensor(name), original.get_tensor(name))
+
+
+def test_save_overwrites_in_place_and_leaves_no_staging(tiny_model, model_copy):
+    gpt2.save_checkpoint(tiny_model, str(model_copy))
+    assert not [p for p in os.listdir(model_copy) if p.startswith(".saving-")]
+    gpt2.load_model(str(model_copy))
+
+
+def test_load_by_name_under_models_dir(tmp_path, model_copy):
+    os.rename(model_copy, tmp_path / "124M")
+    assert gpt2.load_model("124M", models_dir=str(tmp_path)).hparams.n_embd == 32
+    assert gpt2.load_model("117M", models_dir=str(tmp_path)).hparams.n_embd == 32
+
+
+def test_unknown_model_says_how_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python download_model.py 355M"):
+        gpt2.load_model("355M", models_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="known models: 124M, 355M, 774M, 1558M"):
+        gpt2.load_model("huge", models_dir=str(tmp_path))
+
+
+def test_missing_variables_are_all_listed(model_copy):
+    def drop(values):
+        del values["model/h1/mlp/c_fc/b"], values["model/ln_f/g"]
+        values["model/extra"] = np.zeros(3, np.float32)
+
+    rewrite_variables(model_copy, drop)
+    with pytest.raises(CheckpointError) as error:
+        gpt2.load_model(str(model_copy))
+    message = str(error.value)
+    assert "missing ['model/h1/mlp/c_fc/b', 'model/ln_f/g']" in message
+    assert "unexpected ['model/extra']" in message
+    assert "\n" not in message
+
+
+def test_wrong_shape_is_reported(model_copy):
+    def reshape(values):
+        values["model/h0/attn/c_attn/w"] = values["model/h0/attn/c_attn/w"][0]
+
+    rewrite_variables(model_copy, reshape)
+    with pytest.raises(CheckpointError, match=r"model/h0/attn/c_attn/w \[32, 96\] \(expected \[1, 32, 96\]\)"):
+        gpt2.load_model(str(model_copy))
+
+
+def test_truncated_data_file(model_copy):
+    data = model_copy / DATA_FILE
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated .*download the model again"):
+        gpt2.load_model(str(model_copy))
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("hparams.json", "hparams.json: hparams file not found"),
+        ("checkpoint", "checkpoint state file not found"),
+        ("model.ckpt.index", "model.ckpt.index: checkpoint index not found"),
+        (DATA_FILE, "checkpoint data not found"),
+    ],
+)
+def test_missing_file_is_named(model_copy, missing, message):
+    (model_copy / missing).unlink()
+    with pytest.raises((CheckpointError, FileNotFoundError), match=message):
+        gpt2.load_model(str(model_copy))
+
+
+def test_malformed_hparams(model_copy):
+    (model_copy / "hparams.json").write_text('{"n_vocab": 50257,')
+    with pytest.raises(ValueError, match="hparams.json: not valid JSON"):
+        gpt2.load_model(str(model_copy))
+
+
+def test_corrupt_index(model_copy):
+    (model_copy / "model.ckpt.index").write_bytes(b"not an index")
+    with pytest.raises(CheckpointError, match="model.ckpt.index: unreadable"):
+        gpt2.load_model(str(model_copy))
+
+
+def test_random_124M_checkpoint_loads_and_runs(tmp_path):
+    gpt2.checkpoint.main(["--random", "124M", str(tmp_path), "--seed", "0"])
+    model = gpt2.load_model(str(tmp_path))
+    assert model.hparams == gpt2.PRESETS["124M"]
+    assert sum(int(np.prod(w.shape)) for w in model.weights) == 124_439_808
+    logits = model(np.array([[50256, 464, 318]]))["logits"]
+    assert logits.shape == (1, 3, 50257) and np.isfinite(logits.numpy()).all()

@@ -1,0 +1,206 @@
+"""The compiled sampler: OpenAI's semantics, greedy references, distributions, batching, retracing."""
+
+import numpy as np
+import pytest
+
+import gpt2
+from encoder import get_encoder
+from gpt2.sample import compiled_decoder, sample_rows
+
+EOT = 50256
+
+
+def greedy_cases(reference):
+    return reference["greedy"]["cases"]
+
+
+def test_greedy_matches_reference_tokens_and_text(tiny_model, reference):
+    enc = get_encoder()
+    for case in greedy_cases(reference):
+        out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, temperature=0)
+        assert out.dtype == np.int32 and out.shape == (1, len(case["all_ids"]))
+        assert out[0].tolist() == case["all_ids"]
+        assert enc.decode(out[0]) == case["full_text"]
+        assert enc.decode(out[0, len(case["prompt_ids"]):]) == case["new_text"]
+
+
+def test_top_k_1_equals_greedy(tiny_model, reference):
+    for case in greedy_cases(reference):
+        out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, top_k=1, seed=7)
+        assert out[0].tolist() == case["all_ids"]
+
+
+def test_greedy_without_xla_matches_too(tiny_model, reference):
+    case = greedy_cases(reference)[0]
+    out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, temperature=0, jit_compile=False)
+    assert out[0].tolist() == case["all_ids"]
+
+
+def test_text_helper(tiny_model, reference):
+    enc = get_encoder()
+    cases = greedy_cases(reference)
+    texts = gpt2.generate(tiny_model, enc, [c["prompt_text"] for c in cases], length=20, temperature=0)
+    assert texts == [c["new_text"] for c in cases]
+
+
+def test_streaming_callback_sees_every_token(tiny_model, reference):
+    case = greedy_cases(reference)[1]
+    seen = []
+    out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, temperature=0,
+                               callback=lambda step, tokens: seen.append((step, tokens.tolist())))
+    assert out[0].tolist() == case["all_ids"]
+    assert seen == [(i, [t]) for i, t in enumerate(case["new_ids"])]
+
+
+def first_token_draws(model, prompt, draws, seed=0, **settings):
+    """`draws` independent samples of the first new token after `prompt`."""
+    rows = 400
+    out = [gpt2.sample_sequence(model, [prompt] * rows, 1, seed=seed + i, **settings)[:, -1]
+           for i in range(draws // rows)]
+    return np.concatenate(out)
+
+
+def last_logits(reference, case):
+    return np.asarray(reference["last_logits"][case][0], np.float64)
+
+
+def test_top_k_never_leaves_the_k_largest(tiny_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    logits = last_logits(reference, "len7")
+    for k in (1, 5, 40):
+        draws = first_token_draws(tiny_model, prompt, 2000, top_k=k)
+        allowed = set(np.argsort(-logits)[:k].tolist())
+        assert set(draws.tolist()) <= allowed
+        assert len(set(draws.tolist())) == k  # each of the k is reachable
+
+
+def nucleus(logits, p):
+    """OpenAI's top-p set: sorted tokens until the cumulative probability passes p."""
+    order = np.argsort(-logits)
+    probs = np.exp(logits[order] - logits.max())
+    cumulative = np.cumsum(probs / probs.sum())
+    keep = max(int(np.sum(cumulative <= p)), 1)
+    return set(order[:keep].tolist())
+
+
+def test_top_p_never_leaves_the_nucleus(tiny_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    logits = last_logits(reference, "len7")
+    for temperature, p in ((0.25, 0.5), (0.5, 0.9), (1.0, 0.01)):
+        draws = first_token_draws(tiny_model, prompt, 2000, temperature=temperature, top_p=p)
+        allowed = nucleus(logits / temperature, p)
+        assert set(draws.tolist()) <= allowed
+
+
+def test_top_k_then_top_p_per_row_in_a_batch(tiny_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    logits = last_logits(reference, "len7")
+    settings = dict(temperature=[0.5, 0.5, 0], top_k=[3, 0, 0], top_p=[1.0, 0.3, 1.0], seeds=[1, 2, 3])
+    seen = [set(), set(), set()]
+    for i in range(60):
+        settings["seeds"] = [3 * i, 3 * i + 1, 3 * i + 2]
+        for row, tokens in enumerate(sample_rows(tiny_model, [prompt] * 3, 1, **settings)):
+            seen[row].add(int(tokens[0]))
+    assert seen[0] <= set(np.argsort(-logits)[:3].tolist())
+    assert seen[1] <= nucleus(logits / 0.5, 0.3)
+    assert seen[2] == {int(np.argmax(logits))}
+
+
+def test_plain_sampling_follows_the_softmax(tiny_model, reference):
+    """Chi-square over 10 bins of equal probability mass, 10,000 draws at temperature 1."""
+    prompt = reference["inputs"]["len7"][0]
+    logits = last_logits(reference, "len7")
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    bin_of_token = np.empty(len(probs), int)
+    bin_of_token[order] = np.minimum((np.cumsum(probs[order]) - probs[order] / 2) * 10, 9).astype(int)
+    expected_mass = np.bincount(bin_of_token, weights=probs, minlength=10)
+    draws = first_token_draws(tiny_model, prompt, 10000, seed=1000)
+    observed = np.bincount(bin_of_token[draws], minlength=10)
+    expected = expected_mass * len(draws)
+    chi_square = float(np.sum((observed - expected) ** 2 / expected))
+    assert chi_square < 27.88, (chi_square, observed, expected)  # df 9, p = 0.001
+
+
+def test_same_seed_same_output_and_fresh_seeds_differ(tiny_model):
+    prompt = [[464, 3139, 286]] * 2
+    a = gpt2.sample_sequence(tiny_model, prompt, 15, seed=123, top_k=40)
+    b = gpt2.sample_sequence(tiny_model, prompt, 15, seed=123, top_k=40)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # rows draw from their own streams
+    unseeded = [gpt2.sample_sequence(tiny_model, prompt, 15).tolist() for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_seeded_row_does_not_depend_on_its_batch(tiny_model, reference):
+    prompts = [c["prompt_ids"] for c in greedy_cases(reference)]
+    together = sample_rows(tiny_model, prompts, 12, temperature=1.0, seeds=[11, 22, 33])
+    for i, prompt in enumerate(prompts):
+        alone = sample_rows(tiny_model, [prompt], 12, temperature=1.0, seeds=[[11, 22, 33][i]])
+        np.testing.assert_array_equal(together[i], alone[0])
+
+
+def test_ragged_batch_equals_each_row_alone(tiny_model, reference):
+    cases = greedy_cases(reference)
+    rows = [cases[0]["prompt_ids"], reference["inputs"]["len40"][0][:23], cases[2]["prompt_ids"][:2]]
+    assert len({len(r) for r in rows}) == 3
+    together = gpt2.sample_sequence(tiny_model, rows, 20, temperature=0)
+    for row, out in zip(rows, together):
+        alone = gpt2.sample_sequence(tiny_model, [row], 20, temperature=0)[0]
+        assert out.tolist() == alone.tolist()
+    assert together[0].tolist() == cases[0]["all_ids"]
+
+
+def test_stop_token_ends_rows_and_the_loop(tiny_model, reference):
+    a, b = greedy_cases(reference)[:2]
+    stop = a["new_ids"][4]
+    assert stop not in a["new_ids"][:4] and stop not in b["new_ids"]
+    out = gpt2.sample_sequence(tiny_model, [a["prompt_ids"]], 20, temperature=0, stop_token=stop)
+    assert out[0].tolist() == a["prompt_ids"] + a["new_ids"][:5]
+    rows = gpt2.sample_sequence(tiny_model, [a["prompt_ids"], b["prompt_ids"]], 20, temperature=0,
+                                stop_token=stop)
+    assert rows[0].tolist() == a["prompt_ids"] + a["new_ids"][:5]
+    assert rows[1].tolist() == b["all_ids"]
+    seen = []
+    gpt2.sample_sequence(tiny_model, [a["prompt_ids"]], 20, temperature=0, stop_token=stop,
+                         callback=lambda step, tokens: seen.append(step))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_trace_count_stays_bounded(tiny_model):
+    decoder = compiled_decoder(tiny_model)
+    gpt2.sample_sequence(tiny_model, [[1, 2, 3]], 5, temperature=0)
+    before = decoder.generate.experimental_get_tracing_count()
+    for prompt_len, length, settings in [
+        (1, 5, dict(temperature=0)), (7, 20, dict(top_k=3, seed=1)), (20, 9, dict(top_p=0.5)),
+        (31, 30, dict(temperature=0.7, top_k=10, top_p=0.9, seed=2)), (12, 1, dict(stop_token=EOT)),
+    ]:
+        gpt2.sample_sequence(tiny_model, [list(range(1, prompt_len + 1))], length, **settings)
+    assert decoder.generate.experimental_get_tracing_count() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(length=0), "length must be a positive integer"),
+        (dict(length=-3), "length must be a positive integer"),
+        (dict(length=60), r"prompt \(7 tokens\) \+ length \(60\) exceeds the model's context of 64"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_invalid_settings_are_clear_errors(tiny_model, reference, kwargs, message):
+    args = dict(length=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        gpt2.sample_sequence(tiny_model, reference["inputs"]["len7"], **args)
+
+
+def test_invalid_prompts_are_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gpt2.sample_sequence(tiny_model, [[1], []], 5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gpt2.sample_sequence(tiny_model, [[1, 50257]], 5)
