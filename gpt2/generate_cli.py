@@ -1,0 +1,528 @@
+"""Command-line text generation: `python generate.py` (or the `gpt2-generate` console script).
+
+    python generate.py --model 355M --prompt "Hello, my name is" --nsamples 3
+    python generate.py --interactive                 # type prompts, watch the text appear
+    python generate.py --unconditional --seed 1 --length 200
+
+Every sample is printed under a `==== SAMPLE N ====` header, and a line of 80 `=` follows the
+samples of each prompt (the layout of OpenAI's sampling scripts). See `--help` for every option.
+
+Arguments are parsed (and `--help` answered) before TensorFlow is imported, since importing it
+takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, never a traceback.
+"""
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+
+DEFAULT_MODEL = "124M"
+DEFAULT_MODELS_DIR = "models"
+DEFAULT_LENGTH = 128
+DEFAULT_TOP_K = 40
+INTERACTIVE_PROMPT = "Model prompt >>> "
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`error: ...`) instead of the full usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, check, requirement):
+    """An argparse type: `kind(text)` that must satisfy `check`, else the message `requirement`."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_temperature = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def build_parser(prog=None):
+    """The argument parser; every option's help states its default."""
+    parser = _Parser(
+        prog=prog,
+        description=textwrap.fill(
+            "Generate text with OpenAI's GPT-2. Each sample is printed under a "
+            "'===== SAMPLE N =====' header, and a line of '=' follows the samples of each prompt. "
+            "Pick one prompt source: --prompt, --prompt-file, --interactive or --unconditional. "
+            "With none of them, an interactive session starts when standard input is a terminal; "
+            "otherwise the prompt is read from standard input (e.g. echo 'Hello' | generate.py).",
+            width=78,
+        ),
+        epilog=(
+            "examples:\n"
+            "  generate.py --prompt 'Hello, my name is' --nsamples 3\n"
+            "  generate.py --model 355M --download --interactive\n"
+            "  generate.py --model path/to/model_folder --unconditional --seed 1 --length 200\n"
+            "Errors print one line 'error: ...' on stderr; exit codes: 0 ok, 1 error, 2 bad "
+            "usage, 130 interrupted."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
+        help="model size (124M, 355M, 774M, 1558M; old names 117M, 345M) looked up under "
+             f"--models-dir, or the path of a model folder (default: {DEFAULT_MODEL})",
+    )
+    model.add_argument(
+        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+        help=f"folder holding downloaded models, one subfolder per size (default: {DEFAULT_MODELS_DIR})",
+    )
+    model.add_argument(
+        "--download", action="store_true",
+        help="download the model into --models-dir first if it is not there (default: off: a "
+             "missing model is an error that says how to download it)",
+    )
+
+    source = parser.add_argument_group(
+        "prompt source (pick one; default: see above)"
+    ).add_mutually_exclusive_group()
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt text (default: none)")
+    source.add_argument(
+        "--prompt-file", metavar="PATH",
+        help="read the prompt from a UTF-8 text file, '-' for stdin; one trailing newline is "
+             "dropped (default: none)",
+    )
+    source.add_argument(
+        "--interactive", action="store_true",
+        help=f"ask for prompts ('{INTERACTIVE_PROMPT.strip()}') until end of input (Ctrl-D, or "
+             "Ctrl-Z Enter on Windows) or Ctrl-C; Ctrl-C while generating stops that prompt's "
+             "samples (default: off)",
+    )
+    source.add_argument(
+        "--unconditional", action="store_true",
+        help="no prompt: samples start from <|endoftext|> (default: off)",
+    )
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument(
+        "--length", type=_positive_int, metavar="N",
+        help=f"new tokens per sample; prompt + length must fit the model's context (1024 tokens "
+             f"for the released models) (default: {DEFAULT_LENGTH}, or what is left of the context "
+             f"after the prompt if that is less)",
+    )
+    sampling.add_argument(
+        "--nsamples", type=_positive_int, default=1, metavar="N",
+        help="samples per prompt (default: 1)",
+    )
+    sampling.add_argument(
+        "--batch-size", type=_positive_int, default=1, metavar="N",
+        help="samples computed together in one batch; nsamples need not be a multiple of it (the "
+             "last batch is smaller). With a fixed --seed, sample N is the same for every batch "
+             "size (default: 1)",
+    )
+    sampling.add_argument(
+        "--temperature", type=_temperature, default=1.0, metavar="T",
+        help="divides the logits before sampling: lower is more predictable, 0 = greedy "
+             "(always the most likely token) (default: 1.0)",
+    )
+    sampling.add_argument(
+        "--top-k", type=_non_negative_int, default=DEFAULT_TOP_K, metavar="K",
+        help=f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})",
+    )
+    sampling.add_argument(
+        "--top-p", type=_probability, default=1.0, metavar="P",
+        help="nucleus sampling: sample only among the most likely tokens whose probabilities add "
+             "up to P, 1.0 = off (default: 1.0)",
+    )
+    sampling.add_argument(
+        "--seed", type=_non_negative_int, metavar="N",
+        help="random seed (an integer >= 0) for reproducible samples (default: none: different "
+             "samples on every run)",
+    )
+    sampling.add_argument(
+        "--stop-at-eot", action=argparse.BooleanOptionalAction, default=None,
+        help="end a sample early when the model writes <|endoftext|> (not printed); with "
+             "--no-stop-at-eot it is printed as text and sampling goes on to --length (default: "
+             "on, except with --unconditional, where documents run on as in OpenAI's samples)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, default=None,
+        help="print each sample token by token as it is generated; needs one sample per batch "
+             "(--batch-size 1 or --nsamples 1) (default: on with --interactive when the batch "
+             "holds one sample, else off: each sample is printed once its batch is done)",
+    )
+    return parser
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code.
+
+    Parsing comes first and imports nothing heavy, so `--help` and usage errors do not wait for
+    TensorFlow (as long as importing the `gpt2` package itself does not import it).
+    """
+    parser = build_parser(prog=None if argv is None else "generate.py")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.stream and min(args.batch_size, args.nsamples) > 1:
+        return _fail("--stream prints one sample at a time: use it with --batch-size 1", EXIT_USAGE)
+    _tolerate_unencodable_text()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
+        _silence_stdout()
+        return EXIT_ERROR
+    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
+        if isinstance(error, _user_errors()):
+            return _fail(error, EXIT_ERROR)
+        raise
+
+
+def _run(args):
+    mode, prompt_text = _prompt_source(args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    with _filter_native_startup_noise():
+        from encoder import get_encoder
+        from gpt2.checkpoint import load_model, resolve_model_dir
+        from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+        from gpt2.sample import row_seeds, sample_rows
+
+    model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
+    hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
+    enc = _encoder_for(model_dir, get_encoder)
+    stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
+    sampler = _Sampler(
+        args, enc, hparams.n_ctx, sample_rows, row_seeds,
+        stop_token=enc.eot_token if stop_at_eot else None,
+        stream=args.stream if args.stream is not None else (
+            mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
+    )
+    if mode == "interactive":
+        sampler.model = _load_model(model_dir, load_model)
+        return _interactive(sampler)
+    prompt_ids = [enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text)
+    length = sampler.length_for(len(prompt_ids), unconditional=mode == "unconditional")
+    sampler.model = _load_model(model_dir, load_model)  # after the checks: loading takes a while
+    sampler.print_samples(prompt_ids, length, prompt_number=0)
+    return EXIT_OK
+
+
+def _load_model(model_dir, load_model):
+    """Loads the model; a seam for tests, which reuse one loaded model across many runs."""
+    return load_model(model_dir)
+
+
+def _find_model(args, resolve_model_dir, old_names, presets):
+    """The model folder of --model; downloads a released model first with --download."""
+    try:
+        return resolve_model_dir(args.model, args.models_dir)
+    except FileNotFoundError as error:
+        name = old_names.get(args.model, args.model)
+        if name not in presets:
+            raise
+        if not args.download:
+            raise FileNotFoundError(f"{error}, or add --download") from None
+    from gpt2.download import download_model
+
+    print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)
+    return download_model(name, args.models_dir)
+
+
+def _encoder_for(model_dir, get_encoder):
+    """The model folder's encoder.json/vocab.bpe, else the copy shipped with the package."""
+    if all(os.path.isfile(os.path.join(model_dir, name)) for name in ("encoder.json", "vocab.bpe")):
+        parent, name = os.path.split(os.path.normpath(model_dir))
+        return get_encoder(name, parent)
+    return get_encoder()
+
+
+def _prompt_source(args):
+    """(mode, prompt text): mode is "prompt" (with its text), "interactive" or "unconditional"."""
+    if args.prompt is not None:
+        if not args.prompt:
+            raise ValueError("--prompt is empty; use --unconditional to sample without a prompt")
+        return "prompt", _clean(args.prompt)
+    if args.prompt_file is not None:
+        return "prompt", _read_prompt_file(args.prompt_file)
+    if args.interactive:
+        return "interactive", None
+    if args.unconditional:
+        return "unconditional", None
+    if _isatty(sys.stdin):
+        return "interactive", None
+    if sys.stdin is None:
+        raise ValueError("no prompt: give --prompt, --prompt-file, --interactive or --unconditional")
+    text = _drop_final_newline(_clean(sys.stdin.read()))
+    if not text:
+        raise ValueError(
+            "no prompt: standard input was empty; give --prompt, --prompt-file, --interactive "
+            "or --unconditional"
+        )
+    return "prompt", text
+
+
+def _read_prompt_file(path):
+    if path == "-":
+        text = _clean(sys.stdin.read()) if sys.stdin is not None else ""
+        path = "standard input"
+    else:
+        try:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte order mark
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: prompt file not found") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: prompt file is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except OSError as error:
+            raise OSError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
+    text = _drop_final_newline(text)
+    if not text:
+        raise ValueError(f"{path}: the prompt is empty; use --unconditional to sample without a prompt")
+    return text
+
+
+def _interactive(sampler):
+    """Asks for prompts until end of input or Ctrl-C; problems with one prompt do not end it."""
+    out = sys.stdout
+    echo = not _isatty(sys.stdin)  # piped input is not echoed by a terminal: echo it ourselves
+    prompt_number = 0
+    while True:
+        try:
+            text = input(INTERACTIVE_PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            out.flush()
+            return EXIT_OK
+        if echo:
+            out.write(text + "\n")
+        text = _clean(text)
+        if not text:
+            print("empty prompt; type some text (end of input, Ctrl-D, quits)", file=sys.stderr, flush=True)
+            continue
+        try:
+            prompt_ids = sampler.enc.encode(text)
+            length = sampler.length_for(len(prompt_ids))
+            sampler.print_samples(prompt_ids, length, prompt_number)
+        except ValueError as error:
+            out.flush()
+            _fail(error, EXIT_ERROR)
+            continue
+        except KeyboardInterrupt:
+            out.write("\n")
+            out.flush()
+            print("interrupted: the samples of this prompt were stopped", file=sys.stderr, flush=True)
+        prompt_number += 1
+
+
+class _Sampler:
+    """Samples and prints the --nsamples samples of a prompt, in batches of --batch-size."""
+
+    def __init__(self, args, enc, n_ctx, sample_rows, row_seeds, stop_token, stream):
+        self.args = args
+        self.enc = enc
+        self.n_ctx = n_ctx
+        self.model = None
+        self._sample_rows = sample_rows
+        self._row_seeds = row_seeds
+        self.stop_token = stop_token
+        self.stream = stream
+
+    def length_for(self, prompt_len, unconditional=False):
+        """--length, or its default; ValueError if the prompt leaves it no room in the context."""
+        room = self.n_ctx - prompt_len
+        if self.args.length is None:
+            if room < 1:
+                raise ValueError(
+                    f"the prompt is {prompt_len} tokens and fills the model's context of {self.n_ctx} "
+                    "tokens, leaving no room for new ones; shorten the prompt"
+                )
+            return min(DEFAULT_LENGTH, room)
+        if self.args.length > room:
+            taken = "the start token <|endoftext|> takes 1" if unconditional else f"the prompt takes {prompt_len}"
+            advice = "lower --length" if unconditional else "lower --length or shorten the prompt"
+            raise ValueError(
+                f"--length {self.args.length} does not fit: the model's context is {self.n_ctx} tokens "
+                f"and {taken}, leaving {max(room, 0)}; {advice}"
+            )
+        return self.args.length
+
+    def seeds(self, prompt_number):
+        """One seed per sample. With --seed, sample i of prompt n gets the same seed whatever the
+        batch size, and each prompt of an interactive session gets new ones."""
+        nsamples = self.args.nsamples
+        if self.args.seed is None:
+            return self._row_seeds(None, nsamples)
+        return self._row_seeds(self.args.seed, (prompt_number + 1) * nsamples)[prompt_number * nsamples:]
+
+    def print_samples(self, prompt_ids, length, prompt_number):
+        args, out = self.args, sys.stdout
+        seeds = self.seeds(prompt_number)
+        per_batch = min(args.batch_size, args.nsamples)
+        for first in range(0, args.nsamples, per_batch):
+            count = min(per_batch, args.nsamples - first)
+            options = dict(
+                length=length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seeds=seeds[first:first + count], stop_token=self.stop_token,
+            )
+            if self.stream and count == 1:
+                _print_header(out, first + 1)
+                self._stream_one(prompt_ids, options, out)
+                continue
+            rows = self._sample_rows(self.model, [prompt_ids] * count, **options)
+            for number, row in enumerate(rows, start=first + 1):
+                if self.stop_token is not None and len(row) and row[-1] == self.stop_token:
+                    row = row[:-1]
+                _print_header(out, number)
+                out.write(self.enc.decode(row) + "\n")
+                out.flush()
+        out.write("=" * 80 + "\n")
+        out.flush()
+
+    def _stream_one(self, prompt_ids, options, out):
+        """Samples one row, writing its text as each token arrives (complete characters only)."""
+        decoder = self.enc.stream_decoder()
+        stopped = False
+
+        def show(step, tokens):
+            nonlocal stopped
+            token = int(tokens[0])
+            stopped = stopped or token == self.stop_token
+            if not stopped:
+                text = decoder.push(token)
+                if text:
+                    out.write(text)
+                    out.flush()
+
+        try:
+            self._sample_rows(self.model, [prompt_ids], callback=show, **options)
+        finally:
+            out.write(decoder.flush() + "\n")
+            out.flush()
+
+
+def _print_header(out, number):
+    out.write("=" * 40 + f" SAMPLE {number} " + "=" * 40 + "\n")
+
+
+def _fail(message, code):
+    """Prints `error: message` as one line on stderr and returns `code`."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    sys.stdout.flush()
+    print("error: " + " ".join(lines), file=sys.stderr, flush=True)
+    return code
+
+
+def _user_errors():
+    """Exception kinds that bad input raises (reported in one line, never as a traceback):
+    ValueError (bad values, prompt too long, malformed files; CheckpointError is one), OSError
+    (missing model, prompt file), MemoryError, DownloadError and TensorFlow's OpError (e.g. out
+    of memory while loading a large model)."""
+    kinds = [ValueError, OSError, MemoryError]
+    download = sys.modules.get("gpt2.download")
+    if download is not None:
+        kinds.append(download.DownloadError)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(tf, "errors"):
+        kinds.append(tf.errors.OpError)
+    return tuple(kinds)
+
+
+def _clean(text):
+    """Text read from argv or stdin as valid Unicode: bytes that the locale could not decode
+    (kept as surrogates) are decoded as UTF-8, anything else invalid becomes U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _drop_final_newline(text):
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _isatty(stream):
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _tolerate_unencodable_text():
+    """Generated text can hold any character; on a stdout that cannot encode it (an ASCII locale,
+    an old Windows code page) print '?' instead of crashing. Undecodable stdin bytes are kept as
+    surrogates (see _clean) instead of raising."""
+    for stream, errors in ((sys.stdout, "replace"), (sys.stdin, "surrogateescape")):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors=errors)
+            except (ValueError, OSError, TypeError):
+                pass
+
+
+def _silence_stdout():
+    """After a broken pipe, point stdout at the null device so the exit-time flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# TensorFlow's native runtime writes start-up notices straight to file descriptor 2 while it is
+# imported, before its logging is configured, so TF_CPP_MIN_LOG_LEVEL does not silence them:
+#   WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+#   I0000 00:00:1795771606.799205   13951 port.cc:153] oneDNN custom operations are on. ...
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] "  # an absl INFO line
+)
+
+
+@contextlib.contextmanager
+def _filter_native_startup_noise():
+    """While TensorFlow is first imported, captures file descriptor 2 and then replays all of it
+    except the INFO notices above (only when TF_CPP_MIN_LOG_LEVEL asks for no INFO lines)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+    if "tensorflow" in sys.modules or not (level.isdigit() and int(level) >= 1):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        fd = sys.stderr.fileno()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (e.g. captured)
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not _STARTUP_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

@@ -1,0 +1,318 @@
+"""generate.py / gpt2.generate_cli end to end on the tiny model, in every prompt mode.
+
+Most runs call main() in-process, sharing one loaded model (and so its compiled sampler) through
+the `_load_model` seam; subprocesses are used where the process itself matters (stdout encoding,
+what importing the CLI module pulls in).
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gpt2 import generate_cli
+from gpt2.generate_cli import build_parser, main
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+TINY = os.path.join(TESTS, "data", "tiny-model")
+PROMPT = "Model prompt >>> "
+END = "=" * 80 + "\n"
+
+
+def header(n):
+    return "=" * 40 + f" SAMPLE {n} " + "=" * 40 + "\n"
+
+
+@pytest.fixture(scope="module")
+def cases():
+    with open(os.path.join(TINY, "reference.json"), encoding="utf-8") as f:
+        return json.load(f)["greedy"]["cases"]
+
+
+_tiny_model = []
+
+
+@pytest.fixture(autouse=True)
+def loads(monkeypatch):
+    """Every in-process run gets one shared tiny model, so the sampler is compiled only once (all
+    model folders used here hold the tiny model). Yields the list of folders runs asked for."""
+    asked = []
+
+    def load(model_dir, load_model):
+        asked.append(model_dir)
+        if not _tiny_model:
+            _tiny_model.append(load_model(TINY))
+        return _tiny_model[0]
+
+    monkeypatch.setattr(generate_cli, "_load_model", load)
+    return asked
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ascii_run(cases):
+    """generate.py end to end in a subprocess whose stdout can only encode ASCII, on a prompt whose
+    greedy continuation is not ASCII. Started before the first test so that it runs alongside the
+    in-process ones; test_non_ascii_output_on_an_ascii_stdout_does_not_crash checks the result."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C", TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(
+        [sys.executable, "generate.py", *greedy("--prompt", cases[0]["prompt_text"])],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+class Stdout(io.StringIO):
+    """A stdout that records each write, to see text arrive piece by piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def run(capsys, monkeypatch, *args, stdin=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def greedy(*args):
+    return ("--model", TINY, "--top-k", "1", "--length", "20", *args)
+
+
+def assert_one_line_error(err, *fragments):
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_prompt_prints_the_reference_greedy_text(capsys, monkeypatch, cases, index):
+    case = cases[index]
+    code, out, err = run(capsys, monkeypatch, *greedy("--prompt", case["prompt_text"]))
+    assert code == 0, err
+    assert out == header(1) + case["new_text"] + "\n" + END
+    assert header(1) == "======================================== SAMPLE 1 ========================================\n"
+
+
+def test_prompt_file_and_piped_stdin(capsys, monkeypatch, cases, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text(cases[1]["prompt_text"] + "\n", encoding="utf-8")  # the final newline is dropped
+    code, out, err = run(capsys, monkeypatch, *greedy("--prompt-file", str(path)))
+    assert code == 0, err
+    assert out == header(1) + cases[1]["new_text"] + "\n" + END
+    # No prompt option and stdin not a terminal: the prompt is read from stdin.
+    code, out, err = run(capsys, monkeypatch, *greedy(), stdin=cases[2]["prompt_text"] + "\n")
+    assert code == 0, err
+    assert out == header(1) + cases[2]["new_text"] + "\n" + END
+
+
+def test_unconditional_is_reproducible_with_a_seed_and_batches(capsys, monkeypatch):
+    args = ("--model", TINY, "--unconditional", "--seed", "7", "--length", "12", "--nsamples", "2")
+    code, out, err = run(capsys, monkeypatch, *args, "--batch-size", "2")
+    assert code == 0, err
+    assert out.count(" SAMPLE ") == 2 and header(1) in out and header(2) in out and out.endswith(END)
+    first = out.split(header(2))[0].removeprefix(header(1))
+    assert first.strip()
+    assert run(capsys, monkeypatch, *args, "--batch-size", "2")[1] == out
+    # Sample N depends on the seed, not on how the samples are batched.
+    assert run(capsys, monkeypatch, *args, "--batch-size", "1")[1] == out
+    assert run(capsys, monkeypatch, *args[:-4], "--seed", "8", "--nsamples", "2")[1] != out
+
+
+def test_interactive_streams_each_prompt(capsys, monkeypatch, cases):
+    stdout = Stdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    too_long = " word" * 80
+    lines = [cases[0]["prompt_text"], "", too_long, cases[1]["prompt_text"]]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    code = main(list(greedy("--interactive")))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    expected = (
+        PROMPT + cases[0]["prompt_text"] + "\n" + header(1) + cases[0]["new_text"] + "\n" + END
+        + PROMPT + "\n"  # empty prompt: asked again
+        + PROMPT + too_long + "\n"  # too long: one error line, then asked again
+        + PROMPT + cases[1]["prompt_text"] + "\n" + header(1) + cases[1]["new_text"] + "\n" + END
+        + PROMPT + "\n"  # end of input
+    )
+    assert stdout.getvalue() == expected
+    assert "Traceback" not in err
+    assert "empty prompt" in err
+    assert err.count("error: ") == 1 and "--length 20 does not fit" in err
+    # Streamed: the text of a sample arrives in many writes, not in one piece.
+    start = stdout.writes.index(header(1))
+    pieces = stdout.writes[start + 1: stdout.writes.index(END, start)]
+    assert len(pieces) >= 10 and "".join(pieces) == cases[0]["new_text"] + "\n"
+
+
+def test_streamed_and_batched_samples_agree(capsys, monkeypatch):
+    args = ("--model", TINY, "--prompt", "Hello, my name is", "--seed", "3", "--length", "15")
+    code, streamed, err = run(capsys, monkeypatch, *args, "--stream")
+    assert code == 0, err
+    assert streamed == run(capsys, monkeypatch, *args, "--no-stream")[1]
+
+
+def test_interrupt_at_the_prompt_ends_interactive_mode(capsys, monkeypatch):
+    class Interrupting(io.StringIO):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", Interrupting())
+    assert main(["--model", TINY, "--interactive"]) == 0
+    assert capsys.readouterr().out == PROMPT + "\n"
+
+
+def test_missing_model_says_how_to_download(capsys, monkeypatch, tmp_path):
+    code, out, err = run(capsys, monkeypatch, "--model", "355M", "--models-dir", str(tmp_path), "--prompt", "hi")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, "model '355M' not found", "python download_model.py 355M", "--download")
+    code, _, err = run(capsys, monkeypatch, "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert code == 1
+    assert_one_line_error(err, "not found", "known models")
+
+
+def test_download_flag_fetches_a_missing_model(capsys, monkeypatch, cases, tmp_path, loads):
+    from gpt2 import download
+
+    calls = []
+
+    def fake_download(name, models_dir="models", **kwargs):
+        calls.append((name, models_dir))
+        target = os.path.join(models_dir, name)
+        os.makedirs(target)
+        for file in os.listdir(TINY):
+            if os.path.isfile(os.path.join(TINY, file)):
+                with open(os.path.join(TINY, file), "rb") as src, open(os.path.join(target, file), "wb") as dst:
+                    dst.write(src.read())
+        return target
+
+    monkeypatch.setattr(download, "download_model", fake_download)
+    args = ("--model", "345M", "--models-dir", str(tmp_path), "--download", "--top-k", "1", "--length", "20")
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0, err
+    assert calls == [("355M", str(tmp_path))]  # the old name maps to the current one
+    assert loads == [os.path.join(str(tmp_path), "355M")]
+    assert out == header(1) + cases[0]["new_text"] + "\n" + END
+
+    def failing_download(name, models_dir="models", **kwargs):
+        raise download.DownloadError("cannot download http://mirror/124M/checkpoint: cannot connect")
+
+    monkeypatch.setattr(download, "download_model", failing_download)
+    code, out, err = run(capsys, monkeypatch, "--models-dir", str(tmp_path / "x"), "--download", "--prompt", "hi")
+    assert code == 1
+    note, error = err.split("\n", 1)
+    assert note.startswith("downloading 124M into ")
+    assert_one_line_error(error, "cannot connect")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--top-p", "2"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--length", "0"], "--length"),
+    (["--length", "ten"], "--length"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--nsamples", "0"], "--nsamples"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-3"], "--seed"),
+    (["--prompt", "x", "--interactive"], "not allowed with"),
+    (["--stream", "--batch-size", "2", "--nsamples", "2"], "--stream"),
+    (["--no-such-option"], "unrecognized"),
+])
+def test_bad_values_are_one_line_usage_errors(capsys, monkeypatch, args, fragment):
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, fragment)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--prompt", " word" * 80], ["prompt is 80 tokens", "context of 64 tokens", "shorten the prompt"]),
+    (["--prompt", " word" * 60, "--length", "5"], ["--length 5", "prompt takes 60, leaving 4"]),
+    (["--prompt", "Hello, my name is", "--length", "60"], ["--length 60", "context is 64 tokens", "lower --length"]),
+    (["--unconditional", "--length", "64"], ["--length 64", "<|endoftext|>", "leaving 63"]),
+    (["--prompt", ""], ["--prompt is empty"]),
+    (["--prompt-file", "no/such/prompt.txt"], ["no/such/prompt.txt: prompt file not found"]),
+])
+def test_bad_prompts_are_one_line_errors(capsys, monkeypatch, args, fragments):
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, *args)
+    assert code == 1 and out == ""
+    assert_one_line_error(err, *fragments)
+
+
+def test_bad_input_files_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    code, _, err = run(capsys, monkeypatch, "--model", TINY, "--prompt-file", str(tmp_path / "latin1.txt"))
+    assert code == 1
+    assert_one_line_error(err, "latin1.txt: prompt file is not UTF-8")
+    code, _, err = run(capsys, monkeypatch, "--model", TINY, stdin="")
+    assert code == 1
+    assert_one_line_error(err, "standard input was empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "hparams.json").write_text('{"n_vocab": 50257}', encoding="utf-8")
+    code, _, err = run(capsys, monkeypatch, "--model", str(broken), "--prompt", "hi")
+    assert code == 1
+    assert_one_line_error(err, "hparams.json", "missing keys")
+
+
+def test_help_documents_every_option_with_its_default(capsys, monkeypatch):
+    code, out, err = run(capsys, monkeypatch, "--help")
+    assert code == 0 and err == ""
+    for action in build_parser()._actions:
+        if "--help" in action.option_strings:
+            continue
+        for option in action.option_strings:
+            assert option in out
+        assert "(default: " in action.help, action.option_strings
+    assert "SAMPLE N" in out and "stdin" in out
+
+
+def test_undecodable_input_bytes_become_utf8_text():
+    assert generate_cli._clean("caf\udcc3\udca9") == "café"  # UTF-8 read through an ASCII locale
+    assert generate_cli._clean("bad \udcff byte") == "bad \ufffd byte"
+    assert generate_cli._clean("\ud800 lone") == "? lone"
+
+
+def test_non_ascii_output_on_an_ascii_stdout_does_not_crash(ascii_run, cases):
+    new_text = cases[0]["new_text"]
+    assert any(ord(c) > 127 for c in new_text)
+    stdout, stderr = ascii_run.communicate(timeout=300)
+    assert ascii_run.returncode == 0, stderr.decode(errors="replace")
+    assert b"Traceback" not in stderr
+    out = stdout.decode("ascii")  # characters ASCII cannot encode are printed as '?'
+    assert out == header(1) + new_text.encode("ascii", "replace").decode("ascii") + "\n" + END
+
+
+def test_parsing_happens_before_tensorflow_is_imported():
+    """--help and usage errors need no TensorFlow (once the gpt2 package itself imports it lazily;
+    here the package's __init__ is bypassed to check this module on its own)."""
+    script = textwrap.dedent(f"""
+        import sys, types
+        sys.path.insert(0, {ROOT!r})
+        package = types.ModuleType("gpt2")
+        package.__path__ = [{os.path.join(ROOT, "gpt2")!r}]
+        sys.modules["gpt2"] = package
+        from gpt2.generate_cli import main
+        codes = [main(["--help"]), main(["--top-p", "2"])]
+        assert "tensorflow" not in sys.modules, "tensorflow imported"
+        print(codes)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("[0, 2]")
