@@ -155,8 +155,9 @@ def _check_data_size(prefix, shapes):
 def load_model(name_or_dir, models_dir="models"):
     """Loads an OpenAI GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`).
 
-    Returns a `gpt2.GPT2` with the checkpoint's weights. Tensors are read and assigned one at a
-    time, so loading holds the weights once plus the largest single tensor.
+    Returns a `gpt2.GPT2` with the checkpoint's weights. The model starts zeroed (no random
+    draws) and each tensor is restored straight into TensorFlow memory and handed to its
+    variable, one at a time: loading holds the weights once plus the largest single tensor.
     """
     import tensorflow as tf
 
@@ -165,15 +166,16 @@ def load_model(name_or_dir, models_dir="models"):
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     hparams = check_model_dir(model_dir)
     prefix = _checkpoint_prefix(model_dir)
-    reader = _read_index(prefix)
-    model = GPT2(hparams)
+    model = GPT2(hparams, random_init=False)
     for name, variable in model_variables(model).items():
         try:
-            value = reader.get_tensor(name)
+            (value,) = tf.raw_ops.RestoreV2(
+                prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.float32]
+            )
         except tf.errors.OpError as error:
             message = str(error).strip().splitlines()[0]
             raise CheckpointError(f"{prefix}: cannot read {name} ({message}); download the model again") from None
-        variable.assign(value.reshape(variable.shape))
+        variable.assign(tf.reshape(value, variable.shape))
         del value
     return model
 

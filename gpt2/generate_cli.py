@@ -12,12 +12,9 @@ takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, 
 """
 
 import argparse
-import contextlib
 import math
 import os
-import re
 import sys
-import tempfile
 import textwrap
 
 DEFAULT_MODEL = "124M"
@@ -199,11 +196,10 @@ def main(argv=None):
 def _run(args):
     mode, prompt_text = _prompt_source(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
-    with _filter_native_startup_noise():
-        from encoder import get_encoder
-        from gpt2.checkpoint import load_model, resolve_model_dir
-        from gpt2.hparams import OLD_NAMES, PRESETS, HParams
-        from gpt2.sample import row_seeds, sample_rows
+    from encoder import get_encoder
+    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+    from gpt2.sample import row_seeds, sample_rows
 
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
@@ -486,43 +482,3 @@ def _silence_stdout():
         os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
-
-
-# TensorFlow's native runtime writes start-up notices straight to file descriptor 2 while it is
-# imported, before its logging is configured, so TF_CPP_MIN_LOG_LEVEL does not silence them:
-#   WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
-#   I0000 00:00:1795771606.799205   13951 port.cc:153] oneDNN custom operations are on. ...
-_STARTUP_NOISE = re.compile(
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|I\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] "  # an absl INFO line
-)
-
-
-@contextlib.contextmanager
-def _filter_native_startup_noise():
-    """While TensorFlow is first imported, captures file descriptor 2 and then replays all of it
-    except the INFO notices above (only when TF_CPP_MIN_LOG_LEVEL asks for no INFO lines)."""
-    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
-    if "tensorflow" in sys.modules or not (level.isdigit() and int(level) >= 1):
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-        saved = os.dup(fd)
-    except (AttributeError, OSError, ValueError):  # no real file descriptor (e.g. captured)
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), fd)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if not _STARTUP_NOISE.match(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()

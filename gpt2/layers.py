@@ -60,10 +60,9 @@ class Conv1D(keras.layers.Layer):
     OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
     """
 
-    def __init__(self, n_in, n_out, **kwargs):
+    def __init__(self, n_in, n_out, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
-        init = keras.initializers.RandomNormal(stddev=0.02)
-        self.w = self.add_weight(shape=(n_in, n_out), initializer=init, name="w")
+        self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name="w")
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
 
     def call(self, x):
@@ -76,11 +75,11 @@ class Conv1D(keras.layers.Layer):
 class Attention(keras.layers.Layer):
     """Masked multi-head self-attention: c_attn (q|k|v column blocks), then c_proj."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0, **kwargs):
+    def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
         self.n_head = n_head
-        self.c_attn = Conv1D(n_embd, 3 * n_embd, name="c_attn")
-        self.c_proj = Conv1D(n_embd, n_embd, name="c_proj")
+        self.c_attn = Conv1D(n_embd, 3 * n_embd, kernel_initializer, name="c_attn")
+        self.c_proj = Conv1D(n_embd, n_embd, kernel_initializer, name="c_proj")
         self.dropout = keras.layers.Dropout(dropout)
 
     def _split_heads(self, x):
@@ -132,10 +131,10 @@ class Attention(keras.layers.Layer):
 class MLP(keras.layers.Layer):
     """c_fc (n_embd -> 4 n_embd), GELU, c_proj back to n_embd."""
 
-    def __init__(self, n_embd, dropout=0.0, **kwargs):
+    def __init__(self, n_embd, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
-        self.c_fc = Conv1D(n_embd, 4 * n_embd, name="c_fc")
-        self.c_proj = Conv1D(4 * n_embd, n_embd, name="c_proj")
+        self.c_fc = Conv1D(n_embd, 4 * n_embd, kernel_initializer, name="c_fc")
+        self.c_proj = Conv1D(4 * n_embd, n_embd, kernel_initializer, name="c_proj")
         self.dropout = keras.layers.Dropout(dropout)
 
     def call(self, x, training=None):
@@ -146,12 +145,12 @@ class MLP(keras.layers.Layer):
 class Block(keras.layers.Layer):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0, **kwargs):
+    def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
         self.ln_1 = LayerNorm(n_embd, name="ln_1")
-        self.attn = Attention(n_embd, n_head, dropout, name="attn")
+        self.attn = Attention(n_embd, n_head, dropout, kernel_initializer, name="attn")
         self.ln_2 = LayerNorm(n_embd, name="ln_2")
-        self.mlp = MLP(n_embd, dropout, name="mlp")
+        self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp")
 
     def call(self, x, past=None, training=None):
         """x: [b, s, e]; past: [b, 2, h, t_past, d] or None -> (x [b, s, e], present [b, 2, h, s, d])."""

@@ -18,27 +18,26 @@ class GPT2(keras.Model):
     `return_hidden_states=True` it also holds `hidden_states`: L + 1 tensors [b, s, e], the
     embeddings and the output of each block (before the final LayerNorm).
 
-    `dropout` (embeddings, residual branches) applies only when called with `training=True`.
+    `dropout` (embeddings, attention and MLP outputs) applies only when called with
+    `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
+    `random_init=False` starts them at zero instead, for weights that are about to be loaded.
     """
 
-    def __init__(self, hparams, dropout=0.0, **kwargs):
+    def __init__(self, hparams, dropout=0.0, random_init=True, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(hparams, HParams):
             raise TypeError(f"GPT2 expects gpt2.HParams, got {type(hparams).__name__}")
         self.hparams = hparams
-        self.wte = self.add_weight(
-            shape=(hparams.n_vocab, hparams.n_embd),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
-            name="wte",
-        )
-        self.wpe = self.add_weight(
-            shape=(hparams.n_ctx, hparams.n_embd),
-            initializer=keras.initializers.RandomNormal(stddev=0.01),
-            name="wpe",
-        )
+
+        def normal(stddev):
+            return keras.initializers.RandomNormal(stddev=stddev) if random_init else "zeros"
+
+        self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
+        self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
         self.embedding_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
-            Block(hparams.n_embd, hparams.n_head, dropout, name=f"h{i}") for i in range(hparams.n_layer)
+            Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), name=f"h{i}")
+            for i in range(hparams.n_layer)
         ]
         self.ln_f = LayerNorm(hparams.n_embd, name="ln_f")
         self.built = True
