@@ -106,7 +106,7 @@ def _invert_cdf(logits, uniform):
     block_cdf = tf.cumsum(tf.reduce_sum(probs, axis=-1), axis=-1)
     target = uniform * block_cdf[:, -1]
     block = tf.minimum(tf.reduce_sum(tf.cast(block_cdf <= target[:, None], tf.int32), axis=-1), blocks - 1)
-    before = tf.gather(block_cdf, block - 1, axis=-1, batch_dims=1)
+    before = tf.gather(block_cdf, tf.maximum(block - 1, 0), axis=-1, batch_dims=1)
     within_cdf = tf.cumsum(tf.gather(probs, block, axis=1, batch_dims=1), axis=-1)
     within = tf.where(block > 0, before, 0.0)[:, None] + within_cdf
     index = block * 256 + tf.reduce_sum(tf.cast(within <= target[:, None], tf.int32), axis=-1)

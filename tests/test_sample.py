@@ -30,10 +30,15 @@ def test_top_k_1_equals_greedy(tiny_model, reference):
         assert out[0].tolist() == case["all_ids"]
 
 
-def test_greedy_without_xla_matches_too(tiny_model, reference):
+def test_without_xla_greedy_and_sampling_work_too(tiny_model, reference):
     case = greedy_cases(reference)[0]
     out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, temperature=0, jit_compile=False)
     assert out[0].tolist() == case["all_ids"]
+    out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, top_k=1, seed=3, jit_compile=False)
+    assert out[0].tolist() == case["all_ids"]
+    draws = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]] * 50, 1, top_k=3, seed=4, jit_compile=False)
+    logits = tiny_model(np.array([case["prompt_ids"]]))["logits"].numpy()[0, -1]
+    assert set(draws[:, -1].tolist()) <= set(np.argsort(-logits)[:3].tolist())
 
 
 def test_text_helper(tiny_model, reference):
