@@ -11,11 +11,12 @@ setup(
     package_data={"encoder": ["encoder.json", "vocab.bpe"]},
     py_modules=[],
     install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "openai"]},
     entry_points={
         "console_scripts": [
             "gpt2-generate=gpt2.generate_cli:main",
             "gpt2-download=gpt2.download:main",
+            "gpt2-serve=gpt2.serve:main",
         ]
     },
 )
