@@ -41,25 +41,25 @@ class _Settings(tf.experimental.ExtensionType):
 
 
 def _sortable_keys(x):
-    """float32 -> int32 with the same order (so thresholds can be searched exactly by bisection)."""
+    """float32 -> int64 keys with the same order, so thresholds can be found exactly by bisection."""
     bits = tf.bitcast(x, tf.int32)
-    return tf.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tf.cast(tf.where(bits < 0, bits ^ 0x7FFFFFFF, bits), tf.int64)
 
 
 def _largest_key_where(keys, holds):
-    """Per row, the largest int32 t with holds(keys >= t) true, for a `holds` that is true at the
-    smallest t and monotone. keys: int32 [b, V]; holds: bool [b, V] mask -> bool [b].
+    """Per row, the largest t in the int32 range with holds(keys >= t) true, for a `holds` that is
+    true at the smallest t and monotone. keys: int64 [b, V]; holds: bool [b, V] mask -> bool [b].
+    Returns int64 [b, 1].
 
-    A 32-step bisection over the int32 range: no sort of the vocabulary (XLA's CPU sort of 50257
-    values costs more than a whole decode step).
+    A 32-step bisection: no sort of the vocabulary (XLA's CPU sort of 50257 values costs more
+    than a whole decode step).
     """
     low = tf.fill(tf.shape(keys)[:1], tf.constant(-(2**31), tf.int64))
     high = tf.fill(tf.shape(keys)[:1], tf.constant(2**31 - 1, tf.int64))
-    wide_keys = tf.cast(keys, tf.int64)
 
     def narrow(low, high):
         middle = (low + high + 1) // 2
-        ok = holds(wide_keys >= middle[:, None])
+        ok = holds(keys >= middle[:, None])
         return tf.where(ok, middle, low), tf.where(ok, high, middle - 1)
 
     low, _ = tf.while_loop(lambda low, high: True, narrow, (low, high), maximum_iterations=32)
@@ -67,7 +67,8 @@ def _largest_key_where(keys, holds):
 
 
 def filter_logits(logits, top_k, top_p):
-    """OpenAI's top-k then top-p filtering, per row; filtered logits become -1e10.
+    """OpenAI's top-k then top-p filtering over the whole vocabulary, per row; filtered logits
+    become -1e10. (The sampler uses it only when `_filter_candidates` cannot be exact.)
 
     logits: float32 [b, V]; top_k: int32 [b] (0 = off); top_p: float32 [b] (1 = off).
     Top-k keeps logits >= the k-th largest; top-p keeps the largest logits whose probabilities
@@ -75,14 +76,13 @@ def filter_logits(logits, top_k, top_p):
     """
     masked = tf.cast(MASKED_SCORE, logits.dtype)
     keys = _sortable_keys(logits)
-    k = tf.cast(tf.where(top_k > 0, top_k, tf.shape(logits)[-1]), tf.int32)[:, None]
-    kth_key = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.cast(kept, tf.int32), -1) >= k[:, 0])
-    logits = tf.where(tf.cast(keys, tf.int64) < kth_key, masked, logits)
+    k = tf.where(top_k > 0, top_k, tf.shape(logits)[-1])
+    kth_key = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.cast(kept, tf.int32), -1) >= k)
+    logits = tf.where(keys < kth_key, masked, logits)
     probs = tf.nn.softmax(logits, axis=-1)
-    p = top_p[:, None]
-    beyond_p = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.where(kept, probs, 0.0), -1) > p[:, 0])
-    nucleus_key = tf.minimum(beyond_p + 1, tf.reduce_max(tf.cast(keys, tf.int64), -1, keepdims=True))
-    return tf.where((p < 1.0) & (tf.cast(keys, tf.int64) < nucleus_key), masked, logits)
+    beyond_p = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.where(kept, probs, 0.0), -1) > top_p)
+    nucleus_key = tf.minimum(beyond_p + 1, tf.reduce_max(keys, -1, keepdims=True))
+    return tf.where((top_p[:, None] < 1.0) & (keys < nucleus_key), masked, logits)
 
 
 def _row_uniforms(seed, step):
