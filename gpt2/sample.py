@@ -170,7 +170,13 @@ def choose_tokens(logits, settings, step):
 
 
 class _Decoder:
-    """Compiled prefill/step/loop functions for one model (built once, reused by every call)."""
+    """Compiled prefill/step/loop functions for one model (built once, reused by every call).
+
+    The loop: prefill gives the logits after the prompt; each step then picks every row's next
+    token from the current logits and feeds those tokens through the model for the next logits.
+    (The last step's forward pass is not needed; doing it anyway keeps the sampler in the graph
+    once, which roughly halves tracing and compiling it.)
+    """
 
     def __init__(self, model, jit_compile):
         self.model = model
@@ -179,17 +185,10 @@ class _Decoder:
         self.prefill = tf.function(self._prefill, **options)
         self.step = tf.function(self._step, **options)
 
-    def _finish(self, chosen, done, step, settings):
-        """Rows already done emit the stop token (or 0); a row is done after its stop token or
-        its `length`-th token. chosen, done: [b]; step: the step that chose them."""
-        tokens = tf.where(done, tf.maximum(settings.stop_token, 0), chosen)
-        done = done | tf.equal(tokens, settings.stop_token) | (step + 1 >= settings.length)
-        return tokens, done
-
-    def _prefill(self, tokens, pad, cache_len, settings):
+    def _prefill(self, tokens, pad, cache_len):
         """Runs the prompt. tokens: int32 [b, P], left-padded by pad [b]; cache_len: Python int.
 
-        Returns (first new tokens [b], cache, done [b]).
+        Returns (logits of the last prompt position [b, V], cache).
         """
         prompt_len = tokens.shape[1]
         slots = tf.range(cache_len)
@@ -200,46 +199,42 @@ class _Decoder:
         )
         cache = self.model.empty_cache(tf.shape(tokens)[0], cache_len)
         h, cache = self.model.call_cached(tokens, positions, cache, 0, visible[:, None])
-        step = tf.constant(0)
-        chosen = choose_tokens(self.model.logits(h[:, -1]), settings, step)
-        new_tokens, done = self._finish(chosen, tf.zeros_like(chosen, tf.bool), step, settings)
-        return new_tokens, cache, done
+        return self.model.logits(h[:, -1]), cache
 
-    def _step(self, tokens, pad, cache, slot, step, done, settings):
-        """Feeds tokens [b] at cache slot `slot` (int32 scalar); picks the tokens of `step`.
-
-        Returns (new tokens [b], cache, done [b]).
-        """
-        cache_len = cache[0][0].shape[2]
-        slots = tf.range(cache_len)
+    def _step(self, logits, pad, cache, slot, step, done, settings):
+        """Picks the tokens of `step` (int32 scalar) from logits [b, V] and feeds them in at cache
+        slot `slot`. Rows already `done` [b] emit the stop token (or 0); a row is done after its
+        stop token or its `length`-th token. Returns (tokens [b], next logits, cache, done)."""
+        chosen = choose_tokens(logits, settings, step)
+        tokens = tf.where(done, tf.maximum(settings.stop_token, 0), chosen)
+        done = done | tf.equal(tokens, settings.stop_token) | (step + 1 >= settings.length)
+        slots = tf.range(cache[0][0].shape[2])
         visible = (slots[None, :] <= slot) & (slots[None, :] >= pad[:, None])
         positions = (slot - pad)[:, None]
         h, cache = self.model.call_cached(tokens[:, None], positions, cache, slot, visible[:, None, None])
-        chosen = choose_tokens(self.model.logits(h[:, 0]), settings, step)
-        new_tokens, done = self._finish(chosen, done, step, settings)
-        return new_tokens, cache, done
+        return tokens, self.model.logits(h[:, 0]), cache, done
 
     def _generate(self, tokens, pad, cache_len, settings):
         """The whole decode. tokens: int32 [b, P], left-padded by pad [b].
 
-        Returns (int32 [b, C]: prompt slots then new tokens, int32 scalar: steps run).
+        Returns int32 [b, C]: the prompt slots, then the new tokens.
         """
         prompt_len = tokens.shape[1]
         batch = tf.shape(tokens)[0]
-        first, cache, done = self._prefill(tokens, pad, cache_len, settings)
-        output = tf.concat([tokens, first[:, None], tf.zeros([batch, cache_len - prompt_len - 1], tf.int32)], 1)
+        logits, cache = self._prefill(tokens, pad, cache_len)
+        output = tf.concat([tokens, tf.zeros([batch, cache_len - prompt_len], tf.int32)], 1)
 
-        def not_done(step, last, cache, done, output):
+        def not_done(step, logits, cache, done, output):
             return ~tf.reduce_all(done)
 
-        def body(step, last, cache, done, output):
-            slot = prompt_len + step - 1
-            last, cache, done = self._step(last, pad, cache, slot, step, done, settings)
-            output = keras.ops.slice_update(output, [0, slot + 1], last[:, None])
-            return step + 1, last, cache, done, output
+        def body(step, logits, cache, done, output):
+            slot = prompt_len + step
+            new_tokens, logits, cache, done = self._step(logits, pad, cache, slot, step, done, settings)
+            output = keras.ops.slice_update(output, [0, slot], new_tokens[:, None])
+            return step + 1, logits, cache, done, output
 
-        steps, _, _, _, output = tf.while_loop(not_done, body, (tf.constant(1), first, cache, done, output))
-        return output, steps
+        start = (tf.constant(0), logits, cache, tf.zeros([batch], tf.bool), output)
+        return tf.while_loop(not_done, body, start)[-1]
 
 
 _decoders = weakref.WeakKeyDictionary()
@@ -332,8 +327,7 @@ def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, see
     )
     decoder = compiled_decoder(model, jit_compile)
     if callback is None:
-        output, _ = decoder.generate(tokens, pad, cache_len, settings)
-        new_tokens = output.numpy()[:, tokens.shape[1]:]
+        new_tokens = decoder.generate(tokens, pad, cache_len, settings).numpy()[:, tokens.shape[1]:]
     else:
         new_tokens = _stream(decoder, tokens, pad, cache_len, settings, callback)
     rows = []
@@ -347,18 +341,16 @@ def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, see
 def _stream(decoder, tokens, pad, cache_len, settings, callback):
     """The decode as a Python loop over the compiled step, handing each step's tokens to callback.
     Returns the new tokens, int32 [b, steps]."""
-    new_tokens, cache, done = decoder.prefill(tokens, pad, cache_len, settings)
-    produced = [new_tokens.numpy()]
-    callback(0, produced[-1])
-    prompt_len = tokens.shape[1]
-    step = 1
+    logits, cache = decoder.prefill(tokens, pad, cache_len)
+    done = tf.zeros([tokens.shape[0]], tf.bool)
+    produced = []
     while not done.numpy().all():
-        new_tokens, cache, done = decoder.step(
-            new_tokens, pad, cache, tf.constant(prompt_len + step - 1), tf.constant(step), done, settings
+        step = len(produced)
+        new_tokens, logits, cache, done = decoder.step(
+            logits, pad, cache, tf.constant(tokens.shape[1] + step), tf.constant(step), done, settings
         )
         produced.append(new_tokens.numpy())
         callback(step, produced[-1])
-        step += 1
     return np.stack(produced, axis=1)
 
 
