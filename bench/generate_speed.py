@@ -1,0 +1,631 @@
+"""Greedy generation speed of this project's compiled sampler against its peers, on CPU.
+
+    python bench/generate_speed.py [--shape 124M] [--batch-sizes 1,8] [--prompt-len 32]
+        [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai]
+        [--openai-repo PATH] [--ours-xla default|on|off|both] [--threads N] [--json out.json]
+
+Systems (all fp32, same GPT-2 shape, same prompt tokens, greedy, no early stop):
+  ours          gpt2.sample_sequence(model, context, N, temperature=0) on the random-weight
+                checkpoint of the shape (written once to bench/.cache/<shape>/ by the project's
+                own writer, loaded with gpt2.load_model). `--ours-xla on/off/both` passes
+                jit_compile=True/False when sample_sequence accepts it (checked with
+                inspect.signature at run time); `default` passes nothing.
+  hf            Hugging Face transformers GPT2LMHeadModel(GPT2Config(shape)).generate, PyTorch CPU,
+                random init, do_sample=False, min_new_tokens = max_new_tokens = N, torch's
+                default thread count, under torch.inference_mode().
+  kerashub      KerasHub GPT2CausalLM(GPT2Backbone(shape), preprocessor=None), TF backend,
+                random init, compile(sampler="greedy", jit_compile=False), generate() fed
+                {token_ids, padding_mask} of length P + N with stop_token_ids=None.
+  kerashub-xla  the same with compile(jit_compile=True).
+  openai        OpenAI's TF1 src/model.py + src/sample.py (from --openai-repo) in
+                tf.compat.v1 graph mode, sample_sequence(..., temperature=1, top_k=1) (= greedy),
+                our random checkpoint restored with tf.compat.v1.train.Saver. UNTESTED here: no
+                checkout of openai/gpt-2 exists on the machine it was written on.
+A peer whose package is missing is reported as skipped, not as an error.
+
+Method
+  Timing.  Every system runs in its own worker subprocess (this script with --_worker), one
+  per (system, batch size), driven over a pipe. For each batch size the workers are started one
+  after another (so load and compile never overlap another system's work); each makes its
+  first calls right away (compile included: "first call s" is the first N-token generate call
+  of a fresh process after the model is built/loaded). Then the timed repetitions run
+  INTERLEAVED: rep 1 of every system, rep 2 of every system, ... (the starting system rotates
+  each rep), so slow drift of the shared machine hits all systems alike. Idle workers block on
+  their pipe and use no CPU.
+
+  Each rep times two complete generate calls with the same prompt: T(N) with N new tokens and
+  T(1) with one new token. Steady-state cost per decode step is
+
+      ms/step = (T(N) - T(1)) / (N - 1)
+
+  The difference cancels what every call pays once (argument conversion, dispatch, prompt
+  prefill, the first token, output copies), which systems split very differently between
+  "per call" and "per step"; what remains is the cost of the N - 1 extra decode steps as each
+  system really runs them, including per-step Python overhead (HF) and work that grows with the
+  requested length (KerasHub prefills and attends over the whole padded P + N sequence; ours
+  rounds its cache up to a multiple of 64 slots). Total time / N would instead charge the
+  prefill to every step and favour long generations. Min and median over reps are reported
+  (min = least disturbed by the other load on the machine). End-to-end throughput is reported
+  separately: tokens/s = batch * N / T(N) (median T(N)), prefill and call overhead included.
+  "1-token call ms" is median T(1): the fixed cost per call (prefill + one step + overhead).
+
+  Memory.  Peak RSS is ru_maxrss of the worker process at the end of its run (framework
+  import + model + compile + all reps for that batch size): one process per system and batch
+  size, so the figure is that system's own and not shared with the others. The workers of one
+  batch size are alive together, so the machine needs roughly the sum of their peaks.
+
+  Lower bound.  A batch-1 decode step must read every weight once (all but wpe, of which it
+  needs one row): ms/step >= fp32 weight bytes / memory read bandwidth. The bandwidth is the
+  best of 5 parallel sums (one thread per core) over a 1 GiB float32 buffer, measured in this
+  driver before any worker starts. Larger batches read the same weights, so the bound holds for
+  them too, but they become compute-bound long before.
+
+  Threads.  By default every framework picks its own thread count (here: 2 = the cores).
+  PyTorch's OpenMP pool degrades far more than TensorFlow's when another process takes a core
+  (HF at batch 8 measured 450-900 ms/step with 2 threads next to one busy process, 130 ms/step
+  with 1 thread), so on a shared machine compare --threads 1 runs, or runs on an idle machine.
+
+  Ratios "(1.23x)" are the figure divided by this project's figure at the same batch size (for
+  ms/step and memory > 1 is worse; for tokens/s > 1 is better). The baseline is "ours"
+  (with --ours-xla both: "ours-xla").
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+PEERS = ("hf", "kerashub", "kerashub-xla", "openai")
+OURS_VARIANTS = {"default": [("ours", None)], "on": [("ours-xla", True)], "off": [("ours-noxla", False)],
+                 "both": [("ours-xla", True), ("ours-noxla", False)]}
+
+
+class Skip(Exception):
+    """The system cannot run here (package missing, option unsupported): reported, not an error."""
+
+
+# ============================================================================= workers
+# Each setup function builds one system and returns (run, info): run(n) makes one generate call
+# for n new tokens on the spec's prompt and returns the full int tokens [batch, P + n] as numpy.
+
+def set_tf_threads(tf, threads):
+    """--threads N: TF intra- and inter-op pools of N threads (must run before TF's first op)."""
+    if not threads:
+        return "TF default threads"
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return f"TF {threads} intra-op, {threads} inter-op threads"
+
+
+def setup_ours(spec):
+    import numpy as np
+
+    _common.use_repo_checkout()
+    try:
+        import gpt2
+    except ImportError as error:
+        raise Skip(f"cannot import gpt2 ({error})")
+    for name in ("load_model", "sample_sequence"):
+        if not hasattr(gpt2, name):
+            raise Skip(f"gpt2.{name} does not exist yet")
+    import tensorflow as tf
+
+    threads = set_tf_threads(tf, spec["threads"])
+    kwargs = {"temperature": 0.0}
+    if spec["xla"] is not None:
+        params = inspect.signature(gpt2.sample_sequence).parameters
+        option = next((p for p in ("jit_compile", "xla") if p in params), None)
+        if option is None:
+            raise Skip("gpt2.sample_sequence has no jit_compile option; use --ours-xla default")
+        kwargs[option] = spec["xla"]
+    rss_import = _common.current_rss_bytes()
+    start = time.perf_counter()
+    model = gpt2.load_model(spec["model_dir"])
+    load_s = time.perf_counter() - start
+    context = np.asarray(spec["prompt"], np.int32)
+
+    def run(n):
+        return np.asarray(gpt2.sample_sequence(model, context, n, **kwargs))
+
+    return run, dict(load_s=load_s, rss_import=rss_import, params=int(model.count_params()),
+                     versions=f"tensorflow {tf.__version__}", threads=threads,
+                     options=", ".join(f"{k}={v}" for k, v in kwargs.items()))
+
+
+def setup_hf(spec):
+    import numpy as np
+
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+        raise Skip("transformers/torch not installed (see bench/README.md)")
+    os.environ.setdefault("USE_TF", "0")
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    hp = spec["hparams"]
+    rss_import = _common.current_rss_bytes()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"], n_embd=hp["n_embd"],
+                        n_layer=hp["n_layer"], n_head=hp["n_head"])
+    model = GPT2LMHeadModel(config).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.from_numpy(np.asarray(spec["prompt"], np.int64))
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=config.eos_token_id)
+        return out.numpy()
+
+    return run, dict(load_s=load_s, rss_import=rss_import,
+                     params=sum(p.numel() for p in model.parameters()),
+                     versions=f"torch {torch.__version__}, transformers {transformers.__version__}",
+                     threads=f"torch {torch.get_num_threads()} intra-op threads",
+                     options=f"attn_implementation={model.config._attn_implementation}")
+
+
+def setup_kerashub(spec):
+    import numpy as np
+
+    if importlib.util.find_spec("keras_hub") is None:
+        raise Skip("keras-hub not installed (see bench/README.md)")
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise Skip(f"Keras backend is {keras.backend.backend()!r}, not tensorflow")
+    threads = set_tf_threads(tf, spec["threads"])
+    hp = spec["hparams"]
+    rss_import = _common.current_rss_bytes()
+    start = time.perf_counter()
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=hp["n_vocab"], num_layers=hp["n_layer"], num_heads=hp["n_head"],
+        hidden_dim=hp["n_embd"], intermediate_dim=4 * hp["n_embd"],
+        max_sequence_length=hp["n_ctx"], dropout=0.0,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(sampler="greedy", jit_compile=spec["xla"])
+    load_s = time.perf_counter() - start
+    prompt = np.asarray(spec["prompt"], np.int32)
+    batch, prompt_len = prompt.shape
+    inputs = {}
+
+    def run(n):
+        if n not in inputs:  # built outside the timed region after the first call for each n
+            token_ids = np.zeros((batch, prompt_len + n), np.int32)
+            token_ids[:, :prompt_len] = prompt
+            padding_mask = np.zeros((batch, prompt_len + n), bool)
+            padding_mask[:, :prompt_len] = True
+            inputs[n] = {"token_ids": token_ids, "padding_mask": padding_mask}
+        out = lm.generate(inputs[n], stop_token_ids=None)
+        return np.asarray(out["token_ids"])
+
+    return run, dict(load_s=load_s, rss_import=rss_import, params=int(backbone.count_params()),
+                     versions=f"keras-hub {keras_hub.__version__}, keras {keras.__version__}, "
+                              f"tensorflow {tf.__version__}",
+                     threads=threads, options=f"jit_compile={lm.jit_compile}")
+
+
+def setup_openai(spec):
+    """OpenAI's original TF1 sampler. UNTESTED: written without a checkout of openai/gpt-2."""
+    import types
+
+    import numpy as np
+
+    repo = spec.get("openai_repo")
+    if not repo:
+        raise Skip("no --openai-repo")
+    src = os.path.join(repo, "src")
+    if not all(os.path.isfile(os.path.join(src, f)) for f in ("model.py", "sample.py")):
+        raise Skip(f"{src} has no model.py/sample.py")
+    import tensorflow as tf
+
+    threads = set_tf_threads(tf, spec["threads"])
+    tf1 = tf.compat.v1
+    tf1.disable_v2_behavior()  # graph mode, and TF1 shapes (their code uses `x.shape[-1].value`)
+    # Their modules say `import tensorflow as tf` (TF1 API) and
+    # `from tensorflow.contrib.training import HParams`: import them against tf.compat.v1 and a
+    # minimal HParams stand-in, then put the real modules back.
+
+    class HParams:
+        def __init__(self, **values):
+            self.__dict__.update(values)
+
+        def override_from_dict(self, values):
+            self.__dict__.update(values)
+            return self
+
+    training = types.ModuleType("tensorflow.contrib.training")
+    training.HParams = HParams
+    contrib = types.ModuleType("tensorflow.contrib")
+    contrib.training = training
+    saved = {k: sys.modules.get(k) for k in ("tensorflow", "tensorflow.contrib", "tensorflow.contrib.training",
+                                            "model", "sample")}
+    sys.modules.update({"tensorflow": tf1, "tensorflow.contrib": contrib, "tensorflow.contrib.training": training})
+    sys.modules.pop("model", None)
+    sys.modules.pop("sample", None)
+    sys.path.insert(0, src)
+    try:
+        import model as oa_model
+        import sample as oa_sample
+    finally:
+        sys.path.remove(src)
+        for k in ("tensorflow", "tensorflow.contrib", "tensorflow.contrib.training"):
+            if saved[k] is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = saved[k]
+
+    rss_import = _common.current_rss_bytes()
+    start = time.perf_counter()
+    hparams = oa_model.default_hparams()
+    hparams.override_from_dict(spec["hparams"])
+    prompt = np.asarray(spec["prompt"], np.int32)
+    batch = prompt.shape[0]
+    graph = tf1.Graph()
+    with graph.as_default():
+        context = tf1.placeholder(tf.int32, [batch, None])
+        accepted = inspect.signature(oa_sample.sample_sequence).parameters
+        outputs = {}
+        for n in sorted({spec["new_tokens"], 1}):
+            kwargs = dict(hparams=hparams, length=n, context=context, batch_size=batch, temperature=1, top_k=1)
+            outputs[n] = oa_sample.sample_sequence(**{k: v for k, v in kwargs.items() if k in accepted})
+        saver = tf1.train.Saver()
+    n = spec["threads"] or 0  # graph-mode sessions take their thread pools from ConfigProto
+    sess = tf1.Session(graph=graph, config=tf1.ConfigProto(intra_op_parallelism_threads=n,
+                                                           inter_op_parallelism_threads=n))
+    saver.restore(sess, tf1.train.latest_checkpoint(spec["model_dir"]))
+    load_s = time.perf_counter() - start
+    with graph.as_default():
+        params = int(sum(np.prod(v.shape.as_list()) for v in tf1.global_variables()))
+
+    def run(n):
+        return np.asarray(sess.run(outputs[n], feed_dict={context: prompt}))
+
+    return run, dict(load_s=load_s, rss_import=rss_import, params=params,
+                     versions=f"tensorflow {tf.__version__} (compat.v1 graph mode), UNTESTED path",
+                     threads=threads, options="temperature=1, top_k=1")
+
+
+SETUPS = {"ours": setup_ours, "hf": setup_hf, "kerashub": setup_kerashub, "openai": setup_openai}
+
+
+def one_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def worker_main():
+    """Runs one system: reads JSON commands from stdin, answers JSON lines on the real stdout."""
+    # Libraries may print; keep the protocol channel private and send their stdout to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def send(**message):
+        proto.write(json.dumps(message) + "\n")
+
+    spec = json.loads(sys.stdin.readline())
+    kind = spec["kind"]
+    try:
+        run, info = SETUPS[kind](spec)
+    except Skip as why:
+        send(event="skip", reason=str(why))
+        return
+    except Exception as error:
+        traceback.print_exc()
+        send(event="error", error=one_line(error))
+        return
+    info["rss_loaded"] = _common.current_rss_bytes()
+    send(event="ready", **info)
+
+    prompt_len = len(spec["prompt"][0])
+    batch = len(spec["prompt"])
+    seen = {}
+
+    def timed(n):
+        start = time.perf_counter()
+        out = run(n)
+        seconds = time.perf_counter() - start
+        if out.shape != (batch, prompt_len + n):
+            raise RuntimeError(f"{n} new tokens: got output shape {out.shape}, "
+                               f"expected {(batch, prompt_len + n)} (early stop?)")
+        if not (out[:, :prompt_len] == spec["prompt"]).all():
+            raise RuntimeError("output does not start with the prompt")
+        digest = hashlib.sha1(out.astype("int64").tobytes()).hexdigest()
+        if seen.setdefault(n, digest) != digest:
+            print(f"note: {kind}: greedy output for n={n} changed between calls", file=sys.stderr)
+        return seconds
+
+    n_new = spec["new_tokens"]
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        try:
+            if cmd == "first":
+                first = timed(n_new)
+                first_1 = timed(1)
+                send(event="first", first_s=first, first_1_s=first_1)
+            elif cmd == "rep":
+                send(event="rep", t_n=timed(n_new), t_1=timed(1))
+            elif cmd == "exit":
+                send(event="bye", peak_rss=_common.peak_rss_bytes())
+                return
+        except Exception as error:
+            traceback.print_exc()
+            send(event="error", error=one_line(error))
+            return
+
+
+# ============================================================================= driver
+
+class Worker:
+    """One system at one batch size, in its own process."""
+
+    def __init__(self, name, spec, log_path, timeout):
+        self.name, self.timeout, self.log_path = name, timeout, log_path
+        self.status = None  # None while healthy, else "skipped: ..." / "failed: ..."
+        self.info, self.first, self.reps, self.peak_rss = {}, {}, [], None
+        env = {"KERAS_BACKEND": "tensorflow"} if spec["kind"] == "kerashub" else {}
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            cwd=_common.REPO_ROOT, env=_common.child_env(**env),
+        )
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self._send(spec)
+
+    def _send(self, message):
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+
+    def _receive(self):
+        if not self.selector.select(self.timeout):
+            self.close()
+            return {"event": "error", "error": f"no answer within {self.timeout:.0f} s (killed)"}
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            return {"event": "error", "error": f"worker exited ({self.proc.returncode}); see {self.log_path}"}
+        return json.loads(line)
+
+    def request(self, cmd=None):
+        """Sends cmd (or nothing: waits for the ready message); returns the answer or None."""
+        if self.status:
+            return None
+        if cmd:
+            self._send({"cmd": cmd})
+        answer = self._receive()
+        if answer["event"] == "skip":
+            self.status = "skipped: " + answer["reason"]
+        elif answer["event"] == "error":
+            self.status = "failed: " + answer["error"]
+        else:
+            return answer
+        self.close()
+        return None
+
+    def close(self):
+        try:
+            self.proc.stdin.close()  # a healthy worker exits when its input ends
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def ms_per_step(rep, n):
+    return 1000 * (rep["t_n"] - rep["t_1"]) / (n - 1)
+
+
+def run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir):
+    """Starts one worker per system, makes the first calls, runs interleaved reps. Returns workers."""
+    workers = []
+    for name, kind, xla in systems:
+        spec = dict(kind=kind, xla=xla, model_dir=model_dir, hparams=hparams, prompt=prompt[:batch],
+                    new_tokens=args.new_tokens, openai_repo=args.openai_repo, threads=args.threads)
+        log_path = os.path.join(log_dir, f"{name}-b{batch}.log")
+        worker = Worker(name, spec, log_path, args.timeout)
+        workers.append(worker)
+        ready = worker.request()
+        if ready:
+            worker.info = ready
+            first = worker.request("first")
+            if first:
+                worker.first = first
+                print(f"  {name:13s} b={batch}: ready in {ready['load_s']:.1f} s "
+                      f"({ready['params'] / 1e6:.1f}M params), first call {first['first_s']:.1f} s",
+                      flush=True)
+        if worker.status:
+            print(f"  {name:13s} b={batch}: {worker.status}", flush=True)
+    live = [w for w in workers if not w.status]
+    for rep in range(args.reps):
+        order = live[rep % len(live):] + live[: rep % len(live)] if live else []
+        for worker in order:
+            time.sleep(args.settle)  # let the previous system's thread pools go idle
+            answer = worker.request("rep")
+            if answer:
+                worker.reps.append(answer)
+                print(f"  rep {rep + 1}/{args.reps} {worker.name:13s} b={batch}: "
+                      f"T(N)={answer['t_n']:.2f} s, T(1)={answer['t_1']:.3f} s, "
+                      f"{ms_per_step(answer, args.new_tokens):.1f} ms/step", flush=True)
+            elif worker.status:
+                print(f"  {worker.name:13s} b={batch}: {worker.status}", flush=True)
+    for worker in workers:
+        bye = worker.request("exit")
+        if bye:
+            worker.peak_rss = bye["peak_rss"]
+            worker.close()
+    return workers
+
+
+def summarize(worker, batch, n):
+    steps = [ms_per_step(r, n) for r in worker.reps]
+    t_n = _common.median([r["t_n"] for r in worker.reps])
+    return dict(
+        ms_min=min(steps) if steps else None, ms_median=_common.median(steps) if steps else None,
+        tokens_per_s=(batch * n / t_n) if steps else None,
+        call1_ms=1000 * _common.median([r["t_1"] for r in worker.reps]) if steps else None,
+        first_s=worker.first.get("first_s"),
+        peak_mib=worker.peak_rss / _common.MiB if worker.peak_rss else None,
+    )
+
+
+def log_notes(paths, per_log=5):
+    """Lines worth a look in the workers' stderr: our notes, retracing, Python warnings."""
+    notes = []
+    for path in paths:
+        seen = []
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    line = line.strip()
+                    if (line.startswith("note:") or "retrac" in line.lower() or "Warning:" in line) \
+                            and line not in seen:
+                        seen.append(line)
+        except OSError:
+            continue
+        notes += [f"{os.path.basename(path)}: {line[:240]}" for line in seen[:per_log]]
+    return notes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="124M", choices=list(_common.PRESET_SHAPES))
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma-separated subset of " + ",".join(PEERS) + " ('' = ours only)")
+    parser.add_argument("--openai-repo", help="checkout of openai/gpt-2 (for the 'openai' peer)")
+    parser.add_argument("--ours-xla", default="default", choices=list(OURS_VARIANTS),
+                        help="pass jit_compile=True/False to gpt2.sample_sequence (both: two rows); "
+                             "default: pass nothing")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for every system (torch.set_num_threads, TF intra/inter-op); "
+                             "default 0: each framework's own default")
+    parser.add_argument("--settle", type=float, default=0.5, help="pause (s) before each timed rep")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for one worker answer")
+    parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth bound")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        return worker_main()
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
+    if args.new_tokens < 2 or args.reps < 1 or not batch_sizes or args.prompt_len < 1:
+        parser.error("need --new-tokens >= 2, --reps >= 1, --prompt-len >= 1 and at least one batch size")
+    hparams = _common.PRESET_SHAPES[args.shape]
+    if args.prompt_len + args.new_tokens > hparams["n_ctx"]:
+        parser.error(f"--prompt-len + --new-tokens must be <= n_ctx ({hparams['n_ctx']})")
+    systems = [(name, "ours", xla) for name, xla in OURS_VARIANTS[args.ours_xla]]
+    systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None)
+                for p in peers]
+
+    import numpy as np
+
+    print(f"# GPT-2 {args.shape} greedy generation, prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, batch sizes {batch_sizes}, {args.reps} reps "
+          f"({os.cpu_count()} cores, threads: {args.threads or 'framework defaults'})\n", flush=True)
+    model_dir = _common.cached_checkpoint(args.shape)
+    prompt = np.random.default_rng(0).integers(0, hparams["n_vocab"], (max(batch_sizes), args.prompt_len))
+    prompt = prompt.astype(int).tolist()
+
+    bound = None
+    if not args.no_bandwidth:
+        bandwidth, threads = _common.memory_bandwidth()
+        weight_bytes = _common.decode_weight_bytes(hparams)
+        bound = dict(bandwidth_gbs=bandwidth / 1e9, threads=threads, weight_bytes=weight_bytes,
+                     ms_per_step=1000 * weight_bytes / bandwidth)
+        print(f"memory read bandwidth: {bound['bandwidth_gbs']:.1f} GB/s (best of 5, {threads} threads, "
+              f"1 GiB buffer) -> batch-1 lower bound {weight_bytes / 1e6:.0f} MB of fp32 weights per step "
+              f"= {bound['ms_per_step']:.1f} ms/step\n", flush=True)
+
+    log_dir = os.path.join(_common.CACHE_DIR, "logs", "generate_speed")
+    os.makedirs(log_dir, exist_ok=True)
+    results, statuses, details = [], {}, {}
+    for batch in batch_sizes:
+        print(f"batch {batch}:", flush=True)
+        workers = run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir)
+        for worker in workers:
+            if worker.status:
+                statuses.setdefault(worker.name, worker.status)
+            if worker.info:
+                details.setdefault(worker.name, {k: worker.info.get(k) for k in ("versions", "threads", "options", "params")})
+            results.append(dict(system=worker.name, batch=batch, status=worker.status, info=worker.info,
+                                first=worker.first, reps=worker.reps, peak_rss=worker.peak_rss,
+                                log=worker.log_path, **summarize(worker, batch, args.new_tokens)))
+
+    baseline = systems[0][0]
+    print(f"\n## GPT-2 {args.shape}, greedy, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+          f"{args.reps} reps; (x) = ratio to {baseline} at the same batch\n")
+    headers = ["system", "batch", "ms/step min", "ms/step median", "tokens/s", "1-token call ms",
+               "first call s", "peak RSS MiB"]
+    rows = []
+    for batch in batch_sizes:
+        ours = next((r for r in results if r["system"] == baseline and r["batch"] == batch), {})
+        for r in results:
+            if r["batch"] != batch or not r["reps"]:
+                continue
+            rows.append([r["system"], batch,
+                         _common.with_ratio(r["ms_min"], ours.get("ms_min")),
+                         _common.with_ratio(r["ms_median"], ours.get("ms_median")),
+                         _common.with_ratio(r["tokens_per_s"], ours.get("tokens_per_s")),
+                         _common.with_ratio(r["call1_ms"], ours.get("call1_ms"), "{:.0f}"),
+                         _common.with_ratio(r["first_s"], ours.get("first_s")),
+                         _common.with_ratio(r["peak_mib"], ours.get("peak_mib"), "{:.0f}")])
+    print(_common.markdown_table(headers, rows) if rows else "(no system ran)")
+    if bound:
+        print(f"\nMachine bound, batch 1: {bound['weight_bytes'] / 1e6:.0f} MB fp32 weights / "
+              f"{bound['bandwidth_gbs']:.1f} GB/s read bandwidth = {bound['ms_per_step']:.1f} ms/step")
+    for name, status in statuses.items():
+        print(f"- {name}: {status}")
+    print()
+    for name, d in details.items():
+        print(f"- {name}: {d['versions']}; {d['threads']}; {d['options']}; {d['params'] / 1e6:.2f}M params")
+    notes = log_notes(r["log"] for r in results)
+    if notes:
+        print("\nFrom the worker logs:")
+        for line in notes:
+            print(f"- {line}")
+    print(f"\nWorker logs (warnings, tracebacks): {log_dir}/")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(args=vars(args), bound=bound, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
