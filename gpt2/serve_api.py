@@ -94,6 +94,21 @@ def _bool_field(body, name):
     return value
 
 
+def _check_fields(body, known):
+    """The body must be a JSON object with no fields outside `known`."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _reject_unknown(body, known)
+
+
+def _required_string(body, name):
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise bad(f"'{name}' is required and must be a string" if value is None else
+                  f"'{name}' must be a string, got {type(value).__name__}", name)
+    return value
+
+
 def _reject_unknown(body, known):
     unknown = sorted(set(body) - set(known))
     if unknown:
@@ -138,13 +153,8 @@ GENERATE_FIELDS = ("text", "length", "temperature", "top_k", "top_p", "seed")
 
 def parse_generate(body, enc, n_ctx):
     """/generate: {"text", "length"?, "temperature"?, "top_k"?, "top_p"?, "seed"?}."""
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    _reject_unknown(body, GENERATE_FIELDS)
-    text = body.get("text")
-    if not isinstance(text, str):
-        raise bad("'text' is required and must be a string" if text is None else
-                  f"'text' must be a string, got {type(text).__name__}", "text")
+    _check_fields(body, GENERATE_FIELDS)
+    text = _required_string(body, "text")
     length = _int_field(body, "length", DEFAULT_GENERATE_LENGTH, low=1)
     temperature, top_k, top_p, seed = _sampling(body)
     tokens = enc.encode(text) if text else [enc.eot_token]
@@ -217,13 +227,8 @@ def _unsupported(body, name, allowed):
 
 def parse_completions(body, enc, n_ctx, model_ids):
     """OpenAI's legacy completions request -> Plan (raises ApiError)."""
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    _reject_unknown(body, COMPLETION_FIELDS)
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise bad("'model' is required and must be a string" if model is None else
-                  f"'model' must be a string, got {model!r}", "model")
+    _check_fields(body, COMPLETION_FIELDS)
+    model = _required_string(body, "model")
     if model not in model_ids:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_ids[0]!r}",
                        "model", "model_not_found")
