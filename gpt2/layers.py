@@ -2,6 +2,9 @@
 
 Shapes use b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
 h = n_head, d = head_dim = e / h.
+
+Composite layers invoke their sublayers' `call` directly: Keras' per-call bookkeeping in
+`__call__` adds nothing for these layers and made up a large share of tracing the sampler.
 """
 
 import math
@@ -46,6 +49,7 @@ class LayerNorm(keras.layers.Layer):
         self.epsilon = epsilon
         self.g = self.add_weight(shape=(n_embd,), initializer="ones", name="g")
         self.b = self.add_weight(shape=(n_embd,), initializer="zeros", name="b")
+        self.built = True
 
     def call(self, x):
         """x: [..., n_embd] -> same shape."""
@@ -64,6 +68,7 @@ class Conv1D(keras.layers.Layer):
         super().__init__(**kwargs)
         self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name="w")
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
+        self.built = True
 
     def call(self, x):
         """x: [b, s, n_in] -> [b, s, n_out]."""
@@ -81,6 +86,7 @@ class Attention(keras.layers.Layer):
         self.c_attn = Conv1D(n_embd, 3 * n_embd, kernel_initializer, name="c_attn")
         self.c_proj = Conv1D(n_embd, n_embd, kernel_initializer, name="c_proj")
         self.dropout = keras.layers.Dropout(dropout)
+        self.built = True
 
     def _split_heads(self, x):
         """[b, s, e] -> [b, h, s, d]."""
@@ -95,11 +101,11 @@ class Attention(keras.layers.Layer):
         return tf.reshape(x, [batch, seq, self.n_head * x.shape[-1]])
 
     def _qkv(self, x):
-        q, k, v = tf.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = tf.split(self.c_attn.call(x), 3, axis=-1)
         return self._split_heads(q), self._split_heads(k), self._split_heads(v)
 
     def _output(self, a, training):
-        return self.dropout(self.c_proj(self._merge_heads(a)), training=training)
+        return self.dropout.call(self.c_proj.call(self._merge_heads(a)), training=training)
 
     def call(self, x, past=None, training=None):
         """OpenAI's semantics. x: [b, s, e]; past: [b, 2, h, t_past, d] or None.
@@ -136,10 +142,11 @@ class MLP(keras.layers.Layer):
         self.c_fc = Conv1D(n_embd, 4 * n_embd, kernel_initializer, name="c_fc")
         self.c_proj = Conv1D(4 * n_embd, n_embd, kernel_initializer, name="c_proj")
         self.dropout = keras.layers.Dropout(dropout)
+        self.built = True
 
     def call(self, x, training=None):
         """x: [b, s, e] -> [b, s, e]."""
-        return self.dropout(self.c_proj(gelu(self.c_fc(x))), training=training)
+        return self.dropout.call(self.c_proj.call(gelu(self.c_fc.call(x))), training=training)
 
 
 class Block(keras.layers.Layer):
@@ -151,15 +158,16 @@ class Block(keras.layers.Layer):
         self.attn = Attention(n_embd, n_head, dropout, kernel_initializer, name="attn")
         self.ln_2 = LayerNorm(n_embd, name="ln_2")
         self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp")
+        self.built = True
 
     def call(self, x, past=None, training=None):
         """x: [b, s, e]; past: [b, 2, h, t_past, d] or None -> (x [b, s, e], present [b, 2, h, s, d])."""
-        a, present = self.attn(self.ln_1(x), past=past, training=training)
+        a, present = self.attn.call(self.ln_1.call(x), past=past, training=training)
         x = x + a
-        return x + self.mlp(self.ln_2(x), training=training), present
+        return x + self.mlp.call(self.ln_2.call(x), training=training), present
 
     def call_cached(self, x, cache, index, mask):
         """Like `call`, against a fixed-shape cache (see `Attention.call_cached`)."""
-        a, cache = self.attn.call_cached(self.ln_1(x), cache, index, mask)
+        a, cache = self.attn.call_cached(self.ln_1.call(x), cache, index, mask)
         x = x + a
-        return x + self.mlp(self.ln_2(x)), cache
+        return x + self.mlp.call(self.ln_2.call(x), training=False), cache

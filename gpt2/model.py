@@ -107,4 +107,4 @@ class GPT2(keras.Model):
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.call_cached(x, layer_cache, index, mask)
             new_cache.append(layer_cache)
-        return self.ln_f(x), tuple(new_cache)
+        return self.ln_f.call(x), tuple(new_cache)
