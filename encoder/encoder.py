@@ -349,3 +349,12 @@ def get_encoder(model_name=None, models_dir="models"):
     if key not in _loaded:
         _loaded[key] = Encoder.from_files(encoder_json, vocab_bpe)
     return _loaded[key]
+
+
+def encoder_for_model_dir(model_dir):
+    """The encoder of a model folder: its own encoder.json/vocab.bpe when it has both, else the
+    GPT-2 files shipped with this package (a folder written by save_checkpoint has neither)."""
+    model_dir = os.path.abspath(model_dir)
+    if all(os.path.isfile(os.path.join(model_dir, name)) for name in ("encoder.json", "vocab.bpe")):
+        return get_encoder(os.path.basename(model_dir), os.path.dirname(model_dir))
+    return get_encoder()

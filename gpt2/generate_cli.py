@@ -196,14 +196,14 @@ def main(argv=None):
 def _run(args):
     mode, prompt_text = _prompt_source(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
-    from encoder import get_encoder
+    from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS, HParams
     from gpt2.sample import row_seeds, sample_rows
 
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
-    enc = _encoder_for(model_dir, get_encoder)
+    enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
     sampler = _Sampler(
         args, enc, hparams.n_ctx, sample_rows, row_seeds,
@@ -240,14 +240,6 @@ def _find_model(args, resolve_model_dir, old_names, presets):
 
     print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)
     return download_model(name, args.models_dir)
-
-
-def _encoder_for(model_dir, get_encoder):
-    """The model folder's encoder.json/vocab.bpe, else the copy shipped with the package."""
-    if all(os.path.isfile(os.path.join(model_dir, name)) for name in ("encoder.json", "vocab.bpe")):
-        parent, name = os.path.split(os.path.normpath(model_dir))
-        return get_encoder(name, parent)
-    return get_encoder()
 
 
 def _prompt_source(args):

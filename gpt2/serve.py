@@ -277,25 +277,32 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(500, event[1], code="generation_failed", type_="server_error")
             yield event
 
+    def _choice_texts(self, job, choices):
+        """Feeds the job's token events to their choices; yields (choice index, new text) until
+        every choice has finished, telling the job which rows are no longer needed."""
+        unfinished = len(choices)
+        for index, tokens, row_done in self._events(job):
+            choice = choices[index]
+            if choice.finished:
+                continue
+            text = choice.feed(tokens)
+            if row_done and not choice.finished:
+                text += choice.end()
+            if choice.finished:
+                job.mark_unneeded(index)
+                unfinished -= 1
+            yield index, text
+            if not unfinished:
+                return
+
     def _complete(self, plan):
         """Runs a plan to the end; returns (texts, choices)."""
         job = self._submit(plan)
         choices = [ChoiceText(self.app.enc, row.length, plan.stops) for row in plan.rows]
         texts = [[] for _ in plan.rows]
-        unfinished = len(choices)
         try:
-            for index, tokens, row_done in self._events(job):
-                choice = choices[index]
-                if choice.finished:
-                    continue
-                texts[index].append(choice.feed(tokens))
-                if row_done and not choice.finished:
-                    texts[index].append(choice.end())
-                if choice.finished:
-                    job.mark_unneeded(index)
-                    unfinished -= 1
-                    if not unfinished:
-                        break
+            for index, text in self._choice_texts(job, choices):
+                texts[index].append(text)
         except BaseException:
             self.app.engine.cancel(job)
             raise
@@ -368,22 +375,10 @@ class Handler(BaseHTTPRequestHandler):
             if plan.echo:
                 for i in range(len(choices)):
                     chunk(i, plan.prompt_texts[i // plan.n])
-            unfinished = len(choices)
             try:
-                for index, tokens, row_done in self._events(job):
-                    choice = choices[index]
-                    if choice.finished:
-                        continue
-                    text = choice.feed(tokens)
-                    if row_done and not choice.finished:
-                        text += choice.end()
-                    if choice.finished:
-                        job.mark_unneeded(index)
-                        unfinished -= 1
-                    if text or choice.finished:
-                        chunk(index, text, choice.finish_reason)
-                    if not unfinished:
-                        break
+                for index, text in self._choice_texts(job, choices):
+                    if text or choices[index].finished:
+                        chunk(index, text, choices[index].finish_reason)
             except ApiError as error:  # the status line is gone: report in the stream
                 send(error.body())
             else:
@@ -408,15 +403,6 @@ def _usage(plan, choices):
 
 
 # ----------------------------------------------------------------------------- assembly and CLI
-
-def encoder_for(model_dir):
-    """The model folder's own encoder.json/vocab.bpe if present, else the packaged GPT-2 files."""
-    from encoder.encoder import get_encoder
-
-    model_dir = os.path.abspath(model_dir)
-    if all(os.path.isfile(os.path.join(model_dir, f)) for f in ("encoder.json", "vocab.bpe")):
-        return get_encoder(os.path.basename(model_dir), os.path.dirname(model_dir))
-    return get_encoder()
 
 
 def start_in_thread(server):
@@ -481,12 +467,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    from encoder import encoder_for_model_dir
     from gpt2.checkpoint import CheckpointError, load_model, resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(args.model, args.models_dir)
         model = load_model(model_dir)
-        enc = encoder_for(model_dir)
+        enc = encoder_for_model_dir(model_dir)
     except (FileNotFoundError, CheckpointError, ValueError) as error:
         sys.exit(f"error: {error}")
     folder_name = os.path.basename(os.path.normpath(model_dir))

@@ -92,9 +92,9 @@ def engine(cli_server):
 
 @pytest.fixture(scope="module")
 def enc():
-    from gpt2.serve import encoder_for
+    from encoder import encoder_for_model_dir
 
-    return encoder_for(MODEL_DIR)
+    return encoder_for_model_dir(MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
