@@ -163,7 +163,8 @@ def load_model(name_or_dir, models_dir="models"):
 
     Returns a `gpt2.GPT2` with the folder's weights. The model starts zeroed (no random draws)
     and each tensor is read and handed to its variable one at a time: loading holds the weights
-    once plus the largest single tensor.
+    once plus the largest single tensor (twice that tensor for a Hugging Face folder, which is
+    read into NumPy first).
     """
     import tensorflow as tf
 

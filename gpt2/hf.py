@@ -205,10 +205,10 @@ def weight_files(model_dir):
 class HFTensors:
     """The weights of a Hugging Face GPT-2 folder, read one tensor at a time.
 
-    Opening checks config.json and every tensor's name, shape and dtype (and that an lm_head
-    equals wte) without reading the weights. `read(name)` returns OpenAI variable `name` as a
-    float32 NumPy array of OpenAI's shape (float16/bfloat16 files are cast). Use as a context
-    manager, or call `close()`.
+    Opening checks config.json and every tensor's name, shape and dtype from the files' headers
+    (and reads an lm_head.weight, if there is one, to check that it equals wte). `read(name)`
+    returns OpenAI variable `name` as a new float32 NumPy array of OpenAI's shape (float16 and
+    bfloat16 values are cast). Use as a context manager, or call `close()`.
     """
 
     def __init__(self, model_dir):
@@ -231,8 +231,8 @@ class HFTensors:
             try:
                 handle = _safe_open(safetensors, path)
             except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ...: one line
-                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise CheckpointError(f"{path}: unreadable safetensors file ({message}); download it again") from None
+                raise CheckpointError(
+                    f"{path}: unreadable safetensors file ({_first_line(error)}); download it again") from None
             self._files[path] = handle
             for key in handle.keys():
                 self._where.setdefault(key, handle)
@@ -284,8 +284,8 @@ class HFTensors:
         try:
             return self._where[key].get_tensor(key)
         except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{self.model_dir}: cannot read {key} ({message}); download it again") from None
+            raise CheckpointError(
+                f"{self.model_dir}: cannot read {key} ({_first_line(error)}); download it again") from None
 
     def read(self, name):
         """OpenAI variable `name` as a new float32 array of OpenAI's shape whose data starts on an
@@ -309,6 +309,11 @@ class HFTensors:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def aligned_empty(shape):
