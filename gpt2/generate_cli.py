@@ -81,7 +81,8 @@ def build_parser(prog=None):
     model.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
         help="model size (124M, 355M, 774M, 1558M; old names 117M, 345M) looked up under "
-             f"--models-dir, or the path of a model folder (default: {DEFAULT_MODEL})",
+             "--models-dir, or the path of a model folder in OpenAI's or Hugging Face's layout "
+             f"(default: {DEFAULT_MODEL})",
     )
     model.add_argument(
         "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
@@ -197,13 +198,13 @@ def _run(args):
     mode, prompt_text = _prompt_source(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
-    from gpt2.checkpoint import load_model, resolve_model_dir
-    from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+    from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
+    from gpt2.hparams import OLD_NAMES, PRESETS
     from gpt2.sampling.api import sample_rows
     from gpt2.sampling.settings import row_seeds
 
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
-    hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
+    hparams = read_hparams(model_dir)
     enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
     sampler = _Sampler(
