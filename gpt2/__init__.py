@@ -17,6 +17,8 @@ _LAZY = {
     "generate": "gpt2.sample",
     "sample_sequence": "gpt2.sample",
     "download_model": "gpt2.download",
+    "score": "gpt2.scoring",
+    "perplexity": "gpt2.scoring",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]
