@@ -17,6 +17,7 @@ setup(
             "gpt2-generate=gpt2.generate_cli:main",
             "gpt2-download=gpt2.download:main",
             "gpt2-serve=gpt2.serve:main",
+            "gpt2-evaluate=gpt2.evaluate:main",
         ]
     },
 )

@@ -11,7 +11,6 @@ Arguments are parsed (and --help answered) before TensorFlow is imported. Bad in
 one-line `error: ...` on stderr.
 """
 
-import argparse
 import codecs
 import functools
 import itertools
@@ -150,8 +149,8 @@ def _run(args):
     counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]
     model = _load_model(model_dir, load_model)
     rows = []
-    with tqdm(total=sum(window_count(n, n_ctx, stride) for n in counts), unit="window",
-              file=sys.stderr, disable=None) as bar:
+    with tqdm(total=sum(window_count(n, n_ctx, stride) for n in counts), desc="scoring",
+              unit="window", file=sys.stderr) as bar:
         for path, size in zip(args.files, sizes):
             result = perplexity(model, tokens_of(path), stride=stride, batch_size=args.batch_size,
                                 progress=bar.update)

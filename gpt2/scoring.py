@@ -220,7 +220,7 @@ def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=True):
     allows 0..5). For a completion's logprobs, score prompt + completion and take the
     completion's part: the values are the model's distribution before temperature/top-k/top-p.
     """
-    rows, top_n, batch_size = _check_score_args(model, tokens, top_n, batch_size)
+    rows, top_n, batch_size = _check_score_args(model, tokens, top_n, batch_size, "top_n")
     results = _score_rows(model, rows, top_n, batch_size, jit_compile)
     first = TokenScores(
         np.full([1], np.nan, np.float32), np.full([1, top_n], -1, np.int32), np.full([1, top_n], np.nan, np.float32)
@@ -231,11 +231,13 @@ def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=True):
     ]
 
 
-def _check_score_args(model, tokens, top_k, batch_size):
+def _check_score_args(model, tokens, top_k, batch_size, top_k_name="top_k"):
     """Validated (rows as int32 arrays, top_k, batch_size) or a ValueError saying what is wrong."""
     hparams = model.hparams
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 0 <= top_k <= hparams.n_vocab:
-        raise ValueError(f"top_k must be an integer between 0 and n_vocab ({hparams.n_vocab}), got {top_k!r}")
+        raise ValueError(
+            f"{top_k_name} must be an integer between 0 and n_vocab ({hparams.n_vocab}), got {top_k!r}"
+        )
     if batch_size is not None:
         batch_size = _check_positive_int(batch_size, "batch_size")
     rows = _rows_of(tokens, hparams.n_vocab)

@@ -5,7 +5,6 @@ References: the fixture's logits (computed with OpenAI's code) for `score`; its 
 the model on each window naively and picks each token's first prediction by hand.
 """
 
-import io
 import json
 import math
 import os
@@ -124,6 +123,8 @@ def test_echo_logprobs_puts_null_first(tiny_model, reference):
     assert np.isnan(one.logprobs).tolist() == [True] and one.top_ids.shape == (1, 2)
     (plain,) = echo_logprobs(tiny_model, [len7])
     assert plain.top_ids.shape == (7, 0) and plain.top_logprobs.shape == (7, 0)
+    with pytest.raises(ValueError, match="top_n must be an integer between 0 and n_vocab"):
+        echo_logprobs(tiny_model, [len7], top_n=-1)
 
 
 def test_compiled_programs_are_reused_across_lengths(tiny_model, long_tokens):
