@@ -19,6 +19,7 @@ setup(
             "gpt2-download=gpt2.download:main",
             "gpt2-serve=gpt2.serve:main",
             "gpt2-convert=gpt2.convert:main",
+            "gpt2-evaluate=gpt2.evaluate:main",
         ]
     },
 )

@@ -19,7 +19,6 @@ Reported: min load time over reps, median of the memory figures.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -49,14 +48,7 @@ def child(model_dir):
 
 
 def measure(model_dir, timeout):
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--_child", model_dir],
-        capture_output=True, text=True, cwd=_common.REPO_ROOT, env=_common.child_env(), timeout=timeout,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"load of {model_dir} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return _common.run_child(__file__, ["--_child", model_dir], f"load of {model_dir}", timeout)
 
 
 def main(argv=None):

@@ -20,6 +20,8 @@ _LAZY = {
     "SamplingSettings": "gpt2.sampling.settings",
     "SettingsError": "gpt2.sampling.settings",
     "download_model": "gpt2.download",
+    "score": "gpt2.scoring",
+    "perplexity": "gpt2.scoring",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]
