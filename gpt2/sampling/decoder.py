@@ -52,7 +52,7 @@ def _round_up(n, multiple):
 class Decoder:
     """The loop's computations for one model and pool size (pure functions of the state)."""
 
-    def __init__(self, model, slots):
+    def __init__(self, model, slots=None):
         hp = model.hparams
         self.model = model
         self.slots = slots
@@ -67,9 +67,10 @@ class Decoder:
 
     # ------------------------------------------------------------------ state
 
-    def state_spec(self):
-        """{name: (shape, dtype)} of every state tensor (the cache as `k0`, `v0`, `k1`, ...)."""
-        b, v = self.slots, self.n_vocab
+    def state_spec(self, batch=None):
+        """{name: (shape, dtype)} of every state tensor (the cache as `k0`, `v0`, `k1`, ...);
+        batch defaults to the decoder's slots (None: any)."""
+        b, v = batch or self.slots, self.n_vocab
         spec = {name: ([b], dtype) for name, dtype in {**SETTING_FIELDS, **ROW_FIELDS}.items()}
         spec.update({
             "logit_bias": ([b, v], tf.float32), "prompt_seen": ([b, v], tf.bool), "counts": ([b, v], tf.int32),
@@ -86,18 +87,43 @@ class Decoder:
         shape, dtype = self.state_spec()["k0"]
         return 2 * len(self.model.blocks) * int(np.prod(shape)) * dtype.size
 
-    def initial_state(self):
-        """An empty pool (no active rows), as tensors."""
-        return {name: tf.zeros(shape, dtype) for name, (shape, dtype) in self.state_spec().items()}
+    def initial_state(self, batch=None):
+        """An empty pool (no active rows), as tensors; batch: an int or int32 scalar tensor."""
+        batch = self.slots if batch is None else batch
+        return {name: tf.zeros([batch, *shape[1:]], dtype) for name, (shape, dtype) in self.state_spec(1).items()}
 
-    def output_spec(self, iterations):
+    def output_spec(self, iterations, batch=None):
         """{name: (shape, dtype)} of what `run` records per iteration: each row's new token (-1
         if none that iteration), its log-probability and the top alternatives."""
-        b, t = self.slots, choose.TOP_LOGPROBS
+        b, t = batch or self.slots, choose.TOP_LOGPROBS
         return {
             "tokens": ([b, iterations], tf.int32), "logprobs": ([b, iterations], tf.float32),
             "top_ids": ([b, iterations, t], tf.int32), "top_logprobs": ([b, iterations, t], tf.float32),
         }
+
+    def start_state(self, tokens, lengths, settings, seed, max_new, stop_token, window_keep, want_logprobs):
+        """A state with every row admitted at once, built in the graph (for exported functions;
+        `gpt2.sampling.pool.Pool.admit` does the same from NumPy between runs).
+
+        tokens: int32 [b, P] right-padded prompts (P <= n_ctx); lengths: int32 [b] (>= 1);
+        settings: {name: per-row tensor} as `gpt2.sampling.settings.pack_rows` gives them
+        (temperature, top_k, top_p, the penalties [b], logit_bias [b, V]); seed, max_new,
+        stop_token (-1 = none), window_keep: int32 [b]; want_logprobs: bool [b].
+        """
+        batch = tf.shape(tokens)[0]
+        state = self.initial_state(batch)
+        valid = tf.range(tf.shape(tokens)[1])[None, :] < lengths[:, None]
+        tokens = tf.where(valid, tokens, 0)
+        state["window"] = tf.pad(tokens, [[0, 0], [0, self.window_slots - tf.shape(tokens)[1]]])
+        rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(tokens))
+        seen = tf.tensor_scatter_nd_max(tf.zeros([batch, self.n_vocab], tf.int32),
+                                        tf.reshape(tf.stack([rows, tokens], -1), [-1, 2]),
+                                        tf.reshape(tf.cast(valid, tf.int32), [-1]))
+        state.update({name: tf.cast(value, state[name].dtype) for name, value in settings.items()})
+        state.update(prompt_seen=seen > 0, seed=seed, max_new=max_new, stop_token=stop_token,
+                     window_keep=window_keep, want_logprobs=want_logprobs, active=tf.ones([batch], tf.bool),
+                     filled=lengths, source=tf.fill([batch], -1))
+        return state
 
     # ------------------------------------------------------------------ model pieces
 
@@ -107,12 +133,13 @@ class Decoder:
         num_blocks (int32 scalar) blocks of BLOCK slots are visited. Returns [b, H, s, D]."""
         keys, values = state[f"k{layer}"], state[f"v{layer}"]
         b, h, s, d = q.shape
+        size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
 
         def body(j, best, total, acc):
             begin = [first_row, 0, j * BLOCK, 0]
-            k = tf.slice(keys, begin, [b, h, BLOCK, d])
-            v = tf.slice(values, begin, [b, h, BLOCK, d])
+            k = tf.slice(keys, begin, size)
+            v = tf.slice(values, begin, size)
             scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * scale
             visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < limit[:, None, :, None]
             scores = tf.where(visible, scores, processors.NEG_INF)
@@ -126,9 +153,9 @@ class Decoder:
 
         start = (
             tf.constant(0),
-            tf.fill([b, h, s], tf.constant(-1e30, tf.float32)),
-            tf.zeros([b, h, s], tf.float32),
-            tf.zeros([b, h, s, d], tf.float32),
+            tf.fill(tf.shape(q)[:3], tf.constant(-1e30, tf.float32)),
+            tf.zeros(tf.shape(q)[:3], tf.float32),
+            tf.zeros(tf.shape(q), tf.float32),
         )
         _, _, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, body, start,
                                          maximum_iterations=self.cache_slots // BLOCK)
@@ -173,7 +200,7 @@ class Decoder:
 
     def pending(self, state):
         """bool [B]: rows with window tokens to ingest (rows waiting for a source row excluded)."""
-        return state["active"] & (state["cached"] < state["filled"]) & (state["source"] < 0)
+        return state["active"] & ~state["done"] & (state["cached"] < state["filled"]) & (state["source"] < 0)
 
     def _share(self, state, row):
         """Rows whose `source` is `row` (admitted with the same prompt) take its cache and logits
@@ -189,7 +216,7 @@ class Decoder:
 
             return slot + 1, _maybe(dependents[slot], write, caches)
 
-        _, caches = tf.while_loop(lambda slot, _: slot < self.slots, copy,
+        _, caches = tf.while_loop(lambda slot, _: slot < _batch(state), copy,
                                   (tf.constant(0), {name: state[name] for name in layers}))
         state.update(caches)
         state["logits"] = tf.where(dependents[:, None], state["logits"][row][None], state["logits"])
@@ -203,7 +230,8 @@ class Decoder:
         """One token for every ready row. Returns (state, tokens [B] (-1 for rows not ready),
         token logprobs [B], top ids [B, T], top logprobs [B, T])."""
         state = dict(state)
-        rows = tf.range(self.slots)
+        batch = _batch(state)
+        rows = tf.range(batch)
         ready = state["active"] & ~state["done"] & tf.equal(state["cached"], state["filled"])
         counts = state["counts"]
         penalised = (tf.not_equal(state["repetition_penalty"], 1.0) | tf.not_equal(state["presence_penalty"], 0.0)
@@ -218,13 +246,13 @@ class Decoder:
         sampling = state["temperature"] > 0.0
         uniform = tf.cond(tf.reduce_any(ready & sampling),
                           lambda: choose.row_uniforms(state["seed"], state["generated"]),
-                          lambda: tf.zeros([self.slots], tf.float32))
+                          lambda: tf.zeros([batch], tf.float32))
         tokens = choose.choose_tokens(logits, state["temperature"], state["top_k"], state["top_p"], uniform)
         top = choose.TOP_LOGPROBS
         logprob, top_ids, top_logprobs = tf.cond(
             tf.reduce_any(ready & state["want_logprobs"]),
             lambda: choose.logprobs_of(logits, tokens),
-            lambda: (tf.zeros([self.slots]), tf.zeros([self.slots, top], tf.int32), tf.zeros([self.slots, top])),
+            lambda: (tf.zeros([batch]), tf.zeros([batch, top], tf.int32), tf.zeros([batch, top])),
         )
         index = tf.stack([rows, tokens], axis=1)
         state["counts"] = tf.tensor_scatter_nd_add(counts, index, tf.cast(ready, tf.int32))
@@ -247,11 +275,12 @@ class Decoder:
         new logits and advance. Other rows compute too (static shapes) but keep their state; what
         they write lands in a cache slot that is never attended before being rewritten."""
         state = dict(state)
+        batch = _batch(state)
         position = state["cached"]
         x = self.model.embed(tokens, tf.minimum(position, self.n_ctx - 1))
         index = tf.stack([
-            tf.repeat(tf.range(self.slots), self.n_head),
-            tf.tile(tf.range(self.n_head), [self.slots]),
+            tf.repeat(tf.range(batch), self.n_head),
+            tf.tile(tf.range(self.n_head), [batch]),
             tf.repeat(position, self.n_head),
         ], axis=1)
 
@@ -261,7 +290,7 @@ class Decoder:
         limit = (position + 1)[:, None]
         longest = tf.reduce_max(tf.where(feed, position + 1, 1))
         num_blocks = (longest + BLOCK - 1) // BLOCK
-        h, state = self._blocks(x, state, self.slots, write, 0, limit, num_blocks)
+        h, state = self._blocks(x, state, batch, write, 0, limit, num_blocks)
         state["logits"] = tf.where(feed[:, None], self.model.logits(h), state["logits"])
         state["cached"] += tf.cast(feed, tf.int32)
         return state
@@ -283,7 +312,9 @@ class Decoder:
     def run(self, state, max_iterations, iterations):
         """Loops `iterate` while some row is unfinished, at most max_iterations (int32 scalar,
         <= iterations, a Python int sizing the outputs). Returns (state, outputs, count run)."""
-        outputs = {name: tf.zeros(shape, dtype) for name, (shape, dtype) in self.output_spec(iterations).items()}
+        batch = _batch(state)
+        outputs = {name: tf.zeros([batch, *shape[1:]], dtype)
+                   for name, (shape, dtype) in self.output_spec(iterations, 1).items()}
         outputs["tokens"] -= 1
 
         def busy(i, state, outputs):
@@ -311,6 +342,11 @@ class Decoder:
         count, state, outputs = tf.while_loop(busy, body, (tf.constant(0), state, outputs),
                                               maximum_iterations=iterations)
         return state, outputs, count
+
+
+def _batch(state):
+    """Rows in the state: a Python int when the shape is static (XLA), else a tensor."""
+    return state["active"].shape[0] or tf.shape(state["active"])[0]
 
 
 def _maybe(condition, function, state):
