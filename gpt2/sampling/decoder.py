@@ -28,6 +28,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 from gpt2.sampling import choose, processors
 
@@ -138,8 +139,8 @@ class Decoder:
 
         def body(j, best, total, acc):
             begin = [first_row, 0, j * BLOCK, 0]
-            k = tf.slice(keys, begin, size)
-            v = tf.slice(values, begin, size)
+            k = _dynamic_slice(keys, begin, size)
+            v = _dynamic_slice(values, begin, size)
             scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * scale
             visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < limit[:, None, :, None]
             scores = tf.where(visible, scores, processors.NEG_INF)
@@ -180,9 +181,9 @@ class Decoder:
         state = dict(state)
         pending = self.pending(state)
         row = tf.argmax(tf.cast(pending, tf.int32), output_type=tf.int32)
-        start = state["cached"][row]
-        count = tf.minimum(CHUNK, state["filled"][row] - start)
-        tokens = tf.slice(state["window"], [row, start], [1, CHUNK])[0]
+        start = tf.gather(state["cached"], row)
+        count = tf.minimum(CHUNK, tf.gather(state["filled"], row) - start)
+        tokens = _dynamic_slice(state["window"], [row, start], [1, CHUNK])[0]
         offsets = tf.range(CHUNK)
         x = self.model.embed(tokens, tf.minimum(start + offsets, self.n_ctx - 1))
 
@@ -192,10 +193,10 @@ class Decoder:
         limit = (start + offsets + 1)[None]
         num_blocks = (start + CHUNK + BLOCK - 1) // BLOCK
         h, state = self._blocks(x, state, 1, write, row, limit, num_blocks)
-        logits = self.model.logits(h[count - 1][None])
+        logits = self.model.logits(tf.gather(h, [count - 1]))
         state["logits"] = tf.tensor_scatter_nd_update(state["logits"], [[row]], logits)
         state["cached"] = tf.tensor_scatter_nd_add(state["cached"], [[row]], [count])
-        complete = tf.equal(start + count, state["filled"][row])
+        complete = tf.equal(start + count, tf.gather(state["filled"], row))
         return _maybe(complete & tf.reduce_any(tf.equal(state["source"], row)), lambda s: self._share(s, row), state)
 
     def pending(self, state):
@@ -219,8 +220,8 @@ class Decoder:
         _, caches = tf.while_loop(lambda slot, _: slot < _batch(state), copy,
                                   (tf.constant(0), {name: state[name] for name in layers}))
         state.update(caches)
-        state["logits"] = tf.where(dependents[:, None], state["logits"][row][None], state["logits"])
-        state["cached"] = tf.where(dependents, state["cached"][row], state["cached"])
+        state["logits"] = tf.where(dependents[:, None], tf.gather(state["logits"], [row]), state["logits"])
+        state["cached"] = tf.where(dependents, tf.gather(state["cached"], row), state["cached"])
         state["source"] = tf.where(dependents, -1, state["source"])
         return state
 
@@ -357,6 +358,14 @@ def _maybe(condition, function, state):
     _, state = tf.while_loop(lambda go, _: go, lambda go, state: (tf.constant(False), function(state)),
                              (condition, state), maximum_iterations=1)
     return state
+
+
+def _dynamic_slice(tensor, begin, size):
+    """tensor[begin : begin + size] with `begin` known only at run time. (tf.slice and x[i] make
+    XLA treat a non-constant begin as a compile-time constant: one compile per value.)"""
+    if size[0] == -1:
+        size = [tf.shape(tensor)[0], *size[1:]]
+    return tfxla.dynamic_slice(tensor, begin, size)
 
 
 def _update_slice(tensor, update, begin):

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import compile_cache
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
 
@@ -59,6 +60,7 @@ class Pool:
         self._changing = [name for name in self.state if name not in _FIXED_IN_RUN]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
         self.lock = threading.Lock()
+        self._published = False
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
 
     # ------------------------------------------------------------------ compiled program
@@ -78,6 +80,8 @@ class Pool:
         steps = self.iterations if max_iterations is None else min(max_iterations, self.iterations)
         outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
         count = int(count)
+        if not self._published:  # the first call compiled: share it with other processes now
+            self._published = compile_cache.publish() >= 0
         if count == steps and not (outputs["tokens"].numpy() >= 0).any() and not self._ingesting():
             raise RuntimeError("the decoder made no progress; this is a bug, please report it")
         outputs = {name: value.numpy()[:, :count] for name, value in outputs.items()}
