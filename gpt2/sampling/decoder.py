@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
+from gpt2 import layers
 from gpt2.sampling import choose, processors
 
 CHUNK = 32  # prompt tokens one row ingests per loop iteration
@@ -65,6 +66,7 @@ class Decoder:
         self.cache_slots = _round_up(hp.n_ctx + CHUNK, BLOCK)
         self.window_slots = hp.n_ctx + CHUNK
         self.cache_dtype = tf.as_dtype(model.compute_dtype)
+        self._layer_function = tf.function(self._layer, autograph=False)
 
     # ------------------------------------------------------------------ state
 
@@ -134,12 +136,11 @@ class Decoder:
     # (which XLA updates in place) made the program twice as slow to lower, since every loop
     # carries all the weights.
 
-    def _attention(self, q, k, v, state, layer, first_row, cached, num_blocks):
+    def _attention(self, q, k, v, keys, values, first_row, cached, num_blocks):
         """Attention of queries q [b, H, s, D] at the positions after each row's `cached` [b]
-        cache slots (rows first_row..first_row+b-1 of the cache of `layer`) over those slots, in
-        num_blocks blocks of BLOCK (online softmax), then over this call's own keys and values
-        k, v [b, H, s, D] (query i sees own keys 0..i). Returns [b, H, s, D]."""
-        keys, values = state[f"k{layer}"], state[f"v{layer}"]
+        slots of the cache keys, values [B, H, M, D] (rows first_row..first_row+b-1) over those
+        slots, in num_blocks blocks of BLOCK (online softmax), then over this call's own keys and
+        values k, v [b, H, s, D] (query i sees own keys 0..i). Returns [b, H, s, D]."""
         b, h, s, d = q.shape
         size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
@@ -173,6 +174,19 @@ class Decoder:
         _, total, acc = accumulate(own, v, best, total, acc)
         return tf.cast(acc / total[..., None], self.cache_dtype)
 
+    def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
+        """One block, a pure function of its inputs (traced once per shape, called per block):
+        x float32 [batch * s, E]; weights: `Block.inference_weights()`; keys, values: its cache.
+        Returns (x, this call's keys and values [batch, H, s, D])."""
+        ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
+        dtype = self.cache_dtype
+        q, k, v = layers.split_heads(layers.dense(layers.layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype),
+                                     batch, self.n_head)
+        a = self._attention(q, k, v, keys, values, first_row, cached, num_blocks)
+        x = x + tf.cast(layers.dense(layers.merge_heads(a), proj_w, proj_b, dtype), tf.float32)
+        x = x + layers.mlp(layers.layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype)
+        return x, k, v
+
     def _forward(self, x, state, batch, first_row, cached):
         """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.
         Returns (hidden states after ln_f [batch * s, E], [(keys, values) per layer, each
@@ -180,11 +194,9 @@ class Decoder:
         num_blocks = (tf.reduce_max(cached) + BLOCK - 1) // BLOCK
         new = []
         for layer, block in enumerate(self.model.blocks):
-            q, k, v = block.attn.qkv(block.ln_1.call(x), batch)
+            x, k, v = self._layer_function(x, block.inference_weights(), state[f"k{layer}"], state[f"v{layer}"],
+                                           first_row, cached, num_blocks, batch)
             new.append((k, v))
-            a = self._attention(q, k, v, state, layer, first_row, cached, num_blocks)
-            x = x + block.attn.project(a)
-            x = x + block.mlp.call(block.ln_2.call(x))
         return self.model.ln_f.call(x), new
 
     def _write(self, state, new, write):

@@ -9,7 +9,10 @@ server's continuous batching (requests joining and leaving a running decode).
 Shapes: B = slots, V = n_vocab, K = iterations recorded per run call, T = TOP_LOGPROBS.
 """
 
+import contextlib
 import dataclasses
+import hashlib
+import itertools
 import threading
 
 import numpy as np
@@ -41,6 +44,35 @@ class RowRequest:
     logprobs: bool = False
 
 
+_name_uses = {}
+_name_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def stable_names(key):
+    """Makes the names TensorFlow gives the functions traced inside depend only on `key` (and
+    on how many programs with that key this process traced before), not on everything traced
+    earlier. XLA's persistent cache keys a program by those names, so without this a program
+    compiled by generate.py would not be found by the server, a notebook or a test that traced
+    something else first. (TensorFlow numbers functions with one process-wide counter.)"""
+    try:
+        from tensorflow.python.framework import ops
+    except ImportError:  # pragma: no cover - a TensorFlow without this internal: names vary
+        yield
+        return
+    with _name_lock:
+        use = _name_uses.get(key, 0)
+        _name_uses[key] = use + 1
+    digest = hashlib.sha256(repr((key, use)).encode()).digest()
+    counter = itertools.count(10**15 + int.from_bytes(digest[:6], "big") * 10**6)  # far above TF's own
+    real = ops.uid
+    ops.uid = lambda: next(counter)
+    try:
+        yield
+    finally:
+        ops.uid = real
+
+
 class Pool:
     """Variables and the compiled `run` program for `slots` rows of `model`."""
 
@@ -59,6 +91,9 @@ class Pool:
             }
         self._changing = [name for name in self.state if name not in _FIXED_IN_RUN]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
+        key = (type(model).__name__, model.hparams, model.dtype_policy.name, slots, jit_compile, iterations)
+        with stable_names(key):  # trace now, under names that do not depend on the process's history
+            self._run.get_concrete_function(tf.TensorSpec([], tf.int32))
         self.lock = threading.Lock()
         self._published = False
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
