@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+from gpt2.hparams import OLD_NAMES, PRESETS, HParams, summarize
 
 CHECKPOINT_PREFIX = "model.ckpt"
 DATA_FILE = CHECKPOINT_PREFIX + ".data-00000-of-00001"
@@ -130,15 +130,22 @@ def check_model_dir(model_dir):
         if list(found[name]) != expected[name]
     ]
     if missing:
-        problems.append(f"missing {missing}")
+        problems.append(f"missing {_listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected {unexpected}")
+        problems.append(f"unexpected {_listed(unexpected)}")
     if misshaped:
-        problems.append(f"wrong shape: {', '.join(misshaped)}")
+        problems.append(f"wrong shape: {summarize(misshaped, sep=', ')}")
     if problems:
         raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
     _check_data_size(prefix, expected)
     return hparams
+
+
+def _listed(names, limit=5):
+    """A list of variable names for a message: all of them if few, else a count and the first three."""
+    if len(names) <= limit:
+        return repr(names)
+    return f"{len(names)} variables ({', '.join(names[:3])}, ...)"
 
 
 def _check_data_size(prefix, shapes):
@@ -150,6 +157,36 @@ def _check_data_size(prefix, shapes):
         raise CheckpointError(
             f"{data_files[0]}: truncated ({size} bytes, the variables need {needed}); download the model again"
         )
+
+
+def check_fits_in_memory(hparams, source):
+    """Raises CheckpointError if the float32 weights of `hparams` alone exceed this machine's memory."""
+    needed = 4 * hparams.parameter_count
+    total = physical_memory()
+    if total is not None and needed > total:
+        raise CheckpointError(
+            f"{source}: the model's {hparams.parameter_count:,} weights need {needed / 2**20:,.0f} MiB of "
+            f"memory, more than this machine's {total / 2**20:,.0f} MiB; check its hparams.json"
+        )
+
+
+def physical_memory():
+    """Total physical memory in bytes, or None where it cannot be told."""
+    try:
+        if sys.platform == "win32":
+            import ctypes
+
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                    (name, ctypes.c_ulonglong)
+                    for name in ("total", "avail", "total_page", "avail_page", "total_virt", "avail_virt", "ext")
+                ]
+
+            status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+            return status.total if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) else None
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def load_model(name_or_dir, models_dir="models"):
@@ -165,6 +202,7 @@ def load_model(name_or_dir, models_dir="models"):
 
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     hparams = check_model_dir(model_dir)
+    check_fits_in_memory(hparams, model_dir)
     prefix = _checkpoint_prefix(model_dir)
     model = GPT2(hparams, random_init=False)
     for name, variable in model_variables(model).items():

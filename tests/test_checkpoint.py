@@ -1,5 +1,6 @@
 """Reading and writing OpenAI's checkpoint folders, and the errors for broken ones."""
 
+import json
 import os
 import shutil
 
@@ -141,3 +142,31 @@ def test_random_124M_checkpoint_loads_and_runs(tmp_path):
     assert sum(int(np.prod(w.shape)) for w in model.weights) == 124_439_808
     logits = model(np.array([[50256, 464, 318]]))["logits"]
     assert logits.shape == (1, 3, 50257) and np.isfinite(logits.numpy()).all()
+
+
+def write_hparams(model_dir, **changes):
+    path = model_dir / "hparams.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def test_absurd_hparams_fail_fast_with_a_short_message(model_copy):
+    write_hparams(model_copy, n_layer=1_000_000)
+    with pytest.raises(ValueError) as info:
+        gpt2.load_model(str(model_copy))
+    message = str(info.value)
+    assert message.endswith("hparams.json: n_layer must be at most 1024, got 1000000") and len(message) < 300
+
+
+def test_index_missing_many_variables_is_summarized(model_copy):
+    write_hparams(model_copy, n_layer=1000)
+    with pytest.raises(CheckpointError) as info:
+        gpt2.load_model(str(model_copy))
+    message = str(info.value)
+    assert "missing 11976 variables (model/h10/attn/c_attn/b, model/h10/attn/c_attn/w, " in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, monkeypatch):
+    monkeypatch.setattr(gpt2.checkpoint, "physical_memory", lambda: 1 << 20)
+    with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
+        gpt2.load_model(str(model_copy))
