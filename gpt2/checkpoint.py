@@ -9,6 +9,7 @@ the TF checkpoint `model.ckpt.index` + `model.ckpt.data-00000-of-00001` with var
 """
 
 import argparse
+import atexit
 import glob
 import os
 import shutil
@@ -103,10 +104,42 @@ def _read_index(prefix):
     import tensorflow as tf
 
     try:
-        return tf.train.load_checkpoint(prefix)
+        return tf.train.load_checkpoint(_tf_prefix(prefix))
     except (tf.errors.OpError, ValueError) as error:
         message = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{prefix}.index: unreadable ({message}); download the model again") from None
+
+
+# Characters TensorFlow's checkpoint ops read as a glob pattern in a prefix (they look the index up
+# with GetMatchingPaths), so a folder such as "finetune[v2]" would not match itself.
+_GLOB_CHARS = "*?[" if os.name == "nt" else "*?[\\"
+_aliases = {}  # prefix -> the same checkpoint through links in a temporary folder
+
+
+def _tf_prefix(prefix):
+    """`prefix` as TensorFlow's checkpoint ops can read it: unchanged, unless it holds glob
+    characters; then links to its files in a temporary folder (removed at exit) stand in for it."""
+    if not any(char in prefix for char in _GLOB_CHARS):
+        return prefix
+    if prefix in _aliases and os.path.exists(_aliases[prefix] + ".index"):
+        return _aliases[prefix]
+    alias_dir = tempfile.mkdtemp(prefix="gpt2-checkpoint-")
+    atexit.register(shutil.rmtree, alias_dir, True)
+    alias = os.path.join(alias_dir, CHECKPOINT_PREFIX)
+    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+        target = alias + path[len(prefix):]
+        try:
+            os.symlink(os.path.abspath(path), target)
+        except OSError:
+            try:
+                os.link(path, target)
+            except OSError as error:
+                raise CheckpointError(
+                    f"{prefix}: TensorFlow cannot read a checkpoint whose path holds any of {_GLOB_CHARS} "
+                    f"and no link to it can be made here ({error.strerror or error}); rename the folder"
+                ) from None
+    _aliases[prefix] = alias
+    return alias
 
 
 def check_model_dir(model_dir):
@@ -137,7 +170,7 @@ def check_model_dir(model_dir):
         problems.append(f"wrong shape: {summarize(misshaped, sep=', ')}")
     if problems:
         raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
-    _check_data_size(prefix, expected)
+    _check_data_size(prefix, expected, reader.get_variable_to_dtype_map())
     return hparams
 
 
@@ -148,15 +181,34 @@ def _listed(names, limit=5):
     return f"{len(names)} variables ({', '.join(names[:3])}, ...)"
 
 
-def _check_data_size(prefix, shapes):
-    """A data file smaller than the float32 tensors it must hold was cut short."""
+def _check_data_size(prefix, shapes, dtypes):
+    """A data file smaller than the tensors it must hold was cut short; weights must be floats."""
+    not_float = [f"{name} ({dtype.name})" for name, dtype in sorted(dtypes.items()) if not dtype.is_floating]
+    if not_float:
+        raise CheckpointError(
+            f"{prefix}: GPT-2 weights must be floating point, but {summarize(not_float, sep=', ')} are not"
+        )
     data_files = glob.glob(glob.escape(prefix) + ".data-*")
     size = sum(os.path.getsize(path) for path in data_files)
-    needed = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    needed = sum(int(np.prod(shape)) * dtypes[name].size for name, shape in shapes.items())
     if size < needed:
         raise CheckpointError(
             f"{data_files[0]}: truncated ({size} bytes, the variables need {needed}); download the model again"
         )
+
+
+def _restore(prefix, name, dtype):
+    """One tensor of a checkpoint as float32 (a float16 or bfloat16 checkpoint is cast on reading)."""
+    import tensorflow as tf
+
+    try:
+        (value,) = tf.raw_ops.RestoreV2(
+            prefix=_tf_prefix(prefix), tensor_names=[name], shape_and_slices=[""], dtypes=[dtype]
+        )
+    except tf.errors.OpError as error:
+        message = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{prefix}: cannot read {name} ({message}); download the model again") from None
+    return value if dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
 def check_fits_in_memory(hparams, source):
@@ -204,15 +256,10 @@ def load_model(name_or_dir, models_dir="models"):
     hparams = check_model_dir(model_dir)
     check_fits_in_memory(hparams, model_dir)
     prefix = _checkpoint_prefix(model_dir)
+    dtypes = _read_index(prefix).get_variable_to_dtype_map()
     model = GPT2(hparams, random_init=False)
     for name, variable in model_variables(model).items():
-        try:
-            (value,) = tf.raw_ops.RestoreV2(
-                prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.float32]
-            )
-        except tf.errors.OpError as error:
-            message = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{prefix}: cannot read {name} ({message}); download the model again") from None
+        value = _restore(prefix, name, dtypes[name])
         variable.assign(tf.reshape(value, variable.shape))
         del value
     return model

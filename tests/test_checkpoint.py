@@ -170,3 +170,32 @@ def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, mo
     monkeypatch.setattr(gpt2.checkpoint, "physical_memory", lambda: 1 << 20)
     with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
         gpt2.load_model(str(model_copy))
+
+
+@pytest.mark.parametrize("folder", ["finetune[v2]", "run*1", "what?"])
+def test_folder_names_with_glob_characters_load(tiny_model, tmp_path, folder):
+    target = tmp_path / "a[b]" / folder
+    gpt2.save_checkpoint(tiny_model, str(target))
+    reloaded = gpt2.load_model(str(target))
+    for a, b in zip(tiny_model.weights, reloaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_checkpoints_are_read_as_float32(model_copy, reference, dtype):
+    rewrite_variables(model_copy, lambda values: values.update(
+        {name: tf.cast(value, dtype) for name, value in values.items()}))
+    model = gpt2.load_model(str(model_copy))
+    reader = tf.train.load_checkpoint(TINY_MODEL)
+    for name, variable in gpt2.checkpoint.model_variables(model).items():
+        expected = tf.cast(tf.cast(reader.get_tensor(name), dtype), tf.float32).numpy()
+        np.testing.assert_array_equal(variable.numpy(), expected.reshape(variable.shape))
+    logits = model(np.array([reference["inputs"]["len7"][0]]))["logits"][0, -1].numpy()
+    tolerance = 0.05 if dtype == tf.float16 else 0.3  # weights rounded to 11 / 8 significant bits
+    np.testing.assert_allclose(logits, reference["last_logits"]["len7"][0], atol=tolerance)
+
+
+def test_integer_weights_are_a_clear_error(model_copy):
+    rewrite_variables(model_copy, lambda values: values.update({"model/ln_f/b": values["model/ln_f/b"].astype(np.int32)}))
+    with pytest.raises(CheckpointError, match=r"must be floating point, but model/ln_f/b \(int32\) are not"):
+        gpt2.load_model(str(model_copy))
