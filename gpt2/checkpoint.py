@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -262,66 +263,213 @@ def load_model(name_or_dir, models_dir="models"):
         value = _restore(prefix, name, dtypes[name])
         variable.assign(tf.reshape(value, variable.shape))
         del value
+    model.source_dir = os.path.abspath(model_dir)  # save_checkpoint copies its encoder files
     return model
 
 
-def save_checkpoint(model, model_dir):
-    """Writes `model` as an OpenAI GPT-2 folder: hparams.json, checkpoint, model.ckpt.{index,data}.
+def save_checkpoint(model, model_dir, encoder_dir=None):
+    """Writes `model` as a complete OpenAI GPT-2 folder: hparams.json, checkpoint,
+    model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
 
-    Files are written to a temporary folder first and moved into place, so an interrupted save
-    never leaves a half-written checkpoint under the final names.
+    The BPE files come from `encoder_dir` if given (and holding both), else from the folder the
+    model was loaded from, else those already in `model_dir` stay, else the GPT-2 files bundled
+    with the `encoder` package.
+    Overwriting a checkpoint is atomic: an interruption at any point leaves the old or the new
+    one loadable (see _write_model_dir). Raises OSError in one line if writing fails (e.g. the
+    disk is full), with the previous checkpoint left as it was.
     """
-    values = {name: variable.value for name, variable in model_variables(model).items()}
-    shapes = variable_shapes(model.hparams)
-    _write_checkpoint(model.hparams, model_dir, lambda name: _reshape(values[name], shapes[name]))
-
-
-def _reshape(tensor, shape):
     import tensorflow as tf
 
-    return tf.reshape(tensor, shape)
+    variables = model_variables(model)
+    shapes = variable_shapes(model.hparams)
+
+    def write_tensors(prefix):
+        tf.raw_ops.SaveV2(
+            prefix=prefix, tensor_names=list(shapes), shape_and_slices=[""] * len(shapes),
+            tensors=[tf.reshape(variables[name].value, shape) for name, shape in shapes.items()],
+        )
+
+    _write_model_dir(model.hparams, model_dir, write_tensors, encoder_dir or getattr(model, "source_dir", None))
 
 
 def write_random_checkpoint(preset_or_hparams, model_dir, seed=0):
     """Writes a checkpoint of a preset shape ('124M', ...) or HParams with random weights, for
-    benchmarks and tests where the released weights are not available."""
+    benchmarks and tests where the released weights are not available. Tensors are made and
+    written one at a time, so memory holds one tensor, not the model (1558M: 0.3 of 6.2 GB)."""
+    from gpt2.tensor_bundle import BundleWriter
+
     hparams = PRESETS[preset_or_hparams] if isinstance(preset_or_hparams, str) else preset_or_hparams
     rng = np.random.default_rng(seed)
 
-    def random_value(name):
-        shape = variable_shapes(hparams)[name]
+    def random_value(name, shape):
         if name.endswith("/g"):
             return np.ones(shape, np.float32)
         if name.endswith("/b"):
             return np.zeros(shape, np.float32)
-        scale = 0.01 if name == "model/wpe" else 0.02
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+        value = rng.standard_normal(shape, dtype=np.float32)
+        value *= np.float32(0.01 if name == "model/wpe" else 0.02)
+        return value
 
-    _write_checkpoint(hparams, model_dir, random_value)
+    def write_tensors(prefix):
+        with BundleWriter(prefix) as writer:
+            for name, shape in variable_shapes(hparams).items():
+                writer.add(name, random_value(name, shape))
+
+    _write_model_dir(hparams, model_dir, write_tensors, None)
 
 
-def _write_checkpoint(hparams, model_dir, value_of):
+STAGING_PREFIX = ".saving-"
+ENCODER_FILES = ("encoder.json", "vocab.bpe")
+
+
+def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
+    """Writes a model folder; `write_tensors(prefix)` writes the checkpoint files of `prefix`.
+
+    An interruption at any point leaves the old checkpoint or the new one loadable:
+    1. everything new is written into a staging folder inside `model_dir` (and synced to disk);
+    2. hparams.json and the BPE files are moved in (hparams.json unchanged, checked first: a
+       folder holding another shape is refused), then the `checkpoint` state file is replaced in
+       one rename by one naming the staged prefix: from here on the new checkpoint loads;
+    3. the old model.ckpt.* files are deleted, the staged ones linked (or copied) under those names,
+       and the state file switched to model.ckpt in one more rename; the staging folder goes.
+    If step 3 fails the new checkpoint stays loadable from its staging folder (a warning says so).
+    """
     import tensorflow as tf
 
     os.makedirs(model_dir, exist_ok=True)
-    names = list(variable_shapes(hparams))
-    staging = tempfile.mkdtemp(prefix=".saving-", dir=model_dir)
+    _refuse_other_shape(hparams, model_dir)
+    encoder_sources = _encoder_sources(model_dir, encoder_dir)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir)
+    staged = os.path.join(staging, CHECKPOINT_PREFIX)
+    live = False  # True while the state file names the staged checkpoint
     try:
-        tf.raw_ops.SaveV2(
-            prefix=os.path.join(staging, CHECKPOINT_PREFIX),
-            tensor_names=names,
-            shape_and_slices=[""] * len(names),
-            tensors=[value_of(name) for name in names],
-        )
-        hparams.to_json(os.path.join(staging, "hparams.json"))
-        with open(os.path.join(staging, "checkpoint"), "w", encoding="utf-8") as f:
-            f.write(f'model_checkpoint_path: "{CHECKPOINT_PREFIX}"\n')
-            f.write(f'all_model_checkpoint_paths: "{CHECKPOINT_PREFIX}"\n')
-        # The state file goes last: until it is replaced, the old checkpoint (if any) stays whole.
-        for name in (DATA_FILE, INDEX_FILE, "hparams.json", "checkpoint"):
-            os.replace(os.path.join(staging, name), os.path.join(model_dir, name))
+        try:
+            write_tensors(staged)
+            hparams.to_json(os.path.join(staging, "hparams.json"))
+            for name, source in encoder_sources:
+                shutil.copyfile(source, os.path.join(staging, name))
+            for path in _bundle_files(staged) + [os.path.join(staging, "hparams.json")]:
+                _fsync(path)
+            for name in ["hparams.json", *(name for name, _ in encoder_sources)]:
+                os.replace(os.path.join(staging, name), os.path.join(model_dir, name))
+            _write_state(model_dir, os.path.relpath(staged, model_dir))
+            live = True
+        except (OSError, tf.errors.OpError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
+            raise OSError(
+                error.errno if isinstance(error, OSError) else None,
+                f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there is unchanged",
+            ) from None
+        try:
+            _publish(model_dir, staging, staged)
+            live = False
+        except OSError as error:
+            warnings.warn(f"{model_dir}: the checkpoint was saved under {staging} (renaming it to "
+                          f"{CHECKPOINT_PREFIX} failed: {error}); it loads from there", stacklevel=3)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not live:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(model_dir)
+
+
+def _publish(model_dir, staging, staged):
+    """Step 3 of _write_model_dir: the live staged checkpoint gets the usual names."""
+    final = os.path.join(model_dir, CHECKPOINT_PREFIX)
+    for path in _bundle_files(final):
+        os.remove(path)  # no longer named by the state file
+    for path in _bundle_files(staged):
+        target = final + path[len(staged):]
+        try:
+            os.link(path, target)
+        except OSError:  # a file system without hard links
+            copy = os.path.join(staging, "copy")
+            shutil.copyfile(path, copy)
+            _fsync(copy)
+            os.replace(copy, target)
+    _write_state(model_dir, CHECKPOINT_PREFIX)
+
+
+def _refuse_other_shape(hparams, model_dir):
+    """Raises CheckpointError if `model_dir` holds a checkpoint whose hparams differ from `hparams`
+    (replacing it could not be atomic: hparams.json and the weights would change in two steps)."""
+    if not os.path.isfile(os.path.join(model_dir, "checkpoint")):
+        return
+    try:
+        old = HParams.from_json(os.path.join(model_dir, "hparams.json"))
+    except (OSError, ValueError):
+        return  # nothing loadable to protect
+    if old != hparams:
+        changed = ", ".join(
+            f"{name} {getattr(old, name)} -> {getattr(hparams, name)}"
+            for name in old.__dataclass_fields__ if getattr(old, name) != getattr(hparams, name)
+        )
+        raise CheckpointError(
+            f"{model_dir} holds a model of another shape ({changed}); save into a new folder or delete it first"
+        )
+
+
+def _encoder_sources(model_dir, encoder_dir):
+    """(name, source path) of the BPE files to copy into `model_dir`; none if it keeps its own."""
+    if encoder_dir is not None and not all(os.path.isfile(os.path.join(encoder_dir, n)) for n in ENCODER_FILES):
+        encoder_dir = None  # e.g. a Hugging Face folder, which has vocab.json and merges.txt instead
+    if encoder_dir is None:
+        if all(os.path.isfile(os.path.join(model_dir, name)) for name in ENCODER_FILES):
+            return []
+        from encoder.encoder import PACKAGE_DIR
+
+        encoder_dir = PACKAGE_DIR
+    if os.path.realpath(encoder_dir) == os.path.realpath(model_dir):
+        return []
+    return [(name, os.path.join(encoder_dir, name)) for name in ENCODER_FILES]
+
+
+def _bundle_files(prefix):
+    """The index and data files of a checkpoint prefix that exist."""
+    files = [prefix + ".index"] if os.path.isfile(prefix + ".index") else []
+    return files + sorted(glob.glob(glob.escape(prefix) + ".data-*"))
+
+
+def _write_state(model_dir, prefix):
+    """Replaces `model_dir/checkpoint` in one rename by a state file naming `prefix` (relative)."""
+    prefix = prefix.replace(os.sep, "/")
+    path = os.path.join(model_dir, "checkpoint")
+    with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".checkpoint-", delete=False,
+                                     encoding="utf-8") as f:
+        f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(f.name, path)
+    except BaseException:
+        os.remove(f.name)
+        raise
+    _fsync(model_dir)
+
+
+def _remove_stale_staging(model_dir):
+    """Removes what interrupted saves left behind, except the staging folder the state file names."""
+    try:
+        live = os.path.relpath(_checkpoint_prefix(model_dir), model_dir).replace(os.sep, "/").split("/")[0]
+    except (OSError, ValueError):
+        live = None
+    for entry in os.listdir(model_dir):
+        path = os.path.join(model_dir, entry)
+        if entry.startswith(STAGING_PREFIX) and entry != live and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(".checkpoint-") and os.path.isfile(path):
+            os.remove(path)
+
+
+def _fsync(path):
+    """Flushes a file (or, on POSIX, a folder's entries) to disk."""
+    if os.path.isdir(path) and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv=None):
@@ -336,7 +484,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         write_random_checkpoint(args.random, args.model_dir, seed=args.seed)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(f"wrote a random {args.random} checkpoint to {args.model_dir}")
 
