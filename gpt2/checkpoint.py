@@ -10,6 +10,7 @@ the TF checkpoint `model.ckpt.index` + `model.ckpt.data-00000-of-00001` with var
 
 import argparse
 import atexit
+import contextlib
 import glob
 import os
 import shutil
@@ -319,6 +320,8 @@ def write_random_checkpoint(preset_or_hparams, model_dir, seed=0):
 
 
 STAGING_PREFIX = ".saving-"
+# gpt2.download's record of the files it fetched; a folder saved into is no longer that download.
+DOWNLOAD_MANIFEST = ".download.json"
 ENCODER_FILES = ("encoder.json", "vocab.bpe")
 
 
@@ -367,6 +370,8 @@ def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
         except OSError as error:
             warnings.warn(f"{model_dir}: the checkpoint was saved under {staging} (renaming it to "
                           f"{CHECKPOINT_PREFIX} failed: {error}); it loads from there", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(model_dir, DOWNLOAD_MANIFEST))
     finally:
         if not live:
             shutil.rmtree(staging, ignore_errors=True)

@@ -227,15 +227,27 @@ def _load_model(model_dir, load_model):
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
-    """The model folder of --model; downloads a released model first with --download."""
+    """The model folder of --model; downloads a released model first with --download, and
+    finishes a download that was interrupted (a folder of a released name missing files)."""
+    from gpt2.download import missing_files
+
+    name = old_names.get(args.model, args.model)
     try:
-        return resolve_model_dir(args.model, args.models_dir)
+        model_dir = resolve_model_dir(args.model, args.models_dir)
     except FileNotFoundError as error:
-        name = old_names.get(args.model, args.model)
         if name not in presets:
             raise
         if not args.download:
             raise FileNotFoundError(f"{error}, or add --download") from None
+    else:
+        missing = missing_files(model_dir) if model_dir == os.path.join(args.models_dir, name) else ""
+        if not missing:
+            return model_dir
+        if not args.download:
+            raise FileNotFoundError(
+                f"{model_dir} is an unfinished download ({missing}); finish it with --download or "
+                f"python download_model.py {name} --models-dir {args.models_dir}"
+            )
     from gpt2.download import download_model
 
     print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)

@@ -316,3 +316,35 @@ def test_parsing_happens_before_tensorflow_is_imported():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("[0, 2]")
+
+
+def test_interrupted_download_is_named_and_resumed_with_download(capsys, monkeypatch, cases, tmp_path, loads):
+    from gpt2 import download
+
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    (model_dir / "checkpoint").write_bytes(open(os.path.join(TINY, "checkpoint"), "rb").read())
+    (model_dir / "encoder.json.part").write_bytes(b"{")
+    code, out, err = run(capsys, monkeypatch, "--models-dir", str(tmp_path), "--prompt", "hi")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, f"{model_dir} is an unfinished download (missing encoder.json, hparams.json, "
+                               "model.ckpt.data-00000-of-00001, model.ckpt.index, vocab.bpe; 1 partly downloaded)",
+                          "--download", "python download_model.py 124M")
+
+    calls = []
+
+    def fake_download(name, models_dir="models", **kwargs):
+        calls.append(name)
+        for file in os.listdir(TINY):
+            if os.path.isfile(os.path.join(TINY, file)):
+                with open(os.path.join(TINY, file), "rb") as src, open(model_dir / file, "wb") as dst:
+                    dst.write(src.read())
+        return str(model_dir)
+
+    monkeypatch.setattr(download, "download_model", fake_download)
+    args = ("--models-dir", str(tmp_path), "--download", "--top-k", "1", "--length", "20")
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0, err
+    assert calls == ["124M"] and out == header(1) + cases[0]["new_text"] + "\n" + END
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0 and calls == ["124M"]  # complete now: not downloaded again
