@@ -179,7 +179,11 @@ def main(argv=None):
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.stream and min(args.batch_size, args.nsamples) > 1:
         return _fail("--stream prints one sample at a time: use it with --batch-size 1", EXIT_USAGE)
+    if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
+        return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
+    stdout = sys.stdout
+    sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -187,10 +191,15 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
+    except _OutputError as error:  # e.g. the disk holding a redirected stdout is full
+        _silence_stdout()
+        return _fail(error, EXIT_ERROR)
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
         if isinstance(error, _user_errors()):
             return _fail(error, EXIT_ERROR)
         raise
+    finally:
+        sys.stdout = stdout
 
 
 def _run(args):
@@ -240,7 +249,8 @@ def _find_model(args, resolve_model_dir, old_names, presets):
         if not args.download:
             raise FileNotFoundError(f"{error}, or add --download") from None
     else:
-        missing = missing_files(model_dir) if model_dir == os.path.join(args.models_dir, name) else ""
+        downloaded = name in presets and model_dir == os.path.join(args.models_dir, name)
+        missing = missing_files(model_dir) if downloaded else ""
         if not missing:
             return model_dir
         if not args.download:
@@ -425,7 +435,10 @@ def _print_header(out, number):
 def _fail(message, code):
     """Prints `error: message` as one line on stderr and returns `code`."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
+        pass
     print("error: " + " ".join(lines), file=sys.stderr, flush=True)
     return code
 
@@ -476,6 +489,34 @@ def _tolerate_unencodable_text():
                 reconfigure(errors=errors)
             except (ValueError, OSError, TypeError):
                 pass
+
+
+class _OutputError(OSError):
+    """Writing the generated text failed (not a pipe closed by its reader)."""
+
+
+class _CheckedOutput:
+    """sys.stdout whose write errors (disk full, a closed descriptor) say they are about the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _checked(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _OutputError(f"cannot write the output: {error.strerror or error}") from None
+
+    def write(self, text):
+        return self._checked(self._stream.write, text)
+
+    def flush(self):
+        return self._checked(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _silence_stdout():

@@ -5,9 +5,11 @@ the `_load_model` seam; subprocesses are used where the process itself matters (
 what importing the CLI module pulls in).
 """
 
+import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -348,3 +350,29 @@ def test_interrupted_download_is_named_and_resumed_with_download(capsys, monkeyp
     assert calls == ["124M"] and out == header(1) + cases[0]["new_text"] + "\n" + END
     code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
     assert code == 0 and calls == ["124M"]  # complete now: not downloaded again
+
+
+class FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_closed_stdout_and_full_disk_are_one_line_errors(capsys, monkeypatch, loads):
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert loads == []  # refused before loading the model
+    assert_one_line_error(capsys.readouterr().err, "standard output is closed")
+
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "error: cannot write the output: No space left on device")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_in_a_real_process_prints_one_line():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "generate.py", *greedy("--prompt", "hi")], cwd=ROOT, env=env,
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if not re.match(r"^[IWE]\d{4} |WARNING: All log", line)]
+    assert result.returncode == 1 and errors == ["error: cannot write the output: No space left on device"]
