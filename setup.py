@@ -1,5 +1,15 @@
 from setuptools import setup
 
+# TensorFlow comes through an extra, never as a base requirement: TensorFlow ships as two
+# distributions holding the same modules (tensorflow, and the smaller CPU-only tensorflow-cpu), and
+# a base requirement on one would install it next to the other. tensorflow-cpu exists for Linux
+# x86-64 and Windows x86-64; elsewhere the plain build is CPU-only anyway.
+CPU_ONLY_BUILD = "(sys_platform == 'linux' and platform_machine == 'x86_64') or (sys_platform == 'win32' and platform_machine == 'AMD64')"
+OTHER_PLATFORMS = (
+    "sys_platform == 'darwin' or (sys_platform == 'linux' and platform_machine != 'x86_64') "
+    "or (sys_platform == 'win32' and platform_machine != 'AMD64')"
+)
+
 setup(
     name="gpt2-tf2",
     version="0.1.0",
@@ -10,8 +20,12 @@ setup(
     packages=["gpt2", "encoder"],
     package_data={"encoder": ["encoder.json", "vocab.bpe"]},
     py_modules=[],
-    install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
-    extras_require={"test": ["pytest", "openai"]},
+    install_requires=["numpy", "regex", "requests", "tqdm"],
+    extras_require={
+        "cpu": [f"tensorflow-cpu>=2.16; {CPU_ONLY_BUILD}", f"tensorflow>=2.16; {OTHER_PLATFORMS}"],
+        "gpu": ["tensorflow[and-cuda]>=2.16; sys_platform == 'linux'", "tensorflow>=2.16; sys_platform != 'linux'"],
+        "test": ["pytest", "openai"],
+    },
     entry_points={
         "console_scripts": [
             "gpt2-generate=gpt2.generate_cli:main",

@@ -487,6 +487,7 @@ def main(argv=None):
     parser.add_argument("model_dir", help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
     try:
         write_random_checkpoint(args.random, args.model_dir, seed=args.seed)
     except (OSError, ValueError) as error:

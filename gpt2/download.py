@@ -586,6 +586,7 @@ def main(argv=None):
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars (default: shown)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the folder check imports TensorFlow
     try:
         names = list(dict.fromkeys(resolve_name(name) for name in args.names))
         for name in names:
@@ -595,6 +596,13 @@ def main(argv=None):
             print(f"{name}: ready in {model_dir}")
     except (DownloadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:
+        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+
+        if not is_tensorflow_missing(error):
+            raise
+        print(f"error: {TENSORFLOW_MISSING}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume", file=sys.stderr)

@@ -197,6 +197,10 @@ def main(argv=None):
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
         if isinstance(error, _user_errors()):
             return _fail(error, EXIT_ERROR)
+        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+
+        if is_tensorflow_missing(error):
+            return _fail(TENSORFLOW_MISSING, EXIT_ERROR)
         raise
     finally:
         sys.stdout = stdout

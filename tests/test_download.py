@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -548,3 +549,11 @@ def test_a_held_lock_makes_the_download_wait(mirror, tmp_path, capsys):
     threading.Timer(0.5, holder.release).start()
     assert_same_as_fixture(fetch(mirror.url, tmp_path))
     assert capsys.readouterr().err.startswith(f"waiting for another download into {model_dir} to finish")
+
+
+def test_cli_without_tensorflow_says_how_to_install_it(mirror, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    assert main(["124M", "--models-dir", str(tmp_path), "--base-url", mirror.url, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: TensorFlow is not installed; install this project with its TensorFlow build: "
+                          "pip install '.[cpu]'") and err.count("\n") == 1
