@@ -213,10 +213,10 @@ def _restore(prefix, name, dtype):
     return value if dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
-def check_fits_in_memory(hparams, source):
+def _check_fits_in_memory(hparams, source):
     """Raises CheckpointError if the float32 weights of `hparams` alone exceed this machine's memory."""
     needed = 4 * hparams.parameter_count
-    total = physical_memory()
+    total = _physical_memory()
     if total is not None and needed > total:
         raise CheckpointError(
             f"{source}: the model's {hparams.parameter_count:,} weights need {needed / 2**20:,.0f} MiB of "
@@ -224,7 +224,7 @@ def check_fits_in_memory(hparams, source):
         )
 
 
-def physical_memory():
+def _physical_memory():
     """Total physical memory in bytes, or None where it cannot be told."""
     try:
         if sys.platform == "win32":
@@ -256,7 +256,7 @@ def load_model(name_or_dir, models_dir="models"):
 
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     hparams = check_model_dir(model_dir)
-    check_fits_in_memory(hparams, model_dir)
+    _check_fits_in_memory(hparams, model_dir)
     prefix = _checkpoint_prefix(model_dir)
     dtypes = _read_index(prefix).get_variable_to_dtype_map()
     model = GPT2(hparams, random_init=False)

@@ -170,7 +170,7 @@ def test_index_missing_many_variables_is_summarized(model_copy):
 
 
 def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, monkeypatch):
-    monkeypatch.setattr(gpt2.checkpoint, "physical_memory", lambda: 1 << 20)
+    monkeypatch.setattr(gpt2.checkpoint, "_physical_memory", lambda: 1 << 20)
     with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
         gpt2.load_model(str(model_copy))
 
