@@ -60,6 +60,7 @@ FILES = (
     "vocab.bpe",
 )
 OPTIONAL_FILES = ("model.ckpt.meta",)
+NEEDED_FILES = ("checkpoint", "hparams.json", DATA_FILE, "model.ckpt.index")  # to load the weights
 # (size, sha256) of the files that are the same in every released model.
 KNOWN_FILES = {
     "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
@@ -108,15 +109,13 @@ def resolve_base_url(base_url=None):
 def missing_files(model_dir):
     """What a download into `model_dir` still lacks: a short description, or "" if nothing.
 
-    Looks only at names on disk (no hashing, no network): the required files that are absent,
-    and the `.part` files an interrupted download left."""
-    missing = [name for name in FILES if name not in OPTIONAL_FILES
-               and not os.path.isfile(os.path.join(model_dir, name))]
-    if not missing:
-        return ""
-    parts = [name for name in missing if os.path.isfile(os.path.join(model_dir, name + ".part"))]
-    resumable = f"; {len(parts)} partly downloaded" if parts else ""
-    return f"missing {', '.join(missing)}{resumable}"
+    Looks only at names on disk (no hashing, no network): the files loading needs that are absent
+    (encoder.json and vocab.bpe are bundled, the .meta is optional), and the `.part` files an
+    interrupted download left."""
+    missing = [name for name in NEEDED_FILES if not os.path.isfile(os.path.join(model_dir, name))]
+    parts = [name for name in FILES if os.path.isfile(os.path.join(model_dir, name + ".part"))]
+    described = [f"missing {', '.join(missing)}"] if missing else []
+    return "; ".join(described + ([f"{', '.join(parts)} partly downloaded"] if parts else []))
 
 
 def download_model(
