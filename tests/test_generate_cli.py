@@ -392,3 +392,12 @@ def test_full_disk_in_a_real_process_prints_one_line(full_disk_run):
     _, stderr = full_disk_run.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if not re.match(r"^[IWE]\d{4} |WARNING: All log", line)]
     assert full_disk_run.returncode == 1 and errors == ["error: cannot write the output: No space left on device"]
+
+
+def test_missing_tensorflow_is_one_line(capsys, monkeypatch):
+    for name in ("tensorflow", "keras"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "gpt2.sample", raising=False)  # imported again, it needs TensorFlow
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", "hi")
+    assert code == 1
+    assert_one_line_error(err, "TensorFlow is not installed", "pip install '.[cpu]'")
