@@ -488,7 +488,11 @@ class _FolderLock:
         """Takes the lock, calling `on_wait()` once and polling if another process holds it."""
         waited = False
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the holder failed and removed the empty folder
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                continue
             if _try_lock(fd) and self._still_linked(fd):
                 self._fd = fd
                 return
