@@ -3,13 +3,13 @@ writer) and `gpt2.save_checkpoint` (a loaded model, TensorFlow's SaveV2), per pr
 
     python bench/write_speed.py [--shapes 124M,774M] [--what random,save] [--json out.json]
 
-Each measurement runs in a fresh subprocess that imports tensorflow and gpt2, records its RSS (the
-baseline), writes the checkpoint into a temporary folder next to bench/.cache, and reports the time
-and its peak RSS (getrusage ru_maxrss). "write peak MiB" = peak - baseline: the memory the write
-needed at its worst, compared with the size of the float32 weights. For `save` the model is loaded
-first (from bench/.cache/<shape>/, written once by the random writer), so its peak includes the
-model itself: "save peak - model" subtracts the RSS after loading. Shapes above 4 GB of weights
-should run under `flock /work/heavy.lock` on a shared machine.
+Each measurement runs in a fresh subprocess that imports tensorflow and gpt2 (for `save` also loads
+the model from bench/.cache/<shape>/, written once by the random writer), records its RSS (the
+baseline), resets the kernel's peak-RSS mark (/proc/self/clear_refs, Linux), writes the checkpoint
+into a temporary folder next to bench/.cache, and reports the time and the peak RSS since the reset
+(VmHWM). "write peak MiB" = peak - baseline: the memory the write itself needed at its worst,
+compared with the size of the float32 weights. On a shared machine, run shapes whose weights
+exceed a few GB (774M and 1558M for `save`) under a memory lock such as `flock`.
 """
 
 import argparse
@@ -37,13 +37,21 @@ def child(what, shape, target):
     model = gpt2.load_model(_common.cached_checkpoint(shape)) if what == "save" else None
     gc.collect()
     baseline = _common.current_rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+        f.write("5")
     start = time.perf_counter()
     if what == "save":
         gpt2.save_checkpoint(model, target)
     else:
         gpt2.write_random_checkpoint(shape, target)
     seconds = time.perf_counter() - start
-    print(json.dumps(dict(seconds=seconds, baseline=baseline, peak=_common.peak_rss_bytes())))
+    print(json.dumps(dict(seconds=seconds, baseline=baseline, peak=high_water_mark())))
+
+
+def high_water_mark():
+    """Peak RSS since the last reset (VmHWM; Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def measure(what, shape, timeout):
