@@ -29,6 +29,17 @@ _LAZY = {
 
 __all__ = ["HParams", "PRESETS", *_LAZY]
 
+# What the command-line tools say when TensorFlow is missing (it comes through an extra, see setup.py).
+TENSORFLOW_MISSING = (
+    "TensorFlow is not installed; install this project with its TensorFlow build: pip install '.[cpu]' "
+    "(or '.[gpu]' for NVIDIA GPUs on Linux) in the project folder"
+)
+
+
+def is_tensorflow_missing(error):
+    """True if `error` is the ImportError of a missing TensorFlow (or Keras, which comes with it)."""
+    return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in ("tensorflow", "keras")
+
 
 def __getattr__(name):
     if name in _LAZY:

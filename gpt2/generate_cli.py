@@ -248,7 +248,11 @@ def main(argv=None):
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.stream and min(args.batch_size, args.nsamples) > 1:
         return _fail("--stream prints one sample at a time: use it with --batch-size 1", EXIT_USAGE)
+    if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
+        return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
+    stdout = sys.stdout
+    sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -256,10 +260,19 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
+    except _OutputError as error:  # e.g. the disk holding a redirected stdout is full
+        _silence_stdout()
+        return _fail(error, EXIT_ERROR)
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
         if isinstance(error, _user_errors()):
             return _fail(error, EXIT_ERROR)
+        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+
+        if is_tensorflow_missing(error):
+            return _fail(TENSORFLOW_MISSING, EXIT_ERROR)
         raise
+    finally:
+        sys.stdout = stdout
 
 
 def _run(args):
@@ -295,15 +308,28 @@ def _load_model(model_dir, load_model):
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
-    """The model folder of --model; downloads a released model first with --download."""
+    """The model folder of --model; downloads a released model first with --download, and
+    finishes a download that was interrupted (a folder of a released name missing files)."""
+    from gpt2.download import missing_files
+
+    name = old_names.get(args.model, args.model)
     try:
-        return resolve_model_dir(args.model, args.models_dir)
+        model_dir = resolve_model_dir(args.model, args.models_dir)
     except FileNotFoundError as error:
-        name = old_names.get(args.model, args.model)
         if name not in presets:
             raise
         if not args.download:
             raise FileNotFoundError(f"{error}, or add --download") from None
+    else:
+        downloaded = name in presets and model_dir == os.path.join(args.models_dir, name)
+        missing = missing_files(model_dir) if downloaded else ""
+        if not missing:
+            return model_dir
+        if not args.download:
+            raise FileNotFoundError(
+                f"{model_dir} is an unfinished download ({missing}); finish it with --download or "
+                f"python download_model.py {name} --models-dir {args.models_dir}"
+            )
     from gpt2.download import download_model
 
     print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)
@@ -474,7 +500,10 @@ def _print_header(out, number):
 def _fail(message, code):
     """Prints `error: message` as one line on stderr and returns `code`."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
+        pass
     print("error: " + " ".join(lines), file=sys.stderr, flush=True)
     return code
 
@@ -525,6 +554,34 @@ def _tolerate_unencodable_text():
                 reconfigure(errors=errors)
             except (ValueError, OSError, TypeError):
                 pass
+
+
+class _OutputError(OSError):
+    """Writing the generated text failed (not a pipe closed by its reader)."""
+
+
+class _CheckedOutput:
+    """sys.stdout whose write errors (disk full, a closed descriptor) say they are about the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _checked(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _OutputError(f"cannot write the output: {error.strerror or error}") from None
+
+    def write(self, text):
+        return self._checked(self._stream.write, text)
+
+    def flush(self):
+        return self._checked(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _silence_stdout():

@@ -5,9 +5,11 @@ the `_load_model` seam; subprocesses are used where the process itself matters (
 what importing the CLI module pulls in).
 """
 
+import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -361,3 +363,90 @@ def test_ctrl_c_stops_a_long_generation_promptly(tmp_path):
             process.communicate()
     assert process.returncode == 130
     assert err.strip().splitlines()[-1] == "error: interrupted"
+
+def test_interrupted_download_is_named_and_resumed_with_download(capsys, monkeypatch, cases, tmp_path, loads):
+    from gpt2 import download
+
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    (model_dir / "checkpoint").write_bytes(open(os.path.join(TINY, "checkpoint"), "rb").read())
+    (model_dir / "encoder.json.part").write_bytes(b"{")
+    code, out, err = run(capsys, monkeypatch, "--models-dir", str(tmp_path), "--prompt", "hi")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, f"{model_dir} is an unfinished download (missing hparams.json, "
+                               "model.ckpt.data-00000-of-00001, model.ckpt.index; encoder.json partly downloaded)",
+                          "--download", "python download_model.py 124M")
+
+    calls = []
+
+    def fake_download(name, models_dir="models", **kwargs):
+        calls.append(name)
+        (model_dir / "encoder.json.part").unlink()
+        for file in os.listdir(TINY):
+            if os.path.isfile(os.path.join(TINY, file)):
+                with open(os.path.join(TINY, file), "rb") as src, open(model_dir / file, "wb") as dst:
+                    dst.write(src.read())
+        return str(model_dir)
+
+    monkeypatch.setattr(download, "download_model", fake_download)
+    args = ("--models-dir", str(tmp_path), "--download", "--top-k", "1", "--length", "20")
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0, err
+    assert calls == ["124M"] and out == header(1) + cases[0]["new_text"] + "\n" + END
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0 and calls == ["124M"]  # complete now: not downloaded again
+
+
+class FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_closed_stdout_and_full_disk_are_one_line_errors(capsys, monkeypatch, loads):
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert loads == []  # refused before loading the model
+    assert_one_line_error(capsys.readouterr().err, "standard output is closed")
+
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "error: cannot write the output: No space left on device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_disk_run():
+    """generate.py end to end in a subprocess whose stdout is /dev/full (every write fails with
+    ENOSPC), started before the first test to run alongside the in-process ones."""
+    if not os.path.exists("/dev/full"):
+        yield None
+        return
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with open("/dev/full", "w") as full:
+        process = subprocess.Popen([sys.executable, "generate.py", *greedy("--prompt", "hi")], cwd=ROOT, env=env,
+                                   stdout=full, stderr=subprocess.PIPE, text=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def test_full_disk_in_a_real_process_prints_one_line(full_disk_run):
+    if full_disk_run is None:
+        pytest.skip("needs /dev/full")
+    _, stderr = full_disk_run.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines()
+              if not re.match(r"^[IWE]\d{4} |WARNING: All log|compiling the sampler", line)]
+    assert full_disk_run.returncode == 1 and errors == ["error: cannot write the output: No space left on device"]
+
+
+def test_missing_tensorflow_is_one_line(capsys, monkeypatch):
+    for name in ("tensorflow", "keras"):
+        monkeypatch.setitem(sys.modules, name, None)
+    import gpt2.sampling
+
+    for name in [name for name in sys.modules if name.startswith("gpt2.sampling.") and name != "gpt2.sampling.settings"]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, they need TensorFlow
+        monkeypatch.delattr(gpt2.sampling, name.rsplit(".", 1)[1], raising=False)
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", "hi")
+    assert code == 1
+    assert_one_line_error(err, "TensorFlow is not installed", "pip install '.[cpu]'")
