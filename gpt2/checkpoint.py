@@ -218,9 +218,9 @@ def _restore(prefix, name, dtype):
     return value if dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
-def _check_fits_in_memory(hparams, source):
-    """Raises CheckpointError if the float32 weights of `hparams` alone exceed this machine's memory."""
-    needed = 4 * hparams.parameter_count
+def _check_fits_in_memory(hparams, source, bytes_per_weight=4):
+    """Raises CheckpointError if the weights of `hparams` alone exceed this machine's memory."""
+    needed = bytes_per_weight * hparams.parameter_count
     total = _physical_memory()
     if total is not None and needed > total:
         raise CheckpointError(
@@ -248,28 +248,40 @@ def _physical_memory():
         return None
 
 
-def load_model(name_or_dir, models_dir="models"):
+DTYPES = ("float32", "bfloat16")
+
+
+def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None):
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.hf).
 
-    Returns a `gpt2.GPT2` with the folder's weights. The model starts zeroed (no random draws)
-    and each tensor is read and handed to its variable one at a time: loading holds the weights
-    once plus the largest single tensor (twice that tensor for a Hugging Face folder, which is
-    read into NumPy first).
+    dtype: "float32", or "bfloat16" to hold the weights in bfloat16 (half the memory) and run
+    the matmuls in it (see gpt2.GPT2). dropout: the rate used when called with training=True.
+    before_weights(model): called with the model built but no weight read yet, e.g. to compile
+    the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
+    again before the weights need theirs.
+
+    Returns a `gpt2.GPT2` with the folder's weights. The variables start uninitialised (their
+    memory untouched) and each tensor is read and handed to its variable one at a time:
+    loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
     """
     import tensorflow as tf
 
     from gpt2.model import GPT2
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     with open_weights(model_dir) as weights:
-        _check_fits_in_memory(weights.hparams, model_dir)
-        model = GPT2(weights.hparams, random_init=False)
+        _check_fits_in_memory(weights.hparams, model_dir, 2 if dtype == "bfloat16" else 4)
+        model = GPT2(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
+        if before_weights is not None:
+            before_weights(model)
         for name, variable in model_variables(model).items():
-            # Holding `value` during the assign makes TensorFlow copy it into the variable's own
-            # buffer rather than adopt it, so the buffer freed is the value's (returned at once).
-            value = _as_tensor(weights.read(name))
-            variable.assign(tf.reshape(value, variable.shape))
+            # No other reference to the value: the variable adopts its buffer instead of copying
+            # it, and the uninitialised buffer it drops was never touched (see GPT2 random_init).
+            value = tf.reshape(_as_tensor(weights.read(name)), variable.shape)
+            variable.assign(value if value.dtype == variable.dtype else tf.cast(value, variable.dtype))
             del value
     model.source_dir = os.path.abspath(model_dir)  # save_checkpoint copies its encoder files
     return model
@@ -569,7 +581,7 @@ def main(argv=None):
     parser.add_argument("model_dir", help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     try:
         write_random_checkpoint(args.random, args.model_dir, seed=args.seed)
     except (OSError, ValueError) as error:

@@ -119,7 +119,7 @@ def _user_errors():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # must precede the first TensorFlow import
     try:
         hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir)
     except _user_errors() as error:

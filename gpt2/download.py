@@ -589,7 +589,7 @@ def main(argv=None):
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars (default: shown)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the folder check imports TensorFlow
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the folder check imports TensorFlow
     try:
         names = list(dict.fromkeys(resolve_name(name) for name in args.names))
         for name in names:

@@ -127,7 +127,7 @@ def main(argv=None):
 
 def _run(args):
     sizes = [check_text_file(path) for path in args.files]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # must precede the first TensorFlow import
     from tqdm import tqdm
 
     from encoder import encoder_for_model_dir

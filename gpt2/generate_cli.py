@@ -132,9 +132,15 @@ def build_parser(prog=None):
     )
 
     model.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="float32 (OpenAI's numbers) or bfloat16: weights in half the memory and faster "
+             "matmuls on CPUs with bfloat16 support, logits within about 1%% (default: %(default)s)",
+    )
+    model.add_argument(
         "--no-xla", action="store_true",
-        help="run the sampler without XLA: compiles faster (a few seconds), generates slower; "
-             "mostly for debugging (default: off: XLA, see BENCHMARKS.md)",
+        help="run the sampler without XLA: compiles faster (a few seconds), generates slower in "
+             "float32; mostly for debugging (default: XLA in float32, none in bfloat16, where "
+             "oneDNN is faster; see BENCHMARKS.md)",
     )
 
     source = parser.add_argument_group(
@@ -277,7 +283,7 @@ def main(argv=None):
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS
@@ -294,17 +300,18 @@ def _run(args):
             mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
     )
     if mode == "interactive":
-        sampler.model = _load_model(model_dir, load_model)
+        sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
         return _interactive(sampler)
     prompt_ids = sampler.check_prompt([enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text))
-    sampler.model = _load_model(model_dir, load_model)  # after the checks: loading takes a while
+    # After the checks: loading takes a while. The sampler compiles before the weights are read.
+    sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
     sampler.print_samples(prompt_ids, prompt_number=0)
     return EXIT_OK
 
 
-def _load_model(model_dir, load_model):
+def _load_model(model_dir, load_model, **options):
     """Loads the model; a seam for tests, which reuse one loaded model across many runs."""
-    return load_model(model_dir)
+    return load_model(model_dir, **options)
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
@@ -430,6 +437,18 @@ class _Sampler:
         self.window_keep = settings_lib.check_window_keep(args.window_keep, hparams.n_ctx, "--window-keep")
         self.stop_token = stop_token
         self.stream = stream
+        self.jit_compile = False if args.no_xla else None  # None: the model's default
+
+    def load_options(self):
+        """load_model's options: the dtype, and compiling the sampler before the weights load."""
+
+        def compile_sampler(model):
+            from gpt2.sampling import api
+
+            self._say_if_compiling(api, min(self.args.batch_size, self.args.nsamples), model)
+            api.prepare(model, min(self.args.batch_size, self.args.nsamples), self.jit_compile)
+
+        return dict(dtype=self.args.dtype, before_weights=compile_sampler)
 
     def check_prompt(self, prompt_ids):
         """The prompt's ids; ValueError if it is longer than the model's context."""
@@ -452,7 +471,7 @@ class _Sampler:
         for first in range(0, args.nsamples, per_batch):
             count = min(per_batch, args.nsamples - first)
             options = dict(settings=self.settings, window_keep=self.window_keep, seeds=seeds[first:first + count],
-                           stop_token=self.stop_token, jit_compile=not args.no_xla)
+                           stop_token=self.stop_token, jit_compile=self.jit_compile)
             self._say_if_compiling(api, count)
             if self.stream and count == 1:
                 _print_header(out, first + 1)
@@ -468,10 +487,12 @@ class _Sampler:
         out.write("=" * 80 + "\n")
         out.flush()
 
-    def _say_if_compiling(self, api, rows):
+    def _say_if_compiling(self, api, rows, model=None):
         """Tells the user why the first sample of a batch size takes a while."""
-        size = api.pool_size_for(self.model, rows)
-        if not any(pool.slots == size and pool.jit_compile != self.args.no_xla for pool in api.pools_of(self.model)):
+        model = model or self.model
+        size = api.pool_size_for(model, rows)
+        jit = model.default_jit_compile if self.jit_compile is None else self.jit_compile
+        if not any(pool.slots == size and pool.jit_compile == jit for pool in api.pools_of(model)):
             print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
                   flush=True)
 

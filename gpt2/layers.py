@@ -28,14 +28,15 @@ def gelu(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention with a float32 softmax.
+    """Scaled dot-product attention, float32.
 
     q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
-    query may see a key. Returns [b, h, s, d] in v's dtype.
+    query may see a key. Returns float32 [b, h, s, d].
     """
-    scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    q, k, v = (_cast(x, tf.float32) for x in (q, k, v))
+    scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(q.shape[-1]))
     scores = tf.where(mask, scores, MASKED_SCORE)
-    return tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype), v)
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
 
 
 def causal_mask(query_len, key_len):
@@ -65,8 +66,14 @@ def layer_norm(x, g, b, epsilon=1e-5):
 
 
 def dense(x, w, b, dtype):
-    """x [n, n_in] @ w [n_in, n_out] + b, computed in `dtype`."""
-    return tf.matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, dtype)
+    """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]."""
+    return matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, tf.float32)
+
+
+def matmul(a, b, transpose_b=False):
+    """a @ b (or a @ b^T) as float32. For bfloat16 inputs oneDNN sums in float32 and rounds the
+    result to bfloat16, which is then widened: every elementwise step stays float32."""
+    return _cast(tf.matmul(a, b, transpose_b=transpose_b), tf.float32)
 
 
 def split_heads(qkv, batch, n_head):
@@ -84,7 +91,7 @@ def merge_heads(a):
 
 def mlp(x, fc_w, fc_b, proj_w, proj_b, dtype):
     """c_fc, GELU, c_proj: [n, e] -> float32 [n, e]."""
-    return _cast(dense(gelu(dense(x, fc_w, fc_b, dtype)), proj_w, proj_b, dtype), tf.float32)
+    return dense(gelu(dense(x, fc_w, fc_b, dtype)), proj_w, proj_b, dtype)
 
 
 class LayerNorm(keras.layers.Layer):
@@ -121,7 +128,7 @@ class Conv1D(keras.layers.Layer):
         return self.w
 
     def call(self, x):
-        """x: [n, n_in] (any float dtype) -> [n, n_out] in the compute dtype."""
+        """x: [n, n_in] (any float dtype) -> float32 [n, n_out], multiplied in the compute dtype."""
         return dense(x, self.kernel(), self.b, self.compute_dtype)
 
 
@@ -138,12 +145,12 @@ class Attention(keras.layers.Layer):
         self.built = True
 
     def qkv(self, x, batch):
-        """x: [b * s, e] -> q, k, v, each [b, h, s, d] in the compute dtype."""
+        """x: [b * s, e] -> q, k, v, each float32 [b, h, s, d]."""
         return split_heads(self.c_attn.call(x), batch, self.n_head)
 
     def project(self, a, training=None):
         """a: [b, h, s, d] -> float32 [b * s, e] (merge heads, c_proj, dropout)."""
-        return self.dropout.call(_cast(self.c_proj.call(merge_heads(a)), tf.float32), training=training)
+        return self.dropout.call(self.c_proj.call(merge_heads(a)), training=training)
 
     def call(self, x, batch, past=None, training=None):
         """OpenAI's semantics. x: [b * s, e]; past: [b, 2, h, t_past, d] or None.
@@ -151,6 +158,8 @@ class Attention(keras.layers.Layer):
         Returns (output float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values).
         """
         q, k, v = self.qkv(x, batch)
+        if self.compute_dtype != "float32":  # keys and values as a bfloat16 cache holds them
+            k, v = (tf.cast(tf.cast(t, self.compute_dtype), tf.float32) for t in (k, v))
         present = tf.stack([k, v], axis=1)
         if past is not None:
             k = tf.concat([_cast(past[:, 0], k.dtype), k], axis=-2)

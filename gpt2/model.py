@@ -10,7 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import HParams
-from gpt2.layers import Block, LayerNorm
+from gpt2.layers import Block, LayerNorm, matmul
+
+
+def _uninitialized(shape, dtype=None):
+    """An initializer that allocates without writing: untouched pages cost no memory until the
+    loaded values replace them."""
+    return tf.raw_ops.Empty(shape=shape, dtype=dtype or "float32", init=False)
 
 
 @keras.saving.register_keras_serializable(package="gpt2")
@@ -24,7 +30,8 @@ class GPT2(keras.Model):
 
     `dropout` (embeddings, attention and MLP outputs) applies only when called with
     `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
-    `random_init=False` starts them at zero instead, for weights that are about to be loaded.
+    `random_init=False` leaves them uninitialised (not even their memory is touched) for weights
+    that are about to be loaded: loading then holds the weights once, not twice.
     `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
     bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
     residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
@@ -41,7 +48,7 @@ class GPT2(keras.Model):
         self.dropout_rate = dropout
 
         def normal(stddev):
-            return keras.initializers.RandomNormal(stddev=stddev) if random_init else "zeros"
+            return keras.initializers.RandomNormal(stddev=stddev) if random_init else _uninitialized
 
         self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
@@ -53,6 +60,12 @@ class GPT2(keras.Model):
             ]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
         self.built = True
+
+    @property
+    def default_jit_compile(self):
+        """Whether the compiled sampler and scorer use XLA by default: yes in float32; no in
+        bfloat16, where XLA's CPU dots are several times slower than oneDNN's."""
+        return tf.as_dtype(self.compute_dtype) == tf.float32
 
     def get_config(self):
         return {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,
@@ -75,9 +88,9 @@ class GPT2(keras.Model):
         """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
         dtype = self.compute_dtype
         wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
-        h = h if h.dtype == dtype else tf.cast(h, dtype)
-        logits = tf.matmul(h, wte, transpose_b=True)
-        return logits if logits.dtype == tf.float32 else tf.cast(logits, tf.float32)
+        flat = tf.reshape(h, [-1, h.shape[-1]])
+        logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
+        return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
     def check_context(self, length):
         """Raises a one-line ValueError if `length` positions (a Python int) exceed n_ctx."""

@@ -45,7 +45,7 @@ def loads(monkeypatch):
     model folders used here hold the tiny model). Yields the list of folders runs asked for."""
     asked = []
 
-    def load(model_dir, load_model):
+    def load(model_dir, load_model, **options):
         asked.append(model_dir)
         if not _tiny_model:
             _tiny_model.append(load_model(TINY))

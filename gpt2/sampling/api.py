@@ -11,6 +11,8 @@ settings never recompile. Generation may run past n_ctx: the window slides (see
 Shapes: b = rows (prompts), n = tokens.
 """
 
+import ctypes
+import gc
 import threading
 import time
 import weakref
@@ -38,6 +40,25 @@ def pool_size_for(model, rows):
     return next((size for size in allowed if size >= rows), allowed[-1])
 
 
+def prepare(model, rows=1, jit_compile=None):
+    """Builds and compiles the pool a call with `rows` rows uses, now (before the first call):
+    with the persistent compilation cache warm this is a second or two; cold, compiling. Called
+    by `gpt2.load_model(..., before_weights=...)` it runs before the weights are read, and the
+    memory compiling used is handed back to the system, so the peak is not weights + compiler."""
+    with _Lease(model, rows, jit_compile) as pool:
+        pool.run(0)
+    _release_free_memory()
+
+
+def _release_free_memory():
+    """Returns memory freed by the compiler to the system (glibc keeps it otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def pools_of(model):
     """The pools built for `model` so far (tests count their traces)."""
     return [pool for pools in _pools.get(model, {}).values() for pool in pools]
@@ -48,7 +69,7 @@ class _Lease:
     unfinished `stream` generator)."""
 
     def __init__(self, model, rows, jit_compile):
-        key = (pool_size_for(model, rows), bool(jit_compile))
+        key = (pool_size_for(model, rows), model.default_jit_compile if jit_compile is None else bool(jit_compile))
         with _pools_lock:
             pools = _pools.setdefault(model, {}).setdefault(key, [])
             self.pool = next((pool for pool in pools if pool.lock.acquire(blocking=False)), None)
@@ -65,7 +86,7 @@ class _Lease:
         self.pool.lock.release()
 
 
-def decode_rows(model, requests, jit_compile=True, iterations_per_run=None):
+def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
     """Runs RowRequests to the end. A generator: after each loop iteration that produced tokens,
     yields a list of (request index, token, logprob info or None); info is (token logprob,
     top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
@@ -171,7 +192,7 @@ def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, 
 
 
 def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
-                callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
                 frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
     """The sampler behind `sample_sequence`, with every setting either one value or one per row.
 
@@ -207,7 +228,7 @@ def _cut(tokens, request):
 
 
 def stream_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
-                jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+                jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
                 repetition_penalty=1.0, logit_bias=None):
     """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
@@ -249,7 +270,7 @@ def _lockstep(model, requests, jit_compile, stop_token):
 
 
 def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-           jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+           jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
            repetition_penalty=1.0, logit_bias=None):
     """Yields each step's new tokens, int32 [b], as they are made: step i holds token i of every
     row; rows that have stopped (at stop_token) repeat stop_token. Takes the arguments of
@@ -265,7 +286,7 @@ def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=Non
 
 
 def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-                    callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                    callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
                     frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
@@ -278,7 +299,8 @@ def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0,
     seed: an int makes the output reproducible (each row draws from its own stream); None draws
     a fresh one. stop_token (e.g. 50256): a row stops after producing it. callback(step, tokens):
     called with each step's tokens (int32 [batch]) as they are produced (see `stream`).
-    jit_compile: compile with XLA (faster on this CPU; see BENCHMARKS.md).
+    jit_compile: compile with XLA; None (default) = XLA for float32 models, not for bfloat16
+    ones (oneDNN's bfloat16 matmuls are faster than XLA's on CPU; see BENCHMARKS.md).
 
     Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
     that stopped early are filled with stop_token); for prompts of different lengths, a list of

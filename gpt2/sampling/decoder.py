@@ -140,7 +140,8 @@ class Decoder:
         """Attention of queries q [b, H, s, D] at the positions after each row's `cached` [b]
         slots of the cache keys, values [B, H, M, D] (rows first_row..first_row+b-1) over those
         slots, in num_blocks blocks of BLOCK (online softmax), then over this call's own keys and
-        values k, v [b, H, s, D] (query i sees own keys 0..i). Returns [b, H, s, D]."""
+        values k, v [b, H, s, D] (query i sees own keys 0..i). float32 throughout (a bfloat16
+        cache is widened block by block). Returns float32 [b, H, s, D]."""
         b, h, s, d = q.shape
         size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
@@ -150,16 +151,16 @@ class Decoder:
             weights = tf.exp(scores - new_best[..., None])
             rescale = tf.exp(best - new_best)
             total = total * rescale + tf.reduce_sum(weights, axis=-1)
-            mixed = tf.cast(tf.matmul(tf.cast(weights, v.dtype), v), tf.float32)
-            return new_best, total, acc * rescale[..., None] + mixed
+            return new_best, total, acc * rescale[..., None] + tf.matmul(weights, v)
 
         def block(j, best, total, acc):
             begin = [first_row, 0, j * BLOCK, 0]
-            block_keys = _dynamic_slice(keys, begin, size)
-            scores = tf.cast(tf.matmul(q, block_keys, transpose_b=True), tf.float32) * scale
+            block_keys = tf.cast(_dynamic_slice(keys, begin, size), tf.float32)
+            scores = tf.matmul(q, block_keys, transpose_b=True) * scale
             visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < cached[:, None, None, None]
             scores = tf.where(visible, scores, processors.NEG_INF)
-            return (j + 1, *accumulate(scores, _dynamic_slice(values, begin, size), best, total, acc))
+            block_values = tf.cast(_dynamic_slice(values, begin, size), tf.float32)
+            return (j + 1, *accumulate(scores, block_values, best, total, acc))
 
         start = (
             tf.constant(0),
@@ -169,10 +170,10 @@ class Decoder:
         )
         _, best, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, block, start,
                                             maximum_iterations=self.cache_slots // BLOCK)
-        own = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * scale
+        own = tf.matmul(q, k, transpose_b=True) * scale
         own = tf.where(tf.range(s)[:, None] >= tf.range(s)[None, :], own, processors.NEG_INF)
         _, total, acc = accumulate(own, v, best, total, acc)
-        return tf.cast(acc / total[..., None], self.cache_dtype)
+        return acc / total[..., None]
 
     def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
         """One block, a pure function of its inputs (traced once per shape, called per block):
@@ -183,9 +184,9 @@ class Decoder:
         q, k, v = layers.split_heads(layers.dense(layers.layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype),
                                      batch, self.n_head)
         a = self._attention(q, k, v, keys, values, first_row, cached, num_blocks)
-        x = x + tf.cast(layers.dense(layers.merge_heads(a), proj_w, proj_b, dtype), tf.float32)
+        x = x + layers.dense(layers.merge_heads(a), proj_w, proj_b, dtype)
         x = x + layers.mlp(layers.layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype)
-        return x, k, v
+        return x, tf.cast(k, self.cache_dtype), tf.cast(v, self.cache_dtype)
 
     def _forward(self, x, state, batch, first_row, cached):
         """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.

@@ -117,7 +117,7 @@ class Pool:
         count = int(count)
         if not self._published:  # the first call compiled: share it with other processes now
             self._published = compile_cache.publish() >= 0
-        if count == steps and not (outputs["tokens"].numpy() >= 0).any() and not self._ingesting():
+        if steps and count == steps and not (outputs["tokens"].numpy() >= 0).any() and not self._ingesting():
             raise RuntimeError("the decoder made no progress; this is a bug, please report it")
         outputs = {name: value.numpy()[:, :count] for name, value in outputs.items()}
         return outputs, done.numpy(), generated.numpy()
