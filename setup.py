@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gpt2", "encoder"],
+    packages=["gpt2", "gpt2.train", "encoder"],
     package_data={"encoder": ["encoder.json", "vocab.bpe"]},
     py_modules=[],
     install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
@@ -17,6 +17,7 @@ setup(
             "gpt2-generate=gpt2.generate_cli:main",
             "gpt2-download=gpt2.download:main",
             "gpt2-serve=gpt2.serve:main",
+            "gpt2-train=gpt2.train.cli:main",
         ]
     },
 )

@@ -17,6 +17,7 @@ _LAZY = {
     "generate": "gpt2.sample",
     "sample_sequence": "gpt2.sample",
     "download_model": "gpt2.download",
+    "finetune": "gpt2.train.trainer",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]

@@ -70,10 +70,18 @@ class Conv1D(keras.layers.Layer):
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
         self.built = True
 
+    # Fine-tuning hook (gpt2/train/lora.py): an optional low-rank adapter with variables `a`
+    # [n_in, r], `b` [r, n_out] and a float `scale`, adding (x @ a @ b) * scale. None = off.
+    lora = None
+
     def call(self, x):
         """x: [b, s, n_in] -> [b, s, n_out]."""
         batch, seq = tf.shape(x)[0], tf.shape(x)[1]
-        y = tf.matmul(tf.reshape(x, [-1, self.w.shape[0]]), self.w) + self.b
+        x = tf.reshape(x, [-1, self.w.shape[0]])
+        y = tf.matmul(x, self.w) + self.b
+        if self.lora is not None:  # LoRA hook, see above
+            low_rank = tf.matmul(tf.matmul(x, tf.cast(self.lora.a, x.dtype)), tf.cast(self.lora.b, x.dtype))
+            y += low_rank * tf.cast(self.lora.scale, x.dtype)
         return tf.reshape(y, [batch, seq, self.w.shape[1]])
 
 

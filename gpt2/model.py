@@ -60,6 +60,11 @@ class GPT2(keras.Model):
         hidden_states = [x]
         presents = []
         for i, block in enumerate(self.blocks):
+            if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
+                x, present = _recomputed(block)(x)
+                presents.append(present)
+                hidden_states.append(x)
+                continue
             x, present = block(x, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
@@ -71,13 +76,27 @@ class GPT2(keras.Model):
             outputs["hidden_states"] = hidden_states
         return outputs
 
+    # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
+    # input and recompute its activations in the backward pass (gradient checkpointing).
+    recompute = False
+
     def next_token_loss(self, tokens, training=None):
         """Mean next-token cross-entropy of int tokens [b, s] (s >= 2): position t predicts t + 1."""
         tokens = tf.convert_to_tensor(tokens)
-        logits = self(tokens, training=training)["logits"]
+        logits = tf.cast(self(tokens, training=training)["logits"], tf.float32)
         return tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits[:, :-1])
         )
+
+    def train_step(self, data):
+        """Keras `fit` hook: one optimizer step on int token windows [b, s] (or (windows, ...)),
+        with the next-token loss; needs only `model.compile(optimizer=...)`."""
+        tokens = data[0] if isinstance(data, (tuple, list)) else data
+        with tf.GradientTape() as tape:
+            loss = self.next_token_loss(tokens, training=True)
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        return {"loss": loss}
 
     # Keras' Trainer assigns `self.loss` (None, or compile()'s loss argument), which would hide a
     # plain `loss` method; this property keeps `model.loss(tokens)` working and stores what Keras sets.
@@ -108,3 +127,19 @@ class GPT2(keras.Model):
             x, layer_cache = block.call_cached(x, layer_cache, index, mask)
             new_cache.append(layer_cache)
         return self.ln_f.call(x), tuple(new_cache)
+
+
+def _recomputed(block):
+    """`block` as x [b, s, e] -> (x, present) for training, its activations recomputed in the
+    backward pass (tf.recompute_grad). Dropout masks come from seed generators that advance on
+    each call; they are reset to their forward-pass state so the recomputation draws the same masks."""
+    generators = [layer.seed_generator for layer in block._flatten_layers()
+                  if getattr(layer, "seed_generator", None) is not None]
+    states = [generator.state.value for generator in generators]
+
+    def run(x):
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+        return block(x, training=True)
+
+    return tf.recompute_grad(run)
