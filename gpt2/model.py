@@ -83,20 +83,12 @@ class GPT2(keras.Model):
     def next_token_loss(self, tokens, training=None):
         """Mean next-token cross-entropy of int tokens [b, s] (s >= 2): position t predicts t + 1."""
         tokens = tf.convert_to_tensor(tokens)
-        logits = tf.cast(self(tokens, training=training)["logits"], tf.float32)
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits[:, :-1])
-        )
+        return next_token_cross_entropy(tokens, self(tokens, training=training)["logits"])
 
-    def train_step(self, data):
-        """Keras `fit` hook: one optimizer step on int token windows [b, s] (or (windows, ...)),
-        with the next-token loss; needs only `model.compile(optimizer=...)`."""
-        tokens = data[0] if isinstance(data, (tuple, list)) else data
-        with tf.GradientTape() as tape:
-            loss = self.next_token_loss(tokens, training=True)
-        variables = self.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
-        return {"loss": loss}
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras `fit`/`evaluate` hook: the next-token loss of int token windows x [b, s] from the
+        model's output on them, so `model.compile(optimizer=...)` + `model.fit(windows)` trains."""
+        return next_token_cross_entropy(x, y_pred["logits"])
 
     # Keras' Trainer assigns `self.loss` (None, or compile()'s loss argument), which would hide a
     # plain `loss` method; this property keeps `model.loss(tokens)` working and stores what Keras sets.
@@ -129,13 +121,19 @@ class GPT2(keras.Model):
         return self.ln_f.call(x), tuple(new_cache)
 
 
+def next_token_cross_entropy(tokens, logits):
+    """Mean cross-entropy of logits [b, s, V] at position t against tokens [b, s] at t + 1, in float32."""
+    logits = tf.cast(logits[:, :-1], tf.float32)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits))
+
+
 def _recomputed(block):
     """`block` as x [b, s, e] -> (x, present) for training, its activations recomputed in the
     backward pass (tf.recompute_grad). Dropout masks come from seed generators that advance on
     each call; they are reset to their forward-pass state so the recomputation draws the same masks."""
     generators = [layer.seed_generator for layer in block._flatten_layers()
                   if getattr(layer, "seed_generator", None) is not None]
-    states = [generator.state.value for generator in generators]
+    states = [tf.identity(generator.state.value) for generator in generators]  # read now
 
     def run(x):
         for generator, state in zip(generators, states):

@@ -7,10 +7,12 @@ a cache folder the joined tokens are written there once (keyed by the files' pat
 times and by the vocabulary) and read back as a memory map, so re-runs do not re-encode and a
 corpus larger than memory works.
 
-Windows: `s` consecutive tokens; window i starts at token i * (s - 1), so every next-token pair
-is in exactly one window. The order is a fixed function of (seed, position): epoch e visits the
-windows in the permutation drawn from `numpy.random.default_rng([seed, e])`, and position k of the
-stream is window k mod n of epoch k // n. Resuming needs only the position.
+Windows: `s` consecutive tokens. In epoch e, window i starts at token o_e + i * (s - 1), so
+every next-token pair of the epoch is in exactly one window; the offset o_e in [0, s - 1) moves
+the window boundaries from epoch to epoch (a small corpus is not learnt at fixed positions only).
+The order is a fixed function of (seed, position): `numpy.random.default_rng([seed, e])` draws
+epoch e's offset and the permutation its windows are visited in, and stream position k is the
+k-th window over the epochs one after another. Resuming needs only the position.
 
 Shapes: n = tokens in the corpus, w = windows, s = window length (seq_len), b = windows per batch,
 a = micro-batches per optimizer step (accumulation).
@@ -22,6 +24,7 @@ import glob
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -193,7 +196,7 @@ def _read_token_file(path, n_vocab):
             with np.load(path, allow_pickle=False) as npz:
                 names = sorted(npz.files, key=lambda n: (len(n), n))  # arr_2 before arr_10
                 arrays = [npz[name] for name in names]
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DatasetError(f"{path}: cannot read token ids ({message})") from None
     for array in arrays:
@@ -263,20 +266,37 @@ class Windows:
         self.seq_len = seq_len
         self.seed = seed
         self.stride = seq_len - 1
-        self.count = (n - seq_len) // self.stride + 1
-        self._epoch, self._order = None, None
+        self._max_offset = min(self.stride - 1, n - seq_len)
+        self.count = (n - seq_len) // self.stride + 1  # windows of epoch 0 (offset 0)
+        self._epoch_ends = []  # stream position where each epoch drawn so far ends
+        self._epochs = {}  # epoch -> (offset, order), the last few used
 
-    def _order_of(self, epoch):
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
-        return self._order
+    def _epoch(self, epoch):
+        """(offset, order of window indices) of `epoch`."""
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self._max_offset + 1))
+            count = (len(self.tokens) - offset - self.seq_len) // self.stride + 1
+            if len(self._epochs) > 4:
+                self._epochs.clear()
+            self._epochs[epoch] = offset, rng.permutation(count)
+        return self._epochs[epoch]
+
+    def _locate(self, position):
+        """(epoch, index within the epoch) of stream `position`."""
+        while not self._epoch_ends or self._epoch_ends[-1] <= position:
+            start = self._epoch_ends[-1] if self._epoch_ends else 0
+            self._epoch_ends.append(start + len(self._epoch(len(self._epoch_ends))[1]))
+        epoch = int(np.searchsorted(self._epoch_ends, position, side="right"))
+        return epoch, position - (self._epoch_ends[epoch - 1] if epoch else 0)
 
     def starts(self, position, count):
         """Token offsets of the windows at stream positions position..position+count-1, int64 [count]."""
         starts = np.empty(count, np.int64)
-        for i, k in enumerate(range(position, position + count)):
-            starts[i] = self._order_of(k // self.count)[k % self.count] * self.stride
+        for i in range(count):
+            epoch, index = self._locate(position + i)
+            offset, order = self._epoch(epoch)
+            starts[i] = offset + order[index] * self.stride
         return starts
 
     def batch(self, position, count):

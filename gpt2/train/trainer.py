@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -346,24 +347,24 @@ class Trainer:
                     log.scalars(step, {"train/loss": loss, "train/learning_rate": lr,
                                        "train/grad_norm": float(norm), "train/tokens_per_second": speed})
                     if self.val_windows is not None and config.val_every and step % config.val_every == 0:
-                        val_loss = self._log_validation(step, log, bar)
+                        val_loss = self._log_validation(step, log)
                     if config.sample_every and step % config.sample_every == 0:
                         self._log_sample(step, log, bar)
                     if config.save_every and step % config.save_every == 0:
-                        self._save(step, bar)
+                        self._save(step)
             if self.val_windows is not None and (not config.val_every or step % config.val_every):
-                val_loss = self._log_validation(step, log, bar)
-            self._save(step, bar)
+                val_loss = self._log_validation(step, log)
+            self._save(step)
             if self.interrupted:
-                bar.write(f"interrupted at step {step}" + (f"; continue with --resume" if self.output else ""))
+                _say(f"interrupted at step {step}" + (f"; continue with --resume" if self.output else ""))
         finally:
             bar.close()
             log.close()
         return TrainResult(step, loss, losses, val_loss, self.saved_step, self.interrupted)
 
-    def _log_validation(self, step, log, bar):
+    def _log_validation(self, step, log):
         val_loss = self.evaluate()
-        bar.write(f"step {step}: validation loss {val_loss:.4f}")
+        _say(f"step {step}: validation loss {val_loss:.4f}")
         log.scalars(step, {"val/loss": val_loss})
         return val_loss
 
@@ -388,7 +389,7 @@ class Trainer:
             return f"nothing was saved to {self.output}"
         return f"the last good save (step {self.saved_step}) is in {self.output}"
 
-    def _save(self, step, bar=None):
+    def _save(self, step):
         """Writes the model folder and the training state (once per step)."""
         if self.state is None or self.saved_step == step:
             return
@@ -399,8 +400,7 @@ class Trainer:
             raise TrainingError(f"could not save step {step} to {self.output} "
                                 f"({error.strerror or error}); {self._last_save()}") from None
         self.saved_step = step
-        if bar is not None:
-            bar.write(f"step {step}: saved to {self.output}")
+        _say(f"step {step}: saved to {self.output}")
 
     def _write_model(self, folder):
         merged = contextlib.nullcontext()
@@ -472,6 +472,7 @@ def _progress(config, step):
 
 
 def _say(message):
+    """A status line on stderr, below the progress bar."""
     from tqdm import tqdm
 
-    tqdm.write(message)
+    tqdm.write(message, file=sys.stderr)
