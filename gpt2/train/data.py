@@ -111,6 +111,16 @@ class TokenData:
     def __len__(self):
         return len(self.tokens)
 
+    def check_ids(self, n_vocab, name="dataset"):
+        """Raises DatasetError if a token id is not below n_vocab (the model's vocabulary)."""
+        largest = max((int(self.tokens[i:i + COPY_CHUNK_TOKENS].max())
+                       for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
+        smallest = min((int(self.tokens[i:i + COPY_CHUNK_TOKENS].min())
+                        for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
+        if smallest < 0 or largest >= n_vocab:
+            raise DatasetError(f"the {name} holds token ids {smallest}..{largest}, but the model's "
+                               f"vocabulary is 0..{n_vocab - 1}")
+
 
 def as_token_data(dataset, encoder, cache_dir=None, progress=False):
     """`dataset` as TokenData: TokenData as is, an integer array, or path(s) for `load_tokens`."""

@@ -184,6 +184,9 @@ class Trainer:
             val = data_lib.as_token_data(val_dataset, self.encoder, cache_dir, config.progress)
         elif config.val_fraction:
             train, val = data_lib.split_validation(train, config.val_fraction, self.seq_len)
+        for part, name in ((train, "dataset"), (val, "validation set")):
+            if part is not None:
+                part.check_ids(self.model.hparams.n_vocab, name)
         self.data = train
         self.windows = data_lib.Windows(train, self.seq_len, config.seed, name="dataset")
         self.val_windows = data_lib.Windows(val, self.seq_len, name="validation set") if val is not None else None
