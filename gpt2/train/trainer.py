@@ -145,7 +145,7 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {replicas} replicas")
         self.encoder = encoder or _encoder_for(source_dir)
         self._load_data(dataset, val_dataset)
-        self.start_step = 0
+        self.current_step = 0  # optimizer steps taken (restored by resume)
         self.schedule = WarmupSchedule(config.learning_rate, config.warmup_steps, config.steps, config.lr_schedule)
         with self.strategy.scope():
             self.variables = self._trainable_variables()
@@ -158,6 +158,7 @@ class Trainer:
             if resume:
                 self._resume()
         self._step_fn = None
+        self._batches = None
         self._val_fn = None
         self.saved_step = self.state.last_step() if (self.state and resume) else None
         self.interrupted = False
@@ -256,7 +257,7 @@ class Trainer:
         if int(self.optimizer.iterations.numpy()) != step:
             raise TrainingError(f"--resume: the training state is at optimizer step "
                                 f"{int(self.optimizer.iterations.numpy())}, its record says {step}; start over with --overwrite")
-        self.start_step = step
+        self.current_step = step
 
     # ------------------------------------------------------------------ compiled steps
 
@@ -310,60 +311,65 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def step(self):
+        """One optimizer step on the next batch of the data stream; returns (loss, gradient norm)
+        as floats and advances `current_step` (no NaN check, no saving: see `run`)."""
+        config = self.config
+        if self._step_fn is None:
+            self._step_fn = self._build_step()
+        if self._batches is None:
+            position = self.current_step * config.accumulate * config.batch_size
+            self._batches = iter(data_lib.distributed_dataset(
+                self.strategy, self.windows, position, config.accumulate, config.batch_size))
+        loss, norm = self._step_fn(next(self._batches))
+        self.current_step += 1
+        return float(loss), float(norm)
+
     def run(self):
         """Trains from the current step to config.steps; saves every save_every steps, at the end
         and on Ctrl-C. Returns a TrainResult; raises TrainingError on NaN loss."""
         config = self.config
-        step = self.start_step
         losses, loss, val_loss = [], None, None
-        if step >= config.steps:
-            _say(f"already at step {step} of {config.steps}: nothing to do")
-            return TrainResult(step, None, losses, None, self.saved_step, False)
-        if self._step_fn is None:
-            self._step_fn = self._build_step()
+        if self.current_step >= config.steps:
+            _say(f"already at step {self.current_step} of {config.steps}: nothing to do")
+            return TrainResult(self.current_step, None, losses, None, self.saved_step, False)
         tokens_per_step = config.accumulate * config.batch_size * self.seq_len
         timed_steps, timed_seconds = 0, 0.0  # after the first step, which includes tracing
-        dataset = data_lib.distributed_dataset(
-            self.strategy, self.windows, step * config.accumulate * config.batch_size,
-            config.accumulate, config.batch_size)
-        batches = iter(dataset)
         log = SummaryLog(config.logdir)
-        bar = _progress(config, step)
+        bar = _progress(config, self.current_step)
         try:
             with self._catch_interrupt():
-                while step < config.steps and not self.interrupted:
+                while self.current_step < config.steps and not self.interrupted:
                     started = time.perf_counter()
-                    step_loss, norm = self._step_fn(next(batches))
-                    loss = float(step_loss)
+                    loss, norm = self.step()
                     seconds = time.perf_counter() - started
-                    speed = tokens_per_step / seconds
-                    if losses:
-                        timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
-                    step += 1
+                    step = self.current_step
                     if not math.isfinite(loss):
                         raise TrainingError(f"loss is {loss} at step {step}: training stopped; {self._last_save()}")
+                    if losses:
+                        timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
                     losses.append(loss)
-                    lr = float(self.schedule(step - 1))
-                    average = tokens_per_step * timed_steps / timed_seconds if timed_steps else speed
+                    average = tokens_per_step * timed_steps / timed_seconds if timed_steps else tokens_per_step / seconds
                     bar.update(1)
                     bar.set_postfix_str(f"loss {loss:.3f}, {average:,.0f} tok/s")
-                    log.scalars(step, {"train/loss": loss, "train/learning_rate": lr,
-                                       "train/grad_norm": float(norm), "train/tokens_per_second": speed})
+                    log.scalars(step, {"train/loss": loss, "train/learning_rate": float(self.schedule(step - 1)),
+                                       "train/grad_norm": norm, "train/tokens_per_second": tokens_per_step / seconds})
                     if self.val_windows is not None and config.val_every and step % config.val_every == 0:
                         val_loss = self._log_validation(step, log)
                     if config.sample_every and step % config.sample_every == 0:
                         self._log_sample(step, log, bar)
                     if config.save_every and step % config.save_every == 0:
                         self._save(step)
+            step = self.current_step
             if self.val_windows is not None and (not config.val_every or step % config.val_every):
                 val_loss = self._log_validation(step, log)
             self._save(step)
             if self.interrupted:
-                _say(f"interrupted at step {step}" + (f"; continue with --resume" if self.output else ""))
+                _say(f"interrupted at step {step}" + ("; continue with --resume" if self.output else ""))
         finally:
             bar.close()
             log.close()
-        return TrainResult(step, loss, losses, val_loss, self.saved_step, self.interrupted)
+        return TrainResult(self.current_step, loss, losses, val_loss, self.saved_step, self.interrupted)
 
     def _log_validation(self, step, log):
         val_loss = self.evaluate()
