@@ -176,6 +176,7 @@ class TrainState:
         into a scratch folder that is deleted."""
         if not is_chief:
             scratch = os.path.join(self.dir, f".worker-scratch-{os.getpid()}")
+            os.makedirs(scratch, exist_ok=True)
             try:
                 self.checkpoint.write(os.path.join(scratch, "state"))
             finally:
