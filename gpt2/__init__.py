@@ -14,8 +14,11 @@ _LAZY = {
     "load_model": "gpt2.checkpoint",
     "save_checkpoint": "gpt2.checkpoint",
     "write_random_checkpoint": "gpt2.checkpoint",
-    "generate": "gpt2.sample",
-    "sample_sequence": "gpt2.sample",
+    "generate": "gpt2.sampling.api",
+    "sample_sequence": "gpt2.sampling.api",
+    "stream": "gpt2.sampling.api",
+    "SamplingSettings": "gpt2.sampling.settings",
+    "SettingsError": "gpt2.sampling.settings",
     "download_model": "gpt2.download",
     "finetune": "gpt2.train.trainer",
 }

@@ -152,11 +152,12 @@ def _check_data_size(prefix, shapes):
         )
 
 
-def load_model(name_or_dir, models_dir="models", dropout=0.0):
+def load_model(name_or_dir, models_dir="models", dropout=0.0, dtype=None):
     """Loads an OpenAI GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`).
 
-    Returns a `gpt2.GPT2` with the checkpoint's weights (and `dropout`, applied when called with
-    training=True, e.g. to fine-tune). The model starts zeroed (no random
+    Returns a `gpt2.GPT2` with the checkpoint's weights, `dropout` (applied when called with
+    training=True, e.g. to fine-tune) and Keras dtype policy `dtype` (e.g. "mixed_bfloat16" to
+    train with bfloat16 compute and float32 weights; None = float32). The model starts zeroed (no random
     draws) and each tensor is restored straight into TensorFlow memory and handed to its
     variable, one at a time: loading holds the weights once plus the largest single tensor.
     """
@@ -167,7 +168,7 @@ def load_model(name_or_dir, models_dir="models", dropout=0.0):
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     hparams = check_model_dir(model_dir)
     prefix = _checkpoint_prefix(model_dir)
-    model = GPT2(hparams, dropout=dropout, random_init=False)
+    model = GPT2(hparams, dropout=dropout, random_init=False, dtype=dtype)
     for name, variable in model_variables(model).items():
         try:
             (value,) = tf.raw_ops.RestoreV2(

@@ -199,7 +199,8 @@ def _run(args):
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS, HParams
-    from gpt2.sample import row_seeds, sample_rows
+    from gpt2.sampling.api import sample_rows
+    from gpt2.sampling.settings import row_seeds
 
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))

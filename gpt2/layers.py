@@ -1,10 +1,16 @@
 """The building blocks of GPT-2, each a small Keras layer with OpenAI's exact numerics.
 
-Shapes use b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
-h = n_head, d = head_dim = e / h.
+Shapes: b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
+h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 
-Composite layers invoke their sublayers' `call` directly: Keras' per-call bookkeeping in
-`__call__` adds nothing for these layers and made up a large share of tracing the sampler.
+dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
+matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
+matmuls). Whatever the policy, the residual stream, LayerNorm statistics and the attention
+softmax are float32. Composite layers invoke their sublayers' `call` directly (Keras' per-call
+bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
+
+Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`): composite layers
+create their children inside their own name scope.
 """
 
 import math
@@ -22,14 +28,14 @@ def gelu(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention.
+    """Scaled dot-product attention with a float32 softmax.
 
     q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
-    query may see a key. Returns [b, h, s, d].
+    query may see a key. Returns [b, h, s, d] in v's dtype.
     """
-    scores = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], q.dtype))
-    scores = tf.where(mask, scores, tf.cast(MASKED_SCORE, scores.dtype))
-    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+    scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = tf.where(mask, scores, MASKED_SCORE)
+    return tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype), v)
 
 
 def causal_mask(query_len, key_len):
@@ -41,8 +47,14 @@ def causal_mask(query_len, key_len):
     return (i >= j - key_len + query_len)[None, None]
 
 
+def _cast(x, dtype):
+    return x if x.dtype == dtype else tf.cast(x, dtype)
+
+
 class LayerNorm(keras.layers.Layer):
-    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`."""
+    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`.
+
+    Statistics in float32; returns float32 (the caller casts for its matmul)."""
 
     def __init__(self, n_embd, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
@@ -52,10 +64,12 @@ class LayerNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        """x: [..., n_embd] -> same shape."""
+        """x: [..., e] -> float32 [..., e]."""
+        x = _cast(x, tf.float32)
         mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-        variance = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
-        return (x - mean) * tf.math.rsqrt(variance + self.epsilon) * self.g + self.b
+        centered = x - mean
+        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+        return centered * tf.math.rsqrt(variance + self.epsilon) * _cast(self.g, tf.float32) + _cast(self.b, tf.float32)
 
 
 class Conv1D(keras.layers.Layer):
@@ -75,14 +89,13 @@ class Conv1D(keras.layers.Layer):
     lora = None
 
     def call(self, x):
-        """x: [b, s, n_in] -> [b, s, n_out]."""
-        batch, seq = tf.shape(x)[0], tf.shape(x)[1]
-        x = tf.reshape(x, [-1, self.w.shape[0]])
-        y = tf.matmul(x, self.w) + self.b
+        """x: [n, n_in] (any float dtype) -> [n, n_out] in the compute dtype."""
+        dtype = self.compute_dtype
+        x = _cast(x, dtype)
+        y = tf.matmul(x, _cast(self.w, dtype)) + _cast(self.b, dtype)
         if self.lora is not None:  # LoRA hook, see above
-            low_rank = tf.matmul(tf.matmul(x, tf.cast(self.lora.a, x.dtype)), tf.cast(self.lora.b, x.dtype))
-            y += low_rank * tf.cast(self.lora.scale, x.dtype)
-        return tf.reshape(y, [batch, seq, self.w.shape[1]])
+            y += tf.matmul(tf.matmul(x, _cast(self.lora.a, dtype)), _cast(self.lora.b, dtype)) * self.lora.scale
+        return y
 
 
 class Attention(keras.layers.Layer):
@@ -91,55 +104,37 @@ class Attention(keras.layers.Layer):
     def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
         self.n_head = n_head
-        self.c_attn = Conv1D(n_embd, 3 * n_embd, kernel_initializer, name="c_attn")
-        self.c_proj = Conv1D(n_embd, n_embd, kernel_initializer, name="c_proj")
-        self.dropout = keras.layers.Dropout(dropout)
+        with keras.name_scope(self.name):
+            self.c_attn = Conv1D(n_embd, 3 * n_embd, kernel_initializer, name="c_attn", dtype=self.dtype_policy)
+            self.c_proj = Conv1D(n_embd, n_embd, kernel_initializer, name="c_proj", dtype=self.dtype_policy)
+            self.dropout = keras.layers.Dropout(dropout)
         self.built = True
 
-    def _split_heads(self, x):
-        """[b, s, e] -> [b, h, s, d]."""
-        batch, seq = tf.shape(x)[0], tf.shape(x)[1]
-        x = tf.reshape(x, [batch, seq, self.n_head, x.shape[-1] // self.n_head])
-        return tf.transpose(x, [0, 2, 1, 3])
+    def qkv(self, x, batch):
+        """x: [b * s, e] -> q, k, v, each [b, h, s, d] in the compute dtype."""
+        qkv = self.c_attn.call(x)
+        e = qkv.shape[-1] // 3
+        qkv = tf.reshape(qkv, [batch, -1, 3, self.n_head, e // self.n_head])
+        q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
+        return q, k, v
 
-    def _merge_heads(self, x):
-        """[b, h, s, d] -> [b, s, e]."""
-        batch, seq = tf.shape(x)[0], tf.shape(x)[2]
-        x = tf.transpose(x, [0, 2, 1, 3])
-        return tf.reshape(x, [batch, seq, self.n_head * x.shape[-1]])
+    def project(self, a, training=None):
+        """a: [b, h, s, d] -> float32 [b * s, e] (merge heads, c_proj, dropout)."""
+        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
+        return self.dropout.call(_cast(self.c_proj.call(a), tf.float32), training=training)
 
-    def _qkv(self, x):
-        q, k, v = tf.split(self.c_attn.call(x), 3, axis=-1)
-        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+    def call(self, x, batch, past=None, training=None):
+        """OpenAI's semantics. x: [b * s, e]; past: [b, 2, h, t_past, d] or None.
 
-    def _output(self, a, training):
-        return self.dropout.call(self.c_proj.call(self._merge_heads(a)), training=training)
-
-    def call(self, x, past=None, training=None):
-        """OpenAI's semantics. x: [b, s, e]; past: [b, 2, h, t_past, d] or None.
-
-        Returns (output [b, s, e], present [b, 2, h, s, d]: this call's keys and values).
+        Returns (output float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values).
         """
-        q, k, v = self._qkv(x)
+        q, k, v = self.qkv(x, batch)
         present = tf.stack([k, v], axis=1)
         if past is not None:
-            k = tf.concat([past[:, 0], k], axis=-2)
-            v = tf.concat([past[:, 1], v], axis=-2)
+            k = tf.concat([_cast(past[:, 0], k.dtype), k], axis=-2)
+            v = tf.concat([_cast(past[:, 1], v.dtype), v], axis=-2)
         a = attend(q, k, v, causal_mask(tf.shape(q)[2], tf.shape(k)[2]))
-        return self._output(a, training), present
-
-    def call_cached(self, x, cache, index, mask):
-        """Fixed-shape cache path for compiled decoding.
-
-        x: [b, s, e]; cache: (keys, values), each [b, h, cache_len, d]; the new keys and values are
-        written at slots index..index+s-1. mask: bool [b, 1, s, cache_len], True where a query may
-        see a slot. Returns (output [b, s, e], updated cache).
-        """
-        q, k, v = self._qkv(x)
-        start = [0, 0, index, 0]
-        keys = keras.ops.slice_update(cache[0], start, k)
-        values = keras.ops.slice_update(cache[1], start, v)
-        return self._output(attend(q, keys, values, mask), training=False), (keys, values)
+        return self.project(a, training), present
 
 
 class MLP(keras.layers.Layer):
@@ -147,14 +142,15 @@ class MLP(keras.layers.Layer):
 
     def __init__(self, n_embd, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
-        self.c_fc = Conv1D(n_embd, 4 * n_embd, kernel_initializer, name="c_fc")
-        self.c_proj = Conv1D(4 * n_embd, n_embd, kernel_initializer, name="c_proj")
-        self.dropout = keras.layers.Dropout(dropout)
+        with keras.name_scope(self.name):
+            self.c_fc = Conv1D(n_embd, 4 * n_embd, kernel_initializer, name="c_fc", dtype=self.dtype_policy)
+            self.c_proj = Conv1D(4 * n_embd, n_embd, kernel_initializer, name="c_proj", dtype=self.dtype_policy)
+            self.dropout = keras.layers.Dropout(dropout)
         self.built = True
 
     def call(self, x, training=None):
-        """x: [b, s, e] -> [b, s, e]."""
-        return self.dropout.call(self.c_proj.call(gelu(self.c_fc.call(x))), training=training)
+        """x: [n, e] -> float32 [n, e]."""
+        return self.dropout.call(_cast(self.c_proj.call(gelu(self.c_fc.call(x))), tf.float32), training=training)
 
 
 class Block(keras.layers.Layer):
@@ -162,20 +158,16 @@ class Block(keras.layers.Layer):
 
     def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
-        self.ln_1 = LayerNorm(n_embd, name="ln_1")
-        self.attn = Attention(n_embd, n_head, dropout, kernel_initializer, name="attn")
-        self.ln_2 = LayerNorm(n_embd, name="ln_2")
-        self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp")
+        with keras.name_scope(self.name):
+            self.ln_1 = LayerNorm(n_embd, name="ln_1", dtype=self.dtype_policy)
+            self.attn = Attention(n_embd, n_head, dropout, kernel_initializer, name="attn", dtype=self.dtype_policy)
+            self.ln_2 = LayerNorm(n_embd, name="ln_2", dtype=self.dtype_policy)
+            self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp", dtype=self.dtype_policy)
         self.built = True
 
-    def call(self, x, past=None, training=None):
-        """x: [b, s, e]; past: [b, 2, h, t_past, d] or None -> (x [b, s, e], present [b, 2, h, s, d])."""
-        a, present = self.attn.call(self.ln_1.call(x), past=past, training=training)
+    def call(self, x, batch, past=None, training=None):
+        """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->
+        (x float32 [b * s, e], present [b, 2, h, s, d])."""
+        a, present = self.attn.call(self.ln_1.call(x), batch, past=past, training=training)
         x = x + a
         return x + self.mlp.call(self.ln_2.call(x), training=training), present
-
-    def call_cached(self, x, cache, index, mask):
-        """Like `call`, against a fixed-shape cache (see `Attention.call_cached`)."""
-        a, cache = self.attn.call_cached(self.ln_1.call(x), cache, index, mask)
-        x = x + a
-        return x + self.mlp.call(self.ln_2.call(x), training=False), cache

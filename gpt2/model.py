@@ -3,6 +3,8 @@
 b = batch, s = positions in this call, e = n_embd, h = n_head, d = head_dim, L = n_layer, V = n_vocab.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -10,70 +12,109 @@ from gpt2.hparams import HParams
 from gpt2.layers import Block, LayerNorm
 
 
+@keras.saving.register_keras_serializable(package="gpt2")
 class GPT2(keras.Model):
     """OpenAI's GPT-2.
 
-    `model(tokens, past=None)` returns a dict like OpenAI's `model.model`: `logits` [b, s, V] and
-    `present` [b, L, 2, h, s, d] (keys and values of this call, to pass back as `past`). With
-    `return_hidden_states=True` it also holds `hidden_states`: L + 1 tensors [b, s, e], the
-    embeddings and the output of each block (before the final LayerNorm).
+    `model(tokens, past=None)` returns a dict like OpenAI's `model.model`: `logits` [b, s, V]
+    (float32) and `present` [b, L, 2, h, s, d] (keys and values of this call, to pass back as
+    `past`). With `return_hidden_states=True` it also holds `hidden_states`: L + 1 float32 tensors
+    [b, s, e], the embeddings and the output of each block (before the final LayerNorm).
 
     `dropout` (embeddings, attention and MLP outputs) applies only when called with
     `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
     `random_init=False` starts them at zero instead, for weights that are about to be loaded.
+    `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
+    bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
+    residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
+    Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
-    def __init__(self, hparams, dropout=0.0, random_init=True, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, hparams, dropout=0.0, random_init=True, name="model", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if isinstance(hparams, dict):
+            hparams = HParams.from_dict(hparams)
         if not isinstance(hparams, HParams):
             raise TypeError(f"GPT2 expects gpt2.HParams, got {type(hparams).__name__}")
         self.hparams = hparams
+        self.dropout_rate = dropout
 
         def normal(stddev):
             return keras.initializers.RandomNormal(stddev=stddev) if random_init else "zeros"
 
         self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
-        self.embedding_dropout = keras.layers.Dropout(dropout)
-        self.blocks = [
-            Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), name=f"h{i}")
-            for i in range(hparams.n_layer)
-        ]
-        self.ln_f = LayerNorm(hparams.n_embd, name="ln_f")
+        with keras.name_scope(self.name):
+            self.embedding_dropout = keras.layers.Dropout(dropout)
+            self.blocks = [
+                Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), name=f"h{i}", dtype=self.dtype_policy)
+                for i in range(hparams.n_layer)
+            ]
+            self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
         self.built = True
 
-    def _embed(self, tokens, positions):
-        """tokens, positions: int [b, s] -> [b, s, e]."""
-        return tf.gather(self.wte, tokens) + tf.gather(self.wpe, positions)
+    def get_config(self):
+        return {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,
+                "dtype": keras.saving.serialize_keras_object(self.dtype_policy), "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        dtype = config.pop("dtype", None)
+        if isinstance(dtype, dict):
+            dtype = keras.saving.deserialize_keras_object(dtype)
+        return cls(HParams.from_dict(config.pop("hparams")), dtype=dtype, random_init=False, **config)
+
+    def embed(self, tokens, positions):
+        """tokens, positions: int [...] -> float32 [..., e]."""
+        x = tf.gather(self.wte, tokens) + tf.gather(self.wpe, positions)
+        return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
 
     def logits(self, h):
-        """Hidden states after ln_f [..., e] -> logits [..., V] (output tied to the token embedding)."""
-        return tf.matmul(h, self.wte, transpose_b=True)
+        """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
+        dtype = self.compute_dtype
+        wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
+        h = h if h.dtype == dtype else tf.cast(h, dtype)
+        logits = tf.matmul(h, wte, transpose_b=True)
+        return logits if logits.dtype == tf.float32 else tf.cast(logits, tf.float32)
+
+    def check_context(self, length):
+        """Raises a one-line ValueError if `length` positions (a Python int) exceed n_ctx."""
+        if length > self.hparams.n_ctx:
+            raise ValueError(f"{length} positions do not fit the model's context of {self.hparams.n_ctx} "
+                             "tokens; shorten the input (gpt2.perplexity scores longer texts)")
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
         """tokens: int [b, s]; past: [b, L, 2, h, t_past, d] or None (see class docstring)."""
         tokens = tf.convert_to_tensor(tokens)
+        if tokens.dtype not in (tf.int32, tf.int64):
+            tokens = tf.cast(tokens, tf.int32)
         batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
         past_len = 0 if past is None else tf.shape(past)[-2]
-        positions = tf.broadcast_to(past_len + tf.range(seq), [batch, seq])
-        x = self.embedding_dropout(self._embed(tokens, positions), training=training)
+        static_past = 0 if past is None else past.shape[-2]
+        if tokens.shape[1] is not None and static_past is not None:
+            self.check_context(tokens.shape[1] + static_past)
+        positions = past_len + tf.range(seq)
+        x = self.embedding_dropout.call(self.embed(tokens, positions[None]), training=training)
+        x = tf.reshape(x, [-1, self.hparams.n_embd])
         hidden_states = [x]
         presents = []
         for i, block in enumerate(self.blocks):
             if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
-                x, present = _recomputed(block)(x)
+                x, present = _recomputed(block, batch)(x)
                 presents.append(present)
                 hidden_states.append(x)
                 continue
-            x, present = block(x, past=None if past is None else past[:, i], training=training)
+            x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
+        h = self.ln_f.call(x)
         outputs = {
-            "logits": self.logits(self.ln_f(x)),
+            "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
             "present": tf.stack(presents, axis=1),
         }
         if return_hidden_states:
-            outputs["hidden_states"] = hidden_states
+            outputs["hidden_states"] = [tf.reshape(h, [batch, seq, self.hparams.n_embd]) for h in hidden_states]
         return outputs
 
     # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
@@ -101,25 +142,6 @@ class GPT2(keras.Model):
     def loss(self, compiled_loss):
         self._compiled_loss_argument = compiled_loss
 
-    def empty_cache(self, batch, length):
-        """A zeroed key/value cache for `call_cached`: per layer (keys, values), each [b, h, length, d]."""
-        shape = [batch, self.hparams.n_head, length, self.hparams.head_dim]
-        return tuple((tf.zeros(shape), tf.zeros(shape)) for _ in self.blocks)
-
-    def call_cached(self, tokens, positions, cache, index, mask):
-        """One forward pass against a fixed-shape cache, for compiled decoding.
-
-        tokens, positions: int [b, s]; cache: from `empty_cache`; new keys/values go to slots
-        index..index+s-1; mask: bool [b, 1, s, cache_len], True where a query may see a slot.
-        Returns (hidden states after ln_f [b, s, e], updated cache). Apply `logits` to the rows needed.
-        """
-        x = self._embed(tokens, positions)
-        new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.call_cached(x, layer_cache, index, mask)
-            new_cache.append(layer_cache)
-        return self.ln_f.call(x), tuple(new_cache)
-
 
 def next_token_cross_entropy(tokens, logits):
     """Mean cross-entropy of logits [b, s, V] at position t against tokens [b, s] at t + 1, in float32."""
@@ -127,8 +149,8 @@ def next_token_cross_entropy(tokens, logits):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits))
 
 
-def _recomputed(block):
-    """`block` as x [b, s, e] -> (x, present) for training, its activations recomputed in the
+def _recomputed(block, batch):
+    """`block` as x [b * s, e] -> (x, present) for training, its activations recomputed in the
     backward pass (tf.recompute_grad). Dropout masks come from seed generators that advance on
     each call; they are reset to their forward-pass state so the recomputation draws the same masks."""
     generators = [layer.seed_generator for layer in block._flatten_layers()
@@ -138,6 +160,6 @@ def _recomputed(block):
     def run(x):
         for generator, state in zip(generators, states):
             generator.state.assign(state)
-        return block(x, training=True)
+        return block.call(x, batch, training=True)
 
     return tf.recompute_grad(run)

@@ -8,7 +8,7 @@ could be the start of a stop string, and decides `finish_reason`.
 
 import math
 
-from gpt2.sample import row_seeds
+from gpt2.sampling.settings import row_seeds
 from gpt2.serve_batching import Row
 
 DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted

@@ -117,7 +117,7 @@ class BatchEngine:
 
     def __init__(self, model, max_batch=8, batch_window=0.01, max_queue=64, stop_token=50256,
                  jit_compile=True):
-        from gpt2 import sample  # imports TensorFlow
+        from gpt2.sampling import api as sample  # imports TensorFlow
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -194,25 +194,12 @@ class BatchEngine:
         (call it before `start`). Lengths that do not fit the context are skipped."""
         sample = self._sample
         batches = sorted(set(batches or (1, self.max_batch)))
-        caches = set()
-        for length in lengths:
-            if length >= 1 and 1 + length <= self.n_ctx:
-                caches.add(sample._round_up(sample.PROMPT_BUCKET + length, sample.CACHE_BUCKET))
-        for cache_len in sorted(caches):
-            # The fewest new tokens that land in this cache bucket: fewer decode steps to run.
-            length = min(max(1, cache_len - sample.CACHE_BUCKET - sample.PROMPT_BUCKET + 1), self.n_ctx - 1)
-            for batch in batches:
-                for streaming in (False, True):
-                    start = time.perf_counter()
-                    prompts = [[self.stop_token]] * batch
-                    lengths = [length] + [1] * (batch - 1)
-                    callback = (lambda step, tokens: None) if streaming else None
-                    sample.sample_rows(self.model, prompts, lengths, temperature=0.0,
-                                       seeds=np.zeros(batch, np.int32), stop_token=None,
-                                       callback=callback, jit_compile=self.jit_compile)
-                    self.shapes_seen.add((batch, streaming))
-                    log_fn(f"warm-up: batch {batch}, cache {cache_len}, "
-                           f"{'streaming' if streaming else 'one-call'} path: {time.perf_counter() - start:.1f} s")
+        for batch in batches:
+            start = time.perf_counter()
+            sample.sample_rows(self.model, [[self.stop_token]] * batch, 2, temperature=0.0,
+                               seeds=np.zeros(batch, np.int32), jit_compile=self.jit_compile)
+            self.shapes_seen.add((batch, False))
+            log_fn(f"warm-up: batch {batch}: {time.perf_counter() - start:.1f} s")
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="gpt2-serve-worker", daemon=True)

@@ -5,7 +5,7 @@ import pytest
 
 import gpt2
 from encoder import get_encoder
-from gpt2.sample import compiled_decoder, sample_rows
+from gpt2.sampling.api import pools_of, sample_rows
 
 EOT = 50256
 
@@ -174,27 +174,32 @@ def test_stop_token_ends_rows_and_the_loop(tiny_model, reference):
 
 
 def test_trace_count_stays_bounded(tiny_model):
-    decoder = compiled_decoder(tiny_model)
     gpt2.sample_sequence(tiny_model, [[1, 2, 3]], 5, temperature=0)
-    before = decoder.generate.experimental_get_tracing_count()
+    (pool,) = [p for p in pools_of(tiny_model) if p.slots == 1 and p.jit_compile]
+    before = pool.tracing_count()
     for prompt_len, length, settings in [
         (1, 5, dict(temperature=0)), (7, 20, dict(top_k=3, seed=1)), (20, 9, dict(top_p=0.5)),
         (31, 30, dict(temperature=0.7, top_k=10, top_p=0.9, seed=2)), (12, 1, dict(stop_token=EOT)),
     ]:
         gpt2.sample_sequence(tiny_model, [list(range(1, prompt_len + 1))], length, **settings)
-    assert decoder.generate.experimental_get_tracing_count() == before
+    assert pool.tracing_count() == before
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(length=0), "length must be a positive integer"),
-        (dict(length=-3), "length must be a positive integer"),
-        (dict(length=60), r"prompt \(7 tokens\) \+ length \(60\) exceeds the model's context of 64"),
+        (dict(length=0), "length must be an integer >= 1, got 0"),
+        (dict(length=-3), "length must be an integer >= 1, got -3"),
+        (dict(length=2.5), "length must be an integer >= 1, got 2.5"),
         (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
         (dict(top_k=-1), "top_k must be an integer >= 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be a number in \[0, 1\]"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
+        (dict(presence_penalty=3), r"presence_penalty must be a number in \[-2, 2\]"),
+        (dict(logit_bias={50257: 1}), r"logit_bias token ids must be in \[0, 50257\)"),
+        (dict(logit_bias={1: 101}), r"logit_bias values must be numbers in \[-100, 100\]"),
+        (dict(window_keep=64), r"window_keep must be an integer in \[1, 63\]"),
     ],
 )
 def test_invalid_settings_are_clear_errors(tiny_model, reference, kwargs, message):
@@ -209,3 +214,5 @@ def test_invalid_prompts_are_clear_errors(tiny_model):
         gpt2.sample_sequence(tiny_model, [[1], []], 5)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         gpt2.sample_sequence(tiny_model, [[1, 50257]], 5)
+    with pytest.raises(ValueError, match="prompt 0 is 65 tokens, more than the model's context of 64"):
+        gpt2.sample_sequence(tiny_model, [[1] * 65], 5)

@@ -151,7 +151,8 @@ def test_generate_top_k_1_gives_the_reference_greedy_text(server, case):
 
 
 def test_generate_temperature_0_is_greedy_and_seed_is_reproducible(server, enc):
-    from gpt2.sample import row_seeds, sample_rows
+    from gpt2.sampling.api import sample_rows
+    from gpt2.sampling.settings import row_seeds
 
     ref = GREEDY[0]
     r = server.post("/generate", {"text": ref["prompt_text"], "length": 20, "temperature": 0})

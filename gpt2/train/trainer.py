@@ -379,7 +379,7 @@ class Trainer:
 
     def sample(self):
         """A sample from the fixed prompt (config.sample_prompt, seeded with config.seed)."""
-        from gpt2.sample import generate
+        from gpt2.sampling.api import generate
 
         config = self.config
         length = min(config.sample_length, self.model.hparams.n_ctx - max(1, len(self.encoder.encode(config.sample_prompt))))

@@ -1,0 +1,270 @@
+"""The sampler's public functions: `sample_sequence`, `stream`, `generate` and `sample_rows`.
+
+Each call admits its rows into a pool of decoding slots (`gpt2.sampling.pool`) and runs the
+compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models whose
+cache is small); a call with more rows than the largest pool runs them in waves, a finished row's
+slot taking the next waiting row. The
+compiled program depends only on the model and the pool size, so new prompts, lengths and
+settings never recompile. Generation may run past n_ctx: the window slides (see
+`gpt2.sampling.decoder`).
+
+Shapes: b = rows (prompts), n = tokens.
+"""
+
+import threading
+import weakref
+
+import numpy as np
+
+from gpt2.sampling.decoder import Decoder
+from gpt2.sampling.pool import RUN_ITERATIONS, Pool, RowRequest
+from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_prompt,
+                                    check_window_keep, row_seeds)
+
+POOL_SIZES = (1, 2, 4, 8, 16, 32, 64)
+ALWAYS_ALLOWED_SLOTS = 8  # larger pools only while their key/value cache fits LARGE_POOL_BYTES
+LARGE_POOL_BYTES = 1 << 30
+
+_pools = weakref.WeakKeyDictionary()  # model -> {(slots, jit_compile): [Pool, ...]}
+_pools_lock = threading.Lock()
+
+
+def pool_size_for(model, rows):
+    """The pool a call with `rows` rows uses: the smallest that holds them, of at most 8 slots,
+    or more while its key/value cache stays under 1 GiB (small models)."""
+    row_bytes = Decoder(model, 1).cache_bytes()
+    allowed = [size for size in POOL_SIZES if size <= ALWAYS_ALLOWED_SLOTS or size * row_bytes <= LARGE_POOL_BYTES]
+    return next((size for size in allowed if size >= rows), allowed[-1])
+
+
+def pools_of(model):
+    """The pools built for `model` so far (tests count their traces)."""
+    return [pool for pools in _pools.get(model, {}).values() for pool in pools]
+
+
+class _Lease:
+    """A free pool for one call (a new one when all of that size are in use, e.g. by an
+    unfinished `stream` generator)."""
+
+    def __init__(self, model, rows, jit_compile):
+        key = (pool_size_for(model, rows), bool(jit_compile))
+        with _pools_lock:
+            pools = _pools.setdefault(model, {}).setdefault(key, [])
+            self.pool = next((pool for pool in pools if pool.lock.acquire(blocking=False)), None)
+            if self.pool is None:
+                self.pool = Pool(model, key[0], jit_compile=key[1])
+                self.pool.lock.acquire()
+                pools.append(self.pool)
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, *exc_info):
+        self.pool.release_all()
+        self.pool.lock.release()
+
+
+def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERATIONS):
+    """Runs RowRequests to the end. A generator: after each loop iteration that produced tokens,
+    yields a list of (request index, token, logprob info or None); info is (token logprob,
+    top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
+    generator stops the decode."""
+    with _Lease(model, len(requests), jit_compile) as pool:
+        waiting = list(range(len(requests)))
+        in_slot = {}  # slot -> request index
+        while waiting or in_slot:
+            free = [slot for slot in pool.free_slots() if slot not in in_slot][: len(waiting)]
+            if free:
+                admitted, waiting = waiting[: len(free)], waiting[len(free):]
+                pool.admit(free, [requests[i] for i in admitted])
+                in_slot.update(zip(free, admitted))
+            outputs, done, _ = pool.run(iterations_per_run)
+            tokens = outputs["tokens"]
+            for column in range(tokens.shape[1]):
+                produced = []
+                for slot, index in in_slot.items():
+                    token = int(tokens[slot, column])
+                    if token < 0:
+                        continue
+                    info = None
+                    if requests[index].logprobs:
+                        info = (float(outputs["logprobs"][slot, column]), outputs["top_ids"][slot, column],
+                                outputs["top_logprobs"][slot, column])
+                    produced.append((index, token, info))
+                if produced:
+                    yield produced
+            finished = [slot for slot in in_slot if done[slot]]
+            pool.release(finished)
+            for slot in finished:
+                del in_slot[slot]
+
+
+def _as_settings(value):
+    if isinstance(value, SamplingSettings):
+        return value
+    raise TypeError(f"settings must be a gpt2.SamplingSettings, got {type(value).__name__}")
+
+
+def _per_row(value, rows, name):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        values = list(value)
+        if len(values) != rows:
+            raise SettingsError(name, f"{name}: expected one value per prompt ({rows}), got {len(values)}")
+        return values
+    return [value] * rows
+
+
+def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options):
+    """Validated RowRequests; every setting may be one value or a list with one per prompt."""
+    hparams = model.hparams
+    if hasattr(prompts, "numpy"):
+        prompts = prompts.numpy()
+    prompts = [check_prompt(list(p), hparams.n_vocab, hparams.n_ctx, field=f"prompt {i}")
+               for i, p in enumerate(prompts)]
+    rows = len(prompts)
+    if not rows:
+        raise SettingsError("context", "no prompts given")
+    lengths = [check_length(n) for n in _per_row(length, rows, "length")]
+    if settings is not None:
+        per_row = [_as_settings(value) for value in _per_row(settings, rows, "settings")]
+    else:
+        columns = {name: _per_row(value, rows, name) for name, value in options.items()}
+        per_row = [SamplingSettings(**{name: column[i] for name, column in columns.items()}) for i in range(rows)]
+    seeds = row_seeds(None, rows) if seeds is None else _per_row(seeds, rows, "seeds")
+    window_keep = check_window_keep(window_keep, hparams.n_ctx)
+    stop = -1 if stop_token is None else int(stop_token)
+    return [RowRequest(prompt, setting.check_vocab(hparams.n_vocab), int(np.int32(seed)), n, stop, window_keep)
+            for prompt, setting, seed, n in zip(prompts, per_row, seeds, lengths)]
+
+
+def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
+                callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
+    """The sampler behind `sample_sequence`, with every setting either one value or one per row.
+
+    prompts: list of token lists (any lengths up to n_ctx). length, temperature, top_k, top_p,
+    the penalties and logit_bias: a value or a list with one per prompt; or `settings`: one
+    SamplingSettings or a list of them. seeds: int32 per row (see `row_seeds`); None = fresh.
+    Returns a list with each row's new tokens (int32 arrays): `length` of them, or fewer ending
+    with stop_token. callback(step, tokens [b]) is called with each step's tokens (see `stream`).
+    """
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                   logit_bias=logit_bias)
+    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
+    if callback is not None:
+        steps = _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
+        for step, tokens in enumerate(steps):
+            callback(step, tokens)
+        return [np.asarray(row, np.int32) for row in steps.rows]
+    rows = [[] for _ in requests]
+    for produced in decode_rows(model, requests, jit_compile):
+        for index, token, _ in produced:
+            rows[index].append(token)
+    return [np.asarray(row, np.int32) for row in rows]
+
+
+class _lockstep:
+    """Iterates per-row tokens as steps: step i holds token i of every row (rows that have
+    stopped repeat stop_token, or 0 without one). `rows` has each row's tokens so far."""
+
+    def __init__(self, produced, requests, stop_token):
+        self._produced = produced
+        self._requests = requests
+        self._fill = 0 if stop_token is None else int(stop_token)
+        self.rows = [[] for _ in requests]
+        self._step = 0
+
+    def _finished(self, index):
+        row, request = self.rows[index], self._requests[index]
+        return len(row) >= request.max_new or (row and row[-1] == request.stop_token)
+
+    def __iter__(self):
+        try:
+            for produced in self._produced:
+                for index, token, _ in produced:
+                    self.rows[index].append(token)
+                yield from self._ready_steps()
+        finally:
+            self._produced.close()
+        yield from self._ready_steps(final=True)
+
+    def _ready_steps(self, final=False):
+        while True:
+            step = self._step
+            if all(len(row) <= step and self._finished(i) for i, row in enumerate(self.rows)):
+                return
+            if not final and any(len(row) <= step and not self._finished(i) for i, row in enumerate(self.rows)):
+                return
+            self._step += 1
+            yield np.array([row[step] if len(row) > step else self._fill for row in self.rows], np.int32)
+
+
+def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
+           jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+           repetition_penalty=1.0, logit_bias=None):
+    """Yields each step's new tokens, int32 [b], as they are made: step i holds token i of every
+    row; rows that have stopped (at stop_token) repeat stop_token. Takes the arguments of
+    `sample_sequence`. Stop iterating (break, or close the generator) to stop the decode.
+
+        for tokens in gpt2.stream(model, [enc.encode("Hello")], 100, top_k=40):
+            print(enc.decode(tokens[:1]), end="", flush=True)
+    """
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                   logit_bias=logit_bias)
+    prompts = context.numpy() if hasattr(context, "numpy") else context
+    seeds = row_seeds(seed, len(prompts))
+    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
+    yield from _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
+
+
+def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
+                    callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                    frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
+    """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
+
+    context: int [batch, context_len], or a list of token lists of different lengths (each row
+    gives what it would alone). length: any number of new tokens; past the model's context the
+    window slides (it keeps its last `window_keep` tokens, default n_ctx // 2, recomputed at
+    positions 0..window_keep-1). temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off.
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({token id: bias}):
+    see `gpt2.SamplingSettings`, or pass `settings=` one of those instead of the separate values.
+    seed: an int makes the output reproducible (each row draws from its own stream); None draws
+    a fresh one. stop_token (e.g. 50256): a row stops after producing it. callback(step, tokens):
+    called with each step's tokens (int32 [batch]) as they are produced (see `stream`).
+    jit_compile: compile with XLA (faster on this CPU; see BENCHMARKS.md).
+
+    Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
+    that stopped early are filled with stop_token); for prompts of different lengths, a list of
+    1-D int32 arrays, each prompt + its new tokens.
+    """
+    prompts = context.numpy() if hasattr(context, "numpy") else context
+    prompts = [list(row) for row in prompts]
+    new_tokens = sample_rows(
+        model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)), stop_token, callback,
+        jit_compile, settings, window_keep, presence_penalty, frequency_penalty, repetition_penalty, logit_bias,
+    )
+    outputs = [np.concatenate([np.asarray(p, np.int32), n]) for p, n in zip(prompts, new_tokens)]
+    if len({len(p) for p in prompts}) > 1:
+        return outputs
+    width = max(len(row) for row in outputs)
+    fill = 0 if stop_token is None else stop_token
+    return np.stack([np.pad(row, (0, width - len(row)), constant_values=fill) for row in outputs])
+
+
+def generate(model, enc, prompts, length=64, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=True,
+             **options):
+    """Text in, text out: returns the continuation (without the prompt) of each prompt.
+
+    prompts: a string or a list of strings; an empty string samples unconditionally. With
+    stop_at_eot, a row ends at <|endoftext|> and its text stops before it. Other keyword
+    arguments (penalties, logit_bias, settings, window_keep) are those of `sample_sequence`.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rows = [enc.encode(p) if p else [enc.eot_token] for p in prompts]
+    eot = enc.eot_token if stop_at_eot else None
+    new_tokens = sample_rows(model, rows, length, temperature, top_k, top_p, row_seeds(seed, len(rows)),
+                             stop_token=eot, **options)
+    return [enc.decode([t for t in row if t != eot] if eot is not None else row) for row in new_tokens]

@@ -1,0 +1,92 @@
+"""Token choice: greedy, or one exact multinomial draw per row from its own random stream.
+
+Shapes: b = batch rows, V = n_vocab, C = candidates, N = top log-probabilities reported.
+"""
+
+import tensorflow as tf
+
+from gpt2.sampling import processors
+
+TOP_LOGPROBS = 5  # most alternatives the sampler can report per token (OpenAI's limit)
+
+
+def row_uniforms(seed, counter):
+    """One uniform number in [0, 1) per row, from the row's own stream: draw `counter` of the
+    stream `seed`. seed, counter: int32 [b] -> float32 [b]. A row's numbers depend on nothing
+    else, so a seeded row draws the same tokens alone or in any batch."""
+    return tf.map_fn(
+        lambda pair: tf.random.stateless_uniform([], pair),
+        tf.stack([seed, counter], axis=1),
+        fn_output_signature=tf.float32,
+    )
+
+
+def invert_cdf(logits, uniform):
+    """Index of the draw from softmax(logits) [b, n] at uniform [b]: an exact multinomial draw.
+
+    The CDF is walked in blocks of 256 (block totals, then one block), not as one n-long cumsum.
+    """
+    n = logits.shape[-1]
+    blocks = -(-n // 256)
+    probs = tf.nn.softmax(logits, axis=-1)
+    # A uniform that rounds past the last token with probability > 0 must not land after it.
+    last_kept = (n - 1) - tf.argmax(tf.cast(tf.reverse(probs > 0.0, [-1]), tf.int32), axis=-1,
+                                       output_type=tf.int32)
+    probs = tf.pad(probs, [[0, 0], [0, blocks * 256 - n]])
+    probs = tf.reshape(probs, [-1, blocks, 256])
+    block_cdf = tf.cumsum(tf.reduce_sum(probs, axis=-1), axis=-1)
+    target = uniform * block_cdf[:, -1]
+    block = tf.minimum(tf.reduce_sum(tf.cast(block_cdf <= target[:, None], tf.int32), axis=-1), blocks - 1)
+    before = tf.gather(block_cdf, tf.maximum(block - 1, 0), axis=-1, batch_dims=1)
+    within_cdf = tf.cumsum(tf.gather(probs, block, axis=1, batch_dims=1), axis=-1)
+    within = tf.where(block > 0, before, 0.0)[:, None] + within_cdf
+    index = block * 256 + tf.reduce_sum(tf.cast(within <= target[:, None], tf.int32), axis=-1)
+    return tf.minimum(index, last_kept)
+
+
+def choose_tokens(logits, temperature, top_k, top_p, uniform):
+    """Picks each row's next token. logits: float32 [b, V] (penalties applied); temperature,
+    top_p: float32 [b]; top_k: int32 [b]; uniform: float32 [b] (the row's draw). Returns int32 [b].
+
+    Temperature 0 is greedy. Otherwise OpenAI's order: scale by the temperature, top-k, top-p,
+    draw. Rows whose kept set lies among the largest CANDIDATES logits (the usual case) draw from
+    those; the others filter and draw over the whole vocabulary.
+    """
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    sampling = temperature > 0.0
+
+    def sample():
+        scaled = processors.scale(logits, temperature)
+        filtering = (top_k > 0) | (top_p < 1.0)
+
+        def candidates():
+            values, ids, exact = processors.filter_candidates(scaled, top_k, top_p)
+            drawn = tf.gather(ids, invert_cdf(values, uniform), axis=-1, batch_dims=1)
+            return drawn, exact
+
+        from_candidates, exact = tf.cond(
+            tf.reduce_any(filtering & sampling), candidates, lambda: (greedy, tf.zeros_like(filtering))
+        )
+
+        def from_vocabulary():
+            filtered = tf.cond(
+                tf.reduce_any(filtering & ~exact & sampling),
+                lambda: processors.filter_logits(scaled, top_k, top_p),
+                lambda: scaled,
+            )
+            return invert_cdf(filtered, uniform)
+
+        drawn = tf.cond(tf.reduce_all(exact | ~sampling), lambda: from_candidates, from_vocabulary)
+        return tf.where(sampling, tf.where(exact, from_candidates, drawn), greedy)
+
+    return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
+
+
+def logprobs_of(logits, tokens):
+    """Log-probabilities of `tokens` int32 [b] and the TOP_LOGPROBS most likely tokens under
+    softmax(logits) [b, V]: (token_logprob [b], top_ids int32 [b, N], top_logprobs [b, N]).
+    Both come from the same float values, so a greedy token's logprob equals the top one."""
+    log_probs = logits - tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+    top_values, top_ids = tf.math.top_k(log_probs, TOP_LOGPROBS)
+    token_logprob = tf.gather(log_probs, tokens, axis=-1, batch_dims=1)
+    return token_logprob, top_ids, top_values

@@ -1,0 +1,141 @@
+"""A pool of decoding slots whose state lives in TensorFlow variables between calls.
+
+`Pool(model, slots)` owns the variables of one `Decoder` state and one compiled program, `run`,
+that advances every active row by up to a given number of loop iterations (updating the
+variables in place under XLA). Rows are admitted into free slots and released from Python
+between runs, so the same program serves the library (a batch of prompts, streamed or not) and the
+server's continuous batching (requests joining and leaving a running decode).
+
+Shapes: B = slots, V = n_vocab, K = iterations recorded per run call, T = TOP_LOGPROBS.
+"""
+
+import dataclasses
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2.sampling import decoder as decoder_lib
+from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
+
+RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
+
+# State that `run` changes; the rest is written only by `admit`.
+_CHANGING = ("done", "cached", "filled", "generated", "counts", "logits", "window")
+
+
+@dataclasses.dataclass
+class RowRequest:
+    """One row to decode. prompt: token ids (1..n_ctx of them); settings: SamplingSettings;
+    seed: int32 (the row's random stream); max_new: tokens to generate; stop_token: ends the row
+    (-1 or None = never); window_keep: tokens kept when the window slides (None = n_ctx // 2);
+    logprobs: report the token's log-probability and the top alternatives."""
+
+    prompt: list
+    settings: object
+    seed: int
+    max_new: int
+    stop_token: int = -1
+    window_keep: int = None
+    logprobs: bool = False
+
+
+class Pool:
+    """Variables and the compiled `run` program for `slots` rows of `model`."""
+
+    def __init__(self, model, slots, jit_compile=True, iterations=RUN_ITERATIONS):
+        self.model = model
+        self.slots = slots
+        self.iterations = iterations
+        self.jit_compile = jit_compile
+        self.decoder = decoder_lib.Decoder(model, slots)
+        self.n_ctx = model.hparams.n_ctx
+        self.n_vocab = model.hparams.n_vocab
+        with tf.init_scope():
+            self.state = {
+                name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
+                for name, (shape, dtype) in self.decoder.state_spec().items()
+            }
+        self._changing = [name for name in self.state if name in _CHANGING or name[0] in "kv" and name[1:].isdigit()]
+        self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
+        self.lock = threading.Lock()
+        self.active = np.zeros(slots, bool)  # host copy of the "active" flags
+
+    # ------------------------------------------------------------------ compiled program
+
+    def _run_program(self, max_iterations):
+        state = {name: tf.convert_to_tensor(variable) for name, variable in self.state.items()}
+        state, outputs, count = self.decoder.run(state, max_iterations, self.iterations)
+        for name in self._changing:
+            self.state[name].assign(state[name])
+        return outputs, count, state["done"], state["generated"]
+
+    def run(self, max_iterations=None):
+        """Advances the active rows by up to max_iterations loop iterations (default and at most
+        `iterations`). Returns (outputs: dict of NumPy arrays [B, count, ...] (see
+        Decoder.output_spec; tokens are -1 where a row produced none), done bool [B], generated
+        int32 [B])."""
+        steps = self.iterations if max_iterations is None else min(max_iterations, self.iterations)
+        outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
+        count = int(count)
+        outputs = {name: value.numpy()[:, :count] for name, value in outputs.items()}
+        return outputs, done.numpy(), generated.numpy()
+
+    def tracing_count(self):
+        return self._run.experimental_get_tracing_count()
+
+    # ------------------------------------------------------------------ admission
+
+    def free_slots(self):
+        return [int(i) for i in np.flatnonzero(~self.active)]
+
+    def admit(self, slots, rows):
+        """Starts each RowRequest of `rows` in the matching free slot of `slots`."""
+        if not rows:
+            return
+        for row in rows:
+            row.prompt = check_prompt(row.prompt, self.n_vocab, self.n_ctx)
+        packed = pack_rows([row.settings for row in rows], self.n_vocab)
+        count = len(rows)
+        window = np.zeros([count, self.decoder.window_slots], np.int32)
+        seen = np.zeros([count, self.n_vocab], bool)
+        for i, row in enumerate(rows):
+            window[i, :len(row.prompt)] = row.prompt
+            seen[i, row.prompt] = True
+        values = {
+            **{name: packed[name] for name in ("temperature", "top_k", "top_p", "presence_penalty",
+                                               "frequency_penalty", "repetition_penalty", "logit_bias")},
+            "seed": np.array([np.int32(row.seed) for row in rows], np.int32),
+            "max_new": np.array([row.max_new for row in rows], np.int32),
+            "stop_token": np.array([-1 if row.stop_token is None else row.stop_token for row in rows], np.int32),
+            "window_keep": np.array([check_window_keep(row.window_keep, self.n_ctx) for row in rows], np.int32),
+            "want_logprobs": np.array([bool(row.logprobs) for row in rows]),
+            "active": np.ones(count, bool),
+            "done": np.zeros(count, bool),
+            "cached": np.zeros(count, np.int32),
+            "filled": np.array([len(row.prompt) for row in rows], np.int32),
+            "generated": np.zeros(count, np.int32),
+            "counts": np.zeros([count, self.n_vocab], np.int32),
+            "prompt_seen": seen,
+            "window": window,
+        }
+        # Rows admitted together with the same prompt share one ingestion of it.
+        first_slot = {}
+        values["source"] = np.array([first_slot.setdefault(tuple(row.prompt), slot) for slot, row in zip(slots, rows)],
+                                    np.int32)
+        values["source"][values["source"] == np.array(slots)] = -1
+        index = np.array(slots, np.int32)[:, None]
+        for name, value in values.items():
+            self.state[name].scatter_nd_update(index, value)
+        self.active[list(slots)] = True
+
+    def release(self, slots):
+        """Frees slots (their rows stop at once)."""
+        slots = list(slots)
+        if slots:
+            index = np.array(slots, np.int32)[:, None]
+            self.state["active"].scatter_nd_update(index, np.zeros(len(slots), bool))
+            self.active[slots] = False
+
+    def release_all(self):
+        self.release(range(self.slots))

@@ -1,0 +1,235 @@
+"""Sampling settings: every option of the sampler, its default and its validation, written once.
+
+TensorFlow-free. The library (`gpt2.sample_sequence`), generate.py and the HTTP server all build a
+`SamplingSettings`, so each rule and its error message exist in one place; the server answers a
+`SettingsError` with a 400 naming `error.field`.
+
+The order the sampler applies them in, per row and step (logits: float32 [V]):
+
+1. `repetition_penalty` (CTRL / Hugging Face): every token in the prompt or generated so far has
+   its logit divided by the penalty if positive, multiplied by it if negative (1 = off).
+2. `presence_penalty` and `frequency_penalty` (OpenAI): a token generated so far (not the
+   prompt) loses `presence_penalty` once plus `frequency_penalty` times its count (0 = off).
+3. `logit_bias` (OpenAI): {token id: bias} added to those logits.
+   Log-probabilities reported with tokens are of this distribution.
+4. top-k (0 = off; `top_k >= n_vocab` is off too) and top-p (1 = off; 0 keeps the most likely
+   token), OpenAI's order: top-k first, then the nucleus of what is left. Filtered tokens are
+   removed (-inf), whatever the temperature.
+5. temperature (0 = greedy: the most likely token), then one draw from the row's random stream.
+"""
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+MAX_LOGIT_BIAS_ENTRIES = 1024
+LOGIT_BIAS_LIMIT = 100.0  # as OpenAI: a bias of -100 bans a token, +100 forces it
+PENALTY_LIMIT = 2.0  # OpenAI's range for presence/frequency penalties
+SEED_LIMIT = 2**64
+
+
+class SettingsError(ValueError):
+    """A sampling setting or request value that cannot be used; `field` names it."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
+def is_int(value):
+    """True for integers (Python or NumPy), not for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(value):
+    """An integer, or an integral float (JSON clients send 40.0); None otherwise."""
+    if is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _as_number(value):
+    """A finite real as float; None otherwise."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _number(field, value, low, high, rule):
+    number = _as_number(value)
+    if number is None or not low <= number <= high:
+        raise SettingsError(field, f"{field} must be {rule}, got {value!r}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How one row picks its tokens (see the module docstring for the order and meaning).
+
+    temperature: >= 0, 0 = greedy. top_k: >= 0, 0 = off. top_p: in [0, 1], 1 = off, 0 = only the
+    most likely token. presence_penalty, frequency_penalty: in [-2, 2], 0 = off.
+    repetition_penalty: > 0, 1 = off. logit_bias: {token id: bias in [-100, 100]} (ids may be
+    strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple = ()
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "temperature", _number("temperature", self.temperature, 0.0, math.inf,
+                                          "a finite number >= 0 (0 = greedy)"))
+        top_k = _as_int(self.top_k)
+        if top_k is None or top_k < 0:
+            raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        set_(self, "top_k", top_k)
+        set_(self, "top_p", _number("top_p", self.top_p, 0.0, 1.0,
+                                    "a number in [0, 1] (1 = off, 0 = the most likely token only)"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            set_(self, name, _number(name, getattr(self, name), -PENALTY_LIMIT, PENALTY_LIMIT,
+                                     f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 = off)"))
+        penalty = _as_number(self.repetition_penalty)
+        if penalty is None or penalty <= 0:
+            raise SettingsError("repetition_penalty", "repetition_penalty must be a finite number > 0 "
+                                f"(1 = off), got {self.repetition_penalty!r}")
+        set_(self, "repetition_penalty", penalty)
+        set_(self, "logit_bias", _logit_bias(self.logit_bias))
+
+    @property
+    def greedy(self):
+        return self.temperature == 0.0
+
+    def check_vocab(self, n_vocab):
+        """Raises SettingsError if a logit_bias token id is outside [0, n_vocab)."""
+        bad = [token for token, _ in self.logit_bias if token >= n_vocab]
+        if bad:
+            raise SettingsError("logit_bias", f"logit_bias token ids must be in [0, {n_vocab}), got {bad[:5]}")
+        return self
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _logit_bias(value):
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {value!r}") from None
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SettingsError("logit_bias", f"logit_bias allows at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "
+                            f"got {len(items)}")
+    pairs = {}
+    for item in items:
+        try:
+            token, bias = item
+        except (TypeError, ValueError):
+            raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {value!r}") from None
+        token_id = _as_int(token)
+        if token_id is None and isinstance(token, str) and token.isascii() and token.isdigit():
+            token_id = int(token)
+        if token_id is None or token_id < 0:
+            raise SettingsError("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        number = _as_number(bias)
+        if number is None or abs(number) > LOGIT_BIAS_LIMIT:
+            raise SettingsError("logit_bias", f"logit_bias values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, "
+                                f"{LOGIT_BIAS_LIMIT:g}], got {bias!r} for token {token_id}")
+        pairs[token_id] = number
+    return tuple(sorted(pairs.items()))
+
+
+# ----------------------------------------------------------------------------- request values
+
+def check_seed(seed, field="seed"):
+    """None (fresh entropy) or an integer in [0, 2**64); returns it as int or None."""
+    if seed is None:
+        return None
+    value = _as_int(seed)
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise SettingsError(field, f"{field} must be an integer in [0, 2**64), got {seed!r}")
+    return value
+
+
+def row_seeds(seed, count):
+    """`count` int32 row seeds from one seed (None: fresh entropy). Row i's seed depends only on
+    `seed` and i, so a seeded row draws the same tokens whatever it is batched with."""
+    return np.random.SeedSequence(check_seed(seed)).generate_state(count).view(np.int32)
+
+
+def check_length(length, field="length", limit=None):
+    """New tokens to generate: an integer >= 1 (and <= `limit` when given)."""
+    value = _as_int(length)
+    if value is None or value < 1:
+        raise SettingsError(field, f"{field} must be an integer >= 1, got {length!r}")
+    if limit is not None and value > limit:
+        raise SettingsError(field, f"{field} must be at most {limit}, got {value}")
+    return value
+
+
+def check_prompt(tokens, n_vocab, n_ctx, field="prompt"):
+    """A prompt of token ids: non-empty, ids in [0, n_vocab), at most n_ctx tokens (generation
+    may run past the context: the window slides, see `check_window_keep`). Returns a list of int."""
+    if len(tokens) == 0:
+        raise SettingsError(field, f"{field} is empty; start unconditional samples from <|endoftext|> (50256)")
+    if len(tokens) > n_ctx:
+        raise SettingsError(field, f"{field} is {len(tokens)} tokens, more than the model's context of "
+                            f"{n_ctx}; shorten it")
+    ids = []
+    for token in tokens:
+        token_id = _as_int(token)
+        if token_id is None or not 0 <= token_id < n_vocab:
+            bad = [t for t in tokens if _as_int(t) is None or not 0 <= _as_int(t) < n_vocab]
+            raise SettingsError(field, f"{field} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5]}")
+        ids.append(token_id)
+    return ids
+
+
+def default_window_keep(n_ctx):
+    return n_ctx // 2
+
+
+def check_window_keep(window_keep, n_ctx, field="window_keep"):
+    """Tokens kept when the window slides past n_ctx: an integer in [1, n_ctx - 1]; None = n_ctx // 2."""
+    if window_keep is None:
+        return default_window_keep(n_ctx)
+    value = _as_int(window_keep)
+    if value is None or not 1 <= value < n_ctx:
+        raise SettingsError(field, f"{field} must be an integer in [1, {n_ctx - 1}], got {window_keep!r}")
+    return value
+
+
+def pack_rows(settings, n_vocab):
+    """Per-row settings as NumPy arrays for the compiled sampler (one rule for turning a
+    SamplingSettings into numbers; e.g. top_k >= n_vocab becomes 0 = off).
+
+    settings: a sequence of SamplingSettings, one per row. Returns a dict of arrays [b]:
+    temperature, top_p, presence_penalty, frequency_penalty, repetition_penalty (float32), top_k
+    (int32), and logit_bias float32 [b, n_vocab] (zeros unless some row has a bias).
+    """
+    for row in settings:
+        row.check_vocab(n_vocab)
+    packed = {
+        "temperature": np.array([s.temperature for s in settings], np.float32),
+        "top_k": np.array([s.top_k if s.top_k < n_vocab else 0 for s in settings], np.int32),
+        "top_p": np.array([s.top_p for s in settings], np.float32),
+        "presence_penalty": np.array([s.presence_penalty for s in settings], np.float32),
+        "frequency_penalty": np.array([s.frequency_penalty for s in settings], np.float32),
+        "repetition_penalty": np.array([s.repetition_penalty for s in settings], np.float32),
+    }
+    bias = np.zeros([len(settings), n_vocab], np.float32)
+    for row, setting in enumerate(settings):
+        for token, value in setting.logit_bias:
+            bias[row, token] = value
+    packed["logit_bias"] = bias
+    return packed
