@@ -130,7 +130,8 @@ def build_parser(prog=None):
     group.add_argument("--lora-alpha", type=_positive_float, metavar="A",
                        help="LoRA scale numerator: adapters are scaled by A / R (default: R)")
     group.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=d["compute_dtype"],
-                       help="bfloat16: mixed precision, float32 master weights (default: float32)")
+                       help="bfloat16: mixed precision: bfloat16 matmuls, float32 weights, LayerNorm "
+                            "and softmax (default: float32)")
 
     group = parser.add_argument_group("saving, samples and logs")
     group.add_argument("--save-every", type=_non_negative_int, default=d["save_every"], metavar="N",
