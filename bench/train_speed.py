@@ -1,14 +1,16 @@
 """Fine-tuning speed and memory: this project's training step beside its peers, and a memory table.
 
     flock /work/heavy.lock python bench/train_speed.py speed [--shape 124M] [--seq-len 256]
-        [--batch-size 4] [--steps 5] [--reps 3] [--peers hf,kerashub] [--ours-xla both]
+        [--batch-size 4] [--steps 5] [--reps 3] [--peers hf,kerashub] [--ours fp32,xla,bf16]
     flock /work/heavy.lock python bench/train_speed.py memory [--shapes 124M,355M,774M,1558M]
         [--options full,recompute,lora,lora+recompute,bf16] [--steps 2]
 
 Systems (fp32, same GPT-2 shape, random token windows, AdamW lr 1e-4, weight decay 0.01, global
 norm clipping 1.0, no dropout):
-  ours / ours-xla  gpt2.train.Trainer(...).step() on the random-weight checkpoint of the shape
-                   (bench/.cache/<shape>/, or --models-dir/<shape>), XLA off / on.
+  ours             gpt2.train.Trainer(...).step() on the random-weight checkpoint of the shape
+                   (bench/.cache/<shape>/, or --models-dir/<shape>); ours-xla: the step compiled
+                   with XLA; ours-bf16: mixed_bfloat16 (bfloat16 matmuls, float32 weights; not
+                   the same precision as the fp32 peers, shown for what the option gains).
   hf               Hugging Face transformers GPT2LMHeadModel(GPT2Config(shape)) on PyTorch CPU, a
                    plain loop: model(ids, labels=ids).loss, backward, clip_grad_norm_, AdamW.step.
   kerashub         KerasHub GPT2CausalLM(GPT2Backbone(shape), preprocessor=None).fit on a
@@ -253,16 +255,14 @@ def model_dir_for(shape, models_dir):
 def speed(args, log_dir):
     hparams = _common.PRESET_SHAPES[args.shape]
     model_dir = model_dir_for(args.shape, args.models_dir)
-    systems = [(name, "ours", xla) for name, xla in
-               {"off": [("ours", False)], "on": [("ours-xla", True)],
-                "both": [("ours", False), ("ours-xla", True)]}[args.ours_xla]]
-    systems += [(peer, peer, None) for peer in args.peers]
+    variants = {"fp32": ("ours", False, "full"), "xla": ("ours-xla", True, "full"), "bf16": ("ours-bf16", False, "bf16")}
+    systems = [variants[v] for v in args.ours] + [(peer, None, None) for peer in args.peers]
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"# GPT-2 {args.shape} training, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps "
           f"per rep, {args.reps} reps, {os.cpu_count()} cores\n", flush=True)
     workers = []
-    for name, kind, xla in systems:
-        spec = dict(kind=kind, xla=xla, model_dir=model_dir, hparams=hparams, batch_size=args.batch_size,
+    for name, xla, option in systems:
+        spec = dict(kind=name if option is None else "ours", xla=xla, option=option, model_dir=model_dir, hparams=hparams, batch_size=args.batch_size,
                     seq_len=args.seq_len, steps=args.steps)
         worker = Worker(name, spec, os.path.join(log_dir, f"speed-{name}.log"))
         worker.info = worker.receive() or {}
@@ -281,7 +281,7 @@ def speed(args, log_dir):
                       f"(loss {answer['loss']:.3f})", flush=True)
     for worker in workers:
         worker.finish()
-    best_ours = max((tokens / _common.median(w.reps) for w in workers if w.reps and w.name.startswith("ours")),
+    best_ours = max((tokens / _common.median(w.reps) for w in workers if w.reps and w.name in ("ours", "ours-xla")),
                     default=None)
     rows = []
     for worker in workers:
@@ -294,7 +294,7 @@ def speed(args, log_dir):
                      f"{worker.peak_rss / _common.MiB:.0f}" if worker.peak_rss else "-",
                      worker.info.get("versions", "")])
     print(f"\n## GPT-2 {args.shape} training steps, batch {args.batch_size} x {args.seq_len} tokens "
-          f"(x) = ratio to our faster variant\n")
+          f"(x) = ratio to our faster fp32 variant\n")
     print(_common.markdown_table(["system", "tokens/s median", "tokens/s best", "first step s", "peak RSS MiB",
                                   "notes"], rows, align="lrrrrl"))
     return [dict(system=w.name, status=w.status, info=w.info, reps=w.reps, peak_rss=w.peak_rss) for w in workers]
@@ -362,7 +362,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="steps per rep (speed: 5) or in all (memory: 2)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--peers", default=",".join(PEERS), help="speed: subset of " + ",".join(PEERS))
-    parser.add_argument("--ours-xla", default="both", choices=("off", "on", "both"))
+    parser.add_argument("--ours", default="fp32,xla,bf16", help="speed: our variants, subset of fp32,xla,bf16")
     parser.add_argument("--models-dir", help="take (or write) random checkpoints here, e.g. /work/models "
                                              "(default: bench/.cache)")
     parser.add_argument("--json", help="also write the raw results to this file")
@@ -371,9 +371,11 @@ def main(argv=None):
     if args._worker:
         return worker_main()
     args.peers = [p for p in args.peers.split(",") if p]
+    args.ours = [v for v in args.ours.split(",") if v]
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.options = [o for o in args.options.split(",") if o]
     unknown = sorted(set(args.peers) - set(PEERS)) + sorted(set(args.options) - set(OPTIONS)) + \
+        sorted(set(args.ours) - {"fp32", "xla", "bf16"}) + \
         sorted(set(args.shapes) - set(_common.PRESET_SHAPES))
     if unknown:
         parser.error(f"unknown peers, options or shapes: {unknown}")
