@@ -106,7 +106,8 @@ def finetune(model, dataset, output=None, *, val_dataset=None, encoder=None, sou
     with `train_state/` beside it; None = no saves). source_dir: the folder the model was loaded
     from (its encoder files are copied; LoRA restores base weights from it after a save).
     settings: the fields of TrainConfig (steps, batch_size, learning_rate, lora_rank, ...).
-    Ctrl-C stops after the current step and saves; NaN loss raises TrainingError.
+    Ctrl-C stops after the current step and saves; NaN loss raises TrainingError. Turns on
+    TensorFlow's op determinism for the rest of the process (exact resume needs it).
     """
     trainer = Trainer(model, dataset, output, config=TrainConfig(**settings), val_dataset=val_dataset,
                       encoder=encoder, source_dir=source_dir, strategy=strategy,
