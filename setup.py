@@ -11,12 +11,15 @@ setup(
     package_data={"encoder": ["encoder.json", "vocab.bpe"]},
     py_modules=[],
     install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
-    extras_require={"test": ["pytest", "openai"]},
+    # hf: Hugging Face folders (gpt2.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
+    extras_require={"hf": ["safetensors>=0.4.5"], "test": ["pytest", "openai", "safetensors>=0.4.5"]},
     entry_points={
         "console_scripts": [
             "gpt2-generate=gpt2.generate_cli:main",
             "gpt2-download=gpt2.download:main",
             "gpt2-serve=gpt2.serve:main",
+            "gpt2-convert=gpt2.convert:main",
+            "gpt2-evaluate=gpt2.evaluate:main",
             "gpt2-train=gpt2.train.cli:main",
         ]
     },

@@ -44,6 +44,19 @@ def child_env(**extra):
     return env
 
 
+def run_child(script, args, what, timeout):
+    """Runs `python script args...` from the repository root and returns the last JSON line it
+    printed; RuntimeError naming `what` (with the end of its stderr) if it failed."""
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(script), *args],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), timeout=timeout,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def param_count(hp):
@@ -91,15 +104,35 @@ def _checkpoint_complete(model_dir, shape):
         return False
 
 
+def cached_hf_folder(shape, log=print):
+    """Folder of the random `shape` checkpoint in Hugging Face's layout, converted once from
+    cached_checkpoint(shape) with `python -m gpt2.convert --to hf` into bench/.cache/<shape>-hf/."""
+    return convert_to_hf(cached_checkpoint(shape, log=log), os.path.join(CACHE_DIR, f"{shape}-hf"), log=log)
+
+
+def convert_to_hf(src, dst, log=print):
+    """`python -m gpt2.convert --to hf src dst`, once: an existing dst (written whole, since the
+    converter renames a finished folder into place) is kept."""
+    if os.path.isfile(os.path.join(dst, "model.safetensors")):
+        return dst
+    log(f"converting {src} to a Hugging Face folder {dst} (once; cached) ...")
+    result = subprocess.run([sys.executable, "-m", "gpt2.convert", "--to", "hf", src, dst],
+                            cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"could not convert {src} (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return dst
+
+
 def read_hparams(model_dir):
     with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
 def data_file_bytes(model_dir):
+    """Bytes of a model folder's weight files (OpenAI's checkpoint data or safetensors)."""
     return sum(
         os.path.getsize(os.path.join(model_dir, f))
-        for f in os.listdir(model_dir) if f.startswith("model.ckpt.data-")
+        for f in os.listdir(model_dir) if f.startswith("model.ckpt.data-") or f.endswith(".safetensors")
     )
 
 

@@ -325,6 +325,9 @@ def read_vocab_bpe(path):
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# A model folder's BPE files: OpenAI's names, then Hugging Face's names for the same two files
+# (vocab.json is encoder.json, merges.txt is vocab.bpe with its #version line).
+MODEL_DIR_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 _loaded = {}  # (real encoder.json path, real vocab.bpe path) -> Encoder
 
 
@@ -345,16 +348,28 @@ def get_encoder(model_name=None, models_dir="models"):
     for path in (encoder_json, vocab_bpe):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found — {hint}")
+    return _cached_encoder(encoder_json, vocab_bpe)
+
+
+def _cached_encoder(encoder_json, vocab_bpe):
     key = (os.path.realpath(encoder_json), os.path.realpath(vocab_bpe))
     if key not in _loaded:
         _loaded[key] = Encoder.from_files(encoder_json, vocab_bpe)
     return _loaded[key]
 
 
+def encoder_files_for_model_dir(model_dir):
+    """The (vocabulary, merges) file paths a model folder's encoder is built from: its own
+    encoder.json + vocab.bpe (OpenAI's layout), else its vocab.json + merges.txt (Hugging Face's
+    names for the same files), else the GPT-2 files shipped with this package (a folder written
+    by save_checkpoint has neither pair)."""
+    for names in MODEL_DIR_FILES:
+        paths = tuple(os.path.join(model_dir, name) for name in names)
+        if all(os.path.isfile(path) for path in paths):
+            return paths
+    return tuple(os.path.join(PACKAGE_DIR, name) for name in MODEL_DIR_FILES[0])
+
+
 def encoder_for_model_dir(model_dir):
-    """The encoder of a model folder: its own encoder.json/vocab.bpe when it has both, else the
-    GPT-2 files shipped with this package (a folder written by save_checkpoint has neither)."""
-    model_dir = os.path.abspath(model_dir)
-    if all(os.path.isfile(os.path.join(model_dir, name)) for name in ("encoder.json", "vocab.bpe")):
-        return get_encoder(os.path.basename(model_dir), os.path.dirname(model_dir))
-    return get_encoder()
+    """The (cached) encoder of a model folder, from the files `encoder_files_for_model_dir` picks."""
+    return _cached_encoder(*encoder_files_for_model_dir(model_dir))

@@ -6,7 +6,10 @@ TensorFlow is imported on first use of a name that needs it, so command-line too
 
 import importlib
 
+from gpt2 import compile_cache
 from gpt2.hparams import PRESETS, HParams
+
+compile_cache.enable()  # before the first XLA compile; see gpt2/compile_cache.py
 
 _LAZY = {
     "GPT2": "gpt2.model",
@@ -20,6 +23,8 @@ _LAZY = {
     "SamplingSettings": "gpt2.sampling.settings",
     "SettingsError": "gpt2.sampling.settings",
     "download_model": "gpt2.download",
+    "score": "gpt2.scoring",
+    "perplexity": "gpt2.scoring",
     "finetune": "gpt2.train.trainer",
 }
 

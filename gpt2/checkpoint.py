@@ -1,4 +1,5 @@
-"""Reads and writes OpenAI's original GPT-2 checkpoint folders, with no conversion step.
+"""Reads and writes OpenAI's original GPT-2 checkpoint folders, with no conversion step; also
+loads Hugging Face GPT-2 folders (gpt2.hf) through the same `load_model`.
 
 A model folder holds `hparams.json`, a `checkpoint` state file naming the prefix (`model.ckpt`), and
 the TF checkpoint `model.ckpt.index` + `model.ckpt.data-00000-of-00001` with variables named
@@ -114,8 +115,12 @@ def check_model_dir(model_dir):
 
     hparams.json must parse, and the checkpoint index must hold exactly the variables and shapes
     that those hparams imply (a fine-tuned model of any shape passes). Raises CheckpointError (or
-    FileNotFoundError/ValueError from hparams) with every problem listed in one line.
+    FileNotFoundError/ValueError from hparams) with every problem listed in one line. A Hugging
+    Face folder gets the same checks of its config.json and safetensors headers.
     """
+    if _is_hf_dir(model_dir):
+        with open_weights(model_dir) as weights:
+            return weights.hparams
     hparams = HParams.from_json(os.path.join(model_dir, "hparams.json"))
     prefix = _checkpoint_prefix(model_dir)
     reader = _read_index(prefix)
@@ -153,33 +158,100 @@ def _check_data_size(prefix, shapes):
 
 
 def load_model(name_or_dir, models_dir="models", dropout=0.0, dtype=None):
-    """Loads an OpenAI GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`).
+    """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
+    layout or Hugging Face's (config.json + model.safetensors, see gpt2.hf).
 
-    Returns a `gpt2.GPT2` with the checkpoint's weights, `dropout` (applied when called with
+    Returns a `gpt2.GPT2` with the folder's weights, `dropout` (applied when called with
     training=True, e.g. to fine-tune) and Keras dtype policy `dtype` (e.g. "mixed_bfloat16" to
-    train with bfloat16 compute and float32 weights; None = float32). The model starts zeroed (no random
-    draws) and each tensor is restored straight into TensorFlow memory and handed to its
-    variable, one at a time: loading holds the weights once plus the largest single tensor.
+    train with bfloat16 compute and float32 weights; None = float32). The model starts zeroed (no random draws)
+    and each tensor is read and handed to its variable one at a time: loading holds the weights
+    once plus the largest single tensor (twice that tensor for a Hugging Face folder, which is
+    read into NumPy first).
     """
     import tensorflow as tf
 
     from gpt2.model import GPT2
 
     model_dir = resolve_model_dir(name_or_dir, models_dir)
-    hparams = check_model_dir(model_dir)
-    prefix = _checkpoint_prefix(model_dir)
-    model = GPT2(hparams, dropout=dropout, random_init=False, dtype=dtype)
-    for name, variable in model_variables(model).items():
+    with open_weights(model_dir) as weights:
+        model = GPT2(weights.hparams, dropout=dropout, random_init=False, dtype=dtype)
+        for name, variable in model_variables(model).items():
+            # Holding `value` during the assign makes TensorFlow copy it into the variable's own
+            # buffer rather than adopt it, so the buffer freed is the value's (returned at once).
+            value = _as_tensor(weights.read(name))
+            variable.assign(tf.reshape(value, variable.shape))
+            del value
+    return model
+
+
+def _as_tensor(value):
+    """A TensorFlow tensor of `value`, copied once. tf.convert_to_tensor copies a NumPy array
+    twice; a 64-byte aligned float32 array (what the Hugging Face reader returns) is instead
+    wrapped through DLPack without a copy and then copied into TensorFlow's own memory."""
+    import tensorflow as tf
+
+    if (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.flags.c_contiguous
+            and value.flags.writeable and value.ctypes.data % 64 == 0):
+        shared = tf.experimental.dlpack.from_dlpack(value.__dlpack__())
+        return tf.raw_ops.Snapshot(input=shared)  # `shared` is held, so Snapshot copies
+    return tf.convert_to_tensor(value)
+
+
+def open_weights(model_dir):
+    """The weights of a model folder in either layout, checked but not yet read: an object with
+    `hparams`, `read(name)` (OpenAI variable name -> float32 tensor of its variable_shapes shape)
+    and `close()`; a context manager. A Hugging Face folder needs the safetensors package."""
+    if _is_hf_dir(model_dir):
+        from gpt2.hf import HFTensors
+
+        return HFTensors(model_dir)
+    return _OpenAIWeights(model_dir)
+
+
+class _OpenAIWeights:
+    """OpenAI's checkpoint as a tensor source (see open_weights): each read restores one tensor
+    straight into TensorFlow memory."""
+
+    def __init__(self, model_dir):
+        self.hparams = check_model_dir(model_dir)
+        self._prefix = _checkpoint_prefix(model_dir)
+
+    def read(self, name):
+        import tensorflow as tf
+
         try:
             (value,) = tf.raw_ops.RestoreV2(
-                prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.float32]
+                prefix=self._prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.float32]
             )
         except tf.errors.OpError as error:
             message = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{prefix}: cannot read {name} ({message}); download the model again") from None
-        variable.assign(tf.reshape(value, variable.shape))
-        del value
-    return model
+            raise CheckpointError(f"{self._prefix}: cannot read {name} ({message}); download the model again") from None
+        return value
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _is_hf_dir(model_dir):
+    from gpt2.hf import is_hf_dir
+
+    return is_hf_dir(model_dir)
+
+
+def read_hparams(model_dir):
+    """The HParams of a model folder in either layout, from hparams.json or config.json alone
+    (no weights read, no TensorFlow)."""
+    if _is_hf_dir(model_dir):
+        from gpt2.hf import read_hparams as read_hf_hparams
+
+        return read_hf_hparams(model_dir)
+    return HParams.from_json(os.path.join(model_dir, "hparams.json"))
 
 
 def save_checkpoint(model, model_dir):

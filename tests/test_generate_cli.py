@@ -153,7 +153,7 @@ def test_interactive_streams_each_prompt(capsys, monkeypatch, cases):
     assert stdout.getvalue() == expected
     assert "Traceback" not in err
     assert "empty prompt" in err
-    assert err.count("error: ") == 1 and "--length 20 does not fit" in err
+    assert err.count("error: ") == 1 and "the prompt is 80 tokens, more than the model's context of 64" in err
     # Streamed: the text of a sample arrives in many writes, not in one piece.
     start = stdout.writes.index(header(1))
     pieces = stdout.writes[start + 1: stdout.writes.index(END, start)]
@@ -222,7 +222,6 @@ def test_download_flag_fetches_a_missing_model(capsys, monkeypatch, cases, tmp_p
 
 @pytest.mark.parametrize("args, fragment", [
     (["--top-p", "2"], "--top-p"),
-    (["--top-p", "0"], "--top-p"),
     (["--length", "0"], "--length"),
     (["--length", "ten"], "--length"),
     (["--temperature", "-1"], "--temperature"),
@@ -230,7 +229,12 @@ def test_download_flag_fetches_a_missing_model(capsys, monkeypatch, cases, tmp_p
     (["--top-k", "-1"], "--top-k"),
     (["--nsamples", "0"], "--nsamples"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--seed", "-3"], "--seed"),
+    (["--seed", "-3"], "seed must be an integer in [0, 2**64)"),
+    (["--top-k", "2.5"], "--top-k"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--presence-penalty", "9"], "presence_penalty must be a number in [-2, 2]"),
+    (["--logit-bias", "5"], "expected TOKEN=BIAS"),
+    (["--logit-bias", "5=500"], "logit_bias values must be numbers in [-100, 100]"),
     (["--prompt", "x", "--interactive"], "not allowed with"),
     (["--stream", "--batch-size", "2", "--nsamples", "2"], "--stream"),
     (["--no-such-option"], "unrecognized"),
@@ -242,10 +246,9 @@ def test_bad_values_are_one_line_usage_errors(capsys, monkeypatch, args, fragmen
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--prompt", " word" * 80], ["prompt is 80 tokens", "context of 64 tokens", "shorten the prompt"]),
-    (["--prompt", " word" * 60, "--length", "5"], ["--length 5", "prompt takes 60, leaving 4"]),
-    (["--prompt", "Hello, my name is", "--length", "60"], ["--length 60", "context is 64 tokens", "lower --length"]),
-    (["--unconditional", "--length", "64"], ["--length 64", "<|endoftext|>", "leaving 63"]),
+    (["--prompt", " word" * 80], ["the prompt is 80 tokens, more than the model's context of 64", "shorten it"]),
+    (["--window-keep", "64", "--prompt", "hi"], ["--window-keep must be an integer in [1, 63]"]),
+    (["--logit-bias", "50257=1", "--prompt", "hi"], ["logit_bias token ids must be in [0, 50257)"]),
     (["--prompt", ""], ["--prompt is empty"]),
     (["--prompt-file", "no/such/prompt.txt"], ["no/such/prompt.txt: prompt file not found"]),
 ])
@@ -316,3 +319,45 @@ def test_parsing_happens_before_tensorflow_is_imported():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("[0, 2]")
+
+
+def test_length_past_the_context_and_penalties_are_the_library_sampler(capsys, monkeypatch, cases):
+    import gpt2
+    from encoder import get_encoder
+
+    enc = get_encoder()
+    prompt = cases[0]["prompt_text"]
+    options = ("--temperature", "0", "--length", "100", "--window-keep", "20", "--repetition-penalty", "1.3",
+               "--presence-penalty", "0.5", "--logit-bias", "13=1.5", "--no-stop-at-eot")
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", prompt, *options)
+    assert code == 0, err
+    expected = gpt2.sample_sequence(_tiny_model[0], [enc.encode(prompt)], 100, temperature=0, window_keep=20,
+                                    repetition_penalty=1.3, presence_penalty=0.5, logit_bias={13: 1.5})
+    assert out == header(1) + enc.decode(expected[0, len(enc.encode(prompt)):]) + "\n" + END
+
+
+def test_ctrl_c_stops_a_long_generation_promptly(tmp_path):
+    """SIGINT while a long non-streamed generation runs: exit 130 with one line, not at the end."""
+    import signal
+    import time
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(
+        [sys.executable, "generate.py", "--model", TINY, "--prompt", "Hello", "--length", "1000000", "--no-xla"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "compiling" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        time.sleep(3)  # well into the decode
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "error: interrupted"

@@ -15,13 +15,14 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import compile_cache
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
 
 RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
 
-# State that `run` changes; the rest is written only by `admit`.
-_CHANGING = ("done", "cached", "filled", "generated", "counts", "logits", "window")
+# State that only `admit`/`release` write; `run` writes back everything else.
+_FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
 
 
 @dataclasses.dataclass
@@ -56,9 +57,10 @@ class Pool:
                 name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
                 for name, (shape, dtype) in self.decoder.state_spec().items()
             }
-        self._changing = [name for name in self.state if name in _CHANGING or name[0] in "kv" and name[1:].isdigit()]
+        self._changing = [name for name in self.state if name not in _FIXED_IN_RUN]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
         self.lock = threading.Lock()
+        self._published = False
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
 
     # ------------------------------------------------------------------ compiled program
@@ -78,8 +80,17 @@ class Pool:
         steps = self.iterations if max_iterations is None else min(max_iterations, self.iterations)
         outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
         count = int(count)
+        if not self._published:  # the first call compiled: share it with other processes now
+            self._published = compile_cache.publish() >= 0
+        if count == steps and not (outputs["tokens"].numpy() >= 0).any() and not self._ingesting():
+            raise RuntimeError("the decoder made no progress; this is a bug, please report it")
         outputs = {name: value.numpy()[:, :count] for name, value in outputs.items()}
         return outputs, done.numpy(), generated.numpy()
+
+    def _ingesting(self):
+        cached, filled = self.state["cached"].numpy(), self.state["filled"].numpy()
+        done = self.state["done"].numpy()
+        return bool((self.active & ~done & (cached < filled)).any())
 
     def tracing_count(self):
         return self._run.experimental_get_tracing_count()

@@ -1,0 +1,133 @@
+"""Converts a GPT-2 folder between OpenAI's checkpoint layout and Hugging Face's.
+
+    python -m gpt2.convert --to hf SRC DST        # config.json, model.safetensors, vocab.json, ...
+    python -m gpt2.convert --to openai SRC DST    # hparams.json, checkpoint, model.ckpt.*, encoder.json, ...
+
+SRC is a folder in either layout (or a model name under --models-dir). The tensors are copied
+bit for bit (OpenAI -> Hugging Face -> OpenAI gives back the original values; float16/bfloat16
+Hugging Face weights become float32). DST is written in a temporary folder beside it and renamed
+into place, so it never holds a half-written model.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+FORMATS = ("hf", "openai")
+
+
+def convert(src, dst, to, overwrite=False, models_dir="models"):
+    """Writes the model of `src` (a folder in either layout, or a name under `models_dir`) to the
+    new folder `dst` in layout `to` ("hf" or "openai"), with its BPE files. `dst` must not exist
+    or be empty, unless `overwrite`. Returns the HParams written."""
+    from encoder import encoder_files_for_model_dir
+    from gpt2.checkpoint import _write_checkpoint, open_weights, resolve_model_dir
+
+    if to not in FORMATS:
+        raise ValueError(f"unknown format {to!r}: choose from {', '.join(FORMATS)}")
+    src_dir = resolve_model_dir(src, models_dir)
+    _check_destination(src_dir, dst, overwrite)
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.converting-", dir=parent)
+    try:
+        with open_weights(src_dir) as weights:
+            hparams = weights.hparams
+            if to == "hf":
+                from gpt2.hf import write_hf_weights
+
+                write_hf_weights(hparams, weights.read, staging)
+            else:
+                _write_checkpoint(hparams, staging, weights.read)
+        names = ("vocab.json", "merges.txt") if to == "hf" else ("encoder.json", "vocab.bpe")
+        for source, name in zip(encoder_files_for_model_dir(src_dir), names):
+            target = os.path.join(staging, name)
+            if not os.path.exists(target):
+                shutil.copyfile(source, target)
+        _set_default_permissions(staging)
+        _move_into_place(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return hparams
+
+
+def _check_destination(src_dir, dst, overwrite):
+    if not os.path.exists(dst):
+        return
+    if not os.path.isdir(dst):
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if os.path.samefile(src_dir, dst):
+        raise ValueError(f"{dst}: is the source folder; write the conversion to another folder")
+    if os.listdir(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: folder is not empty; choose a new folder or pass --overwrite")
+
+
+def _set_default_permissions(folder):
+    """The modes a plain mkdir/open would give (mkdtemp and some writers use owner-only modes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def _move_into_place(staging, dst):
+    """Renames the finished folder `staging` to `dst`; an existing `dst` is moved aside first and
+    deleted only once the new folder is in place."""
+    if not os.path.exists(dst):
+        os.rename(staging, dst)
+        return
+    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.replaced-",
+                             dir=os.path.dirname(os.path.abspath(dst)))
+    os.rmdir(aside)
+    os.rename(dst, aside)
+    try:
+        os.rename(staging, dst)
+    except OSError:
+        os.rename(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2.convert",
+        description="Convert a GPT-2 folder between OpenAI's checkpoint layout and Hugging Face's "
+                    "(config.json + model.safetensors). The weights are copied bit for bit.",
+    )
+    parser.add_argument("--to", required=True, choices=FORMATS,
+                        help="layout to write: hf (config.json, model.safetensors, vocab.json, merges.txt, "
+                             "generation_config.json) or openai (hparams.json, checkpoint, model.ckpt.*, "
+                             "encoder.json, vocab.bpe); required")
+    parser.add_argument("src", metavar="SRC", help="model folder in either layout, or a model name under --models-dir")
+    parser.add_argument("dst", metavar="DST", help="folder to write; must not exist or be empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty DST (default: off: refuse)")
+    parser.add_argument("--models-dir", default="models", metavar="DIR",
+                        help="where a model name SRC is looked up (default: models)")
+    return parser
+
+
+def _user_errors():
+    """What bad input raises: ValueError (CheckpointError is one), OSError (missing, existing or
+    unwritable folders), MemoryError, and TensorFlow's OpError when TensorFlow was needed."""
+    tf = sys.modules.get("tensorflow")
+    return (ValueError, OSError, MemoryError) + ((tf.errors.OpError,) if tf is not None and hasattr(tf, "errors") else ())
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    try:
+        hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir)
+    except _user_errors() as error:
+        sys.exit(f"error: {error}")
+    layout = "Hugging Face" if args.to == "hf" else "OpenAI"
+    print(f"wrote {args.dst} ({layout} layout, n_layer {hparams.n_layer}, n_embd {hparams.n_embd})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

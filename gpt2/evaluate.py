@@ -1,0 +1,199 @@
+"""Perplexity of text files under GPT-2: `python -m gpt2.evaluate --model 124M FILE...`.
+
+Each file's text is encoded with <|endoftext|> prepended (so its first token is scored too) and
+scored with `gpt2.perplexity` in sliding windows, streamed: neither the text nor its tokens are
+held whole. Prints, per file and in total, the tokens scored, the mean negative log-likelihood
+(nats/token), the perplexity and bits per byte (total NLL / ln 2 / UTF-8 bytes of the text).
+With --json, stdout is one JSON object {"tokens", "nll", "perplexity", "bits_per_byte"} (all
+files together; nll is the mean in nats/token).
+
+Arguments are parsed (and --help answered) before TensorFlow is imported. Bad input ends in a
+one-line `error: ...` on stderr.
+"""
+
+import codecs
+import functools
+import itertools
+import json
+import math
+import os
+import sys
+
+from gpt2.generate_cli import (
+    DEFAULT_MODEL,
+    DEFAULT_MODELS_DIR,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    _fail,
+    _number,
+    _Parser,
+    _user_errors,
+)
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+READ_BLOCK = 1 << 20
+
+
+def build_parser(prog="python -m gpt2.evaluate"):
+    """The argument parser; every option's help states its default."""
+    parser = _Parser(
+        prog=prog,
+        description=(
+            "Score text files with GPT-2: tokens scored, mean negative log-likelihood (nats per "
+            "token), perplexity and bits per byte, per file and in total. Each file is encoded "
+            "with <|endoftext|> in front, so every token of its text is scored, in sliding "
+            "windows of the model's context."
+        ),
+        epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files to score")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
+        help="model size (124M, 355M, 774M, 1558M) looked up under --models-dir, or the path "
+             f"of a model folder (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+        help=f"folder holding downloaded models (default: {DEFAULT_MODELS_DIR})",
+    )
+    parser.add_argument(
+        "--stride", type=_positive_int, metavar="S",
+        help="tokens between window starts, at most the model's context; after the first "
+             "window each token is predicted from at least context - S + 1 tokens; S = context "
+             "gives disjoint windows (default: half the context, 512 for the released models)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="B",
+        help="windows per compiled call (default: as many as keep the logits near 512 MiB, "
+             "2 for the released models)",
+    )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print only one JSON object with the keys tokens, nll (mean, nats/token), "
+             "perplexity and bits_per_byte, for all files together (default: a table)",
+    )
+    return parser
+
+
+def check_text_file(path):
+    """The UTF-8 byte count of a text file; a one-line error if it is missing, unreadable, not
+    UTF-8 or empty. Reads the file in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            for block in iter(functools.partial(f.read, READ_BLOCK), b""):
+                held = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as error:
+                    raise ValueError(
+                        f"{path}: not UTF-8 text ({error.reason} at byte {size - held + error.start})"
+                    ) from None
+                size += len(block)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder, not a text file") from None
+    except OSError as error:
+        raise OSError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at the end of the file)") from None
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty, nothing to score")
+    return size
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
+        if isinstance(error, _user_errors()):
+            return _fail(error, EXIT_ERROR)
+        raise
+
+
+def _run(args):
+    sizes = [check_text_file(path) for path in args.files]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    from tqdm import tqdm
+
+    from encoder import encoder_for_model_dir
+    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.hparams import HParams
+    from gpt2.scoring import perplexity, window_count
+
+    model_dir = resolve_model_dir(args.model, args.models_dir)
+    n_ctx = HParams.from_json(os.path.join(model_dir, "hparams.json")).n_ctx
+    stride = n_ctx // 2 if args.stride is None else args.stride
+    if stride > n_ctx:
+        raise ValueError(f"--stride {stride} is more than the model's context of {n_ctx} tokens")
+    enc = encoder_for_model_dir(model_dir)
+
+    def tokens_of(path):  # <|endoftext|>, then the text's tokens chunk by chunk
+        return itertools.chain([[enc.eot_token]], enc.encode_file(path))
+
+    # A first, cheap encoding pass counts the windows, so the progress bar has a total.
+    counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]
+    model = _load_model(model_dir, load_model)
+    rows = []
+    with tqdm(total=sum(window_count(n, n_ctx, stride) for n in counts), desc="scoring",
+              unit="window", file=sys.stderr) as bar:
+        for path, size in zip(args.files, sizes):
+            result = perplexity(model, tokens_of(path), stride=stride, batch_size=args.batch_size,
+                                progress=bar.update)
+            rows.append((path, result.tokens, result.total_nll, size))
+    total = ("total", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows))
+    if args.json:
+        print(json.dumps(_summary(*total[1:])))
+    else:
+        _print_table(rows + [total] if len(rows) > 1 else rows)
+    return EXIT_OK
+
+
+def _load_model(model_dir, load_model):
+    """Loads the model; a seam for tests, which reuse one loaded model across runs."""
+    return load_model(model_dir)
+
+
+def _summary(tokens, total_nll, size):
+    """The figures of `tokens` tokens with summed NLL `total_nll` (nats) over `size` bytes."""
+    mean = total_nll / tokens
+    return {
+        "tokens": tokens,
+        "nll": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_byte": total_nll / math.log(2) / size,
+    }
+
+
+def _print_table(rows):
+    """rows: (name, tokens, total NLL, bytes) -> an aligned table on stdout."""
+    header = ("file", "tokens", "nll/token", "perplexity", "bits/byte")
+    lines = [header]
+    for name, tokens, total_nll, size in rows:
+        figures = _summary(tokens, total_nll, size)
+        lines.append((
+            name, str(tokens), f"{figures['nll']:.4f}", f"{figures['perplexity']:.3f}",
+            f"{figures['bits_per_byte']:.4f}",
+        ))
+    width = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        cells = [line[0].ljust(width[0])] + [cell.rjust(w) for cell, w in zip(line[1:], width[1:])]
+        print("  ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

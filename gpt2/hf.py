@@ -1,0 +1,350 @@
+"""Hugging Face GPT-2 folders (`config.json` + safetensors weights), read and written with NumPy.
+
+No torch or transformers: the `safetensors` package (the optional extra `gpt2-tf2[hf]`) reads
+and writes the tensors, imported only when a folder's weights are touched. A folder is
+`config.json` (model_type "gpt2") with `model.safetensors`, or shards
+`model-0000x-of-0000y.safetensors` listed by `model.safetensors.index.json`.
+
+Names (V = n_vocab, c = n_ctx = n_positions, e = n_embd, i = block; HF -> OpenAI):
+
+    wte.weight [V, e]                  model/wte
+    wpe.weight [c, e]                  model/wpe
+    h.i.ln_1.weight, .bias [e]         model/hi/ln_1/g, b      (ln_2 and ln_f alike)
+    h.i.attn.c_attn.weight [e, 3e]     model/hi/attn/c_attn/w [1, e, 3e]   (+ .bias [3e])
+    h.i.attn.c_proj.weight [e, e]      model/hi/attn/c_proj/w [1, e, e]
+    h.i.mlp.c_fc.weight [e, 4e]        model/hi/mlp/c_fc/w [1, e, 4e]
+    h.i.mlp.c_proj.weight [4e, e]      model/hi/mlp/c_proj/w [1, 4e, e]
+
+Hugging Face's Conv1D stores [in, out] like OpenAI, without the leading axis: the bytes are the
+same. The hub's original files use the names above and may hold the causal-mask buffers
+`h.i.attn.bias` / `h.i.attn.masked_bias` (ignored); `save_pretrained` adds the prefix
+`transformer.` and writes `lm_head.weight` only if it is not tied to wte (then it must equal wte).
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+
+from gpt2.checkpoint import CheckpointError, variable_shapes
+from gpt2.hparams import HParams
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+PREFIX = "transformer."
+LM_HEAD = "lm_head.weight"
+INSTALL_HINT = "reading Hugging Face folders needs the safetensors package: pip install 'gpt2-tf2[hf]'"
+WRITE_HINT = "writing Hugging Face folders needs the safetensors package: pip install 'gpt2-tf2[hf]'"
+EOT_ID = 50256
+# Arrays from `HFTensors.read` start on this boundary (TensorFlow's buffer alignment), so that
+# load_model can hand them to TensorFlow without a copy.
+ALIGNMENT = 64
+
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Weights in other formats that this reader refuses, with the reason.
+_OTHER_FORMATS = {
+    "pytorch_model.bin": "a pickle, which can run code when loaded, and reading it would need torch",
+    "pytorch_model.bin.index.json": "pickles, which can run code when loaded, and reading them would need torch",
+    "tf_model.h5": "a TF1-era Keras file in another layout",
+    "flax_model.msgpack": "a Flax file",
+}
+
+# GPT2Config's defaults for the keys that shape the model or its numerics (used when absent).
+_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+}
+# Both name the tanh approximation of GELU that OpenAI's GPT-2 uses.
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def is_hf_dir(model_dir):
+    """True for a folder in Hugging Face's layout: a config.json and no OpenAI hparams.json."""
+    return os.path.isfile(os.path.join(model_dir, CONFIG_FILE)) and not os.path.isfile(
+        os.path.join(model_dir, "hparams.json")
+    )
+
+
+def hf_names(hparams):
+    """OpenAI variable name -> Hugging Face tensor name (without the `transformer.` prefix)."""
+    names = {"model/wte": "wte.weight", "model/wpe": "wpe.weight",
+             "model/ln_f/g": "ln_f.weight", "model/ln_f/b": "ln_f.bias"}
+    suffix = {"g": "weight", "b": "bias", "w": "weight"}
+    for name in variable_shapes(hparams):
+        if name.startswith("model/h"):
+            block, *path, weight = name.removeprefix("model/h").split("/")
+            names[name] = ".".join(["h", block, *path, suffix[weight]])
+    return names
+
+
+def hf_shape(shape):
+    """An OpenAI variable shape without the leading 1 of its Conv1D weights."""
+    return shape[1:] if len(shape) == 3 else shape
+
+
+def read_config(model_dir):
+    """The config.json of a Hugging Face folder as a dict; one-line errors for a bad file."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; is {model_dir} a Hugging Face model folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def hparams_from_config(config, source=CONFIG_FILE):
+    """HParams of a Hugging Face GPT-2 config dict; CheckpointError for another model or options
+    this model does not implement (each named)."""
+    model_type = config.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(f"{source}: model_type is {model_type!r}, not 'gpt2': only GPT-2 models can be loaded")
+    value = {**_DEFAULTS, **config}.get
+    unsupported = []
+    if value("activation_function") not in _GELU_TANH:
+        unsupported.append(f"activation_function {value('activation_function')!r} (GPT-2 uses 'gelu_new')")
+    if value("layer_norm_epsilon") != 1e-5:
+        unsupported.append(f"layer_norm_epsilon {value('layer_norm_epsilon')!r} (GPT-2 uses 1e-05)")
+    n_embd = value("n_embd")
+    if value("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None):
+        unsupported.append(f"n_inner {value('n_inner')!r} (GPT-2 uses 4 * n_embd)")
+    for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if value(key) != _DEFAULTS[key]:
+            unsupported.append(f"{key} {value(key)!r}")
+    if unsupported:
+        raise CheckpointError(f"{source}: unsupported GPT-2 options: {', '.join(unsupported)}")
+    n_ctx = config.get("n_positions", config.get("n_ctx", _DEFAULTS["n_positions"]))
+    try:
+        return HParams(n_vocab=value("vocab_size"), n_ctx=n_ctx, n_embd=n_embd,
+                       n_head=value("n_head"), n_layer=value("n_layer"))
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {str(error).removeprefix('hparams: ')}") from None
+
+
+def config_from_hparams(hparams):
+    """The config.json that transformers' `save_pretrained` writes for a GPT-2 of this shape
+    (less `transformers_version`, since transformers did not write it)."""
+    return {
+        "activation_function": "gelu_new", "add_cross_attention": False,
+        "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": EOT_ID,
+        "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": EOT_ID, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_embd": hparams.n_embd,
+        "n_head": hparams.n_head, "n_inner": None, "n_layer": hparams.n_layer,
+        "n_positions": hparams.n_ctx, "pad_token_id": None, "reorder_and_upcast_attn": False,
+        "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
+        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True,
+        "use_cache": True, "vocab_size": hparams.n_vocab,
+    }
+
+
+def read_hparams(model_dir):
+    """HParams from a Hugging Face folder's config.json (reads no weights, needs no safetensors)."""
+    return hparams_from_config(read_config(model_dir), os.path.join(model_dir, CONFIG_FILE))
+
+
+def _safetensors():
+    try:
+        import safetensors
+    except ImportError:
+        raise CheckpointError(INSTALL_HINT) from None
+    return safetensors
+
+
+def _safe_open(safetensors, path):
+    """safe_open reading with pread(2) where the installed safetensors can (0.8 on): a memory
+    map would count the whole file in the process's resident memory until it is closed."""
+    try:
+        return safetensors.safe_open(path, framework="np", backend="pread")
+    except TypeError:
+        return safetensors.safe_open(path, framework="np")
+
+
+def weight_files(model_dir):
+    """The safetensors files of a Hugging Face folder: [model.safetensors] or its shards.
+
+    A folder with weights only in another format (pytorch_model.bin, ...) is refused, saying why.
+    """
+    single = os.path.join(model_dir, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        paths = [os.path.join(model_dir, shard) for shard in shards]
+        missing = [shard for shard, path in zip(shards, paths) if not os.path.isfile(path)]
+        if missing:
+            raise CheckpointError(f"{index}: shards not found: {', '.join(missing)}; download them again")
+        return paths
+    if any(_SHARD.fullmatch(name) for name in os.listdir(model_dir)):
+        raise CheckpointError(f"{index}: not found; the sharded weights need their index")
+    for name, why in _OTHER_FORMATS.items():
+        if os.path.isfile(os.path.join(model_dir, name)):
+            raise CheckpointError(
+                f"{os.path.join(model_dir, name)}: only safetensors weights are read ({name} is {why}); "
+                f"get the folder's {WEIGHTS_FILE} instead"
+            )
+    raise CheckpointError(f"{single}: not found; is {model_dir} a Hugging Face GPT-2 folder?")
+
+
+class HFTensors:
+    """The weights of a Hugging Face GPT-2 folder, read one tensor at a time.
+
+    Opening checks config.json and every tensor's name, shape and dtype from the files' headers
+    (and reads an lm_head.weight, if there is one, to check that it equals wte). `read(name)`
+    returns OpenAI variable `name` as a new float32 NumPy array of OpenAI's shape (float16 and
+    bfloat16 values are cast). Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.hparams = read_hparams(model_dir)
+        self._names = hf_names(self.hparams)
+        self._shapes = variable_shapes(self.hparams)
+        self._files = {}
+        self._where = {}  # HF name as stored -> open safe_open handle
+        try:
+            self._open(weight_files(model_dir))
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, paths):
+        safetensors = _safetensors()
+        for path in paths:
+            try:
+                handle = _safe_open(safetensors, path)
+            except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ...: one line
+                raise CheckpointError(
+                    f"{path}: unreadable safetensors file ({_first_line(error)}); download it again") from None
+            self._files[path] = handle
+            for key in handle.keys():
+                self._where.setdefault(key, handle)
+
+    def _check(self):
+        stored = list(self._where)
+        prefix = PREFIX if any(key.startswith(PREFIX) for key in stored) else ""
+        expected = {prefix + hf: openai for openai, hf in self._names.items()}
+        self._stored = {openai: key for key, openai in expected.items()}
+        problems = []
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(
+            key for key in stored
+            if key not in expected and key != LM_HEAD and not _MASK_BUFFER.fullmatch(key.removeprefix(prefix))
+        )
+        misshaped, wrong_dtype = [], []
+        for key in sorted(set(expected) & set(stored)):
+            part = self._where[key].get_slice(key)
+            shape, want = list(part.get_shape()), hf_shape(self._shapes[expected[key]])
+            if shape != want:
+                misshaped.append(f"{key} {shape} (expected {want})")
+            if part.get_dtype() not in _FLOAT_DTYPES:
+                wrong_dtype.append(f"{key} {part.get_dtype()}")
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        if misshaped:
+            problems.append(f"wrong shape: {', '.join(misshaped)}")
+        if wrong_dtype:
+            problems.append(f"not floating point: {', '.join(wrong_dtype)}")
+        if problems:
+            raise CheckpointError(
+                f"{self._weights_name()}: does not match {os.path.join(self.model_dir, CONFIG_FILE)}: "
+                f"{'; '.join(problems)}"
+            )
+        if LM_HEAD in self._where and not np.array_equal(self._get(LM_HEAD), self.read("model/wte")):
+            raise CheckpointError(
+                f"{self._weights_name()}: {LM_HEAD} differs from {prefix}wte.weight: GPT-2 ties its output "
+                "layer to the token embedding, so a model with its own output layer is not GPT-2"
+            )
+
+    def _weights_name(self):
+        paths = list(self._files)
+        return paths[0] if len(paths) == 1 else os.path.join(self.model_dir, INDEX_FILE)
+
+    def _get(self, key):
+        """Tensor `key` as stored (any dtype)."""
+        try:
+            return self._where[key].get_tensor(key)
+        except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
+            raise CheckpointError(
+                f"{self.model_dir}: cannot read {key} ({_first_line(error)}); download it again") from None
+
+    def read(self, name):
+        """OpenAI variable `name` as a new float32 array of OpenAI's shape whose data starts on an
+        ALIGNMENT boundary (values stored as float16/bfloat16 are cast)."""
+        stored = self._get(self._stored[name])
+        value = aligned_empty(self._shapes[name])
+        np.copyto(value, stored.reshape(value.shape), casting="same_kind")
+        return value
+
+    def close(self):
+        """Releases the open files."""
+        for handle in self._files.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._files.clear()
+        self._where.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def aligned_empty(shape):
+    """An uninitialised C-contiguous float32 array whose data starts on an ALIGNMENT boundary."""
+    size = int(np.prod(shape))
+    raw = np.empty(4 * size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + 4 * size].view(np.float32).reshape(shape)
+
+
+def write_hf_weights(hparams, value_of, model_dir):
+    """Writes config.json, model.safetensors (save_pretrained's names: `transformer.` prefix, no
+    lm_head since it is tied) and generation_config.json into the existing folder `model_dir`.
+
+    `value_of(openai_name)` returns the variable's values (any float32 array-like of its shape).
+    """
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise CheckpointError(WRITE_HINT) from None
+    tensors = {}
+    for name, hf in hf_names(hparams).items():
+        value = np.asarray(value_of(name), dtype=np.float32)
+        tensors[PREFIX + hf] = np.ascontiguousarray(value.reshape(hf_shape(variable_shapes(hparams)[name])))
+    save_file(tensors, os.path.join(model_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_json(os.path.join(model_dir, CONFIG_FILE), config_from_hparams(hparams))
+    _write_json(os.path.join(model_dir, GENERATION_CONFIG_FILE),
+                {"_from_model_config": True, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")

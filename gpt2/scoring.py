@@ -1,0 +1,406 @@
+"""Scoring text with GPT-2: per-token log-probabilities and sliding-window perplexity.
+
+`score` gives log p(token_t | tokens_<t) for every token of each row after the first (rows of up to
+n_ctx + 1 tokens: the last token is only predicted, never fed); `echo_logprobs` gives the same in
+OpenAI's `echo` + `logprobs` layout; `perplexity` scores a sequence of any length, given whole or
+as a stream, with overlapping windows of n_ctx tokens.
+
+Log-probabilities are those of the model's own distribution, log_softmax(logits), before any
+temperature, top-k or top-p (as OpenAI's API reports them).
+
+All three run one compiled function per model (XLA by default) that returns only what is asked
+for, never the logits: per position, the log-probability of one target token and, on request,
+the ids and log-probabilities of the k most likely tokens. Rows are right-padded (attention is
+causal, so padding after a row never changes it) to a length bucket (a power of two >= 32, at most
+n_ctx) and batches to a power of two of rows, so calls with new lengths reuse a few compiled
+programs. Batches are sized so that the logits the compiled function holds stay near
+LOGITS_BUDGET_BYTES.
+
+Shapes: b = rows in a compiled call, L = positions (bucketed), k = alternatives, V = n_vocab,
+n = tokens of one row.
+"""
+
+import dataclasses
+import math
+import weakref
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+MIN_LENGTH_BUCKET = 32
+# Batches are sized so that their float32 logits [b, L, V] stay within this many bytes
+# (2 windows of 1024 tokens with GPT-2's 50257-token vocabulary).
+LOGITS_BUDGET_BYTES = 512 << 20
+# top_k of 1..SMALL_TOP_K is computed as SMALL_TOP_K and cut, so OpenAI's logprobs=1..5 share
+# one compiled function.
+SMALL_TOP_K = 5
+
+
+class TokenScores(NamedTuple):
+    """The scores of one row, one entry per scored position (see `score` and `echo_logprobs`).
+
+    logprobs: float32 [m], log p(token | tokens before it).
+    top_ids: int32 [m, k], the k most likely tokens at that position, most likely first.
+    top_logprobs: float32 [m, k], their log-probabilities.
+    """
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    """What `perplexity` returns: the summed negative log-likelihood (nats) of `tokens` scored
+    tokens, and the number of windows the model ran."""
+
+    total_nll: float
+    tokens: int
+    windows: int
+
+    @property
+    def mean_nll(self):
+        """Mean negative log-likelihood in nats per token (NaN when nothing was scored)."""
+        return self.total_nll / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self):
+        """exp(mean_nll)."""
+        return math.exp(self.mean_nll) if self.tokens else math.nan
+
+
+# ----------------------------------------------------------------------------- compiled part
+
+class _Scorer:
+    """The compiled scoring functions of one model, one per number of alternatives k.
+
+    `traces` counts how often any of them was traced (a test checks it stays bounded).
+    """
+
+    def __init__(self, model, jit_compile):
+        self.model = model
+        self.jit_compile = jit_compile
+        self.traces = 0
+        self._functions = {}
+
+    def __call__(self, inputs, targets, top_k):
+        """inputs, targets: int32 [b, L] (targets[:, i] is the token after inputs[:, i]).
+
+        Returns numpy (target logprobs float32 [b, L], top ids int32 [b, L, k], top logprobs
+        float32 [b, L, k]).
+        """
+        if top_k not in self._functions:
+            self._functions[top_k] = tf.function(
+                lambda inputs, targets: self._logprobs(inputs, targets, top_k),
+                jit_compile=self.jit_compile, autograph=False,
+            )
+        logprobs, top_ids, top_logprobs = self._functions[top_k](inputs, targets)
+        return logprobs.numpy(), top_ids.numpy(), top_logprobs.numpy()
+
+    def _logprobs(self, inputs, targets, top_k):
+        self.traces += 1
+        logits = tf.cast(self.model(inputs, training=False)["logits"], tf.float32)  # [b, L, V]
+        log_normalizer = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)  # [b, L, 1]
+        ids = targets[..., None]
+        if top_k:
+            ids = tf.concat([ids, tf.math.top_k(logits, top_k).indices], axis=-1)  # [b, L, 1 + k]
+        # One gather and one subtraction for the target and the alternatives alike: when the
+        # target is the most likely token, its logprob and top_logprobs[0] are the same float.
+        values = tf.gather(logits, ids, batch_dims=2) - log_normalizer
+        return values[..., 0], ids[..., 1:], values[..., 1:]
+
+
+_scorers = weakref.WeakKeyDictionary()
+
+
+def compiled_scorer(model, jit_compile=True):
+    """The (cached) `_Scorer` of `model`; exposed for tests that count traces."""
+    per_model = _scorers.setdefault(model, {})
+    if jit_compile not in per_model:
+        per_model[jit_compile] = _Scorer(model, jit_compile)
+    return per_model[jit_compile]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _power_of_two_at_least(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def length_bucket(n, n_ctx):
+    """Positions a row of n inputs is padded to: a power of two >= MIN_LENGTH_BUCKET, <= n_ctx."""
+    return min(max(_power_of_two_at_least(n), MIN_LENGTH_BUCKET), n_ctx)
+
+
+def default_batch_size(length, n_vocab):
+    """Rows of `length` positions per compiled call: a power of two whose float32 logits fit in
+    LOGITS_BUDGET_BYTES (at least 1). 124M, 1024 positions: 2; 32 positions: 64."""
+    rows = max(LOGITS_BUDGET_BYTES // (length * n_vocab * 4), 1)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _rows_bucket(rows, batch_size):
+    """A batch of `rows` rows is padded to the next power of two, at most batch_size."""
+    return min(_power_of_two_at_least(rows), batch_size)
+
+
+def _check_positive_int(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _as_ids(row, n_vocab, what):
+    """One row of token ids -> int32 [n]; ValueError naming `what` for non-integers or ids outside
+    the vocabulary (XLA would clamp them silently)."""
+    array = np.asarray(row)
+    if array.size == 0:
+        return np.zeros([0], np.int32)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a 1-D sequence of integer token ids, got {array.dtype} of shape {array.shape}")
+    bad = array[(array < 0) | (array >= n_vocab)]
+    if bad.size:
+        raise ValueError(f"{what} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5].tolist()}")
+    return array.astype(np.int32)
+
+
+def _pad(rows, n_rows, length):
+    """Right-pads int32 rows (each at most `length` long) with 0 into int32 [n_rows, length]."""
+    out = np.zeros([n_rows, length], np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+# ----------------------------------------------------------------------------- score
+
+def _rows_of(tokens, n_vocab):
+    if isinstance(tokens, tf.Tensor):
+        tokens = tokens.numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be 2-D [rows, tokens] or a list of token lists, got shape {tokens.shape}")
+        tokens = list(tokens)
+    try:
+        rows = list(tokens)
+    except TypeError:
+        raise ValueError("tokens must be a list of token lists (one per row)") from None
+    if rows and all(isinstance(row, (int, np.integer)) for row in rows):
+        raise ValueError("tokens must be a list of rows; to score one sequence pass [tokens]")
+    return [_as_ids(row, n_vocab, f"row {i}") for i, row in enumerate(rows)]
+
+
+def score(model, tokens, top_k=0, batch_size=None, jit_compile=True):
+    """Per-token log-probabilities: log p(token_t | tokens_<t) for t = 1..n-1 of each row.
+
+    model: a `gpt2.GPT2`. tokens: a list of token-id lists (ragged lengths allowed, 0 to
+    n_ctx + 1 tokens each: the last token is only predicted), or int [rows, n].
+    top_k: also return, per position, the top_k most likely tokens and their log-probabilities,
+    computed from the same float values as the tokens' own (when a token is the most likely one,
+    its logprob equals top_logprobs[0] exactly). batch_size: rows per compiled call (default: as
+    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA.
+
+    Returns one entry per row, in input order: with top_k=0, a float32 array of len(row) - 1
+    logprobs (empty for rows of 0 or 1 tokens); with top_k > 0, a `TokenScores` (logprobs [n-1],
+    top_ids [n-1, top_k], top_logprobs [n-1, top_k]). `np.stack` the plain arrays of equal-length
+    rows for a [rows, n-1] array. Values are the model's distribution before temperature/top-k/top-p.
+    """
+    rows, top_k, batch_size = _check_score_args(model, tokens, top_k, batch_size)
+    results = _score_rows(model, rows, top_k, batch_size, jit_compile)
+    return [r.logprobs for r in results] if top_k == 0 else results
+
+
+def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=True):
+    """OpenAI's legacy `echo` + `logprobs`: for each row, a `TokenScores` with one entry per
+    token (len(row) entries), the first token's empty as OpenAI's `null`: logprob NaN, top_ids -1,
+    top_logprobs NaN.
+
+    tokens: a list of token-id lists (see `score`); top_n: alternatives per position (OpenAI
+    allows 0..5). For a completion's logprobs, score prompt + completion and take the
+    completion's part: the values are the model's distribution before temperature/top-k/top-p.
+    """
+    rows, top_n, batch_size = _check_score_args(model, tokens, top_n, batch_size, "top_n")
+    results = _score_rows(model, rows, top_n, batch_size, jit_compile)
+    first = TokenScores(
+        np.full([1], np.nan, np.float32), np.full([1, top_n], -1, np.int32), np.full([1, top_n], np.nan, np.float32)
+    )
+    return [
+        TokenScores(*(np.concatenate([a, b]) for a, b in zip(first, scores))) if len(row) else scores
+        for row, scores in zip(rows, results)
+    ]
+
+
+def _check_score_args(model, tokens, top_k, batch_size, top_k_name="top_k"):
+    """Validated (rows as int32 arrays, top_k, batch_size) or a ValueError saying what is wrong."""
+    hparams = model.hparams
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 0 <= top_k <= hparams.n_vocab:
+        raise ValueError(
+            f"{top_k_name} must be an integer between 0 and n_vocab ({hparams.n_vocab}), got {top_k!r}"
+        )
+    if batch_size is not None:
+        batch_size = _check_positive_int(batch_size, "batch_size")
+    rows = _rows_of(tokens, hparams.n_vocab)
+    for i, row in enumerate(rows):
+        if len(row) > hparams.n_ctx + 1:
+            raise ValueError(
+                f"row {i} has {len(row)} tokens; score takes at most n_ctx + 1 = {hparams.n_ctx + 1} "
+                f"(the model's context plus the predicted last token); use gpt2.perplexity for longer text"
+            )
+    return rows, int(top_k), batch_size
+
+
+def _score_rows(model, rows, top_k, batch_size, jit_compile):
+    """`score` of validated rows: a `TokenScores` per row (top arrays [n-1, top_k])."""
+    hparams = model.hparams
+    computed_k = SMALL_TOP_K if 0 < top_k <= SMALL_TOP_K else top_k
+    scorer = compiled_scorer(model, jit_compile)
+    results = [
+        TokenScores(np.zeros([0], np.float32), np.zeros([0, top_k], np.int32), np.zeros([0, top_k], np.float32))
+    ] * len(rows)
+    # Longest rows first, so that each batch holds rows of similar lengths.
+    order = [i for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])) if len(rows[i]) >= 2]
+    start = 0
+    while start < len(order):
+        length = length_bucket(len(rows[order[start]]) - 1, hparams.n_ctx)
+        per_call = batch_size or default_batch_size(length, hparams.n_vocab)
+        chosen = order[start : start + per_call]
+        start += len(chosen)
+        n_rows = _rows_bucket(len(chosen), per_call)
+        inputs = _pad([rows[i][:-1] for i in chosen], n_rows, length)
+        targets = _pad([rows[i][1:] for i in chosen], n_rows, length)
+        logprobs, top_ids, top_logprobs = scorer(inputs, targets, computed_k)
+        for j, i in enumerate(chosen):
+            m = len(rows[i]) - 1
+            results[i] = TokenScores(logprobs[j, :m], top_ids[j, :m, :top_k], top_logprobs[j, :m, :top_k])
+    return results
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def window_count(n_tokens, n_ctx, stride):
+    """How many windows `perplexity` runs over n_tokens tokens (for progress bars)."""
+    if n_tokens < 2:
+        return 0
+    return 1 + max(-(-(n_tokens - 1 - n_ctx) // stride), 0)
+
+
+def _token_chunks(tokens, n_vocab):
+    """A 1-D sequence of ids, or an iterable of ids and/or 1-D chunks of ids -> int32 chunks."""
+    if isinstance(tokens, tf.Tensor):
+        tokens = tokens.numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be one sequence (1-D), got shape {tokens.shape}")
+        yield _as_ids(tokens, n_vocab, "tokens")
+        return
+    scalars = []
+    for item in tokens:
+        if np.ndim(item) == 0:
+            scalars.append(item)
+            if len(scalars) >= 4096:
+                yield _as_ids(scalars, n_vocab, "tokens")
+                scalars = []
+            continue
+        if scalars:
+            yield _as_ids(scalars, n_vocab, "tokens")
+            scalars = []
+        yield _as_ids(item, n_vocab, "a chunk of tokens")
+    if scalars:
+        yield _as_ids(scalars, n_vocab, "tokens")
+
+
+def _windows(chunks, n_ctx, stride):
+    """The windows over a token stream, holding only about one window of it at a time.
+
+    Window w feeds tokens [w * stride, w * stride + n_ctx) and predicts the token after each, so
+    it can score tokens up to w * stride + n_ctx; it scores those no earlier window scored.
+    Yields (inputs int32 [l], targets int32 [l], first): targets[first:] are scored.
+    """
+    chunks = iter(chunks)
+    buffer, offset = np.zeros([0], np.int32), 0  # buffer[0] is token number `offset`
+    ended = False
+    start, next_unscored = 0, 1
+    while True:
+        needed = start + n_ctx + 1
+        pieces = [buffer]
+        held = offset + len(buffer)
+        while not ended and held < needed:
+            try:
+                pieces.append(next(chunks))
+                held += len(pieces[-1])
+            except StopIteration:
+                ended = True
+        buffer = np.concatenate(pieces) if len(pieces) > 1 else buffer
+        end = min(needed, held)
+        if end <= next_unscored:  # every token is scored (or there are fewer than 2)
+            return
+        window = buffer[start - offset : end - offset]
+        yield window[:-1], window[1:], next_unscored - start - 1
+        next_unscored = end
+        if ended and end == held:
+            return
+        start += stride
+        buffer, offset = buffer[start - offset :], start
+
+
+def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=True):
+    """Negative log-likelihood of a token sequence of any length, with sliding windows.
+
+    Windows of n_ctx tokens start every `stride` tokens (default n_ctx // 2; stride = n_ctx gives
+    disjoint windows). Each token after the first is scored exactly once, in the first window that
+    can predict it (window w feeds tokens [w * stride, w * stride + n_ctx) and so predicts up to
+    token w * stride + n_ctx), from all the left context that window gives: after the first
+    window, every token has at least n_ctx - stride + 1 tokens of context.
+
+    tokens: a 1-D sequence of token ids (list, array, tensor), or an iterable of ids and/or 1-D
+    chunks of ids (e.g. `encoder.encode_file(path)`), read as the windows need it, so a large
+    input is never held whole. batch_size: windows per compiled call (default: as many as keep the
+    logits within LOGITS_BUDGET_BYTES; 2 for GPT-2's 1024-token context). progress: called with
+    the number of windows just scored after each call.
+
+    Returns a `PerplexityResult`: total_nll (nats), tokens scored (len - 1), windows, and the
+    mean_nll and perplexity properties.
+    """
+    hparams = model.hparams
+    n_ctx = hparams.n_ctx
+    stride = n_ctx // 2 if stride is None else _check_positive_int(stride, "stride")
+    if stride > n_ctx:
+        raise ValueError(f"stride must be at most the model's context ({n_ctx}), got {stride}")
+    if batch_size is None:
+        batch_size = default_batch_size(n_ctx, hparams.n_vocab)
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    scorer = compiled_scorer(model, jit_compile)
+    total_nll, scored, windows = 0.0, 0, 0
+    # The first full batch fixes the shape [batch_size, n_ctx]; later batches, the last one
+    # included, are padded to it (cheaper than compiling another shape). A stream that ends
+    # before a batch fills gets the bucketed shape of what it holds.
+    full_shape = False
+
+    def run(batch):
+        nonlocal total_nll, scored, windows
+        if full_shape:
+            n_rows, length = batch_size, n_ctx
+        else:
+            n_rows = _rows_bucket(len(batch), batch_size)
+            length = length_bucket(max(len(inputs) for inputs, _, _ in batch), n_ctx)
+        logprobs, _, _ = scorer(
+            _pad([w[0] for w in batch], n_rows, length), _pad([w[1] for w in batch], n_rows, length), 0
+        )
+        for row, (inputs, _, first) in zip(logprobs, batch):
+            kept = row[first : len(inputs)]
+            total_nll -= float(np.sum(kept, dtype=np.float64))
+            scored += len(kept)
+        windows += len(batch)
+        if progress is not None:
+            progress(len(batch))
+
+    batch = []
+    for window in _windows(_token_chunks(tokens, hparams.n_vocab), n_ctx, stride):
+        batch.append(window)
+        if len(batch) == batch_size:
+            run(batch)
+            batch, full_shape = [], True
+    if batch:
+        run(batch)
+    return PerplexityResult(total_nll=total_nll, tokens=scored, windows=windows)
