@@ -303,11 +303,16 @@ def speed(args, log_dir):
     return [dict(system=w.name, status=w.status, info=w.info, reps=w.reps, peak_rss=w.peak_rss) for w in workers]
 
 
+# Peak RSS ~ bytes per parameter * parameters + fixed GiB, fitted to the runs measured at batch
+# 4 x 256 (124M, 355M; 1558M for lora+recompute): a guard against starting what cannot fit.
+NEED = {"full": (29, 1.5), "bf16": (25, 1.5), "recompute": (19.5, 1.5), "lora": (15.5, 1.5),
+        "lora+recompute": (6.5, 1.5)}
+
+
 def estimated_bytes(hparams, option):
-    """What a run needs at least: weights, plus gradients and two Adam moments of what trains."""
-    params = _common.param_count(hparams)
-    trained = params if "lora" not in option else params // 50
-    return 4 * params + 12 * trained + 2 * GiB
+    """Roughly what a run of `option` needs (see NEED)."""
+    per_param, fixed = NEED[option]
+    return per_param * _common.param_count(hparams) + fixed * GiB
 
 
 def available_bytes():
