@@ -25,6 +25,7 @@ _LAZY = {
     "download_model": "gpt2.download",
     "score": "gpt2.scoring",
     "perplexity": "gpt2.scoring",
+    "finetune": "gpt2.train.trainer",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]

@@ -248,15 +248,16 @@ def _physical_memory():
         return None
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
 
 
 def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None):
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.hf).
 
-    dtype: "float32", or "bfloat16" to hold the weights in bfloat16 (half the memory) and run
-    the matmuls in it (see gpt2.GPT2). dropout: the rate used when called with training=True.
+    dtype: "float32", "bfloat16" to hold the weights in bfloat16 (half the memory) and run the
+    matmuls in it, or "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training); see
+    gpt2.GPT2. dropout: the rate used when called with training=True.
     before_weights(model): called with the model built but no weight read yet, e.g. to compile
     the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
     again before the weights need theirs.

@@ -123,13 +123,26 @@ class Conv1D(keras.layers.Layer):
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
         self.built = True
 
+    # Fine-tuning hook (gpt2/train/lora.py): an optional low-rank adapter with variables `a`
+    # [n_in, r], `b` [r, n_out] and a float `scale`, adding (x @ a @ b) * scale. None = off.
+    lora = None
+
     def kernel(self):
-        """The weight matrix [n_in, n_out] as used in call (a seam for adapters such as LoRA)."""
-        return self.w
+        """The weight matrix [n_in, n_out] with any LoRA adapter merged in (what the compiled
+        decoder multiplies by; `call` keeps the adapter separate for training)."""
+        if self.lora is None:
+            return self.w
+        delta = tf.matmul(self.lora.a, self.lora.b) * self.lora.scale
+        return self.w + _cast(delta, self.w.dtype)
 
     def call(self, x):
         """x: [n, n_in] (any float dtype) -> float32 [n, n_out], multiplied in the compute dtype."""
-        return dense(x, self.kernel(), self.b, self.compute_dtype)
+        y = dense(x, self.w, self.b, self.compute_dtype)
+        if self.lora is not None:  # LoRA hook, see above
+            dtype = self.compute_dtype
+            low = tf.matmul(_cast(x, dtype), _cast(self.lora.a, dtype))
+            y += matmul(low, _cast(self.lora.b, dtype)) * self.lora.scale
+        return y
 
 
 class Attention(keras.layers.Layer):

@@ -119,6 +119,11 @@ class GPT2(keras.Model):
         hidden_states = [x]
         presents = []
         for i, block in enumerate(self.blocks):
+            if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
+                x, present = _recomputed(block, batch)(x)
+                presents.append(present)
+                hidden_states.append(x)
+                continue
             x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
@@ -131,13 +136,19 @@ class GPT2(keras.Model):
             outputs["hidden_states"] = [tf.reshape(h, [batch, seq, self.hparams.n_embd]) for h in hidden_states]
         return outputs
 
+    # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
+    # input and recompute its activations in the backward pass (gradient checkpointing).
+    recompute = False
+
     def next_token_loss(self, tokens, training=None):
         """Mean next-token cross-entropy of int tokens [b, s] (s >= 2): position t predicts t + 1."""
         tokens = tf.convert_to_tensor(tokens)
-        logits = self(tokens, training=training)["logits"]
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits[:, :-1])
-        )
+        return next_token_cross_entropy(tokens, self(tokens, training=training)["logits"])
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras `fit`/`evaluate` hook: the next-token loss of int token windows x [b, s] from the
+        model's output on them, so `model.compile(optimizer=...)` + `model.fit(windows)` trains."""
+        return next_token_cross_entropy(x, y_pred["logits"])
 
     # Keras' Trainer assigns `self.loss` (None, or compile()'s loss argument), which would hide a
     # plain `loss` method; this property keeps `model.loss(tokens)` working and stores what Keras sets.
@@ -149,3 +160,25 @@ class GPT2(keras.Model):
     @loss.setter
     def loss(self, compiled_loss):
         self._compiled_loss_argument = compiled_loss
+
+
+def next_token_cross_entropy(tokens, logits):
+    """Mean cross-entropy of logits [b, s, V] at position t against tokens [b, s] at t + 1, in float32."""
+    logits = tf.cast(logits[:, :-1], tf.float32)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits))
+
+
+def _recomputed(block, batch):
+    """`block` as x [b * s, e] -> (x, present) for training, its activations recomputed in the
+    backward pass (tf.recompute_grad). Dropout masks come from seed generators that advance on
+    each call; they are reset to their forward-pass state so the recomputation draws the same masks."""
+    generators = [layer.seed_generator for layer in block._flatten_layers()
+                  if getattr(layer, "seed_generator", None) is not None]
+    states = [tf.identity(generator.state.value) for generator in generators]  # read now
+
+    def run(x):
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+        return block.call(x, batch, training=True)
+
+    return tf.recompute_grad(run)
