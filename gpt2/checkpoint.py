@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 
+from gpt2.cli import quiet_tensorflow
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams, summarize
 
 CHECKPOINT_PREFIX = "model.ckpt"
@@ -582,7 +583,7 @@ def main(argv=None):
     parser.add_argument("model_dir", help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+    quiet_tensorflow()  # before TensorFlow is first imported
     try:
         write_random_checkpoint(args.random, args.model_dir, seed=args.seed)
     except (OSError, ValueError) as error:

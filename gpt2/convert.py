@@ -15,6 +15,8 @@ import shutil
 import sys
 import tempfile
 
+from gpt2.cli import quiet_tensorflow
+
 FORMATS = ("hf", "openai")
 
 
@@ -119,7 +121,7 @@ def _user_errors():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # before TensorFlow is first imported
     try:
         hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir)
     except _user_errors() as error:

@@ -45,6 +45,7 @@ import tqdm
 
 from gpt2.checkpoint import DOWNLOAD_MANIFEST as MANIFEST
 from gpt2.checkpoint import check_model_dir
+from gpt2.cli import quiet_tensorflow
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -589,7 +590,7 @@ def main(argv=None):
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars (default: shown)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the folder check imports TensorFlow
+    quiet_tensorflow()  # before TensorFlow is first imported
     try:
         names = list(dict.fromkeys(resolve_name(name) for name in args.names))
         for name in names:

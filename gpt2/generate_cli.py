@@ -16,40 +16,16 @@ import os
 import sys
 import textwrap
 
-DEFAULT_MODEL = "124M"
-DEFAULT_MODELS_DIR = "models"
+from gpt2.cli import (DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                      quiet_tensorflow)
+from gpt2.cli import Parser as _Parser
+from gpt2.cli import fail as _fail
+from gpt2.cli import positive_int as _positive_int
+from gpt2.cli import user_errors as _user_errors
+
 DEFAULT_LENGTH = 128
 DEFAULT_TOP_K = 40
 INTERACTIVE_PROMPT = "Model prompt >>> "
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`error: ...`) instead of the full usage block."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind, check, requirement):
-    """An argparse type: `kind(text)` that must satisfy `check`, else the message `requirement`."""
-
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse names the type in some messages
-    return convert
-
-
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _setting(name, kind):
@@ -283,7 +259,7 @@ def main(argv=None):
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS
@@ -516,32 +492,6 @@ class _Sampler:
 
 def _print_header(out, number):
     out.write("=" * 40 + f" SAMPLE {number} " + "=" * 40 + "\n")
-
-
-def _fail(message, code):
-    """Prints `error: message` as one line on stderr and returns `code`."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
-        pass
-    print("error: " + " ".join(lines), file=sys.stderr, flush=True)
-    return code
-
-
-def _user_errors():
-    """Exception kinds that bad input raises (reported in one line, never as a traceback):
-    ValueError (bad values, prompt too long, malformed files; CheckpointError is one), OSError
-    (missing model, prompt file), MemoryError, DownloadError and TensorFlow's OpError (e.g. out
-    of memory while loading a large model)."""
-    kinds = [ValueError, OSError, MemoryError]
-    download = sys.modules.get("gpt2.download")
-    if download is not None:
-        kinds.append(download.DownloadError)
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "errors"):
-        kinds.append(tf.errors.OpError)
-    return tuple(kinds)
 
 
 def _clean(text):

@@ -13,7 +13,10 @@ import os
 import sys
 import textwrap
 
-from gpt2.generate_cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _fail, _number, _Parser
+from gpt2.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, quiet_tensorflow
+from gpt2.cli import Parser as _Parser
+from gpt2.cli import fail as _fail
+from gpt2.cli import number as _number
 
 DEFAULTS = dict(
     model="124M", models_dir="models", run_name="run1", steps=1000, batch_size=1, accumulate=1,
@@ -189,7 +192,7 @@ def _run(args, output):
     from gpt2.train.state import TrainingError, check_output
 
     check_output(output, args.resume, args.overwrite)  # before anything slow
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # must precede the first TensorFlow import
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.train.trainer import finetune
 
