@@ -20,6 +20,7 @@ setup(
             "gpt2-serve=gpt2.serve:main",
             "gpt2-convert=gpt2.convert:main",
             "gpt2-evaluate=gpt2.evaluate:main",
+            "gpt2-export=gpt2.export:main",
         ]
     },
 )
