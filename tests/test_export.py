@@ -25,6 +25,7 @@ ATOL = 1e-4
 EOT = 50256
 SEED = 1234
 # Per-row sampling settings of the seeded test (one row each: plain, top-k, top-p).
+LONG = [80, 70, 5]  # new tokens of the sliding-window test (the tiny model's n_ctx is 64)
 SAMPLING = {"temperature": [1.0, 0.7, 1.3], "top_k": [0, 40, 0], "top_p": [1.0, 1.0, 0.9], "length": [20, 12, 16]}
 
 # Runs in a fresh process: loads the export with TensorFlow alone and calls each signature.
@@ -94,6 +95,9 @@ def test_fresh_process_with_tensorflow_only(exported, reference, tiny_model, tmp
         "seeded": ("serving_default", {**generate, "max_new_tokens": SAMPLING["length"],
                                        "temperature": SAMPLING["temperature"], "top_k": SAMPLING["top_k"],
                                        "top_p": SAMPLING["top_p"], "seed": seeds.tolist()}),
+        # Past n_ctx = 64 the window slides, as in the library.
+        "long": ("serving_default", {**generate, "max_new_tokens": LONG, "temperature": [0.0] * batch,
+                                     "seed": [0] * batch}),
         "logits_len7": ("logits", {"tokens": reference["inputs"]["len7"]}),
         "logits_batch2": ("logits", {"tokens": reference["inputs"]["batch2"]}),
         "score": ("score", {"tokens": padded(score_rows, 99999), "lengths": [len(r) for r in score_rows]}),
@@ -136,6 +140,26 @@ def test_fresh_process_with_tensorflow_only(exported, reference, tiny_model, tmp
         assert row[:n] == full[len(prompt):].tolist()
         assert row[n:] == [EOT] * (max(SAMPLING["length"]) - n)
     assert seeded["tokens"] != greedy["tokens"]
+
+    expected = gpt2.sample_sequence(tiny_model, prompts, LONG, temperature=0)
+    assert results["long"]["num_tokens"] == LONG
+    for row, prompt, full, n in zip(results["long"]["tokens"], prompts, expected, LONG):
+        assert row[:n] == full[len(prompt):].tolist()
+
+
+def test_generate_without_xla(tiny_model, reference):
+    """--no-xla: the same loop as a plain graph (called here without saving)."""
+    from gpt2.savedmodel import ServingModule
+
+    module = ServingModule(tiny_model, max_new_tokens=32, jit_compile=False)
+    prompts = [case["prompt_ids"] for case in reference["greedy"]["cases"]]
+    batch = len(prompts)
+    out = module.generate(tokens=tf.constant(padded(prompts, 0)), lengths=tf.constant([len(p) for p in prompts]),
+                          max_new_tokens=tf.constant([20, 3, 20]), temperature=tf.zeros([batch]),
+                          top_k=tf.zeros([batch], tf.int32), top_p=tf.ones([batch]), seed=tf.zeros([batch], tf.int32))
+    assert out["num_tokens"].numpy().tolist() == [20, 3, 20]
+    for row, case, n in zip(out["tokens"].numpy().tolist(), reference["greedy"]["cases"], [20, 3, 20]):
+        assert row == case["new_ids"][:n] + [EOT] * (20 - n)
 
 
 def test_saved_model_cli_lists_the_signatures(exported):
