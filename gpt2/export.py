@@ -15,6 +15,7 @@ version) and renamed to OUT/<version> when complete; an existing version is repl
 ends in a one-line `error: ...` on stderr.
 """
 
+import argparse
 import os
 import shutil
 import sys
@@ -29,8 +30,9 @@ from gpt2.generate_cli import (
     EXIT_OK,
     EXIT_USAGE,
     _fail,
-    _number,
+    _non_negative_int,
     _Parser,
+    _positive_int,
     _user_errors,
 )
 
@@ -38,18 +40,26 @@ DEFAULT_VERSION = 1
 DEFAULT_MAX_NEW_TOKENS = 4096
 ASSET_NAMES = ("encoder.json", "vocab.bpe")
 
-_version_number = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _batch_sizes(text):
+    """argparse type of --batch-sizes: comma-separated integers >= 1."""
+    try:
+        return [_positive_int(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be integers >= 1 separated by commas, got {text!r}") from None
 
 
 def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models_dir=DEFAULT_MODELS_DIR,
-                 jit_compile=True, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
+                 jit_compile=True, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_sizes=None):
     """Writes the SavedModel of `model` (a model folder, or a name under `models_dir`) to
     `output/<version>` and returns that path.
 
     An existing non-empty `output/<version>` is an error (FileExistsError) unless `overwrite`.
     jit_compile: compile the decode loop with XLA (faster; TF Serving then needs
     `--xla_cpu_compilation_enabled=true`). max_new_tokens: the most new tokens a request may ask for.
+    batch_sizes: the batch sizes the decode loop is built (and compiled) for; a request's rows are
+    padded to the smallest that holds them (default: gpt2.savedmodel.default_batch_sizes).
     """
     target = os.path.join(output, str(int(version)))
     _check_target(output, target, overwrite)
@@ -74,7 +84,7 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
         for source, name in zip(encoder_files_for_model_dir(model_dir), ASSET_NAMES):
             assets.append(os.path.join(bpe_dir, name))
             shutil.copyfile(source, assets[-1])
-        module = ServingModule(loaded, max_new_tokens, assets, jit_compile=jit_compile)
+        module = ServingModule(loaded, max_new_tokens, assets, jit_compile=jit_compile, batch_sizes=batch_sizes)
         saved = os.path.join(staging, "saved")
         tf.saved_model.save(module, saved, signatures=module.signatures())
         _move_into_place(saved, target)
@@ -121,13 +131,18 @@ def build_parser(prog="python -m gpt2.export"):
     )
     parser.add_argument("--output", required=True, metavar="OUT",
                         help="the model's base folder for TF Serving; the export goes to OUT/VERSION (required)")
-    parser.add_argument("--version", type=_version_number, default=DEFAULT_VERSION, metavar="N",
+    parser.add_argument("--version", type=_non_negative_int, default=DEFAULT_VERSION, metavar="N",
                         help=f"version number: the subfolder of OUT to write (default: {DEFAULT_VERSION})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUT/VERSION (default: off: refuse)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                         help="the most new tokens one request may ask for; larger max_new_tokens are refused "
                              f"(default: {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, metavar="B,B,...",
+                        help="batch sizes the decode loop is built and compiled for: a request's rows are padded "
+                             "to the smallest that holds them, and run in groups of the largest when there are "
+                             "more; fewer sizes export faster (default: 1,2,4,8, and up to 64 while their "
+                             "key/value cache fits in 1 GiB: 1,2,4,8 for 124M)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="do not compile the decode loop with XLA: slower, but served without "
                              "--xla_cpu_compilation_enabled (default: compiled with XLA)")
@@ -144,7 +159,8 @@ def main(argv=None):
     try:
         start = time.perf_counter()
         target = export_model(args.model, args.output, args.version, args.overwrite, args.models_dir,
-                              jit_compile=args.xla, max_new_tokens=args.max_new_tokens)
+                              jit_compile=args.xla, max_new_tokens=args.max_new_tokens,
+                              batch_sizes=args.batch_sizes)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors

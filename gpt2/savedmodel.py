@@ -28,17 +28,19 @@ Shapes: b = batch, P = prompt width, n = max(max_new_tokens), s = sequence, V = 
 K = CHUNK_ITERATIONS.
 """
 
+import functools
+
 import tensorflow as tf
 
 from gpt2.sampling import decoder as decoder_lib
+from gpt2.sampling.api import POOL_SIZES, pool_size_for
+from gpt2.sampling.pool import _FIXED_IN_RUN  # state a run never changes: not returned by the chunk
 from gpt2.sampling.settings import default_window_keep
 from gpt2.scoring import target_logprobs
 
 CHUNK_ITERATIONS = 64  # decoder iterations per compiled call
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
 
-# State the chunk never changes: passed in, not returned (nothing to copy back out of XLA).
-_FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
 
 GENERATE_SIGNATURE = [
     tf.TensorSpec([None, None], tf.int32, name="tokens"),
@@ -60,9 +62,12 @@ class ServingModule(tf.Module):
 
     max_new_tokens: the largest max_new_tokens a request may ask for. jit_compile: compile the
     decode chunk with XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`).
+    batch_sizes: the batch sizes the decode loop is built for (default: `default_batch_sizes`);
+    a request's rows are padded to the smallest that holds them, and more rows than the largest
+    run in groups of that size, one after another.
     """
 
-    def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True):
+    def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None):
         super().__init__(name="gpt2")
         hparams = model.hparams
         self.n_ctx, self.n_vocab = hparams.n_ctx, hparams.n_vocab
@@ -70,6 +75,7 @@ class ServingModule(tf.Module):
         self.weights = list(model.weights)  # tracked (saved); the model object itself is not
         self.assets = [tf.saved_model.Asset(path) for path in encoder_files]
         self._decoder = decoder_lib.Decoder(model)  # a plain object: the model is used, not tracked
+        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(model))))
         self.decode_chunk = tf.function(self._decode_chunk, jit_compile=jit_compile, autograph=False)
         self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
@@ -110,27 +116,60 @@ class ServingModule(tf.Module):
             _check(_all((top_p >= 0.0) & (top_p <= 1.0)), "top_p must be in [0, 1] (1 = off)"),
         ]
         with tf.control_dependencies(checks):
-            tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed = (
-                tf.identity(x) for x in (tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed))
+            rows = {name: tf.identity(value) for name, value in {"tokens": tokens, **per_row}.items()}
+        out_width = tf.maximum(tf.reduce_max(max_new_tokens), 0)
+        largest = self.batch_sizes[-1]
+
+        # Rows go in groups of at most the largest bucket, each padded to the smallest bucket
+        # that holds it (one compiled program per bucket).
+        def group(start, new_tokens, num_tokens):
+            size = tf.minimum(largest, batch - start)
+            part = {name: value[start : start + size] for name, value in rows.items()}
+            bucket = tf.reduce_sum(tf.cast(tf.constant(self.batch_sizes) < size, tf.int32))
+            branches = [functools.partial(self._generate_bucket, slots, part, size, out_width)
+                        for slots in self.batch_sizes]
+            part_tokens, part_num = tf.switch_case(bucket, branches)
+            index = (start + tf.range(size))[:, None]
+            return (start + size, tf.tensor_scatter_nd_update(new_tokens, index, part_tokens[:size]),
+                    tf.tensor_scatter_nd_update(num_tokens, index, part_num[:size]))
+
+        _, new_tokens, num_tokens = tf.while_loop(
+            lambda start, *_: start < batch, group,
+            (tf.constant(0), tf.fill([batch, out_width], PAD_TOKEN), tf.zeros([batch], tf.int32)))
+        return {"tokens": new_tokens, "num_tokens": num_tokens}
+
+    def _generate_bucket(self, slots, rows, size, width):
+        """Generates for the `size` rows of `rows` padded to `slots` rows (a static shape, which
+        XLA needs to compile a fast program). Returns (tokens [slots, width], num_tokens [slots])."""
+        rows = {name: tf.pad(value, [[0, slots - size]] + [[0, 0]] * (value.shape.rank - 1))
+                for name, value in rows.items()}
+        rows = {name: tf.ensure_shape(value, [slots] + value.shape[1:]) for name, value in rows.items()}
         settings = {  # as gpt2.sampling.settings.pack_rows makes them; no penalties, no logit bias
-            "temperature": temperature, "top_k": tf.where(top_k >= self.n_vocab, 0, top_k), "top_p": top_p,
-            "repetition_penalty": tf.ones([batch]),
+            "temperature": rows["temperature"], "top_k": tf.where(rows["top_k"] >= self.n_vocab, 0, rows["top_k"]),
+            "top_p": rows["top_p"], "repetition_penalty": tf.ones([slots]),
         }
         state = self._decoder.start_state(
-            tokens, lengths, settings, seed, max_new_tokens, stop_token=tf.fill([batch], -1),
-            window_keep=tf.fill([batch], default_window_keep(self.n_ctx)), want_logprobs=tf.zeros([batch], tf.bool))
-        new_tokens = tf.fill([batch, tf.maximum(tf.reduce_max(max_new_tokens), 0)], PAD_TOKEN)
+            rows["tokens"], tf.maximum(rows["lengths"], 1), settings, rows["seed"], rows["max_new_tokens"],
+            stop_token=tf.fill([slots], -1), window_keep=tf.fill([slots], default_window_keep(self.n_ctx)),
+            want_logprobs=tf.zeros([slots], tf.bool))
+        spec = self._decoder.state_spec(slots)
+        state = {name: tf.ensure_shape(value, spec[name][0]) for name, value in state.items()}
+        state["active"] = tf.range(slots) < size  # padding rows never run
 
         def unfinished(state, new_tokens):
             return tf.reduce_any(state["active"] & ~state["done"])
 
         def chunk(state, new_tokens):
-            before = state["generated"]
             changed, chunk_tokens = self.decode_chunk(state)
-            return {**state, **changed}, _append(new_tokens, before, chunk_tokens)
+            # Every chunk ingests or decodes something; a loop that stalled would never end.
+            progressed = tf.reduce_any(tf.not_equal(changed["generated"], state["generated"])
+                                       | tf.not_equal(changed["cached"], state["cached"]))
+            with tf.control_dependencies([_check(progressed, "the decoder made no progress; this is a bug")]):
+                new_tokens = _append(new_tokens, state["generated"], chunk_tokens)
+            return {**state, **changed}, new_tokens
 
-        state, new_tokens = tf.while_loop(unfinished, chunk, (state, new_tokens))
-        return {"tokens": new_tokens, "num_tokens": state["generated"]}
+        state, new_tokens = tf.while_loop(unfinished, chunk, (state, tf.fill([slots, width], PAD_TOKEN)))
+        return new_tokens, state["generated"]
 
     # ------------------------------------------------------------------ logits and score
 
@@ -163,6 +202,12 @@ class ServingModule(tf.Module):
     def _check_ids(self, tokens, valid, name):
         return _check(_all(~valid | ((tokens >= 0) & (tokens < self.n_vocab))),
                       f"{name} must be token ids in [0, {self.n_vocab})")
+
+
+def default_batch_sizes(model):
+    """The library's pool sizes (gpt2.sampling.api): 1, 2, 4, 8, and 16 to 64 while their
+    key/value cache stays within 1 GiB (124M: up to 8)."""
+    return sorted({pool_size_for(model, rows) for rows in POOL_SIZES})
 
 
 def _append(new_tokens, before, chunk_tokens):

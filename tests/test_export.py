@@ -56,9 +56,10 @@ def padded(rows, fill):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """OUT of the tiny model exported with the command line (in this process)."""
+    """OUT of the tiny model exported with the command line (in this process). One batch size (4,
+    as the library's pool for 3 rows) keeps tracing and compiling short."""
     out = str(tmp_path_factory.mktemp("export") / "tiny")
-    assert export.main(["--model", TINY_MODEL, "--output", out]) == 0
+    assert export.main(["--model", TINY_MODEL, "--output", out, "--batch-sizes", "4"]) == 0
     return out
 
 
@@ -148,10 +149,11 @@ def test_fresh_process_with_tensorflow_only(exported, reference, tiny_model, tmp
 
 
 def test_generate_without_xla(tiny_model, reference):
-    """--no-xla: the same loop as a plain graph (called here without saving)."""
+    """--no-xla: the same loop as a plain graph (called here without saving). With batch size 2,
+    the 3 rows run in two groups (2, then 1 padded to 2)."""
     from gpt2.savedmodel import ServingModule
 
-    module = ServingModule(tiny_model, max_new_tokens=32, jit_compile=False)
+    module = ServingModule(tiny_model, max_new_tokens=32, jit_compile=False, batch_sizes=[2])
     prompts = [case["prompt_ids"] for case in reference["greedy"]["cases"]]
     batch = len(prompts)
     out = module.generate(tokens=tf.constant(padded(prompts, 0)), lengths=tf.constant([len(p) for p in prompts]),
