@@ -14,18 +14,20 @@ format works):
 * `score(tokens, lengths)` -> `token_logprobs` [b, s - 1]: log p(token t + 1 | tokens <= t) as
   `gpt2.score` gives it, 0 where t + 1 >= the row's length.
 
-Generation runs an outer graph loop (not compiled) that calls `decode_chunk` until every row is
-done; `decode_chunk` runs up to CHUNK_ITERATIONS iterations of the decoder, compiled with XLA by
-default. Its shapes depend only on the batch size, so XLA compiles it once per batch size the
-server sees, whatever the prompt lengths, lengths asked for and settings. `logits` and `score` are
-not compiled with XLA (they would compile once per input shape).
+Generation pads the request's rows to one of a few batch sizes B (`batch_sizes`; groups of the
+largest when there are more rows) and runs a graph loop (not compiled) that calls `decode_chunk`
+until every row is done; `decode_chunk` runs up to CHUNK_ITERATIONS iterations of the decoder,
+compiled with XLA by default. It is traced for each B with static shapes (a trace with an unknown
+batch axis compiled into a program about 3x slower), and its shapes depend only on B, so XLA
+compiles it once per batch size, whatever the prompt lengths, lengths asked for and settings.
+`logits` and `score` are not compiled with XLA (they would compile once per input shape).
 
 Inputs are checked in the graph (batch axes agree, prompt widths within the context, lengths in
 range, token ids in the vocabulary, settings in range): a bad request fails with
 InvalidArgumentError "assertion failed: [<what is wrong>]" and the server stays up.
 
-Shapes: b = batch, P = prompt width, n = max(max_new_tokens), s = sequence, V = n_vocab,
-K = CHUNK_ITERATIONS.
+Shapes: b = batch, B = a batch size of the decode loop, P = prompt width, n = max(max_new_tokens),
+s = sequence, V = n_vocab, K = CHUNK_ITERATIONS.
 """
 
 import functools
@@ -40,7 +42,6 @@ from gpt2.scoring import target_logprobs
 
 CHUNK_ITERATIONS = 64  # decoder iterations per compiled call
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
-
 
 GENERATE_SIGNATURE = [
     tf.TensorSpec([None, None], tf.int32, name="tokens"),
@@ -93,7 +94,7 @@ class ServingModule(tf.Module):
 
     def _decode_chunk(self, state):
         """Up to CHUNK_ITERATIONS decoder iterations. Returns (the state entries that change,
-        tokens int32 [b, K]: each iteration's new token per row, -1 where a row made none)."""
+        tokens int32 [B, K]: each iteration's new token per row, -1 where a row made none)."""
         state, outputs, _ = self._decoder.run(state, CHUNK_ITERATIONS, CHUNK_ITERATIONS)
         return {name: value for name, value in state.items() if name not in _FIXED_IN_RUN}, outputs["tokens"]
 
