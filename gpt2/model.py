@@ -6,6 +6,7 @@ b = batch, s = positions in this call, e = n_embd, h = n_head, d = head_dim, L =
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import HParams
@@ -103,6 +104,14 @@ class GPT2(keras.Model):
             raise ValueError(f"{length} positions do not fit the model's context of {self.hparams.n_ctx} "
                              "tokens; shorten the input (gpt2.perplexity scores longer texts)")
 
+    def __call__(self, tokens, past=None, *args, **kwargs):
+        # Checked before Keras' __call__, which would wrap the error in a many-line report.
+        seq = getattr(tokens, "shape", np.shape(tokens))
+        past_len = 0 if past is None else getattr(past, "shape", np.shape(past))[-2]
+        if len(seq) == 2 and seq[1] is not None and past_len is not None:
+            self.check_context(seq[1] + past_len)
+        return super().__call__(tokens, past, *args, **kwargs)
+
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
         """tokens: int [b, s]; past: [b, L, 2, h, t_past, d] or None (see class docstring)."""
         tokens = tf.convert_to_tensor(tokens)
@@ -110,9 +119,6 @@ class GPT2(keras.Model):
             tokens = tf.cast(tokens, tf.int32)
         batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
         past_len = 0 if past is None else tf.shape(past)[-2]
-        static_past = 0 if past is None else past.shape[-2]
-        if tokens.shape[1] is not None and static_past is not None:
-            self.check_context(tokens.shape[1] + static_past)
         positions = past_len + tf.range(seq)
         x = self.embedding_dropout.call(self.embed(tokens, positions[None]), training=training)
         x = tf.reshape(x, [-1, self.hparams.n_embd])

@@ -12,6 +12,7 @@ Shapes: b = rows (prompts), n = tokens.
 """
 
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -64,11 +65,16 @@ class _Lease:
         self.pool.lock.release()
 
 
-def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERATIONS):
+def decode_rows(model, requests, jit_compile=True, iterations_per_run=None):
     """Runs RowRequests to the end. A generator: after each loop iteration that produced tokens,
     yields a list of (request index, token, logprob info or None); info is (token logprob,
     top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
-    generator stops the decode."""
+    generator stops the decode.
+
+    iterations_per_run: loop iterations per compiled call (1 streams token by token); by default
+    as many as fit in about CALL_SECONDS, so Ctrl-C (handled between calls) stops within that.
+    """
+    budget = _IterationBudget(iterations_per_run)
     with _Lease(model, len(requests), jit_compile) as pool:
         waiting = list(range(len(requests)))
         in_slot = {}  # slot -> request index
@@ -78,7 +84,9 @@ def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERAT
                 admitted, waiting = waiting[: len(free)], waiting[len(free):]
                 pool.admit(free, [requests[i] for i in admitted])
                 in_slot.update(zip(free, admitted))
-            outputs, done, _ = pool.run(iterations_per_run)
+            with budget:
+                outputs, done, _ = pool.run(budget.iterations)
+            budget.ran(outputs["tokens"].shape[1])
             tokens = outputs["tokens"]
             for column in range(tokens.shape[1]):
                 produced = []
@@ -97,6 +105,31 @@ def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERAT
             pool.release(finished)
             for slot in finished:
                 del in_slot[slot]
+
+
+CALL_SECONDS = 0.25  # target duration of one compiled call when not streaming
+
+
+class _IterationBudget:
+    """How many loop iterations the next compiled call may run: fixed when asked, else adapted
+    from the last call's duration so one call lasts about CALL_SECONDS."""
+
+    def __init__(self, fixed=None):
+        self.fixed = fixed
+        self.iterations = fixed or 4
+        self._start = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        self._elapsed = time.perf_counter() - self._start
+
+    def ran(self, count):
+        if self.fixed or count < self.iterations:  # a short call (rows finished) says little
+            return
+        per_iteration = self._elapsed / max(count, 1)
+        self.iterations = int(min(max(CALL_SECONDS / max(per_iteration, 1e-6), 1), RUN_ITERATIONS))
 
 
 def _as_settings(value):
@@ -152,52 +185,67 @@ def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, see
                    frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                    logit_bias=logit_bias)
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
-    if callback is not None:
-        steps = _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
-        for step, tokens in enumerate(steps):
-            callback(step, tokens)
-        return [np.asarray(row, np.int32) for row in steps.rows]
     rows = [[] for _ in requests]
+    if callback is not None:
+        for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token)):
+            callback(step, tokens)
+            for row, token in zip(rows, tokens):
+                row.append(int(token))
+        return [np.asarray(_cut(row, request), np.int32) for row, request in zip(rows, requests)]
     for produced in decode_rows(model, requests, jit_compile):
         for index, token, _ in produced:
             rows[index].append(token)
     return [np.asarray(row, np.int32) for row in rows]
 
 
-class _lockstep:
-    """Iterates per-row tokens as steps: step i holds token i of every row (rows that have
-    stopped repeat stop_token, or 0 without one). `rows` has each row's tokens so far."""
+def _cut(tokens, request):
+    """A row's tokens up to its length and through its first stop token."""
+    tokens = tokens[: request.max_new]
+    if request.stop_token in tokens:
+        tokens = tokens[: tokens.index(request.stop_token) + 1]
+    return tokens
 
-    def __init__(self, produced, requests, stop_token):
-        self._produced = produced
-        self._requests = requests
-        self._fill = 0 if stop_token is None else int(stop_token)
-        self.rows = [[] for _ in requests]
-        self._step = 0
 
-    def _finished(self, index):
-        row, request = self.rows[index], self._requests[index]
-        return len(row) >= request.max_new or (row and row[-1] == request.stop_token)
+def stream_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
+                jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+                repetition_penalty=1.0, logit_bias=None):
+    """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                   logit_bias=logit_bias)
+    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
+    yield from _lockstep(model, requests, jit_compile, stop_token)
 
-    def __iter__(self):
-        try:
-            for produced in self._produced:
-                for index, token, _ in produced:
-                    self.rows[index].append(token)
-                yield from self._ready_steps()
-        finally:
-            self._produced.close()
-        yield from self._ready_steps(final=True)
 
-    def _ready_steps(self, final=False):
-        while True:
-            step = self._step
-            if all(len(row) <= step and self._finished(i) for i, row in enumerate(self.rows)):
-                return
-            if not final and any(len(row) <= step and not self._finished(i) for i, row in enumerate(self.rows)):
-                return
-            self._step += 1
-            yield np.array([row[step] if len(row) > step else self._fill for row in self.rows], np.int32)
+def _lockstep(model, requests, jit_compile, stop_token):
+    """Each step's tokens, int32 [b]: step i holds token i of every row (rows that have stopped
+    repeat stop_token, or 0 without one). Decodes token by token; closing it stops the decode."""
+    fill = 0 if stop_token is None else int(stop_token)
+    rows = [[] for _ in requests]
+
+    def finished(index):
+        row = rows[index]
+        return len(row) >= requests[index].max_new or (row and row[-1] == requests[index].stop_token)
+
+    def ready_steps(step, final):
+        while not all(len(row) <= step and finished(i) for i, row in enumerate(rows)):
+            if not final and any(len(row) <= step and not finished(i) for i, row in enumerate(rows)):
+                break
+            yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
+            step += 1
+
+    step = 0
+    produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1)
+    try:
+        for produced in produced_steps:
+            for index, token, _ in produced:
+                rows[index].append(token)
+            for tokens in ready_steps(step, final=False):
+                step += 1
+                yield tokens
+    finally:
+        produced_steps.close()
+    yield from ready_steps(step, final=True)
 
 
 def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
@@ -210,13 +258,10 @@ def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=Non
         for tokens in gpt2.stream(model, [enc.encode("Hello")], 100, top_k=40):
             print(enc.decode(tokens[:1]), end="", flush=True)
     """
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                   logit_bias=logit_bias)
     prompts = context.numpy() if hasattr(context, "numpy") else context
-    seeds = row_seeds(seed, len(prompts))
-    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
-    yield from _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
+    yield from stream_rows(model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)),
+                           stop_token, jit_compile, settings, window_keep, presence_penalty, frequency_penalty,
+                           repetition_penalty, logit_bias)
 
 
 def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
