@@ -12,7 +12,7 @@ beside `gpt2.sample_sequence`.
    would); `library` loads the checkpoint with gpt2.load_model and calls gpt2.sample_sequence.
    Greedy, the same random prompt tokens, exactly N new tokens (no stop token).
    - first call s: the first N-token call of the worker (tracing and XLA compilation included; the
-     SavedModel compiles once per batch size);
+     SavedModel compiles once per batch size; the library's persistent compile cache is off);
    - new prompt length s: then one call with a prompt 7 tokens shorter (no recompilation expected);
    - ms/step = (T(N) - T(1)) / (N - 1), medians of --reps calls each; tokens/s = batch x N / median T(N);
    - peak RSS of the worker.
@@ -110,13 +110,14 @@ def main(argv=None):
         return child(args._child[0], args._child[1], json.loads(args._child[2]))
 
     model_dir = args.model_dir or _common.cached_checkpoint(args.shape)
+    # Workers compile from scratch: no persistent XLA cache (gpt2.compile_cache) for the library
+    # worker, as TF Serving has none for the SavedModel.
+    os.environ["GPT2_CACHE_DIR"] = "off"
     name = os.path.basename(os.path.normpath(model_dir)) + ("-noxla" if args.no_xla else "")
     print(f"exporting {model_dir} ...", file=sys.stderr, flush=True)
     export_seconds, export_dir = run_export(model_dir, os.path.join(EXPORT_DIR, name), not args.no_xla)
-    _common.use_repo_checkout()
-    from gpt2.export import folder_bytes  # TensorFlow-free
-
-    sizes = [["SavedModel (OUT/1)", f"{folder_bytes(export_dir) / _common.MiB:.0f}"],
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(export_dir) for f in files)
+    sizes = [["SavedModel (OUT/1)", f"{size / _common.MiB:.0f}"],
              ["checkpoint weights", f"{_common.data_file_bytes(model_dir) / _common.MiB:.0f}"]]
     results, rows = [], []
     for batch in (int(b) for b in args.batch_sizes.split(",")):

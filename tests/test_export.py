@@ -105,8 +105,11 @@ def test_fresh_process_with_tensorflow_only(exported, reference, tiny_model, tmp
     }
     request_path, result_path = tmp_path / "requests.json", tmp_path / "results.json"
     request_path.write_text(json.dumps(requests))
+    # As TF Serving: no persistent XLA cache (importing gpt2 here pointed TF_XLA_FLAGS at one).
+    env = dict(os.environ, TF_XLA_FLAGS=" ".join(flag for flag in os.environ.get("TF_XLA_FLAGS", "").split()
+                                                  if not flag.startswith("--tf_xla_persistent_cache_directory")))
     child = subprocess.run([sys.executable, "-c", CHILD, os.path.join(exported, "1"), str(request_path),
-                            str(result_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            str(result_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     results = json.loads(result_path.read_text())
     assert results["imported"] == []
