@@ -41,7 +41,6 @@ DEFAULT_MAX_NEW_TOKENS = 4096
 ASSET_NAMES = ("encoder.json", "vocab.bpe")
 
 
-
 def _batch_sizes(text):
     """argparse type of --batch-sizes: comma-separated integers >= 1."""
     try:
@@ -61,7 +60,9 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     batch_sizes: the batch sizes the decode loop is built (and compiled) for; a request's rows are
     padded to the smallest that holds them (default: gpt2.savedmodel.default_batch_sizes).
     """
-    target = os.path.join(output, str(int(version)))
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"version must be an integer >= 0, got {version!r}")
+    target = os.path.join(output, str(version))
     _check_target(output, target, overwrite)
     from gpt2.checkpoint import resolve_model_dir
 

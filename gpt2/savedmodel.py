@@ -73,10 +73,13 @@ class ServingModule(tf.Module):
         hparams = model.hparams
         self.n_ctx, self.n_vocab = hparams.n_ctx, hparams.n_vocab
         self.max_new_tokens = int(max_new_tokens)
+        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(model))))
+        if self.max_new_tokens < 1 or self.batch_sizes[0] < 1:
+            raise ValueError(f"max_new_tokens and batch sizes must be >= 1, got {max_new_tokens} and "
+                             f"{list(self.batch_sizes)}")
         self.weights = list(model.weights)  # tracked (saved); the model object itself is not
         self.assets = [tf.saved_model.Asset(path) for path in encoder_files]
         self._decoder = decoder_lib.Decoder(model)  # a plain object: the model is used, not tracked
-        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(model))))
         self.decode_chunk = tf.function(self._decode_chunk, jit_compile=jit_compile, autograph=False)
         self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
