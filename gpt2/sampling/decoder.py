@@ -312,7 +312,8 @@ class Decoder:
     def _feed(self, state, tokens, feed):
         """Feeds tokens [B] at each row's position (its `cached` count); rows in `feed` take the
         new logits and advance. Every row writes its keys and values at its position (static
-        shapes); for rows not fed that slot is never attended before being rewritten."""
+        shapes); for rows not fed that slot is never attended before being rewritten. When one
+        row alone is fed, only it runs through the model."""
         state = dict(state)
         batch = _batch(state)
         position = state["cached"]
@@ -322,8 +323,24 @@ class Decoder:
             h, new = self._forward(x, state, batch, 0, tf.where(feed, position, 0))
             return self.model.logits(h), new
 
-        logits, new = tf.cond(tf.reduce_any(feed), compute,
-                              lambda: (tf.zeros([batch, self.n_vocab]), self._zeros_like_new(batch, 1)))
+        def compute_one():
+            """Only the one row fed: a pool of 8 with one request costs about a pool of 1."""
+            row = tf.argmax(tf.cast(feed, tf.int32), output_type=tf.int32)
+            at = tf.gather(position, [row])
+            x = self.model.embed(tf.gather(tokens, [row]), tf.minimum(at, self.n_ctx - 1))
+            h, new = self._forward(x, state, 1, row, at)
+            into_row = lambda value: tf.tensor_scatter_nd_update(  # noqa: E731
+                tf.zeros([batch, *value.shape[1:]], value.dtype), [[row]], value)
+            return into_row(self.model.logits(h)), [(into_row(k), into_row(v)) for k, v in new]
+
+        def nothing():
+            return tf.zeros([batch, self.n_vocab]), self._zeros_like_new(batch, 1)
+
+        fed = tf.reduce_sum(tf.cast(feed, tf.int32))
+        if isinstance(batch, int) and batch > 1:
+            logits, new = tf.cond(tf.equal(fed, 1), compute_one, lambda: tf.cond(fed > 0, compute, nothing))
+        else:
+            logits, new = tf.cond(fed > 0, compute, nothing)
         index = tf.stack([
             tf.repeat(tf.range(batch), self.n_head),
             tf.tile(tf.range(self.n_head), [batch]),
