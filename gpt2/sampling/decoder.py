@@ -290,6 +290,11 @@ class Decoder:
             return (i < max_iterations) & tf.reduce_any(state["active"] & ~state["done"])
 
         def body(i, state, outputs):
+            # "active" is never changed by the loop; passed through unchanged, XLA's compile-time
+            # constant analysis follows it from the row index `ingest` slices with back to the
+            # variable, and keys the compiled program on its value: a new compile for every new
+            # set of active slots. An operation on it (a no-op in value) stops that analysis.
+            state = {**state, "active": state["active"] | tf.less(i, 0)}
             pending = self.pending(state)
             state = _maybe(tf.reduce_any(pending), self.ingest, state)
             ready = state["active"] & ~state["done"] & tf.equal(state["cached"], state["filled"])

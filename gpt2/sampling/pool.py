@@ -20,9 +20,6 @@ from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
 
 RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
 
-# State that `run` changes; the rest is written only by `admit`.
-_CHANGING = ("done", "cached", "filled", "generated", "counts", "logits", "window")
-
 
 @dataclasses.dataclass
 class RowRequest:
@@ -56,7 +53,6 @@ class Pool:
                 name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
                 for name, (shape, dtype) in self.decoder.state_spec().items()
             }
-        self._changing = [name for name in self.state if name in _CHANGING or name[0] in "kv" and name[1:].isdigit()]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
         self.lock = threading.Lock()
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
@@ -66,8 +62,11 @@ class Pool:
     def _run_program(self, max_iterations):
         state = {name: tf.convert_to_tensor(variable) for name, variable in self.state.items()}
         state, outputs, count = self.decoder.run(state, max_iterations, self.iterations)
-        for name in self._changing:
-            self.state[name].assign(state[name])
+        # Every variable is written back, also those the loop only reads: under XLA a variable the
+        # program never assigns was read stale after `admit` updated it (rows admitted into slots
+        # never seen active), and `source` (changed when rows share a prompt) must persist.
+        for name, variable in self.state.items():
+            variable.assign(state[name])
         return outputs, count, state["done"], state["generated"]
 
     def run(self, max_iterations=None):
