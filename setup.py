@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="gpt2-tf2",
@@ -7,12 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gpt2", "encoder"],
-    package_data={"encoder": ["encoder.json", "vocab.bpe"]},
+    packages=find_packages(include=["gpt2", "gpt2.*", "encoder"]),
+    package_data={"encoder": ["encoder.json", "vocab.bpe"], "gpt2.serve": ["static/*.html"]},
     py_modules=[],
     install_requires=["tensorflow>=2.16", "numpy", "regex", "requests", "tqdm"],
     # hf: Hugging Face folders (gpt2.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
-    extras_require={"hf": ["safetensors>=0.4.5"], "test": ["pytest", "openai", "safetensors>=0.4.5"]},
+    extras_require={"hf": ["safetensors>=0.4.5"], "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium"]},
     entry_points={
         "console_scripts": [
             "gpt2-generate=gpt2.generate_cli:main",

@@ -20,3 +20,7 @@ def tiny_model():
     import gpt2
 
     return gpt2.load_model(TINY_MODEL)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slow test (still run by default and in CI)")
