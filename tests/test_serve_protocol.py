@@ -226,9 +226,12 @@ def test_chat_choice_text_is_trimmed_and_stops_at_the_next_turn(enc):
     pieces = [choice.feed([t]) for t in ids]
     assert "".join(pieces) == "Blue, of course." and choice.finish_reason == "stop"
     assert pieces[0] == ""  # leading whitespace never sent
-    spaced = ChoiceText(enc, 100, trim=True)
-    text = "".join(spaced.feed([t]) for t in enc.encode(" a  b ")) + spaced.end()
-    assert text == "a  b"
+    for size in (1, 2, 3):  # however the tokens arrive
+        ids = enc.encode(" a  b \n c  \n")
+        spaced = ChoiceText(enc, 100, trim=True)
+        assert "".join(spaced.feed(ids[i:i + size]) for i in range(0, len(ids), size)) + spaced.end() == "a  b \n c"
+        capped = ChoiceText(enc, len(ids) - 1, trim=True)
+        assert "".join(capped.feed(ids[i:i + size]) for i in range(0, len(ids), size)) == "a  b \n c"
 
 
 # ----------------------------------------------------------------------------- without TensorFlow

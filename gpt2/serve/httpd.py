@@ -137,10 +137,11 @@ class App:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
                 "context_length": self.protocol.n_ctx, "max_tokens_limit": self.protocol.max_tokens_limit}
 
-    def health(self):
+    def health(self, connections=None):
         engine = self.engine.health()
         status = "stopping" if self.draining else engine.pop("status")
-        return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx, **engine}
+        return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx,
+                "connections": connections, **engine}
 
     def allows_origin(self, origin):
         return "*" in self.cors_origins or origin in self.cors_origins
@@ -202,6 +203,8 @@ class Server(ThreadingHTTPServer):
         self.app = app
         self.limits = limits or app.limits
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.connections = 0  # open connections (each has a thread)
+        self._count_lock = threading.Lock()
         self._refused = 0
         self._refused_logged = 0.0
         super().__init__((host, port), Handler, bind_and_activate)
@@ -214,17 +217,24 @@ class Server(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             self._refuse(request, client_address)
             return
+        with self._count_lock:
+            self.connections += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release()
+
+    def _release(self):
+        with self._count_lock:
+            self.connections -= 1
+        self._slots.release()
 
     def _refuse(self, request, client_address):
         self._refused += 1
@@ -563,7 +573,7 @@ class Handler(BaseHTTPRequestHandler):
         })
 
     def _health(self, path):
-        health = self.app.health()
+        health = self.app.health(self.server.connections)
         self._send_json(200 if health["status"] == "ok" else 503, health)
 
     def _models(self, path):

@@ -464,11 +464,13 @@ class ChoiceText:
         if not self._started:
             text = text.lstrip()
             self._started = bool(text)
-        if self.finished:
-            self._spaces = ""
-            return text.rstrip()
         body = text.rstrip()
-        text, self._spaces = (self._spaces + text[:len(body)], text[len(body):]) if body else ("", self._spaces + text)
+        if self.finished:  # trailing whitespace is dropped
+            text, self._spaces = (self._spaces + body if body else ""), ""
+        elif body:  # whitespace before this text goes out with it; this text's trailing whitespace waits
+            text, self._spaces = self._spaces + body, text[len(body):]
+        else:
+            text, self._spaces = "", self._spaces + text
         return text
 
     def _stopped(self, out):
