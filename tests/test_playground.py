@@ -19,7 +19,7 @@ CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser",
 CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1200,760")
+         "--disable-dev-shm-usage", "--window-size=1200,900")
 
 
 @pytest.fixture(scope="module")

@@ -463,3 +463,13 @@ def test_cors_preflight_and_headers():
     finally:
         cors.stop()
     assert JSON  # the default server sends no CORS headers at all (see test_serve_http)
+
+
+def test_tokenizer_endpoints(server, enc):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, which lm-eval's remote tokenizer uses."""
+    info = server.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
+    tokens = server.post("/tokenize", {"prompt": "Hello world<|endoftext|>", "add_special_tokens": False}).json()
+    assert tokens["tokens"] == enc.encode("Hello world") + [enc.eot_token] and tokens["count"] == 3
+    assert server.post("/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": "Hello world<|endoftext|>"}
+    assert server.post("/detokenize", {"tokens": [99999]}).status_code == 400

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from gpt2.sampling.settings import SamplingSettings, row_seeds
 from gpt2.serve.engine import Engine, Job, QueueFull, Unavailable
 from gpt2.serve.protocol import Row
-from serve_support import MODEL_DIR, REPO, model_and_encoder, shared_engine, wait_until
+from serve_support import REPO, model_and_encoder, shared_engine, wait_until
 
 GREEDY = SamplingSettings(temperature=0)
 SAMPLED = SamplingSettings(temperature=1.0, top_k=40)
@@ -187,6 +186,20 @@ def test_queue_is_bounded_by_rows_not_requests(engine):
         engine.max_queue = old
         engine.resume()
     collect(big), collect(small)
+
+
+def test_shorter_requests_go_first_but_waiting_long_ones_are_not_overtaken():
+    model, enc = model_and_encoder()
+    engine = Engine(model, max_batch=2, stop_token=enc.eot_token, jit_compile=False)  # never started
+    engine.step_seconds = 0.05
+    long, short, other = (Job([Row(prompt(3), GREEDY, 0, n)]) for n in (200, 3, 200))
+    for job in (long, short, other):
+        engine.submit(job)
+    assert engine._pick() == [(short, 0), (long, 0)]
+    late = Job([Row(prompt(3), GREEDY, 0, 3)])
+    engine.submit(late)
+    other.enqueued_at -= 11.0  # waited longer than the short one's own decode time (10 s ahead)
+    assert engine._pick() == [(other, 0), (late, 0)]
 
 
 def test_cancelled_rows_leave_their_slots_at_once(engine):

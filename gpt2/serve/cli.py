@@ -19,6 +19,7 @@ import threading
 import time
 
 from gpt2.serve import protocol
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
 
 log = logging.getLogger("gpt2.serve")
@@ -71,8 +72,9 @@ def build_parser():
     limits.add_argument("--max-tokens-limit", type=_positive_int, default=protocol.DEFAULT_MAX_TOKENS_LIMIT,
                         help="largest max_tokens / length a request may ask for; generation may run past the "
                              f"context, the window slides (default: {protocol.DEFAULT_MAX_TOKENS_LIMIT})")
-    limits.add_argument("--steps-per-run", type=_positive_int, default=4,
-                        help="decode steps per compiled call; new requests join between calls (default: 4)")
+    limits.add_argument("--steps-per-run", type=_positive_int, default=DEFAULT_STEPS_PER_RUN,
+                        help="decode steps per compiled call; new requests join between calls "
+                             f"(default: {DEFAULT_STEPS_PER_RUN})")
     limits.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULTS.max_body_bytes,
                         help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
     limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,

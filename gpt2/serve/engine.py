@@ -5,9 +5,11 @@ the prompts, lengths and settings). Requests arrive as `Job`s of rows (a row = o
 prompts x n make k*n rows) and wait in a queue bounded by rows, not requests. The worker loops:
 
 1. release the slots of rows nobody needs any more (client gone, stop string matched);
-2. admit waiting rows into the free slots, oldest request first but at most a fair share of the
-   free slots per request, so a request with many rows does not hold back the ones behind it
-   (rows of one request with the same prompt share its ingestion);
+2. admit waiting rows into the free slots, at most a fair share of the free slots per request, so
+   a request with many rows does not hold back the ones behind it (rows of one request with the
+   same prompt share its ingestion). Requests go in order of arrival time plus their own decode
+   time (max_tokens x the measured time per step): shorter ones go first, but a request is never
+   overtaken by ones that arrived more than its own decode time after it;
 3. run the pool for `steps_per_run` loop iterations (a new prompt is ingested 32 tokens per
    iteration, interleaved with the other rows' decoding);
 4. hand each row's new tokens (and log-probabilities when asked) to its job, and release the
@@ -29,8 +31,6 @@ import collections
 import logging
 import threading
 import time
-
-import numpy as np
 
 log = logging.getLogger("gpt2.serve")
 
@@ -122,6 +122,7 @@ class Engine:
         self._thread = None
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.score_lengths = sorted({min(128, self.n_ctx), self.n_ctx})
+        self.step_seconds = 0.05  # running estimate of one loop iteration's time
 
     # ------------------------------------------------------------------ client side
 
@@ -325,13 +326,16 @@ class Engine:
         return bool(self._waiting) and not self._paused and not self._draining and len(self._running) < self.max_batch
 
     def _pick(self):
-        """[(job, row index)] for the free slots: each waiting request (oldest first) gets up to an
-        equal share of them, then what is left goes in arrival order."""
+        """[(job, row index)] for the free slots: each waiting request (in the order of the module
+        docstring) gets up to an equal share of them, then what is left goes in that order."""
         free = self.max_batch - len(self._running)
         picks = []
         share = max(1, free // len(self._waiting))
+        order = sorted(self._waiting, key=lambda job: job.enqueued_at + job.rows[0].max_new * self.step_seconds)
         for fair in (True, False):
-            for job in list(self._waiting):
+            for job in order:
+                if job.next_row == len(job.rows):
+                    continue
                 take = min(len(job.rows) - job.next_row, free - len(picks), share if fair else free)
                 picks += [(job, job.next_row + i) for i in range(take)]
                 job.next_row += take
@@ -359,9 +363,12 @@ class Engine:
                 self._lock.notify_all()
 
     def _step(self):
+        start = time.perf_counter()
         outputs, done, _ = self.pool.run(self.steps_per_run)
-        self.stats["runs"] += 1
         tokens = outputs["tokens"]
+        if tokens.shape[1]:
+            self.step_seconds += 0.1 * ((time.perf_counter() - start) / tokens.shape[1] - self.step_seconds)
+        self.stats["runs"] += 1
         finished = []
         for slot, (job, i) in self._running.items():
             made = tokens[slot] >= 0

@@ -40,6 +40,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from gpt2.serve.engine import Job, QueueFull, Unavailable
 from gpt2.serve.protocol import ApiError, ChoiceText
 
 log = logging.getLogger("gpt2.serve")
@@ -306,6 +307,9 @@ class Handler(BaseHTTPRequestHandler):
         "/generate": ("POST", "generate"),
         "/v1/completions": ("POST", "completions"),
         "/v1/chat/completions": ("POST", "chat"),
+        "/tokenize": ("POST", "tokenize"),
+        "/detokenize": ("POST", "detokenize"),
+        "/tokenizer_info": ("GET", "tokenizer_info"),
     }
     OPEN = ("playground", "health")  # answered without the API key
 
@@ -585,11 +589,25 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
         self._send_json(200, self.app.model_card())
 
+    # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)
+
+    def _tokenize(self, path):
+        tokens = self.app.protocol.parse_tokenize(self._read_json())
+        self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.app.protocol.n_ctx})
+
+    def _detokenize(self, path):
+        tokens = self.app.protocol.parse_detokenize(self._read_json())
+        self._send_json(200, {"prompt": self.app.enc.decode(tokens)})
+
+    def _tokenizer_info(self, path):
+        eot = self.app.enc.decode([self.app.enc.eot_token])
+        self._send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
+                              "unk_token": eot, "pad_token": None, "model_max_length": self.app.protocol.n_ctx,
+                              "vocab_size": self.app.protocol.n_vocab})
+
     # ------------------------------------------------------------------ generation
 
     def _submit(self, plan):
-        from gpt2.serve.engine import Job, QueueFull, Unavailable
-
         job = Job(plan.rows, stream=plan.stream)
         try:
             self.app.engine.submit(job)
@@ -817,6 +835,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._note += ", streamed"
         except ApiError as error:  # the status line is gone: report in the stream
             send(error.body())
+        except BaseException:
+            if job is not None:
+                self.app.engine.cancel(job)
+            raise
         if plan.include_usage:
             send({**head, "choices": [], "usage": _usage(plan, choices)})
         send(b"[DONE]")

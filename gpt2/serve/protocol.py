@@ -392,6 +392,28 @@ class Protocol:
                     include_usage, logprobs, trim=True)
 
 
+    # ------------------------------------------------------------------ /tokenize, /detokenize
+
+    def parse_tokenize(self, body):
+        """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
+        tokens written out in the text (<|endoftext|>) are recognised, as Hugging Face tokenizers do."""
+        _fields(body, ("prompt", "add_special_tokens", "model"))
+        text = _required_string(body, "prompt")
+        if len(text.encode("utf-8", "surrogatepass")) > 4 * self.max_prompt_bytes:
+            raise bad(f"'prompt' is over {4 * self.max_prompt_bytes} bytes", "prompt")
+        return self.enc.encode(text, allow_special=True)
+
+    def parse_detokenize(self, body):
+        """vLLM's /detokenize: {"tokens", "model"?} -> token ids to decode."""
+        _fields(body, ("tokens", "model"))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < self.n_vocab for t in tokens):
+            raise bad(f"'tokens' must be a list of token ids in [0, {self.n_vocab})", "tokens")
+        if len(tokens) > 64 * self.n_ctx:
+            raise bad(f"'tokens' has {len(tokens)} ids; at most {64 * self.n_ctx}", "tokens")
+        return tokens
+
+
 # ----------------------------------------------------------------------------- output text
 
 class ChoiceText:
