@@ -47,10 +47,12 @@ def stream(url, max_tokens, out):
 
 def test_the_command_serves_and_sigterm_stops_it_in_order(cli_server):
     url = cli_server.url
-    assert requests.get(url + "/health", timeout=30).json()["max_batch"] == 2
+    health = requests.get(url + "/health", timeout=30).json()
+    assert health["max_batch"] == 2 and health["compiled_programs"] == 1  # compiled before it listened
     ref = GREEDY[1]
     r = requests.post(url + "/generate", json={"text": ref["prompt_text"], "length": 20, "top_k": 1}, timeout=60)
     assert r.json() == {"generated_text": ref["new_text"]}
+    assert requests.get(url + "/health", timeout=30).json()["compiled_programs"] == 1
 
     short, long = [], []
     threads = [threading.Thread(target=stream, args=(url, 40, short)),
