@@ -4,7 +4,7 @@ import os
 import sys
 
 # Quiet TensorFlow's C++ INFO/WARNING lines; must be set before TensorFlow is first imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from gpt2.generate_cli import main  # noqa: E402
 

@@ -2,9 +2,11 @@
 
     python bench/generate_speed.py [--shape 124M] [--batch-sizes 1,8] [--prompt-len 32]
         [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai]
-        [--openai-repo PATH] [--ours-xla default|on|off|both] [--threads N] [--json out.json]
+        [--openai-repo PATH] [--ours-xla default|on|off|both] [--ours-dtypes float32,bfloat16]
+        [--threads N] [--json out.json]
 
-Systems (all fp32, same GPT-2 shape, same prompt tokens, greedy, no early stop):
+Systems (fp32 unless --ours-dtypes adds bfloat16; same GPT-2 shape, same prompt tokens, greedy, no
+early stop):
   ours          gpt2.sample_sequence(model, context, N, temperature=0) on the random-weight
                 checkpoint of the shape (written once to bench/.cache/<shape>/ by the project's
                 own writer, loaded with gpt2.load_model). `--ours-xla on/off/both` passes
@@ -130,12 +132,16 @@ def setup_ours(spec):
         kwargs[option] = spec["xla"]
     rss_import = _common.current_rss_bytes()
     start = time.perf_counter()
-    model = gpt2.load_model(spec["model_dir"])
+    model = gpt2.load_model(spec["model_dir"], dtype=spec.get("dtype") or "float32")
+    if spec.get("dtype"):
+        kwargs["dtype"] = spec["dtype"]
     load_s = time.perf_counter() - start
     context = np.asarray(spec["prompt"], np.int32)
 
+    options = {k: v for k, v in kwargs.items() if k != "dtype"}
+
     def run(n):
-        return np.asarray(gpt2.sample_sequence(model, context, n, **kwargs))
+        return np.asarray(gpt2.sample_sequence(model, context, n, **options))
 
     return run, dict(load_s=load_s, rss_import=rss_import, params=int(model.count_params()),
                      versions=f"tensorflow {tf.__version__}", threads=threads,
@@ -383,6 +389,8 @@ class Worker:
         self.status = None  # None while healthy, else "skipped: ..." / "failed: ..."
         self.info, self.first, self.reps, self.peak_rss = {}, {}, [], None
         env = {"KERAS_BACKEND": "tensorflow"} if spec["kind"] == "kerashub" else {}
+        if spec["kind"] == "ours":  # "first call" = a cold compile, as the peers' (see bench/startup.py)
+            env["GPT2_CACHE_DIR"] = "off"
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_worker"],
@@ -446,8 +454,8 @@ def ms_per_step(rep, n):
 def run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir):
     """Starts one worker per system, makes the first calls, runs interleaved reps. Returns workers."""
     workers = []
-    for name, kind, xla in systems:
-        spec = dict(kind=kind, xla=xla, model_dir=model_dir, hparams=hparams, prompt=prompt[:batch],
+    for name, kind, xla, dtype in systems:
+        spec = dict(kind=kind, xla=xla, dtype=dtype, model_dir=model_dir, hparams=hparams, prompt=prompt[:batch],
                     new_tokens=args.new_tokens, openai_repo=args.openai_repo, threads=args.threads)
         log_path = os.path.join(log_dir, f"{name}-b{batch}.log")
         worker = Worker(name, spec, log_path, args.timeout)
@@ -528,6 +536,9 @@ def main(argv=None):
     parser.add_argument("--ours-xla", default="default", choices=list(OURS_VARIANTS),
                         help="pass jit_compile=True/False to gpt2.sample_sequence (both: two rows); "
                              "default: pass nothing")
+    parser.add_argument("--ours-dtypes", default="float32",
+                        help="comma-separated dtypes for this project's model: float32, bfloat16 (one row "
+                             "each; bfloat16 rows are named ours-bf16)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for every system (torch.set_num_threads, TF intra/inter-op); "
                              "default 0: each framework's own default")
@@ -550,9 +561,13 @@ def main(argv=None):
     hparams = _common.PRESET_SHAPES[args.shape]
     if args.prompt_len + args.new_tokens > hparams["n_ctx"]:
         parser.error(f"--prompt-len + --new-tokens must be <= n_ctx ({hparams['n_ctx']})")
-    systems = [(name, "ours", xla) for name, xla in OURS_VARIANTS[args.ours_xla]]
-    systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None)
-                for p in peers]
+    dtypes = [d.strip() for d in args.ours_dtypes.split(",") if d.strip()]
+    if set(dtypes) - {"float32", "bfloat16"} or not dtypes:
+        parser.error("--ours-dtypes takes float32 and/or bfloat16")
+    systems = [(name + ("-bf16" if dtype == "bfloat16" else ""), "ours", xla, None if dtype == "float32" else dtype)
+               for dtype in dtypes for name, xla in OURS_VARIANTS[args.ours_xla]]
+    systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None,
+                 None) for p in peers]
 
     import numpy as np
 

@@ -1,6 +1,7 @@
 """Byte-level BPE encoder, token for token identical to OpenAI's GPT-2 encoder.
 
-Text is split into pre-tokens by GPT-2's regex, each pre-token's UTF-8 bytes are mapped to printable
+Text is split into pre-tokens by GPT-2's regex (its character classes pinned to Unicode 16.0.0, see
+pretokenizer.py), each pre-token's UTF-8 bytes are mapped to printable
 unicode characters (the byte-to-unicode table), and the BPE merges of ``vocab.bpe`` are applied in rank
 order: each round merges every non-overlapping occurrence, left to right, of the lowest-ranked adjacent
 pair.  The merge loop uses a heap over a linked list of symbols, O(n log n) per pre-token, so very long
@@ -16,18 +17,13 @@ import operator
 import os
 
 import numpy as np
-import regex
+
+# OpenAI's pre-tokenizer with its character classes pinned to Unicode 16.0.0, so that ids do not
+# depend on the installed `regex` release (see pretokenizer.py).
+from encoder.pretokenizer import PRETOKEN_PATTERN, SAFE_CUT, pretokenize  # noqa: F401 (re-exported)
 
 EOT_TEXT = "<|endoftext|>"
 
-# OpenAI's pre-tokenizer, case-sensitive on purpose: "'S" is not split like "'s".
-PRETOKEN_PATTERN = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
-
-# A position between a non-whitespace char and a whitespace char is always a pre-token boundary that
-# does not depend on the text on either side of it (see Encoder.encode_iter).  REVERSE: find the last.
-_SAFE_CUT = regex.compile(r"(?r)\S(?=\s)")
 
 # Pre-tokens are BPE-encoded once and cached.  The cache is bounded (cleared when full): over hundreds of
 # MB of text or in a long-running server the set of distinct pre-tokens keeps growing, while a flat
@@ -159,7 +155,7 @@ class Encoder:
     def _encode_ordinary(self, text):
         cached, encode_piece = self._cache.get, self._encode_piece
         # Pre-tokens are never empty, so their id tuples are never empty (falsy only when not cached).
-        pieces = PRETOKEN_PATTERN.findall(text)
+        pieces = pretokenize(text)
         return list(itertools.chain.from_iterable([cached(p) or encode_piece(p) for p in pieces]))
 
     def _encode_piece(self, piece):
@@ -188,7 +184,7 @@ class Encoder:
         for chunk in text_chunks:
             searched_from = max(len(pending) - 1, 0)
             pending += chunk
-            match = _SAFE_CUT.search(pending, searched_from)
+            match = SAFE_CUT.search(pending, searched_from)
             if match:
                 cut = match.end()
                 yield self.encode(pending[:cut], allow_special)

@@ -6,7 +6,10 @@ TensorFlow is imported on first use of a name that needs it, so command-line too
 
 import importlib
 
+from gpt2 import compile_cache
 from gpt2.hparams import PRESETS, HParams
+
+compile_cache.enable()  # before the first XLA compile; see gpt2/compile_cache.py
 
 _LAZY = {
     "GPT2": "gpt2.model",
@@ -22,9 +25,21 @@ _LAZY = {
     "download_model": "gpt2.download",
     "score": "gpt2.scoring",
     "perplexity": "gpt2.scoring",
+    "finetune": "gpt2.train.trainer",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]
+
+# What the command-line tools say when TensorFlow is missing (it comes through an extra, see setup.py).
+TENSORFLOW_MISSING = (
+    "TensorFlow is not installed; install this project with its TensorFlow build: pip install '.[cpu]' "
+    "(or '.[gpu]' for NVIDIA GPUs on Linux) in the project folder"
+)
+
+
+def is_tensorflow_missing(error):
+    """True if `error` is the ImportError of a missing TensorFlow (or Keras, which comes with it)."""
+    return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in ("tensorflow", "keras")
 
 
 def __getattr__(name):

@@ -10,15 +10,19 @@ the TF checkpoint `model.ckpt.index` + `model.ckpt.data-00000-of-00001` with var
 """
 
 import argparse
+import atexit
+import contextlib
 import glob
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
-from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+from gpt2.cli import quiet_tensorflow
+from gpt2.hparams import OLD_NAMES, PRESETS, HParams, summarize
 
 CHECKPOINT_PREFIX = "model.ckpt"
 DATA_FILE = CHECKPOINT_PREFIX + ".data-00000-of-00001"
@@ -104,10 +108,42 @@ def _read_index(prefix):
     import tensorflow as tf
 
     try:
-        return tf.train.load_checkpoint(prefix)
+        return tf.train.load_checkpoint(_tf_prefix(prefix))
     except (tf.errors.OpError, ValueError) as error:
         message = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{prefix}.index: unreadable ({message}); download the model again") from None
+
+
+# Characters TensorFlow's checkpoint ops read as a glob pattern in a prefix (they look the index up
+# with GetMatchingPaths), so a folder such as "finetune[v2]" would not match itself.
+_GLOB_CHARS = "*?[" if os.name == "nt" else "*?[\\"
+_aliases = {}  # prefix -> the same checkpoint through links in a temporary folder
+
+
+def _tf_prefix(prefix):
+    """`prefix` as TensorFlow's checkpoint ops can read it: unchanged, unless it holds glob
+    characters; then links to its files in a temporary folder (removed at exit) stand in for it."""
+    if not any(char in prefix for char in _GLOB_CHARS):
+        return prefix
+    if prefix in _aliases and os.path.exists(_aliases[prefix] + ".index"):
+        return _aliases[prefix]
+    alias_dir = tempfile.mkdtemp(prefix="gpt2-checkpoint-")
+    atexit.register(shutil.rmtree, alias_dir, True)
+    alias = os.path.join(alias_dir, CHECKPOINT_PREFIX)
+    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+        target = alias + path[len(prefix):]
+        try:
+            os.symlink(os.path.abspath(path), target)
+        except OSError:
+            try:
+                os.link(path, target)
+            except OSError as error:
+                raise CheckpointError(
+                    f"{prefix}: TensorFlow cannot read a checkpoint whose path holds any of {_GLOB_CHARS} "
+                    f"and no link to it can be made here ({error.strerror or error}); rename the folder"
+                ) from None
+    _aliases[prefix] = alias
+    return alias
 
 
 def check_model_dir(model_dir):
@@ -135,50 +171,121 @@ def check_model_dir(model_dir):
         if list(found[name]) != expected[name]
     ]
     if missing:
-        problems.append(f"missing {missing}")
+        problems.append(f"missing {_listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected {unexpected}")
+        problems.append(f"unexpected {_listed(unexpected)}")
     if misshaped:
-        problems.append(f"wrong shape: {', '.join(misshaped)}")
+        problems.append(f"wrong shape: {summarize(misshaped, sep=', ')}")
     if problems:
         raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
-    _check_data_size(prefix, expected)
+    _check_data_size(prefix, expected, reader.get_variable_to_dtype_map())
     return hparams
 
 
-def _check_data_size(prefix, shapes):
-    """A data file smaller than the float32 tensors it must hold was cut short."""
+def _listed(names, limit=5):
+    """A list of variable names for a message: all of them if few, else a count and the first three."""
+    if len(names) <= limit:
+        return repr(names)
+    return f"{len(names)} variables ({', '.join(names[:3])}, ...)"
+
+
+def _check_data_size(prefix, shapes, dtypes):
+    """A data file smaller than the tensors it must hold was cut short; weights must be floats."""
+    not_float = [f"{name} ({dtype.name})" for name, dtype in sorted(dtypes.items()) if not dtype.is_floating]
+    if not_float:
+        raise CheckpointError(
+            f"{prefix}: GPT-2 weights must be floating point, but {summarize(not_float, sep=', ')} are not"
+        )
     data_files = glob.glob(glob.escape(prefix) + ".data-*")
     size = sum(os.path.getsize(path) for path in data_files)
-    needed = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    needed = sum(int(np.prod(shape)) * dtypes[name].size for name, shape in shapes.items())
     if size < needed:
         raise CheckpointError(
             f"{data_files[0]}: truncated ({size} bytes, the variables need {needed}); download the model again"
         )
 
 
-def load_model(name_or_dir, models_dir="models"):
+def _restore(prefix, name, dtype):
+    """One tensor of a checkpoint as float32 (a float16 or bfloat16 checkpoint is cast on reading)."""
+    import tensorflow as tf
+
+    try:
+        (value,) = tf.raw_ops.RestoreV2(
+            prefix=_tf_prefix(prefix), tensor_names=[name], shape_and_slices=[""], dtypes=[dtype]
+        )
+    except tf.errors.OpError as error:
+        message = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{prefix}: cannot read {name} ({message}); download the model again") from None
+    return value if dtype == tf.float32 else tf.cast(value, tf.float32)
+
+
+def _check_fits_in_memory(hparams, source, bytes_per_weight=4):
+    """Raises CheckpointError if the weights of `hparams` alone exceed this machine's memory."""
+    needed = bytes_per_weight * hparams.parameter_count
+    total = _physical_memory()
+    if total is not None and needed > total:
+        raise CheckpointError(
+            f"{source}: the model's {hparams.parameter_count:,} weights need {needed / 2**20:,.0f} MiB of "
+            f"memory, more than this machine's {total / 2**20:,.0f} MiB; check its hparams.json"
+        )
+
+
+def _physical_memory():
+    """Total physical memory in bytes, or None where it cannot be told."""
+    try:
+        if sys.platform == "win32":
+            import ctypes
+
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                    (name, ctypes.c_ulonglong)
+                    for name in ("total", "avail", "total_page", "avail_page", "total_virt", "avail_virt", "ext")
+                ]
+
+            status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+            return status.total if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) else None
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
+
+
+def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None):
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.hf).
 
-    Returns a `gpt2.GPT2` with the folder's weights. The model starts zeroed (no random draws)
-    and each tensor is read and handed to its variable one at a time: loading holds the weights
-    once plus the largest single tensor (twice that tensor for a Hugging Face folder, which is
-    read into NumPy first).
+    dtype: "float32", "bfloat16" to hold the weights in bfloat16 (half the memory) and run the
+    matmuls in it, or "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training); see
+    gpt2.GPT2. dropout: the rate used when called with training=True.
+    before_weights(model): called with the model built but no weight read yet, e.g. to compile
+    the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
+    again before the weights need theirs.
+
+    Returns a `gpt2.GPT2` with the folder's weights. The variables start uninitialised (their
+    memory untouched) and each tensor is read and handed to its variable one at a time:
+    loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
     """
     import tensorflow as tf
 
     from gpt2.model import GPT2
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
     with open_weights(model_dir) as weights:
-        model = GPT2(weights.hparams, random_init=False)
+        _check_fits_in_memory(weights.hparams, model_dir, 2 if dtype == "bfloat16" else 4)
+        model = GPT2(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
+        if before_weights is not None:
+            before_weights(model)
         for name, variable in model_variables(model).items():
-            # Holding `value` during the assign makes TensorFlow copy it into the variable's own
-            # buffer rather than adopt it, so the buffer freed is the value's (returned at once).
-            value = _as_tensor(weights.read(name))
-            variable.assign(tf.reshape(value, variable.shape))
+            # No other reference to the value: the variable adopts its buffer instead of copying
+            # it, and the uninitialised buffer it drops was never touched (see GPT2 random_init).
+            value = tf.reshape(_as_tensor(weights.read(name)), variable.shape)
+            variable.assign(value if value.dtype == variable.dtype else tf.cast(value, variable.dtype))
             del value
+    model.source_dir = os.path.abspath(model_dir)  # save_checkpoint copies its encoder files
     return model
 
 
@@ -213,18 +320,10 @@ class _OpenAIWeights:
     def __init__(self, model_dir):
         self.hparams = check_model_dir(model_dir)
         self._prefix = _checkpoint_prefix(model_dir)
+        self._dtypes = _read_index(self._prefix).get_variable_to_dtype_map()
 
     def read(self, name):
-        import tensorflow as tf
-
-        try:
-            (value,) = tf.raw_ops.RestoreV2(
-                prefix=self._prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.float32]
-            )
-        except tf.errors.OpError as error:
-            message = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{self._prefix}: cannot read {name} ({message}); download the model again") from None
-        return value
+        return _restore(self._prefix, name, self._dtypes[name])
 
     def close(self):
         pass
@@ -252,63 +351,226 @@ def read_hparams(model_dir):
     return HParams.from_json(os.path.join(model_dir, "hparams.json"))
 
 
-def save_checkpoint(model, model_dir):
-    """Writes `model` as an OpenAI GPT-2 folder: hparams.json, checkpoint, model.ckpt.{index,data}.
+def save_checkpoint(model, model_dir, encoder_dir=None):
+    """Writes `model` as a complete OpenAI GPT-2 folder: hparams.json, checkpoint,
+    model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
 
-    Files are written to a temporary folder first and moved into place, so an interrupted save
-    never leaves a half-written checkpoint under the final names.
+    The BPE files come from `encoder_dir` if given (and holding both), else from the folder the
+    model was loaded from, else those already in `model_dir` stay, else the GPT-2 files bundled
+    with the `encoder` package.
+    Overwriting a checkpoint is atomic: an interruption at any point leaves the old or the new
+    one loadable (see _write_model_dir). Raises OSError in one line if writing fails (e.g. the
+    disk is full), with the previous checkpoint left as it was.
     """
-    values = {name: variable.value for name, variable in model_variables(model).items()}
-    shapes = variable_shapes(model.hparams)
-    _write_checkpoint(model.hparams, model_dir, lambda name: _reshape(values[name], shapes[name]))
-
-
-def _reshape(tensor, shape):
     import tensorflow as tf
 
-    return tf.reshape(tensor, shape)
+    variables = model_variables(model)
+    shapes = variable_shapes(model.hparams)
+
+    def write_tensors(prefix):
+        tf.raw_ops.SaveV2(
+            prefix=prefix, tensor_names=list(shapes), shape_and_slices=[""] * len(shapes),
+            tensors=[tf.reshape(variables[name].value, shape) for name, shape in shapes.items()],
+        )
+
+    _write_model_dir(model.hparams, model_dir, write_tensors, encoder_dir or getattr(model, "source_dir", None))
+
+
+def write_checkpoint(hparams, model_dir, value_of, encoder_dir=None):
+    """Writes a complete model folder in OpenAI's layout from `value_of(name)`: the value of
+    each of OpenAI's variables (any array of that many float32 values), asked for and written
+    one at a time, so memory holds one tensor, not the model. BPE files as in save_checkpoint."""
+    from gpt2.tensor_bundle import BundleWriter
+
+    def write_tensors(prefix):
+        with BundleWriter(prefix) as writer:
+            for name, shape in variable_shapes(hparams).items():
+                writer.add(name, np.asarray(value_of(name), np.float32).reshape(shape))
+
+    _write_model_dir(hparams, model_dir, write_tensors, encoder_dir)
 
 
 def write_random_checkpoint(preset_or_hparams, model_dir, seed=0):
     """Writes a checkpoint of a preset shape ('124M', ...) or HParams with random weights, for
-    benchmarks and tests where the released weights are not available."""
+    benchmarks and tests where the released weights are not available (1558M in well under 1 GB
+    of memory: see write_checkpoint)."""
     hparams = PRESETS[preset_or_hparams] if isinstance(preset_or_hparams, str) else preset_or_hparams
     rng = np.random.default_rng(seed)
+    shapes = variable_shapes(hparams)
 
     def random_value(name):
-        shape = variable_shapes(hparams)[name]
+        shape = shapes[name]
         if name.endswith("/g"):
             return np.ones(shape, np.float32)
         if name.endswith("/b"):
             return np.zeros(shape, np.float32)
-        scale = 0.01 if name == "model/wpe" else 0.02
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+        value = rng.standard_normal(shape, dtype=np.float32)
+        value *= np.float32(0.01 if name == "model/wpe" else 0.02)
+        return value
 
-    _write_checkpoint(hparams, model_dir, random_value)
+    write_checkpoint(hparams, model_dir, random_value)
 
 
-def _write_checkpoint(hparams, model_dir, value_of):
+STAGING_PREFIX = ".saving-"
+# gpt2.download's record of the files it fetched; a folder saved into is no longer that download.
+DOWNLOAD_MANIFEST = ".download.json"
+ENCODER_FILES = ("encoder.json", "vocab.bpe")
+
+
+def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
+    """Writes a model folder; `write_tensors(prefix)` writes the checkpoint files of `prefix`.
+
+    An interruption at any point leaves the old checkpoint or the new one loadable:
+    1. everything new is written into a staging folder inside `model_dir` (and synced to disk);
+    2. hparams.json and the BPE files are moved in (hparams.json unchanged, checked first: a
+       folder holding another shape is refused), then the `checkpoint` state file is replaced in
+       one rename by one naming the staged prefix: from here on the new checkpoint loads;
+    3. the old model.ckpt.* files are deleted, the staged ones linked (or copied) under those names,
+       and the state file switched to model.ckpt in one more rename; the staging folder goes.
+    If step 3 fails the new checkpoint stays loadable from its staging folder (a warning says so).
+    """
     import tensorflow as tf
 
     os.makedirs(model_dir, exist_ok=True)
-    names = list(variable_shapes(hparams))
-    staging = tempfile.mkdtemp(prefix=".saving-", dir=model_dir)
+    _refuse_other_shape(hparams, model_dir)
+    encoder_sources = _encoder_sources(model_dir, encoder_dir)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir)
+    staged = os.path.join(staging, CHECKPOINT_PREFIX)
+    live = False  # True while the state file names the staged checkpoint
     try:
-        tf.raw_ops.SaveV2(
-            prefix=os.path.join(staging, CHECKPOINT_PREFIX),
-            tensor_names=names,
-            shape_and_slices=[""] * len(names),
-            tensors=[value_of(name) for name in names],
-        )
-        hparams.to_json(os.path.join(staging, "hparams.json"))
-        with open(os.path.join(staging, "checkpoint"), "w", encoding="utf-8") as f:
-            f.write(f'model_checkpoint_path: "{CHECKPOINT_PREFIX}"\n')
-            f.write(f'all_model_checkpoint_paths: "{CHECKPOINT_PREFIX}"\n')
-        # The state file goes last: until it is replaced, the old checkpoint (if any) stays whole.
-        for name in (DATA_FILE, INDEX_FILE, "hparams.json", "checkpoint"):
-            os.replace(os.path.join(staging, name), os.path.join(model_dir, name))
+        try:
+            write_tensors(staged)
+            hparams.to_json(os.path.join(staging, "hparams.json"))
+            for name, source in encoder_sources:
+                shutil.copyfile(source, os.path.join(staging, name))
+            for path in _bundle_files(staged) + [os.path.join(staging, "hparams.json")]:
+                _fsync(path)
+            for name in ["hparams.json", *(name for name, _ in encoder_sources)]:
+                os.replace(os.path.join(staging, name), os.path.join(model_dir, name))
+            _write_state(model_dir, os.path.relpath(staged, model_dir))
+            live = True
+        except (OSError, tf.errors.OpError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
+            raise OSError(
+                error.errno if isinstance(error, OSError) else None,
+                f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there is unchanged",
+            ) from None
+        try:
+            _publish(model_dir, staging, staged)
+            live = False
+        except OSError as error:
+            warnings.warn(f"{model_dir}: the checkpoint was saved under {staging} (renaming it to "
+                          f"{CHECKPOINT_PREFIX} failed: {error}); it loads from there", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(model_dir, DOWNLOAD_MANIFEST))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not live:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(model_dir)
+
+
+def _publish(model_dir, staging, staged):
+    """Step 3 of _write_model_dir: the live staged checkpoint gets the usual names."""
+    final = os.path.join(model_dir, CHECKPOINT_PREFIX)
+    for path in _bundle_files(final):
+        os.remove(path)  # no longer named by the state file
+    for path in _bundle_files(staged):
+        target = final + path[len(staged):]
+        try:
+            os.link(path, target)
+        except OSError:  # a file system without hard links
+            copy = os.path.join(staging, "copy")
+            shutil.copyfile(path, copy)
+            _fsync(copy)
+            os.replace(copy, target)
+    _write_state(model_dir, CHECKPOINT_PREFIX)
+
+
+def _refuse_other_shape(hparams, model_dir):
+    """Raises CheckpointError if `model_dir` holds a checkpoint whose hparams differ from `hparams`
+    (replacing it could not be atomic: hparams.json and the weights would change in two steps)."""
+    if not os.path.isfile(os.path.join(model_dir, "checkpoint")):
+        return
+    try:
+        old = HParams.from_json(os.path.join(model_dir, "hparams.json"))
+    except (OSError, ValueError):
+        return  # nothing loadable to protect
+    if old != hparams:
+        changed = ", ".join(
+            f"{name} {getattr(old, name)} -> {getattr(hparams, name)}"
+            for name in old.__dataclass_fields__ if getattr(old, name) != getattr(hparams, name)
+        )
+        raise CheckpointError(
+            f"{model_dir} holds a model of another shape ({changed}); save into a new folder or delete it first"
+        )
+
+
+def _encoder_sources(model_dir, encoder_dir):
+    """(name, source path) of the BPE files to copy into `model_dir`; none if it keeps its own.
+    From `encoder_dir` (OpenAI's names, or Hugging Face's vocab.json + merges.txt, the same
+    files), else the GPT-2 files bundled with the `encoder` package."""
+    from encoder import encoder_files_for_model_dir
+    from encoder.encoder import PACKAGE_DIR
+
+    if encoder_dir is None:
+        if all(os.path.isfile(os.path.join(model_dir, name)) for name in ENCODER_FILES):
+            return []
+        encoder_dir = PACKAGE_DIR
+    sources = encoder_files_for_model_dir(encoder_dir)
+    own = [os.path.join(model_dir, name) for name in ENCODER_FILES]
+    if all(os.path.exists(path) for path in own) and all(
+            os.path.realpath(a) == os.path.realpath(b) for a, b in zip(sources, own)):
+        return []
+    return list(zip(ENCODER_FILES, sources))
+
+
+def _bundle_files(prefix):
+    """The index and data files of a checkpoint prefix that exist."""
+    files = [prefix + ".index"] if os.path.isfile(prefix + ".index") else []
+    return files + sorted(glob.glob(glob.escape(prefix) + ".data-*"))
+
+
+def _write_state(model_dir, prefix):
+    """Replaces `model_dir/checkpoint` in one rename by a state file naming `prefix` (relative)."""
+    prefix = prefix.replace(os.sep, "/")
+    path = os.path.join(model_dir, "checkpoint")
+    with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".checkpoint-", delete=False,
+                                     encoding="utf-8") as f:
+        f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(f.name, path)
+    except BaseException:
+        os.remove(f.name)
+        raise
+    _fsync(model_dir)
+
+
+def _remove_stale_staging(model_dir):
+    """Removes what interrupted saves left behind, except the staging folder the state file names."""
+    try:
+        live = os.path.relpath(_checkpoint_prefix(model_dir), model_dir).replace(os.sep, "/").split("/")[0]
+    except (OSError, ValueError):
+        live = None
+    for entry in os.listdir(model_dir):
+        path = os.path.join(model_dir, entry)
+        if entry.startswith(STAGING_PREFIX) and entry != live and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(".checkpoint-") and os.path.isfile(path):
+            os.remove(path)
+
+
+def _fsync(path):
+    """Flushes a file (or, on POSIX, a folder's entries) to disk."""
+    if os.path.isdir(path) and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv=None):
@@ -321,9 +583,10 @@ def main(argv=None):
     parser.add_argument("model_dir", help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
+    quiet_tensorflow()  # before TensorFlow is first imported
     try:
         write_random_checkpoint(args.random, args.model_dir, seed=args.seed)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(f"wrote a random {args.random} checkpoint to {args.model_dir}")
 

@@ -15,6 +15,8 @@ import shutil
 import sys
 import tempfile
 
+from gpt2.cli import quiet_tensorflow
+
 FORMATS = ("hf", "openai")
 
 
@@ -23,7 +25,7 @@ def convert(src, dst, to, overwrite=False, models_dir="models"):
     new folder `dst` in layout `to` ("hf" or "openai"), with its BPE files. `dst` must not exist
     or be empty, unless `overwrite`. Returns the HParams written."""
     from encoder import encoder_files_for_model_dir
-    from gpt2.checkpoint import _write_checkpoint, open_weights, resolve_model_dir
+    from gpt2.checkpoint import open_weights, resolve_model_dir, write_checkpoint
 
     if to not in FORMATS:
         raise ValueError(f"unknown format {to!r}: choose from {', '.join(FORMATS)}")
@@ -40,7 +42,7 @@ def convert(src, dst, to, overwrite=False, models_dir="models"):
 
                 write_hf_weights(hparams, weights.read, staging)
             else:
-                _write_checkpoint(hparams, staging, weights.read)
+                write_checkpoint(hparams, staging, weights.read, encoder_dir=src_dir)
         names = ("vocab.json", "merges.txt") if to == "hf" else ("encoder.json", "vocab.bpe")
         for source, name in zip(encoder_files_for_model_dir(src_dir), names):
             target = os.path.join(staging, name)
@@ -119,7 +121,7 @@ def _user_errors():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # before TensorFlow is first imported
     try:
         hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir)
     except _user_errors() as error:

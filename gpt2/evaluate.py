@@ -19,18 +19,19 @@ import math
 import os
 import sys
 
-from gpt2.generate_cli import (
+from gpt2.cli import (
     DEFAULT_MODEL,
     DEFAULT_MODELS_DIR,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    _fail,
-    _number,
-    _Parser,
-    _user_errors,
+    quiet_tensorflow,
 )
+from gpt2.cli import Parser as _Parser
+from gpt2.cli import fail as _fail
+from gpt2.cli import number as _number
+from gpt2.cli import user_errors as _user_errors
 
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 READ_BLOCK = 1 << 20
@@ -127,7 +128,7 @@ def main(argv=None):
 
 def _run(args):
     sizes = [check_text_file(path) for path in args.files]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # must precede the first TensorFlow import
     from tqdm import tqdm
 
     from encoder import encoder_for_model_dir

@@ -12,47 +12,60 @@ takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, 
 """
 
 import argparse
-import math
 import os
 import sys
 import textwrap
 
-DEFAULT_MODEL = "124M"
-DEFAULT_MODELS_DIR = "models"
+from gpt2.cli import (DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                      quiet_tensorflow)
+from gpt2.cli import Parser as _Parser
+from gpt2.cli import fail as _fail
+from gpt2.cli import positive_int as _positive_int
+from gpt2.cli import user_errors as _user_errors
+
 DEFAULT_LENGTH = 128
 DEFAULT_TOP_K = 40
 INTERACTIVE_PROMPT = "Model prompt >>> "
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`error: ...`) instead of the full usage block."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind, check, requirement):
-    """An argparse type: `kind(text)` that must satisfy `check`, else the message `requirement`."""
+def _setting(name, kind):
+    """An argparse type for a sampling setting: converted with `kind`, then validated by
+    gpt2.sampling.settings (the rules and messages the library and the server use)."""
 
     def convert(text):
+        from gpt2.sampling.settings import SamplingSettings, SettingsError, check_seed, check_window_keep
+
         try:
             value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+            if name == "seed":
+                return check_seed(value)
+            if name == "window_keep":
+                return check_window_keep(value, 2**31)  # the model's own bound is checked once loaded
+            SamplingSettings(**{name: value})
+        except ValueError as error:
+            message = str(error) if isinstance(error, SettingsError) else f"must be a number, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
         return value
 
-    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    convert.__name__ = kind.__name__
     return convert
 
 
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_temperature = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-_probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+def _logit_bias(text):
+    """TOKEN=BIAS (e.g. 50256=-100) -> (token id, bias), checked by gpt2.sampling.settings."""
+    from gpt2.sampling.settings import SamplingSettings, SettingsError
+
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        pair = (int(token), float(bias))
+        SamplingSettings(logit_bias=[pair])
+    except SettingsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN=BIAS such as 50256=-100, got {text!r}") from None
+    return pair
 
 
 def build_parser(prog=None):
@@ -94,6 +107,18 @@ def build_parser(prog=None):
              "missing model is an error that says how to download it)",
     )
 
+    model.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="float32 (OpenAI's numbers) or bfloat16: weights in half the memory and faster "
+             "matmuls on CPUs with bfloat16 support, logits within about 1%% (default: %(default)s)",
+    )
+    model.add_argument(
+        "--no-xla", action="store_true",
+        help="run the sampler without XLA: compiles faster (a few seconds), generates slower in "
+             "float32; mostly for debugging (default: XLA in float32, none in bfloat16, where "
+             "oneDNN is faster; see BENCHMARKS.md)",
+    )
+
     source = parser.add_argument_group(
         "prompt source (pick one; default: see above)"
     ).add_mutually_exclusive_group()
@@ -116,10 +141,9 @@ def build_parser(prog=None):
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--length", type=_positive_int, metavar="N",
-        help=f"new tokens per sample; prompt + length must fit the model's context (1024 tokens "
-             f"for the released models) (default: {DEFAULT_LENGTH}, or what is left of the context "
-             f"after the prompt if that is less)",
+        "--length", type=_positive_int, default=DEFAULT_LENGTH, metavar="N",
+        help="new tokens per sample, any number: past the model's context (1024 tokens for the "
+             "released models) the window slides, see --window-keep (default: %(default)s)",
     )
     sampling.add_argument(
         "--nsamples", type=_positive_int, default=1, metavar="N",
@@ -132,21 +156,47 @@ def build_parser(prog=None):
              "size (default: 1)",
     )
     sampling.add_argument(
-        "--temperature", type=_temperature, default=1.0, metavar="T",
+        "--temperature", type=_setting("temperature", float), default=1.0, metavar="T",
         help="divides the logits before sampling: lower is more predictable, 0 = greedy "
              "(always the most likely token) (default: 1.0)",
     )
     sampling.add_argument(
-        "--top-k", type=_non_negative_int, default=DEFAULT_TOP_K, metavar="K",
+        "--top-k", type=_setting("top_k", int), default=DEFAULT_TOP_K, metavar="K",
         help=f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})",
     )
     sampling.add_argument(
-        "--top-p", type=_probability, default=1.0, metavar="P",
+        "--top-p", type=_setting("top_p", float), default=1.0, metavar="P",
         help="nucleus sampling: sample only among the most likely tokens whose probabilities add "
-             "up to P, 1.0 = off (default: 1.0)",
+             "up to P, 1.0 = off, 0 = only the most likely (default: 1.0)",
     )
     sampling.add_argument(
-        "--seed", type=_non_negative_int, metavar="N",
+        "--presence-penalty", type=_setting("presence_penalty", float), default=0.0, metavar="X",
+        help="OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token "
+             "already generated (default: 0 = off)",
+    )
+    sampling.add_argument(
+        "--frequency-penalty", type=_setting("frequency_penalty", float), default=0.0, metavar="X",
+        help="OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit once per time "
+             "it was generated (default: 0 = off)",
+    )
+    sampling.add_argument(
+        "--repetition-penalty", type=_setting("repetition_penalty", float), default=1.0, metavar="X",
+        help="CTRL / Hugging Face repetition penalty > 0 over the prompt and the generated tokens: "
+             "their positive logits are divided by it, negative ones multiplied (default: 1 = off; "
+             "1.2 is a common choice)",
+    )
+    sampling.add_argument(
+        "--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN=BIAS",
+        help="add BIAS (in [-100, 100]) to a token id's logit; -100 bans it, 100 forces it; "
+             "repeatable (default: none)",
+    )
+    sampling.add_argument(
+        "--window-keep", type=_setting("window_keep", int), metavar="N",
+        help="past the context, the window the model sees keeps its last N tokens and goes on "
+             "(default: half the context, 512 for the released models)",
+    )
+    sampling.add_argument(
+        "--seed", type=_setting("seed", int), metavar="N",
         help="random seed (an integer >= 0) for reproducible samples (default: none: different "
              "samples on every run)",
     )
@@ -180,7 +230,11 @@ def main(argv=None):
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.stream and min(args.batch_size, args.nsamples) > 1:
         return _fail("--stream prints one sample at a time: use it with --batch-size 1", EXIT_USAGE)
+    if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
+        return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
+    stdout = sys.stdout
+    sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -188,56 +242,77 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
+    except _OutputError as error:  # e.g. the disk holding a redirected stdout is full
+        _silence_stdout()
+        return _fail(error, EXIT_ERROR)
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
         if isinstance(error, _user_errors()):
             return _fail(error, EXIT_ERROR)
+        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+
+        if is_tensorflow_missing(error):
+            return _fail(TENSORFLOW_MISSING, EXIT_ERROR)
         raise
+    finally:
+        sys.stdout = stdout
 
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the first TensorFlow import
+    quiet_tensorflow()  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS
-    from gpt2.sampling.api import sample_rows
-    from gpt2.sampling.settings import row_seeds
+    from gpt2.sampling import settings as settings_lib
 
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = read_hparams(model_dir)
     enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
     sampler = _Sampler(
-        args, enc, hparams.n_ctx, sample_rows, row_seeds,
+        args, enc, hparams, settings_lib,
         stop_token=enc.eot_token if stop_at_eot else None,
         stream=args.stream if args.stream is not None else (
             mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
     )
     if mode == "interactive":
-        sampler.model = _load_model(model_dir, load_model)
+        sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
         return _interactive(sampler)
-    prompt_ids = [enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text)
-    length = sampler.length_for(len(prompt_ids), unconditional=mode == "unconditional")
-    sampler.model = _load_model(model_dir, load_model)  # after the checks: loading takes a while
-    sampler.print_samples(prompt_ids, length, prompt_number=0)
+    prompt_ids = sampler.check_prompt([enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text))
+    # After the checks: loading takes a while. The sampler compiles before the weights are read.
+    sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
+    sampler.print_samples(prompt_ids, prompt_number=0)
     return EXIT_OK
 
 
-def _load_model(model_dir, load_model):
+def _load_model(model_dir, load_model, **options):
     """Loads the model; a seam for tests, which reuse one loaded model across many runs."""
-    return load_model(model_dir)
+    return load_model(model_dir, **options)
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
-    """The model folder of --model; downloads a released model first with --download."""
+    """The model folder of --model; downloads a released model first with --download, and
+    finishes a download that was interrupted (a folder of a released name missing files)."""
+    from gpt2.download import missing_files
+
+    name = old_names.get(args.model, args.model)
     try:
-        return resolve_model_dir(args.model, args.models_dir)
+        model_dir = resolve_model_dir(args.model, args.models_dir)
     except FileNotFoundError as error:
-        name = old_names.get(args.model, args.model)
         if name not in presets:
             raise
         if not args.download:
             raise FileNotFoundError(f"{error}, or add --download") from None
+    else:
+        downloaded = name in presets and model_dir == os.path.join(args.models_dir, name)
+        missing = missing_files(model_dir) if downloaded else ""
+        if not missing:
+            return model_dir
+        if not args.download:
+            raise FileNotFoundError(
+                f"{model_dir} is an unfinished download ({missing}); finish it with --download or "
+                f"python download_model.py {name} --models-dir {args.models_dir}"
+            )
     from gpt2.download import download_model
 
     print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)
@@ -308,9 +383,8 @@ def _interactive(sampler):
             print("empty prompt; type some text (end of input, Ctrl-D, quits)", file=sys.stderr, flush=True)
             continue
         try:
-            prompt_ids = sampler.enc.encode(text)
-            length = sampler.length_for(len(prompt_ids))
-            sampler.print_samples(prompt_ids, length, prompt_number)
+            prompt_ids = sampler.check_prompt(sampler.enc.encode(text))
+            sampler.print_samples(prompt_ids, prompt_number)
         except ValueError as error:
             out.flush()
             _fail(error, EXIT_ERROR)
@@ -325,58 +399,61 @@ def _interactive(sampler):
 class _Sampler:
     """Samples and prints the --nsamples samples of a prompt, in batches of --batch-size."""
 
-    def __init__(self, args, enc, n_ctx, sample_rows, row_seeds, stop_token, stream):
+    def __init__(self, args, enc, hparams, settings_lib, stop_token, stream):
         self.args = args
         self.enc = enc
-        self.n_ctx = n_ctx
+        self.hparams = hparams
         self.model = None
-        self._sample_rows = sample_rows
-        self._row_seeds = row_seeds
+        self._lib = settings_lib
+        self.settings = settings_lib.SamplingSettings(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            repetition_penalty=args.repetition_penalty, logit_bias=args.logit_bias,
+        ).check_vocab(hparams.n_vocab)
+        self.window_keep = settings_lib.check_window_keep(args.window_keep, hparams.n_ctx, "--window-keep")
         self.stop_token = stop_token
         self.stream = stream
+        self.jit_compile = False if args.no_xla else None  # None: the model's default
 
-    def length_for(self, prompt_len, unconditional=False):
-        """--length, or its default; ValueError if the prompt leaves it no room in the context."""
-        room = self.n_ctx - prompt_len
-        if self.args.length is None:
-            if room < 1:
-                raise ValueError(
-                    f"the prompt is {prompt_len} tokens and fills the model's context of {self.n_ctx} "
-                    "tokens, leaving no room for new ones; shorten the prompt"
-                )
-            return min(DEFAULT_LENGTH, room)
-        if self.args.length > room:
-            taken = "the start token <|endoftext|> takes 1" if unconditional else f"the prompt takes {prompt_len}"
-            advice = "lower --length" if unconditional else "lower --length or shorten the prompt"
-            raise ValueError(
-                f"--length {self.args.length} does not fit: the model's context is {self.n_ctx} tokens "
-                f"and {taken}, leaving {max(room, 0)}; {advice}"
-            )
-        return self.args.length
+    def load_options(self):
+        """load_model's options: the dtype, and compiling the sampler before the weights load."""
+
+        def compile_sampler(model):
+            from gpt2.sampling import api
+
+            self._say_if_compiling(api, min(self.args.batch_size, self.args.nsamples), model)
+            api.prepare(model, min(self.args.batch_size, self.args.nsamples), self.jit_compile)
+
+        return dict(dtype=self.args.dtype, before_weights=compile_sampler)
+
+    def check_prompt(self, prompt_ids):
+        """The prompt's ids; ValueError if it is longer than the model's context."""
+        return self._lib.check_prompt(prompt_ids, self.hparams.n_vocab, self.hparams.n_ctx, field="the prompt")
 
     def seeds(self, prompt_number):
         """One seed per sample. With --seed, sample i of prompt n gets the same seed whatever the
         batch size, and each prompt of an interactive session gets new ones."""
         nsamples = self.args.nsamples
         if self.args.seed is None:
-            return self._row_seeds(None, nsamples)
-        return self._row_seeds(self.args.seed, (prompt_number + 1) * nsamples)[prompt_number * nsamples:]
+            return self._lib.row_seeds(None, nsamples)
+        return self._lib.row_seeds(self.args.seed, (prompt_number + 1) * nsamples)[prompt_number * nsamples:]
 
-    def print_samples(self, prompt_ids, length, prompt_number):
+    def print_samples(self, prompt_ids, prompt_number):
+        from gpt2.sampling import api
+
         args, out = self.args, sys.stdout
         seeds = self.seeds(prompt_number)
         per_batch = min(args.batch_size, args.nsamples)
         for first in range(0, args.nsamples, per_batch):
             count = min(per_batch, args.nsamples - first)
-            options = dict(
-                length=length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seeds=seeds[first:first + count], stop_token=self.stop_token,
-            )
+            options = dict(settings=self.settings, window_keep=self.window_keep, seeds=seeds[first:first + count],
+                           stop_token=self.stop_token, jit_compile=self.jit_compile)
+            self._say_if_compiling(api, count)
             if self.stream and count == 1:
                 _print_header(out, first + 1)
-                self._stream_one(prompt_ids, options, out)
+                self._stream_one(api.stream_rows(self.model, [prompt_ids], args.length, **options), out)
                 continue
-            rows = self._sample_rows(self.model, [prompt_ids] * count, **options)
+            rows = api.sample_rows(self.model, [prompt_ids] * count, args.length, **options)
             for number, row in enumerate(rows, start=first + 1):
                 if self.stop_token is not None and len(row) and row[-1] == self.stop_token:
                     row = row[:-1]
@@ -386,53 +463,35 @@ class _Sampler:
         out.write("=" * 80 + "\n")
         out.flush()
 
-    def _stream_one(self, prompt_ids, options, out):
-        """Samples one row, writing its text as each token arrives (complete characters only)."""
-        decoder = self.enc.stream_decoder()
-        stopped = False
+    def _say_if_compiling(self, api, rows, model=None):
+        """Tells the user why the first sample of a batch size takes a while."""
+        model = model or self.model
+        size = api.pool_size_for(model, rows)
+        jit = model.default_jit_compile if self.jit_compile is None else self.jit_compile
+        if not any(pool.slots == size and pool.jit_compile == jit for pool in api.pools_of(model)):
+            print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
+                  flush=True)
 
-        def show(step, tokens):
-            nonlocal stopped
-            token = int(tokens[0])
-            stopped = stopped or token == self.stop_token
-            if not stopped:
+    def _stream_one(self, steps, out):
+        """Writes one row's text as its tokens arrive (complete characters only)."""
+        decoder = self.enc.stream_decoder()
+        try:
+            for tokens in steps:
+                token = int(tokens[0])
+                if token == self.stop_token:
+                    break
                 text = decoder.push(token)
                 if text:
                     out.write(text)
                     out.flush()
-
-        try:
-            self._sample_rows(self.model, [prompt_ids], callback=show, **options)
         finally:
+            steps.close()
             out.write(decoder.flush() + "\n")
             out.flush()
 
 
 def _print_header(out, number):
     out.write("=" * 40 + f" SAMPLE {number} " + "=" * 40 + "\n")
-
-
-def _fail(message, code):
-    """Prints `error: message` as one line on stderr and returns `code`."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    sys.stdout.flush()
-    print("error: " + " ".join(lines), file=sys.stderr, flush=True)
-    return code
-
-
-def _user_errors():
-    """Exception kinds that bad input raises (reported in one line, never as a traceback):
-    ValueError (bad values, prompt too long, malformed files; CheckpointError is one), OSError
-    (missing model, prompt file), MemoryError, DownloadError and TensorFlow's OpError (e.g. out
-    of memory while loading a large model)."""
-    kinds = [ValueError, OSError, MemoryError]
-    download = sys.modules.get("gpt2.download")
-    if download is not None:
-        kinds.append(download.DownloadError)
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "errors"):
-        kinds.append(tf.errors.OpError)
-    return tuple(kinds)
 
 
 def _clean(text):
@@ -466,6 +525,34 @@ def _tolerate_unencodable_text():
                 reconfigure(errors=errors)
             except (ValueError, OSError, TypeError):
                 pass
+
+
+class _OutputError(OSError):
+    """Writing the generated text failed (not a pipe closed by its reader)."""
+
+
+class _CheckedOutput:
+    """sys.stdout whose write errors (disk full, a closed descriptor) say they are about the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _checked(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _OutputError(f"cannot write the output: {error.strerror or error}") from None
+
+    def write(self, text):
+        return self._checked(self._stream.write, text)
+
+    def flush(self):
+        return self._checked(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _silence_stdout():

@@ -28,14 +28,15 @@ def gelu(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention with a float32 softmax.
+    """Scaled dot-product attention, float32.
 
     q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
-    query may see a key. Returns [b, h, s, d] in v's dtype.
+    query may see a key. Returns float32 [b, h, s, d].
     """
-    scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    q, k, v = (_cast(x, tf.float32) for x in (q, k, v))
+    scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(q.shape[-1]))
     scores = tf.where(mask, scores, MASKED_SCORE)
-    return tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype), v)
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
 
 
 def causal_mask(query_len, key_len):
@@ -49,6 +50,48 @@ def causal_mask(query_len, key_len):
 
 def _cast(x, dtype):
     return x if x.dtype == dtype else tf.cast(x, dtype)
+
+
+# The math of each layer as plain functions of tensors: the Keras layers below call them with
+# their weights, and the compiled decoder (gpt2.sampling.decoder) calls them with weights it
+# passes in explicitly, so that one traced function serves every block.
+
+def layer_norm(x, g, b, epsilon=1e-5):
+    """float32 (x - mean) / sqrt(var + epsilon) * g + b over the last axis."""
+    x = _cast(x, tf.float32)
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+    return centered * tf.math.rsqrt(variance + epsilon) * _cast(g, tf.float32) + _cast(b, tf.float32)
+
+
+def dense(x, w, b, dtype):
+    """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]."""
+    return matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, tf.float32)
+
+
+def matmul(a, b, transpose_b=False):
+    """a @ b (or a @ b^T) as float32. For bfloat16 inputs oneDNN sums in float32 and rounds the
+    result to bfloat16, which is then widened: every elementwise step stays float32."""
+    return _cast(tf.matmul(a, b, transpose_b=transpose_b), tf.float32)
+
+
+def split_heads(qkv, batch, n_head):
+    """c_attn's output [b * s, 3 e] -> q, k, v, each [b, h, s, d]."""
+    e = qkv.shape[-1] // 3
+    qkv = tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head])
+    q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
+    return q, k, v
+
+
+def merge_heads(a):
+    """[b, h, s, d] -> [b * s, h d]."""
+    return tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
+
+
+def mlp(x, fc_w, fc_b, proj_w, proj_b, dtype):
+    """c_fc, GELU, c_proj: [n, e] -> float32 [n, e]."""
+    return dense(gelu(dense(x, fc_w, fc_b, dtype)), proj_w, proj_b, dtype)
 
 
 class LayerNorm(keras.layers.Layer):
@@ -65,11 +108,7 @@ class LayerNorm(keras.layers.Layer):
 
     def call(self, x):
         """x: [..., e] -> float32 [..., e]."""
-        x = _cast(x, tf.float32)
-        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-        centered = x - mean
-        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
-        return centered * tf.math.rsqrt(variance + self.epsilon) * _cast(self.g, tf.float32) + _cast(self.b, tf.float32)
+        return layer_norm(x, self.g, self.b, self.epsilon)
 
 
 class Conv1D(keras.layers.Layer):
@@ -84,10 +123,26 @@ class Conv1D(keras.layers.Layer):
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
         self.built = True
 
+    # Fine-tuning hook (gpt2/train/lora.py): an optional low-rank adapter with variables `a`
+    # [n_in, r], `b` [r, n_out] and a float `scale`, adding (x @ a @ b) * scale. None = off.
+    lora = None
+
+    def kernel(self):
+        """The weight matrix [n_in, n_out] with any LoRA adapter merged in (what the compiled
+        decoder multiplies by; `call` keeps the adapter separate for training)."""
+        if self.lora is None:
+            return self.w
+        delta = tf.matmul(self.lora.a, self.lora.b) * self.lora.scale
+        return self.w + _cast(delta, self.w.dtype)
+
     def call(self, x):
-        """x: [n, n_in] (any float dtype) -> [n, n_out] in the compute dtype."""
-        dtype = self.compute_dtype
-        return tf.matmul(_cast(x, dtype), _cast(self.w, dtype)) + _cast(self.b, dtype)
+        """x: [n, n_in] (any float dtype) -> float32 [n, n_out], multiplied in the compute dtype."""
+        y = dense(x, self.w, self.b, self.compute_dtype)
+        if self.lora is not None:  # LoRA hook, see above
+            dtype = self.compute_dtype
+            low = tf.matmul(_cast(x, dtype), _cast(self.lora.a, dtype))
+            y += matmul(low, _cast(self.lora.b, dtype)) * self.lora.scale
+        return y
 
 
 class Attention(keras.layers.Layer):
@@ -103,17 +158,12 @@ class Attention(keras.layers.Layer):
         self.built = True
 
     def qkv(self, x, batch):
-        """x: [b * s, e] -> q, k, v, each [b, h, s, d] in the compute dtype."""
-        qkv = self.c_attn.call(x)
-        e = qkv.shape[-1] // 3
-        qkv = tf.reshape(qkv, [batch, -1, 3, self.n_head, e // self.n_head])
-        q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
-        return q, k, v
+        """x: [b * s, e] -> q, k, v, each float32 [b, h, s, d]."""
+        return split_heads(self.c_attn.call(x), batch, self.n_head)
 
     def project(self, a, training=None):
         """a: [b, h, s, d] -> float32 [b * s, e] (merge heads, c_proj, dropout)."""
-        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
-        return self.dropout.call(_cast(self.c_proj.call(a), tf.float32), training=training)
+        return self.dropout.call(self.c_proj.call(merge_heads(a)), training=training)
 
     def call(self, x, batch, past=None, training=None):
         """OpenAI's semantics. x: [b * s, e]; past: [b, 2, h, t_past, d] or None.
@@ -121,6 +171,8 @@ class Attention(keras.layers.Layer):
         Returns (output float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values).
         """
         q, k, v = self.qkv(x, batch)
+        if self.compute_dtype != "float32":  # keys and values as a bfloat16 cache holds them
+            k, v = (tf.cast(tf.cast(t, self.compute_dtype), tf.float32) for t in (k, v))
         present = tf.stack([k, v], axis=1)
         if past is not None:
             k = tf.concat([_cast(past[:, 0], k.dtype), k], axis=-2)
@@ -142,7 +194,8 @@ class MLP(keras.layers.Layer):
 
     def call(self, x, training=None):
         """x: [n, e] -> float32 [n, e]."""
-        return self.dropout.call(_cast(self.c_proj.call(gelu(self.c_fc.call(x))), tf.float32), training=training)
+        out = mlp(x, self.c_fc.kernel(), self.c_fc.b, self.c_proj.kernel(), self.c_proj.b, self.compute_dtype)
+        return self.dropout.call(out, training=training)
 
 
 class Block(keras.layers.Layer):
@@ -156,6 +209,13 @@ class Block(keras.layers.Layer):
             self.ln_2 = LayerNorm(n_embd, name="ln_2", dtype=self.dtype_policy)
             self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp", dtype=self.dtype_policy)
         self.built = True
+
+    def inference_weights(self):
+        """The block's weights as tensors, in the order `gpt2.sampling.decoder` takes them."""
+        attn, mlp_ = self.attn, self.mlp
+        return tuple(tf.convert_to_tensor(w) for w in (
+            self.ln_1.g, self.ln_1.b, attn.c_attn.kernel(), attn.c_attn.b, attn.c_proj.kernel(), attn.c_proj.b,
+            self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b))
 
     def call(self, x, batch, past=None, training=None):
         """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->

@@ -6,10 +6,17 @@ b = batch, s = positions in this call, e = n_embd, h = n_head, d = head_dim, L =
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import HParams
-from gpt2.layers import Block, LayerNorm
+from gpt2.layers import Block, LayerNorm, matmul
+
+
+def _uninitialized(shape, dtype=None):
+    """An initializer that allocates without writing: untouched pages cost no memory until the
+    loaded values replace them."""
+    return tf.raw_ops.Empty(shape=shape, dtype=dtype or "float32", init=False)
 
 
 @keras.saving.register_keras_serializable(package="gpt2")
@@ -23,7 +30,8 @@ class GPT2(keras.Model):
 
     `dropout` (embeddings, attention and MLP outputs) applies only when called with
     `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
-    `random_init=False` starts them at zero instead, for weights that are about to be loaded.
+    `random_init=False` leaves them uninitialised (not even their memory is touched) for weights
+    that are about to be loaded: loading then holds the weights once, not twice.
     `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
     bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
     residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
@@ -40,7 +48,7 @@ class GPT2(keras.Model):
         self.dropout_rate = dropout
 
         def normal(stddev):
-            return keras.initializers.RandomNormal(stddev=stddev) if random_init else "zeros"
+            return keras.initializers.RandomNormal(stddev=stddev) if random_init else _uninitialized
 
         self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
@@ -52,6 +60,12 @@ class GPT2(keras.Model):
             ]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
         self.built = True
+
+    @property
+    def default_jit_compile(self):
+        """Whether the compiled sampler and scorer use XLA by default: yes in float32; no in
+        bfloat16, where XLA's CPU dots are several times slower than oneDNN's."""
+        return tf.as_dtype(self.compute_dtype) == tf.float32
 
     def get_config(self):
         return {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,
@@ -74,15 +88,23 @@ class GPT2(keras.Model):
         """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
         dtype = self.compute_dtype
         wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
-        h = h if h.dtype == dtype else tf.cast(h, dtype)
-        logits = tf.matmul(h, wte, transpose_b=True)
-        return logits if logits.dtype == tf.float32 else tf.cast(logits, tf.float32)
+        flat = tf.reshape(h, [-1, h.shape[-1]])
+        logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
+        return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
     def check_context(self, length):
         """Raises a one-line ValueError if `length` positions (a Python int) exceed n_ctx."""
         if length > self.hparams.n_ctx:
             raise ValueError(f"{length} positions do not fit the model's context of {self.hparams.n_ctx} "
                              "tokens; shorten the input (gpt2.perplexity scores longer texts)")
+
+    def __call__(self, tokens, past=None, *args, **kwargs):
+        # Checked before Keras' __call__, which would wrap the error in a many-line report.
+        seq = getattr(tokens, "shape", np.shape(tokens))
+        past_len = 0 if past is None else getattr(past, "shape", np.shape(past))[-2]
+        if len(seq) == 2 and seq[1] is not None and past_len is not None:
+            self.check_context(seq[1] + past_len)
+        return super().__call__(tokens, past, *args, **kwargs)
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
         """tokens: int [b, s]; past: [b, L, 2, h, t_past, d] or None (see class docstring)."""
@@ -91,15 +113,17 @@ class GPT2(keras.Model):
             tokens = tf.cast(tokens, tf.int32)
         batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
         past_len = 0 if past is None else tf.shape(past)[-2]
-        static_past = 0 if past is None else past.shape[-2]
-        if tokens.shape[1] is not None and static_past is not None:
-            self.check_context(tokens.shape[1] + static_past)
         positions = past_len + tf.range(seq)
         x = self.embedding_dropout.call(self.embed(tokens, positions[None]), training=training)
         x = tf.reshape(x, [-1, self.hparams.n_embd])
         hidden_states = [x]
         presents = []
         for i, block in enumerate(self.blocks):
+            if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
+                x, present = _recomputed(block, batch)(x)
+                presents.append(present)
+                hidden_states.append(x)
+                continue
             x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
@@ -112,13 +136,19 @@ class GPT2(keras.Model):
             outputs["hidden_states"] = [tf.reshape(h, [batch, seq, self.hparams.n_embd]) for h in hidden_states]
         return outputs
 
+    # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
+    # input and recompute its activations in the backward pass (gradient checkpointing).
+    recompute = False
+
     def next_token_loss(self, tokens, training=None):
         """Mean next-token cross-entropy of int tokens [b, s] (s >= 2): position t predicts t + 1."""
         tokens = tf.convert_to_tensor(tokens)
-        logits = self(tokens, training=training)["logits"]
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits[:, :-1])
-        )
+        return next_token_cross_entropy(tokens, self(tokens, training=training)["logits"])
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras `fit`/`evaluate` hook: the next-token loss of int token windows x [b, s] from the
+        model's output on them, so `model.compile(optimizer=...)` + `model.fit(windows)` trains."""
+        return next_token_cross_entropy(x, y_pred["logits"])
 
     # Keras' Trainer assigns `self.loss` (None, or compile()'s loss argument), which would hide a
     # plain `loss` method; this property keeps `model.loss(tokens)` working and stores what Keras sets.
@@ -130,3 +160,25 @@ class GPT2(keras.Model):
     @loss.setter
     def loss(self, compiled_loss):
         self._compiled_loss_argument = compiled_loss
+
+
+def next_token_cross_entropy(tokens, logits):
+    """Mean cross-entropy of logits [b, s, V] at position t against tokens [b, s] at t + 1, in float32."""
+    logits = tf.cast(logits[:, :-1], tf.float32)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits))
+
+
+def _recomputed(block, batch):
+    """`block` as x [b * s, e] -> (x, present) for training, its activations recomputed in the
+    backward pass (tf.recompute_grad). Dropout masks come from seed generators that advance on
+    each call; they are reset to their forward-pass state so the recomputation draws the same masks."""
+    generators = [layer.seed_generator for layer in block._flatten_layers()
+                  if getattr(layer, "seed_generator", None) is not None]
+    states = [tf.identity(generator.state.value) for generator in generators]  # read now
+
+    def run(x):
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+        return block.call(x, batch, training=True)
+
+    return tf.recompute_grad(run)

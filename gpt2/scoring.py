@@ -114,9 +114,11 @@ class _Scorer:
 _scorers = weakref.WeakKeyDictionary()
 
 
-def compiled_scorer(model, jit_compile=True):
+def compiled_scorer(model, jit_compile=None):
     """The (cached) `_Scorer` of `model`; exposed for tests that count traces."""
     per_model = _scorers.setdefault(model, {})
+    if jit_compile is None:
+        jit_compile = model.default_jit_compile
     if jit_compile not in per_model:
         per_model[jit_compile] = _Scorer(model, jit_compile)
     return per_model[jit_compile]
@@ -191,7 +193,7 @@ def _rows_of(tokens, n_vocab):
     return [_as_ids(row, n_vocab, f"row {i}") for i, row in enumerate(rows)]
 
 
-def score(model, tokens, top_k=0, batch_size=None, jit_compile=True):
+def score(model, tokens, top_k=0, batch_size=None, jit_compile=None):
     """Per-token log-probabilities: log p(token_t | tokens_<t) for t = 1..n-1 of each row.
 
     model: a `gpt2.GPT2`. tokens: a list of token-id lists (ragged lengths allowed, 0 to
@@ -199,7 +201,7 @@ def score(model, tokens, top_k=0, batch_size=None, jit_compile=True):
     top_k: also return, per position, the top_k most likely tokens and their log-probabilities,
     computed from the same float values as the tokens' own (when a token is the most likely one,
     its logprob equals top_logprobs[0] exactly). batch_size: rows per compiled call (default: as
-    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA.
+    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default, see GPT2.default_jit_compile).
 
     Returns one entry per row, in input order: with top_k=0, a float32 array of len(row) - 1
     logprobs (empty for rows of 0 or 1 tokens); with top_k > 0, a `TokenScores` (logprobs [n-1],
@@ -211,7 +213,7 @@ def score(model, tokens, top_k=0, batch_size=None, jit_compile=True):
     return [r.logprobs for r in results] if top_k == 0 else results
 
 
-def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=True):
+def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=None):
     """OpenAI's legacy `echo` + `logprobs`: for each row, a `TokenScores` with one entry per
     token (len(row) entries), the first token's empty as OpenAI's `null`: logprob NaN, top_ids -1,
     top_logprobs NaN.
@@ -344,7 +346,7 @@ def _windows(chunks, n_ctx, stride):
         buffer, offset = buffer[start - offset :], start
 
 
-def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=True):
+def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None):
     """Negative log-likelihood of a token sequence of any length, with sliding windows.
 
     Windows of n_ctx tokens start every `stride` tokens (default n_ctx // 2; stride = n_ctx gives

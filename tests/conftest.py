@@ -1,9 +1,16 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The session's own compilation cache (subprocesses inherit it), not the user's.
+if "GPT2_CACHE_DIR" not in os.environ:
+    os.environ["GPT2_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GPT2_CACHE_DIR"], True)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY_MODEL = os.path.join(DATA, "tiny-model")
@@ -20,7 +27,3 @@ def tiny_model():
     import gpt2
 
     return gpt2.load_model(TINY_MODEL)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a slow test (still run by default and in CI)")

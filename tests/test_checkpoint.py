@@ -1,7 +1,11 @@
 """Reading and writing OpenAI's checkpoint folders, and the errors for broken ones."""
 
+import contextlib
+import errno
+import json
 import os
 import shutil
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -45,7 +49,7 @@ def test_loaded_weights_equal_checkpoint_tensors(tiny_model):
 def test_save_then_load_is_bit_exact(tiny_model, tmp_path):
     gpt2.save_checkpoint(tiny_model, str(tmp_path / "saved"))
     assert sorted(os.listdir(tmp_path / "saved")) == sorted(
-        ["checkpoint", "hparams.json", "model.ckpt.index", DATA_FILE]
+        ["checkpoint", "hparams.json", "model.ckpt.index", DATA_FILE, "encoder.json", "vocab.bpe"]
     )
     reloaded = gpt2.load_model(str(tmp_path / "saved"))
     assert reloaded.hparams == tiny_model.hparams
@@ -141,3 +145,176 @@ def test_random_124M_checkpoint_loads_and_runs(tmp_path):
     assert sum(int(np.prod(w.shape)) for w in model.weights) == 124_439_808
     logits = model(np.array([[50256, 464, 318]]))["logits"]
     assert logits.shape == (1, 3, 50257) and np.isfinite(logits.numpy()).all()
+
+
+def write_hparams(model_dir, **changes):
+    path = model_dir / "hparams.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def test_absurd_hparams_fail_fast_with_a_short_message(model_copy):
+    write_hparams(model_copy, n_layer=1_000_000)
+    with pytest.raises(ValueError) as info:
+        gpt2.load_model(str(model_copy))
+    message = str(info.value)
+    assert message.endswith("hparams.json: n_layer must be at most 1024, got 1000000") and len(message) < 300
+
+
+def test_index_missing_many_variables_is_summarized(model_copy):
+    write_hparams(model_copy, n_layer=1000)
+    with pytest.raises(CheckpointError) as info:
+        gpt2.load_model(str(model_copy))
+    message = str(info.value)
+    assert "missing 11976 variables (model/h10/attn/c_attn/b, model/h10/attn/c_attn/w, " in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, monkeypatch):
+    monkeypatch.setattr(gpt2.checkpoint, "_physical_memory", lambda: 1 << 20)
+    with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
+        gpt2.load_model(str(model_copy))
+
+
+@pytest.mark.parametrize("folder", ["finetune[v2]", "run*1", "what?"])
+def test_folder_names_with_glob_characters_load(tiny_model, tmp_path, folder):
+    target = tmp_path / "a[b]" / folder
+    gpt2.save_checkpoint(tiny_model, str(target))
+    reloaded = gpt2.load_model(str(target))
+    for a, b in zip(tiny_model.weights, reloaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_checkpoints_are_read_as_float32(model_copy, reference, dtype):
+    rewrite_variables(model_copy, lambda values: values.update(
+        {name: tf.cast(value, dtype) for name, value in values.items()}))
+    model = gpt2.load_model(str(model_copy))
+    reader = tf.train.load_checkpoint(TINY_MODEL)
+    for name, variable in gpt2.checkpoint.model_variables(model).items():
+        expected = tf.cast(tf.cast(reader.get_tensor(name), dtype), tf.float32).numpy()
+        np.testing.assert_array_equal(variable.numpy(), expected.reshape(variable.shape))
+    logits = model(np.array([reference["inputs"]["len7"][0]]))["logits"][0, -1].numpy()
+    tolerance = 0.05 if dtype == tf.float16 else 0.3  # weights rounded to 11 / 8 significant bits
+    np.testing.assert_allclose(logits, reference["last_logits"]["len7"][0], atol=tolerance)
+
+
+def test_integer_weights_are_a_clear_error(model_copy):
+    rewrite_variables(model_copy, lambda values: values.update({"model/ln_f/b": values["model/ln_f/b"].astype(np.int32)}))
+    with pytest.raises(CheckpointError, match=r"must be floating point, but model/ln_f/b \(int32\) are not"):
+        gpt2.load_model(str(model_copy))
+
+
+FILE_OPERATIONS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "remove"), (os, "unlink"),
+                   (shutil, "rmtree"), (shutil, "copyfile")]
+
+
+class Injected(BaseException):
+    """Stands for a kill or Ctrl-C in the middle of a save."""
+
+
+@contextlib.contextmanager
+def failing_file_operation(at, crash):
+    """Counts file-system operations; the `at`-th raises Injected, and with `crash` so does every
+    later one (a killed process cleans nothing up). Yields the list of operations seen."""
+    seen, originals = [], {(module, name): getattr(module, name) for module, name in FILE_OPERATIONS}
+
+    def wrap(module, name):
+        def operation(*args, **kwargs):
+            seen.append(name)
+            if at is not None and (len(seen) == at or (crash and len(seen) > at)):
+                raise Injected(name)
+            return originals[module, name](*args, **kwargs)
+        return operation
+
+    for module, name in FILE_OPERATIONS:
+        setattr(module, name, wrap(module, name))
+    try:
+        yield seen
+    finally:
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
+
+
+def changed_model(shift):
+    model = gpt2.load_model(TINY_MODEL)
+    model.ln_f.b.assign(model.ln_f.b + shift)
+    return model
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["interrupted", "killed"])
+def test_save_leaves_old_or_new_checkpoint_loadable_at_every_step(tmp_path, crash):
+    old = tf.train.load_checkpoint(TINY_MODEL).get_tensor("model/ln_f/b")
+    new_model = changed_model(1.0)
+    target = tmp_path / "clean"
+    shutil.copytree(TINY_MODEL, target)
+    with failing_file_operation(None, crash) as seen:
+        gpt2.save_checkpoint(new_model, str(target))
+    assert len(seen) >= 5
+    outcomes = set()
+    for at in range(1, len(seen) + 1):
+        target = tmp_path / f"at{at}"
+        shutil.copytree(TINY_MODEL, target)
+        with failing_file_operation(at, crash), contextlib.suppress(Injected):
+            gpt2.save_checkpoint(new_model, str(target))
+        loaded = gpt2.load_model(str(target)).ln_f.b.numpy()
+        if np.array_equal(loaded, old):
+            outcomes.add("old")
+        else:
+            np.testing.assert_array_equal(loaded, old + 1.0, err_msg=f"interrupted at operation {at}")
+            outcomes.add("new")
+        gpt2.save_checkpoint(new_model, str(target))  # a later save tidies up
+        assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
+    assert outcomes == {"old", "new"}
+
+
+def test_disk_full_keeps_the_previous_save_with_a_one_line_error(model_copy, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.raw_ops, "SaveV2", disk_full)
+    with pytest.raises(OSError) as info:
+        gpt2.save_checkpoint(changed_model(1.0), str(model_copy))
+    message = str(info.value)
+    assert message.endswith(f"cannot save the checkpoint in {model_copy}: No space left on device; "
+                            "the previous checkpoint there is unchanged") and "\n" not in message
+    assert info.value.errno == errno.ENOSPC
+    old = tf.train.load_checkpoint(TINY_MODEL).get_tensor("model/ln_f/b")
+    np.testing.assert_array_equal(gpt2.load_model(str(model_copy)).ln_f.b.numpy(), old)
+    assert not [p for p in os.listdir(model_copy) if p.startswith(".")]
+
+
+def test_saving_another_shape_over_a_model_is_refused(model_copy):
+    (model_copy / "hparams.json").write_text(json.dumps(dict(gpt2.PRESETS["124M"].__dict__)))
+    with pytest.raises(CheckpointError, match=r"holds a model of another shape \(n_ctx 1024 -> 64, n_embd 768 -> 32"):
+        gpt2.save_checkpoint(changed_model(0.0), str(model_copy))
+
+
+def test_every_written_folder_has_the_bpe_files(tmp_path, model_copy):
+    from encoder import get_encoder
+    from encoder.encoder import PACKAGE_DIR
+
+    small = gpt2.HParams(n_vocab=50257, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
+    gpt2.write_random_checkpoint(small, str(tmp_path / "124M"))
+    assert get_encoder("124M", models_dir=str(tmp_path)).encode("Hello world") == [15496, 995]
+    for name in ("encoder.json", "vocab.bpe"):
+        assert (tmp_path / "124M" / name).read_bytes() == open(os.path.join(PACKAGE_DIR, name), "rb").read()
+
+    # Saved from a loaded model: the BPE files of the folder it came from.
+    (model_copy / "vocab.bpe").write_bytes((model_copy / "vocab.bpe").read_bytes() + b"\n")
+    gpt2.save_checkpoint(gpt2.load_model(str(model_copy)), str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "vocab.bpe").read_bytes() == (model_copy / "vocab.bpe").read_bytes()
+
+
+def test_random_writer_holds_one_tensor_at_a_time(tmp_path):
+    hparams = gpt2.HParams(n_vocab=1000, n_ctx=64, n_embd=256, n_head=4, n_layer=8)
+    weights = 4 * hparams.parameter_count
+    largest = 4 * 256 * 1024
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        gpt2.write_random_checkpoint(hparams, str(tmp_path / "random"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * largest < weights / 6
+    model = gpt2.load_model(str(tmp_path / "random"))
+    assert 0.015 < np.std(model.wte.numpy()) < 0.025 and np.all(model.ln_f.g.numpy() == 1)

@@ -4,13 +4,16 @@ The mirror serves the tiny-model fixture under the name "124M", like a mirror th
 hosts a fine-tuned variant whose shapes differ from the 124M preset.
 """
 
+import hashlib
 import http.server
 import itertools
 import json
 import os
 import re
 import socket
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,19 +32,27 @@ class Mirror:
     """Threaded HTTP server on 127.0.0.1 serving the fixture as /124M/<file>.
 
     ranges: honour `Range: bytes=N-` with 206 (else ignore it and answer 200).
+    if_range: honour `If-Range` (a validator other than the file's current ETag or Last-Modified
+      makes the answer 200 with the whole file); False: ignore it, like a broken server.
+    etags / last_modified: send a strong ETag (from the content) / a fixed Last-Modified date.
     plan[file]: iterator of actions for successive requests of that file, then normal:
       ("cut", n)      announce the full Content-Length, send bytes only up to file
                       offset n, then close the connection;
+      ("unsized", n)  announce no Content-Length, send bytes up to offset n, then close;
       ("status", s)   answer with HTTP status s and no body;
-      ("stall", sec)  send the headers, then nothing for `sec` seconds, then close.
-    requests: (file, Range header or None) of every request, in order.
+      ("html", s)     answer 200 with an HTML page (Content-Type text/html if s, else none);
+      ("stall", sec)  send the headers, then nothing for `sec` seconds, then close;
+      ("slow", sec)   wait `sec` seconds before answering.
+    requests: (file, Range header or None) of every request, in order; if_ranges: the If-Range
+    headers of those requests.
     """
 
-    def __init__(self, ranges=True, files=None):
-        self.ranges = ranges
+    def __init__(self, ranges=True, files=None, if_range=True, etags=True, last_modified=None):
+        self.ranges, self.if_range, self.etags, self.last_modified = ranges, if_range, etags, last_modified
         self.files = files or {name: (FIXTURE / name).read_bytes() for name in download.FILES}
         self.plan = {}
         self.requests = []
+        self.if_ranges = []
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -55,23 +66,40 @@ class Mirror:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
+    def etag(self, name):
+        return '"' + hashlib.sha256(self.files[name]).hexdigest()[:16] + '"'
+
     def handle(self, request):
         prefix, _, name = request.path.rpartition("/")
         range_header = request.headers.get("Range")
         self.requests.append((name, range_header))
+        self.if_ranges.append(request.headers.get("If-Range"))
         if prefix != "/124M" or name not in self.files:
             request.send_error(404)
             return
         action, arg = next(self.plan.get(name, iter(())), (None, None))
+        if action == "slow":
+            time.sleep(arg)
         if action == "status":
             request.send_response(arg)
             request.send_header("Content-Length", "0")
             request.end_headers()
             return
+        if action == "html":
+            page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+            request.send_response(200)
+            if arg:
+                request.send_header("Content-Type", "text/html; charset=utf-8")
+            request.send_header("Content-Length", str(len(page)))
+            request.end_headers()
+            request.wfile.write(page)
+            return
         data = self.files[name]
+        validators = [v for v in (self.etags and self.etag(name), self.last_modified) if v]
+        condition = request.headers.get("If-Range")
         start = 0
         match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-        if self.ranges and match:
+        if self.ranges and match and not (self.if_range and condition and condition not in validators):
             start = int(match.group(1))
             if start >= len(data):
                 request.send_response(416)
@@ -83,17 +111,22 @@ class Mirror:
             request.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             request.send_response(200)
-        request.send_header("Content-Length", str(len(data) - start))
+        if action != "unsized":
+            request.send_header("Content-Length", str(len(data) - start))
+        if self.etags:
+            request.send_header("ETag", self.etag(name))
+        if self.last_modified:
+            request.send_header("Last-Modified", self.last_modified)
         request.send_header("Accept-Ranges", "bytes" if self.ranges else "none")
         request.end_headers()
         if action == "stall":
             threading.Event().wait(arg)
             request.close_connection = True
             return
-        end = max(start, arg) if action == "cut" else len(data)
+        end = max(start, arg) if action in ("cut", "unsized") else len(data)
         request.wfile.write(data[start:end])
         request.wfile.flush()
-        if action == "cut":
+        if action in ("cut", "unsized"):
             request.connection.shutdown(socket.SHUT_RDWR)
             request.close_connection = True
 
@@ -128,10 +161,11 @@ def fetch(base_url, models_dir, name="124M", **kwargs):
     return download_model(name, models_dir=str(models_dir), base_url=base_url, **options)
 
 
-def assert_same_as_fixture(model_dir):
-    for name in download.FILES:
+def assert_same_as_fixture(model_dir, files=download.FILES):
+    for name in files:
         assert (Path(model_dir) / name).read_bytes() == (FIXTURE / name).read_bytes(), name
     assert not list(Path(model_dir).glob("*.part"))
+    assert sorted(p.name for p in Path(model_dir).iterdir()) == sorted([*files, ".download.json"])
 
 
 def closed_port():
@@ -192,14 +226,13 @@ def test_server_without_range_support_restarts_the_file(no_range_mirror, tmp_pat
     assert no_range_mirror.requests[0] == (BIG, f"bytes={partial}-")  # asked, got 200
 
 
-def test_part_longer_than_the_file_is_restarted(mirror, tmp_path):
+def test_part_without_a_recorded_validator_is_restarted(mirror, tmp_path):
+    # A .part left by an older version (no ETag recorded): resuming it could splice two versions.
     model_dir = tmp_path / "124M"
     model_dir.mkdir()
-    stale = (FIXTURE / "hparams.json").read_bytes() + b"stale bytes"
-    (model_dir / "hparams.json.part").write_bytes(stale)
+    (model_dir / "hparams.json.part").write_bytes(b'{"n_vocab": 1')
     assert_same_as_fixture(fetch(mirror.url, tmp_path))
-    hparams_requests = [r for r in mirror.requests if r[0] == "hparams.json"]
-    assert hparams_requests == [("hparams.json", f"bytes={len(stale)}-"), ("hparams.json", None)]
+    assert [r for r in mirror.requests if r[0] == "hparams.json"] == [("hparams.json", None)]
 
 
 def test_file_short_on_every_attempt_fails_without_final_file(no_range_mirror, tmp_path):
@@ -269,19 +302,38 @@ def test_base_url_flag_wins_over_env(mirror, tmp_path, monkeypatch):
     assert_same_as_fixture(fetch(None, tmp_path))
 
 
-def test_checkpoint_not_matching_hparams_is_reported_and_kept(tmp_path):
-    hparams = json.loads((FIXTURE / "hparams.json").read_text())
+def served(**changes):
+    """The fixture's files, with hparams.json changed."""
     files = {name: (FIXTURE / name).read_bytes() for name in download.FILES}
-    files["hparams.json"] = json.dumps(dict(hparams, n_layer=3, n_embd=64)).encode()
-    server = Mirror(files=files)
+    hparams = json.loads(files["hparams.json"])
+    files["hparams.json"] = json.dumps(dict(hparams, **changes)).encode()
+    return files
+
+
+def test_data_file_not_matching_hparams_is_not_kept(tmp_path):
+    server = Mirror(files=served(n_layer=3, n_embd=64))
     try:
         with pytest.raises(DownloadError) as info:
             fetch(server.url, tmp_path)
     finally:
         server.close()
     message = str(info.value)
-    assert "does not match" in message and "model/wte" in message and "files kept" in message
-    assert "\n" not in message
+    assert f"{BIG}: 6542976 bytes, but the 3,370,624 weights of hparams.json take 13482496 as float32" in message
+    assert "do not fit together" in message and "\n" not in message
+    assert not (tmp_path / "124M" / BIG).exists() and not (tmp_path / "124M" / (BIG + ".part")).exists()
+    assert [name for name, _ in server.requests].count(BIG) == 1
+
+
+def test_index_not_matching_hparams_is_reported_and_kept(tmp_path):
+    server = Mirror(files=served(n_vocab=50256, n_ctx=65))  # as many weights, other shapes
+    try:
+        with pytest.raises(DownloadError) as info:
+            fetch(server.url, tmp_path)
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "does not match" in message and "model/wpe [64, 32] (expected [65, 32])" in message
+    assert "files kept" in message and "\n" not in message
     assert (tmp_path / "124M" / BIG).exists()
 
 
@@ -327,3 +379,181 @@ def test_downloaded_dir_loads_with_load_model(mirror, tmp_path):
         pytest.skip("gpt2.load_model is not available yet")
     model_dir = fetch(mirror.url, tmp_path)
     assert gpt2.load_model(model_dir) is not None
+
+
+# --- issue 10 item 12: nothing unverified under a final name -------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [True, False], ids=["text/html", "no type"])
+def test_html_page_is_rejected_and_fetched_again(mirror, tmp_path, capsys, content_type):
+    mirror.plan["hparams.json"] = iter([("html", content_type)])
+    mirror.plan["model.ckpt.meta"] = iter([("html", content_type)])
+    assert_same_as_fixture(fetch(mirror.url, tmp_path))
+    err = capsys.readouterr().err
+    assert err.count("fetching it again") == 2
+
+
+def test_html_page_every_time_fails_without_a_final_file(mirror, tmp_path):
+    mirror.plan["vocab.bpe"] = itertools.repeat(("html", False))
+    with pytest.raises(DownloadError) as info:
+        fetch(mirror.url, tmp_path)
+    message = str(info.value)
+    assert message == f"{mirror.url}/124M/vocab.bpe: not GPT-2's vocab.bpe (size or sha256 differs) (twice); check --base-url"
+    assert not (tmp_path / "124M" / "vocab.bpe").exists() and not (tmp_path / "124M" / "vocab.bpe.part").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.meta", "encoder.json"])
+def test_body_cut_short_without_a_length_is_detected(mirror, tmp_path, capsys, name):
+    mirror.plan[name] = iter([("unsized", len(mirror.files[name]) // 2)])
+    assert_same_as_fixture(fetch(mirror.url, tmp_path))
+    assert f"{name}: " in capsys.readouterr().err
+
+
+def test_data_file_cut_short_without_a_length_is_not_kept(mirror, tmp_path):
+    mirror.plan[BIG] = iter([("unsized", CUT)])
+    with pytest.raises(DownloadError, match="bytes, but the 1,635,744 weights of hparams.json take 6542976"):
+        fetch(mirror.url, tmp_path)
+    assert not (tmp_path / "124M" / BIG).exists()
+
+
+def new_version(data):
+    """The same file as a changed server version: same size, other bytes."""
+    return data[:CUT] + bytes(b ^ 0xFF for b in data[CUT:CUT + 1000]) + data[CUT + 1000:]
+
+
+@pytest.mark.parametrize("server", ["honours If-Range", "ignores If-Range"])
+def test_resume_after_the_file_changed_is_never_spliced(tmp_path, server):
+    mirror = Mirror(if_range=server == "honours If-Range")
+    try:
+        mirror.plan[BIG] = iter([("cut", CUT), ("status", 503)])
+        with pytest.raises(DownloadError):
+            fetch(mirror.url, tmp_path, retries=0)
+        old_etag = mirror.etag(BIG)
+        mirror.files[BIG] = new_version(mirror.files[BIG])
+        mirror.requests.clear()
+        mirror.if_ranges.clear()
+        model_dir = fetch(mirror.url, tmp_path)
+    finally:
+        mirror.close()
+    assert (Path(model_dir) / BIG).read_bytes() == mirror.files[BIG]  # all of the new version
+    assert mirror.requests[0][0] == BIG and mirror.requests[0][1].startswith("bytes=")
+    assert mirror.if_ranges[0] == old_etag
+
+
+def test_resume_uses_last_modified_without_etags(tmp_path):
+    mirror = Mirror(etags=False, last_modified="Wed, 21 Oct 2015 07:28:00 GMT")
+    try:
+        mirror.plan[BIG] = iter([("cut", CUT), ("status", 503)])
+        with pytest.raises(DownloadError):
+            fetch(mirror.url, tmp_path, retries=0)
+        mirror.if_ranges.clear()
+        assert_same_as_fixture(fetch(mirror.url, tmp_path))
+        assert mirror.if_ranges[0] == mirror.last_modified
+    finally:
+        mirror.close()
+
+
+def test_rerun_repairs_a_folder_left_by_the_old_downloader(mirror, tmp_path, capsys):
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    for name in download.FILES:
+        (model_dir / name).write_bytes((FIXTURE / name).read_bytes())
+    page = b"<html><body>Service unavailable</body></html>"
+    (model_dir / "model.ckpt.meta").write_bytes(page)
+    (model_dir / "hparams.json").write_bytes(page)
+    (model_dir / "model.ckpt.index").write_bytes((FIXTURE / "model.ckpt.index").read_bytes()[:500])
+    assert_same_as_fixture(fetch(mirror.url, tmp_path))
+    assert sorted(name for name, _ in mirror.requests) == ["hparams.json", "model.ckpt.index", "model.ckpt.meta"]
+    assert capsys.readouterr().err.count("fetching it again") == 3
+
+
+def test_a_file_changed_after_download_is_fetched_again(mirror, tmp_path, capsys):
+    model_dir = Path(fetch(mirror.url, tmp_path))
+    data = bytearray((model_dir / BIG).read_bytes())
+    data[1000] ^= 1  # same size, other content
+    (model_dir / BIG).write_bytes(bytes(data))
+    mirror.requests.clear()
+    assert_same_as_fixture(fetch(mirror.url, tmp_path))
+    assert mirror.requests == [(BIG, None)]
+    assert "changed since it was downloaded" in capsys.readouterr().err
+
+
+def test_same_server_version_must_give_the_same_bytes(mirror, tmp_path):
+    model_dir = Path(fetch(mirror.url, tmp_path))
+    (model_dir / "hparams.json").write_text("{}")
+    served = mirror.files["hparams.json"]
+    mirror.files["hparams.json"] = served.replace(b"{", b"{ ", 1)  # still valid, other bytes...
+    mirror.etag = lambda name, original=mirror.etag: '"%s"' % name if name == "hparams.json" else original(name)
+    manifest = json.loads((model_dir / ".download.json").read_text())
+    manifest["files"]["hparams.json"]["etag"] = '"hparams.json"'  # ...under the recorded ETag
+    (model_dir / ".download.json").write_text(json.dumps(manifest))
+    with pytest.raises(DownloadError, match="sha256 differs from the earlier download of the same server version"):
+        fetch(mirror.url, tmp_path)
+
+
+def test_meta_graph_is_optional(mirror, tmp_path, capsys):
+    del mirror.files["model.ckpt.meta"]
+    model_dir = fetch(mirror.url, tmp_path)
+    assert_same_as_fixture(model_dir, files=[name for name in download.FILES if name != "model.ckpt.meta"])
+    assert "model.ckpt.meta: not on the server (optional" in capsys.readouterr().err
+    assert download.missing_files(model_dir) == ""
+
+
+def test_unresolvable_host_fails_at_once_and_leaves_no_folder(tmp_path, monkeypatch):
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    models = tmp_path / "models"
+    with pytest.raises(DownloadError) as info:
+        fetch("http://mirror.invalid", models, retries=5, backoff=30)
+    assert str(info.value) == ("cannot download http://mirror.invalid/124M/checkpoint: the host name "
+                               "mirror.invalid does not resolve; check the network connection or --base-url")
+    assert lookups == ["mirror.invalid"]
+    assert not models.exists()
+
+
+# --- issue 10 item 14: one download per folder at a time -----------------------------------------
+
+
+def test_concurrent_downloads_into_one_folder_take_turns(mirror, tmp_path, capsys):
+    mirror.plan[BIG] = iter([("slow", 1.0)])
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(fetch(mirror.url, tmp_path))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(results) == 2
+    assert_same_as_fixture(results[0])
+    assert sorted(name for name, _ in mirror.requests) == sorted(download.FILES)  # each file once
+    assert "waiting for another download into" in capsys.readouterr().err
+
+
+def test_a_held_lock_makes_the_download_wait(mirror, tmp_path, capsys):
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    holder = download._FolderLock(str(model_dir))
+    holder.acquire(on_wait=None)
+    threading.Timer(0.5, holder.release).start()
+    assert_same_as_fixture(fetch(mirror.url, tmp_path))
+    assert capsys.readouterr().err.startswith(f"waiting for another download into {model_dir} to finish")
+
+
+def test_cli_without_tensorflow_says_how_to_install_it(mirror, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    assert main(["124M", "--models-dir", str(tmp_path), "--base-url", mirror.url, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: TensorFlow is not installed; install this project with its TensorFlow build: "
+                          "pip install '.[cpu]'") and err.count("\n") == 1

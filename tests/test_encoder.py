@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import regex
 
-from encoder import EOT_TEXT, PRETOKEN_PATTERN, Encoder, bpe_merge, bytes_to_unicode, get_encoder
+from encoder import EOT_TEXT, PRETOKEN_PATTERN, Encoder, bpe_merge, bytes_to_unicode, get_encoder, pretokenizer
+from encoder.pretokenizer import SAFE_CUT, pretokenize
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CASES_PATH = os.path.join(DATA_DIR, "bpe", "cases.jsonl")
@@ -419,3 +420,73 @@ def test_encoder_can_be_built_from_parsed_data():
     tiny = Encoder(vocab, [("a", "b"), ("ab", "ab")])
     assert tiny.encode("ababa") == [vocab["abab"], vocab["a"]]
     assert tiny.decode(tiny.encode("ababa")) == "ababa"
+
+
+# --- the pre-tokenizer's Unicode version (issue 10 item 20) ------------------------------------------
+
+
+def text_around(rng, chars, count):
+    """Random short texts putting `chars` next to letters, digits, contractions and spaces."""
+    contexts = ["{}'d", " {}1", "a{}", "{} {}", "'{}s", "{}{}'re", "1{}", "\t{}\n", "{}!"]
+    return [rng.choice(contexts).format(rng.choice(chars), rng.choice(chars)) for _ in range(count)]
+
+
+def test_newly_assigned_characters_split_as_in_unicode_16(enc):
+    # U+18FA9 is unassigned in Unicode 16.0 (so not a letter): "'" joins it, as in tiktoken 0.14.
+    assert PRETOKEN_PATTERN.findall("\U00018FA9'd") == ["\U00018FA9'", "d"]
+    assert pretokenize("\U00018FA9'd") == ["\U00018FA9'", "d"]
+    assert enc.encode("\U00018FA9'd") == [172, 246, 122, 102, 6, 67]  # tiktoken 0.14 gives the same
+    for pattern in (PRETOKEN_PATTERN.pattern, SAFE_CUT.pattern):
+        assert "\\p" not in pattern and "\\s" not in pattern and "\\S" not in pattern
+
+
+def test_pretokenize_equals_the_pinned_pattern_where_regex_disagrees():
+    table, first = pretokenizer._fixes()
+    differing = [chr(c) for c in np.flatnonzero(table)] or ["\u00e9"]
+    rng = random.Random(20)
+    texts = text_around(rng, differing, 2000) + [random_text(rng, 40) + rng.choice(differing) for _ in range(300)]
+    for text in texts:
+        assert pretokenize(text) == PRETOKEN_PATTERN.findall(text), repr(text)
+
+
+@pytest.fixture
+def another_regex_database(monkeypatch):
+    """The installed `regex` as if its Unicode database differed: 'é' and '丁' not letters, the
+    unassigned U+18FA9 and the number '①' letters."""
+    letter = r"(?:(?![\u00e9\u4e01])\p{L}|[\U00018fa9\u2460])"
+    monkeypatch.setattr(pretokenizer, "_FAST_PATTERN", regex.compile(
+        rf"(?s)'s|'t|'re|'ve|'m|'ll|'d| ?{letter}+| ?\p{{N}}+| ?(?:(?!\s|{letter}|\p{{N}}).)+|\s+(?!\S)|\s+"))
+    monkeypatch.setattr(pretokenizer, "_INSTALLED_CLASSES", regex.compile(rf"({letter}+)|(\p{{N}}+)|(\s+)"))
+    pretokenizer._fixes.cache_clear()
+    yield
+    pretokenizer._fixes.cache_clear()
+
+
+def test_ids_do_not_depend_on_the_regex_database(another_regex_database):
+    rng = random.Random(21)
+    chars = ["\u00e9", "\u4e01", "\U00018fa9", "\u2460", "a", "1", " ", "'", "d", "\u0558"]
+    for text in text_around(rng, chars, 3000):
+        assert pretokenize(text) == PRETOKEN_PATTERN.findall(text), repr(text)
+    assert pretokenize("caf\u00e9 \u2460\u2460 \U00018FA9'd") == ["caf\u00e9", " \u2460\u2460", " \U00018FA9'", "d"]
+
+
+def test_newly_assigned_characters_match_tiktoken(enc):
+    tiktoken = pytest.importorskip("tiktoken")
+    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    letters = tiktoken.Encoding("letters", pat_str=r"\p{L}", mergeable_ranks={bytes([b]): b for b in range(256)},
+                                special_tokens={})
+    table, _ = pretokenizer._fixes()
+    differing = [chr(c) for c in np.flatnonzero(table)]
+    # Letters new in Unicode 15.0, 15.1 and 16.0 (Kawi, CJK extension I, Garay) and ones regex may know.
+    probes = ["\U00011F04", "\U0002EBF0", "\U00010D50", *differing[::97]]
+    pinned = [bool(PRETOKEN_PATTERN.fullmatch(f"a{c}")) for c in probes]
+    if [bool(letters.encode_ordinary(c)) for c in probes] != pinned:
+        pytest.skip(f"tiktoken {tiktoken.__version__} uses another Unicode version than {pretokenizer.UNICODE_VERSION}")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(DATA_DIR, "tiny-model", "vocab.bpe"),
+        encoder_json_file=os.path.join(DATA_DIR, "tiny-model", "encoder.json"),
+    )
+    reference = tiktoken.Encoding("gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+    chars = probes + differing[::13] + ["a", "1", " ", "'"]
+    for text in ["\U00018FA9'd", *text_around(random.Random(22), chars, 4000)]:
+        assert enc.encode(text) == reference.encode_ordinary(text), repr(text)

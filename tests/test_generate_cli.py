@@ -5,9 +5,11 @@ the `_load_model` seam; subprocesses are used where the process itself matters (
 what importing the CLI module pulls in).
 """
 
+import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,7 +45,7 @@ def loads(monkeypatch):
     model folders used here hold the tiny model). Yields the list of folders runs asked for."""
     asked = []
 
-    def load(model_dir, load_model):
+    def load(model_dir, load_model, **options):
         asked.append(model_dir)
         if not _tiny_model:
             _tiny_model.append(load_model(TINY))
@@ -153,7 +155,7 @@ def test_interactive_streams_each_prompt(capsys, monkeypatch, cases):
     assert stdout.getvalue() == expected
     assert "Traceback" not in err
     assert "empty prompt" in err
-    assert err.count("error: ") == 1 and "--length 20 does not fit" in err
+    assert err.count("error: ") == 1 and "the prompt is 80 tokens, more than the model's context of 64" in err
     # Streamed: the text of a sample arrives in many writes, not in one piece.
     start = stdout.writes.index(header(1))
     pieces = stdout.writes[start + 1: stdout.writes.index(END, start)]
@@ -222,7 +224,6 @@ def test_download_flag_fetches_a_missing_model(capsys, monkeypatch, cases, tmp_p
 
 @pytest.mark.parametrize("args, fragment", [
     (["--top-p", "2"], "--top-p"),
-    (["--top-p", "0"], "--top-p"),
     (["--length", "0"], "--length"),
     (["--length", "ten"], "--length"),
     (["--temperature", "-1"], "--temperature"),
@@ -230,7 +231,12 @@ def test_download_flag_fetches_a_missing_model(capsys, monkeypatch, cases, tmp_p
     (["--top-k", "-1"], "--top-k"),
     (["--nsamples", "0"], "--nsamples"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--seed", "-3"], "--seed"),
+    (["--seed", "-3"], "seed must be an integer in [0, 2**64)"),
+    (["--top-k", "2.5"], "--top-k"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--presence-penalty", "9"], "presence_penalty must be a number in [-2, 2]"),
+    (["--logit-bias", "5"], "expected TOKEN=BIAS"),
+    (["--logit-bias", "5=500"], "logit_bias values must be numbers in [-100, 100]"),
     (["--prompt", "x", "--interactive"], "not allowed with"),
     (["--stream", "--batch-size", "2", "--nsamples", "2"], "--stream"),
     (["--no-such-option"], "unrecognized"),
@@ -242,10 +248,9 @@ def test_bad_values_are_one_line_usage_errors(capsys, monkeypatch, args, fragmen
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--prompt", " word" * 80], ["prompt is 80 tokens", "context of 64 tokens", "shorten the prompt"]),
-    (["--prompt", " word" * 60, "--length", "5"], ["--length 5", "prompt takes 60, leaving 4"]),
-    (["--prompt", "Hello, my name is", "--length", "60"], ["--length 60", "context is 64 tokens", "lower --length"]),
-    (["--unconditional", "--length", "64"], ["--length 64", "<|endoftext|>", "leaving 63"]),
+    (["--prompt", " word" * 80], ["the prompt is 80 tokens, more than the model's context of 64", "shorten it"]),
+    (["--window-keep", "64", "--prompt", "hi"], ["--window-keep must be an integer in [1, 63]"]),
+    (["--logit-bias", "50257=1", "--prompt", "hi"], ["logit_bias token ids must be in [0, 50257)"]),
     (["--prompt", ""], ["--prompt is empty"]),
     (["--prompt-file", "no/such/prompt.txt"], ["no/such/prompt.txt: prompt file not found"]),
 ])
@@ -316,3 +321,132 @@ def test_parsing_happens_before_tensorflow_is_imported():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("[0, 2]")
+
+
+def test_length_past_the_context_and_penalties_are_the_library_sampler(capsys, monkeypatch, cases):
+    import gpt2
+    from encoder import get_encoder
+
+    enc = get_encoder()
+    prompt = cases[0]["prompt_text"]
+    options = ("--temperature", "0", "--length", "100", "--window-keep", "20", "--repetition-penalty", "1.3",
+               "--presence-penalty", "0.5", "--logit-bias", "13=1.5", "--no-stop-at-eot")
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", prompt, *options)
+    assert code == 0, err
+    expected = gpt2.sample_sequence(_tiny_model[0], [enc.encode(prompt)], 100, temperature=0, window_keep=20,
+                                    repetition_penalty=1.3, presence_penalty=0.5, logit_bias={13: 1.5})
+    assert out == header(1) + enc.decode(expected[0, len(enc.encode(prompt)):]) + "\n" + END
+
+
+def test_ctrl_c_stops_a_long_generation_promptly(tmp_path):
+    """SIGINT while a long non-streamed generation runs: exit 130 with one line, not at the end."""
+    import signal
+    import time
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(
+        [sys.executable, "generate.py", "--model", TINY, "--prompt", "Hello", "--length", "1000000", "--no-xla"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "compiling" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        time.sleep(3)  # well into the decode
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+
+def test_interrupted_download_is_named_and_resumed_with_download(capsys, monkeypatch, cases, tmp_path, loads):
+    from gpt2 import download
+
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    (model_dir / "checkpoint").write_bytes(open(os.path.join(TINY, "checkpoint"), "rb").read())
+    (model_dir / "encoder.json.part").write_bytes(b"{")
+    code, out, err = run(capsys, monkeypatch, "--models-dir", str(tmp_path), "--prompt", "hi")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, f"{model_dir} is an unfinished download (missing hparams.json, "
+                               "model.ckpt.data-00000-of-00001, model.ckpt.index; encoder.json partly downloaded)",
+                          "--download", "python download_model.py 124M")
+
+    calls = []
+
+    def fake_download(name, models_dir="models", **kwargs):
+        calls.append(name)
+        (model_dir / "encoder.json.part").unlink()
+        for file in os.listdir(TINY):
+            if os.path.isfile(os.path.join(TINY, file)):
+                with open(os.path.join(TINY, file), "rb") as src, open(model_dir / file, "wb") as dst:
+                    dst.write(src.read())
+        return str(model_dir)
+
+    monkeypatch.setattr(download, "download_model", fake_download)
+    args = ("--models-dir", str(tmp_path), "--download", "--top-k", "1", "--length", "20")
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0, err
+    assert calls == ["124M"] and out == header(1) + cases[0]["new_text"] + "\n" + END
+    code, out, err = run(capsys, monkeypatch, *args, "--prompt", cases[0]["prompt_text"])
+    assert code == 0 and calls == ["124M"]  # complete now: not downloaded again
+
+
+class FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_closed_stdout_and_full_disk_are_one_line_errors(capsys, monkeypatch, loads):
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert loads == []  # refused before loading the model
+    assert_one_line_error(capsys.readouterr().err, "standard output is closed")
+
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["--model", TINY, "--prompt", "hi", "--length", "3"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "error: cannot write the output: No space left on device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_disk_run():
+    """generate.py end to end in a subprocess whose stdout is /dev/full (every write fails with
+    ENOSPC), started before the first test to run alongside the in-process ones."""
+    if not os.path.exists("/dev/full"):
+        yield None
+        return
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with open("/dev/full", "w") as full:
+        process = subprocess.Popen([sys.executable, "generate.py", *greedy("--prompt", "hi")], cwd=ROOT, env=env,
+                                   stdout=full, stderr=subprocess.PIPE, text=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def test_full_disk_in_a_real_process_prints_one_line(full_disk_run):
+    if full_disk_run is None:
+        pytest.skip("needs /dev/full")
+    _, stderr = full_disk_run.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines()
+              if not re.match(r"^[IWE]\d{4} |WARNING: All log|compiling the sampler", line)]
+    assert full_disk_run.returncode == 1 and errors == ["error: cannot write the output: No space left on device"]
+
+
+def test_missing_tensorflow_is_one_line(capsys, monkeypatch):
+    for name in ("tensorflow", "keras"):
+        monkeypatch.setitem(sys.modules, name, None)
+    import gpt2.sampling
+
+    for name in [name for name in sys.modules if name.startswith("gpt2.sampling.") and name != "gpt2.sampling.settings"]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, they need TensorFlow
+        monkeypatch.delattr(gpt2.sampling, name.rsplit(".", 1)[1], raising=False)
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", "hi")
+    assert code == 1
+    assert_one_line_error(err, "TensorFlow is not installed", "pip install '.[cpu]'")

@@ -293,8 +293,8 @@ def test_generate_cli_on_a_hub_folder(hub_folder, reference, capsys, monkeypatch
 
     loaded = []
 
-    def load(model_dir, load_model):
-        loaded.append(load_model(model_dir))
+    def load(model_dir, load_model, **options):
+        loaded.append(load_model(model_dir, dtype=options["dtype"]))
         assert_weights_equal(loaded[-1], fixture_tensors)
         return tiny_model
 

@@ -124,3 +124,16 @@ def test_hparams_validation():
         gpt2.HParams.from_dict({"n_vocab": 1, "n_ctx": 1, "n_embed": 4, "n_embd": 4, "n_head": 1, "n_layer": 1})
     with pytest.raises(ValueError, match=r"missing keys \['n_layer'\]"):
         gpt2.HParams.from_dict({"n_vocab": 1, "n_ctx": 1, "n_embd": 4, "n_head": 1})
+
+
+def test_more_positions_than_the_context_is_one_line(tiny_model):
+    with pytest.raises(ValueError, match=r"^65 positions do not fit the model's context of 64 tokens; shorten the input"):
+        tiny_model(np.zeros([1, 65], np.int32))
+    past = tiny_model(np.zeros([1, 60], np.int32))["present"]
+    with pytest.raises(ValueError, match="^66 positions do not fit"):
+        tiny_model(np.zeros([1, 6], np.int32), past=past)
+
+
+def test_variable_paths_are_openai_names(tiny_model):
+    names = set(gpt2.checkpoint.model_variables(tiny_model))
+    assert {v.path for v in tiny_model.weights} == names

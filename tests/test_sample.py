@@ -173,16 +173,21 @@ def test_stop_token_ends_rows_and_the_loop(tiny_model, reference):
     assert seen == [0, 1, 2, 3, 4]
 
 
+def traces(model):
+    """(number of pools, their total trace count): new shapes or settings must change neither."""
+    pools = pools_of(model)
+    return len(pools), sum(pool.tracing_count() for pool in pools)
+
+
 def test_trace_count_stays_bounded(tiny_model):
     gpt2.sample_sequence(tiny_model, [[1, 2, 3]], 5, temperature=0)
-    (pool,) = [p for p in pools_of(tiny_model) if p.slots == 1 and p.jit_compile]
-    before = pool.tracing_count()
+    before = traces(tiny_model)
     for prompt_len, length, settings in [
         (1, 5, dict(temperature=0)), (7, 20, dict(top_k=3, seed=1)), (20, 9, dict(top_p=0.5)),
         (31, 30, dict(temperature=0.7, top_k=10, top_p=0.9, seed=2)), (12, 1, dict(stop_token=EOT)),
     ]:
         gpt2.sample_sequence(tiny_model, [list(range(1, prompt_len + 1))], length, **settings)
-    assert pool.tracing_count() == before
+    assert traces(tiny_model) == before
 
 
 @pytest.mark.parametrize(
@@ -216,3 +221,150 @@ def test_invalid_prompts_are_clear_errors(tiny_model):
         gpt2.sample_sequence(tiny_model, [[1, 50257]], 5)
     with pytest.raises(ValueError, match="prompt 0 is 65 tokens, more than the model's context of 64"):
         gpt2.sample_sequence(tiny_model, [[1] * 65], 5)
+
+
+# ----------------------------------------------------------------------------- past the context
+
+def naive_greedy(model, prompt, length, keep, settings=None):
+    """The window rule computed the slow, obvious way: a full forward pass over the window for
+    every token; when appending makes the window longer than n_ctx it becomes its last `keep`
+    tokens. `settings` (a dict) applies penalties / logit bias with `numpy_penalties`."""
+    n_ctx = model.hparams.n_ctx
+    window, out = list(prompt), []
+    for _ in range(length):
+        logits = model(np.array([window]))["logits"].numpy()[0, -1].astype(np.float64)
+        if settings:
+            logits = numpy_penalties(logits, prompt, out, **settings)
+        token = int(np.argmax(logits))
+        out.append(token)
+        window.append(token)
+        if len(window) > n_ctx:
+            window = window[-keep:]
+    return out
+
+
+def numpy_penalties(logits, prompt, generated, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
+    """The documented formulas: repetition (CTRL/HF) over prompt + generated, then OpenAI's
+    presence/frequency over generated tokens, then logit_bias."""
+    logits = logits.copy()
+    for token in set(prompt) | set(generated):
+        logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+    for token in set(generated):
+        logits[token] -= presence + frequency * generated.count(token)
+    for token, value in (bias or {}).items():
+        logits[token] += value
+    return logits
+
+
+@pytest.mark.parametrize("keep", [None, 10])
+def test_greedy_past_the_context_equals_the_naive_window_rule(tiny_model, reference, keep):
+    n_ctx = tiny_model.hparams.n_ctx
+    prompt = reference["inputs"]["len40"][0]
+    out = gpt2.sample_sequence(tiny_model, [prompt], 100, temperature=0, window_keep=keep)
+    expected = naive_greedy(tiny_model, prompt, 100, keep or n_ctx // 2)
+    assert out[0, len(prompt):].tolist() == expected
+
+
+def test_window_slides_in_batches_ragged_and_streamed(tiny_model, reference):
+    cases = greedy_cases(reference)
+    prompts = [reference["inputs"]["len40"][0], cases[0]["prompt_ids"], reference["inputs"]["len40"][0][:63]]
+    together = gpt2.sample_sequence(tiny_model, prompts, 70, temperature=0, window_keep=20)
+    for prompt, row in zip(prompts, together):
+        assert row[len(prompt):].tolist() == naive_greedy(tiny_model, prompt, 70, 20)
+    steps = list(gpt2.stream(tiny_model, [prompts[0]], 70, temperature=0, window_keep=20))
+    assert [int(s[0]) for s in steps] == together[0][len(prompts[0]):].tolist()
+
+
+def test_stop_token_past_the_context(tiny_model, reference):
+    prompt = reference["inputs"]["len40"][0]
+    expected = naive_greedy(tiny_model, prompt, 60, 32)
+    first = next(i for i, token in enumerate(expected) if i >= 30 and token not in expected[:i])
+    assert len(prompt) + first > tiny_model.hparams.n_ctx  # the stop comes after a slide
+    out = gpt2.sample_sequence(tiny_model, [prompt], 60, temperature=0, stop_token=expected[first])
+    assert out[0, len(prompt):].tolist() == expected[: first + 1]
+
+
+# ----------------------------------------------------------------------------- repetition control
+
+@pytest.mark.parametrize("settings", [
+    dict(presence=1.5), dict(frequency=0.8), dict(repetition=1.3), dict(repetition=0.7),
+    dict(presence=0.5, frequency=-0.5, repetition=1.2, bias={13: 2.5, 7: -1.0}),
+])
+def test_penalties_equal_their_numpy_formulas(tiny_model, reference, settings):
+    prompt = reference["inputs"]["len7"][0]
+    expected = naive_greedy(tiny_model, prompt, 30, 32, settings)
+    out = gpt2.sample_sequence(
+        tiny_model, [prompt], 30, temperature=0, presence_penalty=settings.get("presence", 0.0),
+        frequency_penalty=settings.get("frequency", 0.0), repetition_penalty=settings.get("repetition", 1.0),
+        logit_bias=settings.get("bias"))
+    assert out[0, len(prompt):].tolist() == expected
+    assert expected != naive_greedy(tiny_model, prompt, 30, 32)  # the settings changed something
+
+
+def test_logit_bias_forces_and_bans_tokens(tiny_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    forced = gpt2.sample_sequence(tiny_model, [prompt], 10, seed=3, logit_bias={"4242": 100})
+    assert forced[0, len(prompt):].tolist() == [4242] * 10
+    greedy = gpt2.sample_sequence(tiny_model, [prompt], 10, temperature=0)[0, len(prompt):].tolist()
+    banned = gpt2.sample_sequence(tiny_model, [prompt], 10, temperature=0, logit_bias={greedy[0]: -100})
+    assert banned[0, len(prompt)] != greedy[0]
+
+
+def test_settings_object_and_per_row_settings(tiny_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    rows = [gpt2.SamplingSettings(temperature=0), gpt2.SamplingSettings(temperature=0, repetition_penalty=1.3)]
+    out = sample_rows(tiny_model, [prompt, prompt], 30, settings=rows)
+    assert out[0].tolist() == naive_greedy(tiny_model, prompt, 30, 32)
+    assert out[1].tolist() == naive_greedy(tiny_model, prompt, 30, 32, dict(repetition=1.3))
+
+
+# ----------------------------------------------------------------------------- the generator
+
+def test_stream_yields_steps_and_stops_when_the_consumer_stops(tiny_model, reference):
+    case = greedy_cases(reference)[0]
+    steps = gpt2.stream(tiny_model, [case["prompt_ids"]] * 2, 20, temperature=0)
+    first = [next(steps) for _ in range(3)]
+    assert [s.tolist() for s in first] == [[t, t] for t in case["new_ids"][:3]]
+    pool = next(p for p in pools_of(tiny_model) if p.slots == 2 and p.jit_compile)
+    assert pool.lock.locked()  # the decode is suspended, holding its pool
+    steps.close()
+    assert not pool.lock.locked() and not pool.active.any()
+    out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]] * 2, 20, temperature=0)
+    assert out[0].tolist() == case["all_ids"]
+
+
+def test_sampling_while_a_stream_is_open_uses_another_pool(tiny_model, reference):
+    case = greedy_cases(reference)[0]
+    steps = gpt2.stream(tiny_model, [case["prompt_ids"]], 20, temperature=0)
+    assert int(next(steps)[0]) == case["new_ids"][0]
+    out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]], 20, temperature=0)
+    assert out[0].tolist() == case["all_ids"]
+    assert [int(s[0]) for s in steps] == case["new_ids"][1:]
+
+
+# ----------------------------------------------------------------------------- hostile values
+
+def test_huge_top_k_is_off_not_wrapped(tiny_model, reference):
+    prompt = [reference["inputs"]["len7"][0]] * 8
+    plain = gpt2.sample_sequence(tiny_model, prompt, 5, seed=5)
+    for top_k in (50257, 2**32 + 1, 2**63, 10**300):
+        np.testing.assert_array_equal(gpt2.sample_sequence(tiny_model, prompt, 5, seed=5, top_k=top_k), plain)
+
+
+@pytest.mark.parametrize("temperature", [2e-9, 1e-20, 1e-38, 1e-45])
+def test_tiny_temperatures_are_greedy_and_respect_filters(tiny_model, reference, temperature):
+    case = greedy_cases(reference)[0]
+    for settings in (dict(), dict(top_k=1), dict(top_k=3), dict(top_p=0.5), dict(top_k=300, top_p=0.9)):
+        out = gpt2.sample_sequence(tiny_model, [case["prompt_ids"]] * 2, 20, temperature=temperature, seed=1,
+                                   **settings)
+        assert out[0].tolist() == case["all_ids"] and out[1].tolist() == case["all_ids"], settings
+
+
+def test_trace_count_stays_bounded_with_slides_and_penalties(tiny_model, reference):
+    prompt = reference["inputs"]["len40"][0]
+    gpt2.sample_sequence(tiny_model, [prompt], 5, temperature=0)
+    before = traces(tiny_model)
+    gpt2.sample_sequence(tiny_model, [prompt], 90, temperature=0, window_keep=7, presence_penalty=1.0)
+    gpt2.sample_sequence(tiny_model, [prompt[:3]], 70, top_k=5, seed=2, repetition_penalty=1.5,
+                         logit_bias={5: 3.0}, frequency_penalty=-1.0)
+    assert traces(tiny_model) == before

@@ -11,7 +11,10 @@ settings never recompile. Generation may run past n_ctx: the window slides (see
 Shapes: b = rows (prompts), n = tokens.
 """
 
+import ctypes
+import gc
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -37,6 +40,25 @@ def pool_size_for(model, rows):
     return next((size for size in allowed if size >= rows), allowed[-1])
 
 
+def prepare(model, rows=1, jit_compile=None):
+    """Builds and compiles the pool a call with `rows` rows uses, now (before the first call):
+    with the persistent compilation cache warm this is a second or two; cold, compiling. Called
+    by `gpt2.load_model(..., before_weights=...)` it runs before the weights are read, and the
+    memory compiling used is handed back to the system, so the peak is not weights + compiler."""
+    with _Lease(model, rows, jit_compile) as pool:
+        pool.run(0)
+    _release_free_memory()
+
+
+def _release_free_memory():
+    """Returns memory freed by the compiler to the system (glibc keeps it otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def pools_of(model):
     """The pools built for `model` so far (tests count their traces)."""
     return [pool for pools in _pools.get(model, {}).values() for pool in pools]
@@ -47,7 +69,7 @@ class _Lease:
     unfinished `stream` generator)."""
 
     def __init__(self, model, rows, jit_compile):
-        key = (pool_size_for(model, rows), bool(jit_compile))
+        key = (pool_size_for(model, rows), model.default_jit_compile if jit_compile is None else bool(jit_compile))
         with _pools_lock:
             pools = _pools.setdefault(model, {}).setdefault(key, [])
             self.pool = next((pool for pool in pools if pool.lock.acquire(blocking=False)), None)
@@ -64,11 +86,16 @@ class _Lease:
         self.pool.lock.release()
 
 
-def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERATIONS):
+def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
     """Runs RowRequests to the end. A generator: after each loop iteration that produced tokens,
     yields a list of (request index, token, logprob info or None); info is (token logprob,
     top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
-    generator stops the decode."""
+    generator stops the decode.
+
+    iterations_per_run: loop iterations per compiled call (1 streams token by token); by default
+    as many as fit in about CALL_SECONDS, so Ctrl-C (handled between calls) stops within that.
+    """
+    budget = _IterationBudget(iterations_per_run)
     with _Lease(model, len(requests), jit_compile) as pool:
         waiting = list(range(len(requests)))
         in_slot = {}  # slot -> request index
@@ -78,7 +105,9 @@ def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERAT
                 admitted, waiting = waiting[: len(free)], waiting[len(free):]
                 pool.admit(free, [requests[i] for i in admitted])
                 in_slot.update(zip(free, admitted))
-            outputs, done, _ = pool.run(iterations_per_run)
+            with budget:
+                outputs, done, _ = pool.run(budget.iterations)
+            budget.ran(outputs["tokens"].shape[1])
             tokens = outputs["tokens"]
             for column in range(tokens.shape[1]):
                 produced = []
@@ -97,6 +126,31 @@ def decode_rows(model, requests, jit_compile=True, iterations_per_run=RUN_ITERAT
             pool.release(finished)
             for slot in finished:
                 del in_slot[slot]
+
+
+CALL_SECONDS = 0.25  # target duration of one compiled call when not streaming
+
+
+class _IterationBudget:
+    """How many loop iterations the next compiled call may run: fixed when asked, else adapted
+    from the last call's duration so one call lasts about CALL_SECONDS."""
+
+    def __init__(self, fixed=None):
+        self.fixed = fixed
+        self.iterations = fixed or 4
+        self._start = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        self._elapsed = time.perf_counter() - self._start
+
+    def ran(self, count):
+        if self.fixed or count < self.iterations:  # a short call (rows finished) says little
+            return
+        per_iteration = self._elapsed / max(count, 1)
+        self.iterations = int(min(max(CALL_SECONDS / max(per_iteration, 1e-6), 1), RUN_ITERATIONS))
 
 
 def _as_settings(value):
@@ -138,7 +192,7 @@ def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, 
 
 
 def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
-                callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
                 frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
     """The sampler behind `sample_sequence`, with every setting either one value or one per row.
 
@@ -152,56 +206,71 @@ def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, see
                    frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                    logit_bias=logit_bias)
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
-    if callback is not None:
-        steps = _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
-        for step, tokens in enumerate(steps):
-            callback(step, tokens)
-        return [np.asarray(row, np.int32) for row in steps.rows]
     rows = [[] for _ in requests]
+    if callback is not None:
+        for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token)):
+            callback(step, tokens)
+            for row, token in zip(rows, tokens):
+                row.append(int(token))
+        return [np.asarray(_cut(row, request), np.int32) for row, request in zip(rows, requests)]
     for produced in decode_rows(model, requests, jit_compile):
         for index, token, _ in produced:
             rows[index].append(token)
     return [np.asarray(row, np.int32) for row in rows]
 
 
-class _lockstep:
-    """Iterates per-row tokens as steps: step i holds token i of every row (rows that have
-    stopped repeat stop_token, or 0 without one). `rows` has each row's tokens so far."""
+def _cut(tokens, request):
+    """A row's tokens up to its length and through its first stop token."""
+    tokens = tokens[: request.max_new]
+    if request.stop_token in tokens:
+        tokens = tokens[: tokens.index(request.stop_token) + 1]
+    return tokens
 
-    def __init__(self, produced, requests, stop_token):
-        self._produced = produced
-        self._requests = requests
-        self._fill = 0 if stop_token is None else int(stop_token)
-        self.rows = [[] for _ in requests]
-        self._step = 0
 
-    def _finished(self, index):
-        row, request = self.rows[index], self._requests[index]
-        return len(row) >= request.max_new or (row and row[-1] == request.stop_token)
+def stream_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
+                jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+                repetition_penalty=1.0, logit_bias=None):
+    """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                   logit_bias=logit_bias)
+    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
+    yield from _lockstep(model, requests, jit_compile, stop_token)
 
-    def __iter__(self):
-        try:
-            for produced in self._produced:
-                for index, token, _ in produced:
-                    self.rows[index].append(token)
-                yield from self._ready_steps()
-        finally:
-            self._produced.close()
-        yield from self._ready_steps(final=True)
 
-    def _ready_steps(self, final=False):
-        while True:
-            step = self._step
-            if all(len(row) <= step and self._finished(i) for i, row in enumerate(self.rows)):
-                return
-            if not final and any(len(row) <= step and not self._finished(i) for i, row in enumerate(self.rows)):
-                return
-            self._step += 1
-            yield np.array([row[step] if len(row) > step else self._fill for row in self.rows], np.int32)
+def _lockstep(model, requests, jit_compile, stop_token):
+    """Each step's tokens, int32 [b]: step i holds token i of every row (rows that have stopped
+    repeat stop_token, or 0 without one). Decodes token by token; closing it stops the decode."""
+    fill = 0 if stop_token is None else int(stop_token)
+    rows = [[] for _ in requests]
+
+    def finished(index):
+        row = rows[index]
+        return len(row) >= requests[index].max_new or (row and row[-1] == requests[index].stop_token)
+
+    def ready_steps(step, final):
+        while not all(len(row) <= step and finished(i) for i, row in enumerate(rows)):
+            if not final and any(len(row) <= step and not finished(i) for i, row in enumerate(rows)):
+                break
+            yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
+            step += 1
+
+    step = 0
+    produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1)
+    try:
+        for produced in produced_steps:
+            for index, token, _ in produced:
+                rows[index].append(token)
+            for tokens in ready_steps(step, final=False):
+                step += 1
+                yield tokens
+    finally:
+        produced_steps.close()
+    yield from ready_steps(step, final=True)
 
 
 def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-           jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
+           jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
            repetition_penalty=1.0, logit_bias=None):
     """Yields each step's new tokens, int32 [b], as they are made: step i holds token i of every
     row; rows that have stopped (at stop_token) repeat stop_token. Takes the arguments of
@@ -210,17 +279,14 @@ def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=Non
         for tokens in gpt2.stream(model, [enc.encode("Hello")], 100, top_k=40):
             print(enc.decode(tokens[:1]), end="", flush=True)
     """
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                   logit_bias=logit_bias)
     prompts = context.numpy() if hasattr(context, "numpy") else context
-    seeds = row_seeds(seed, len(prompts))
-    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
-    yield from _lockstep(decode_rows(model, requests, jit_compile, iterations_per_run=1), requests, stop_token)
+    yield from stream_rows(model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)),
+                           stop_token, jit_compile, settings, window_keep, presence_penalty, frequency_penalty,
+                           repetition_penalty, logit_bias)
 
 
 def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-                    callback=None, jit_compile=True, settings=None, window_keep=None, presence_penalty=0.0,
+                    callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
                     frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
@@ -233,7 +299,8 @@ def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0,
     seed: an int makes the output reproducible (each row draws from its own stream); None draws
     a fresh one. stop_token (e.g. 50256): a row stops after producing it. callback(step, tokens):
     called with each step's tokens (int32 [batch]) as they are produced (see `stream`).
-    jit_compile: compile with XLA (faster on this CPU; see BENCHMARKS.md).
+    jit_compile: compile with XLA; None (default) = XLA for float32 models, not for bfloat16
+    ones (oneDNN's bfloat16 matmuls are faster than XLA's on CPU; see BENCHMARKS.md).
 
     Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
     that stopped early are filled with stop_token); for prompts of different lengths, a list of

@@ -28,7 +28,9 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla as tfxla
 
+from gpt2 import layers
 from gpt2.sampling import choose, processors
 
 CHUNK = 32  # prompt tokens one row ingests per loop iteration
@@ -52,7 +54,7 @@ def _round_up(n, multiple):
 class Decoder:
     """The loop's computations for one model and pool size (pure functions of the state)."""
 
-    def __init__(self, model, slots):
+    def __init__(self, model, slots=None):
         hp = model.hparams
         self.model = model
         self.slots = slots
@@ -64,12 +66,14 @@ class Decoder:
         self.cache_slots = _round_up(hp.n_ctx + CHUNK, BLOCK)
         self.window_slots = hp.n_ctx + CHUNK
         self.cache_dtype = tf.as_dtype(model.compute_dtype)
+        self._layer_function = tf.function(self._layer, autograph=False)
 
     # ------------------------------------------------------------------ state
 
-    def state_spec(self):
-        """{name: (shape, dtype)} of every state tensor (the cache as `k0`, `v0`, `k1`, ...)."""
-        b, v = self.slots, self.n_vocab
+    def state_spec(self, batch=None):
+        """{name: (shape, dtype)} of every state tensor (the cache as `k0`, `v0`, `k1`, ...);
+        batch defaults to the decoder's slots (None: any)."""
+        b, v = batch or self.slots, self.n_vocab
         spec = {name: ([b], dtype) for name, dtype in {**SETTING_FIELDS, **ROW_FIELDS}.items()}
         spec.update({
             "logit_bias": ([b, v], tf.float32), "prompt_seen": ([b, v], tf.bool), "counts": ([b, v], tf.int32),
@@ -86,94 +90,157 @@ class Decoder:
         shape, dtype = self.state_spec()["k0"]
         return 2 * len(self.model.blocks) * int(np.prod(shape)) * dtype.size
 
-    def initial_state(self):
-        """An empty pool (no active rows), as tensors."""
-        return {name: tf.zeros(shape, dtype) for name, (shape, dtype) in self.state_spec().items()}
+    def initial_state(self, batch=None):
+        """An empty pool (no active rows), as tensors; batch: an int or int32 scalar tensor."""
+        batch = self.slots if batch is None else batch
+        return {name: tf.zeros([batch, *shape[1:]], dtype) for name, (shape, dtype) in self.state_spec(1).items()}
 
-    def output_spec(self, iterations):
+    def output_spec(self, iterations, batch=None):
         """{name: (shape, dtype)} of what `run` records per iteration: each row's new token (-1
         if none that iteration), its log-probability and the top alternatives."""
-        b, t = self.slots, choose.TOP_LOGPROBS
+        b, t = batch or self.slots, choose.TOP_LOGPROBS
         return {
             "tokens": ([b, iterations], tf.int32), "logprobs": ([b, iterations], tf.float32),
             "top_ids": ([b, iterations, t], tf.int32), "top_logprobs": ([b, iterations, t], tf.float32),
         }
 
-    # ------------------------------------------------------------------ model pieces
+    def start_state(self, tokens, lengths, settings, seed, max_new, stop_token, window_keep, want_logprobs):
+        """A state with every row admitted at once, built in the graph (for exported functions;
+        `gpt2.sampling.pool.Pool.admit` does the same from NumPy between runs).
 
-    def _attention(self, q, state, layer, first_row, limit, num_blocks):
-        """Blocked attention of queries q [b, H, s, D] (cache rows first_row..first_row+b-1) over
-        the cache of `layer`; query (r, i) sees slots < limit[r, i] (int32 [b, s]).
-        num_blocks (int32 scalar) blocks of BLOCK slots are visited. Returns [b, H, s, D]."""
-        keys, values = state[f"k{layer}"], state[f"v{layer}"]
+        tokens: int32 [b, P] right-padded prompts (P <= n_ctx); lengths: int32 [b] (>= 1);
+        settings: {name: per-row tensor} as `gpt2.sampling.settings.pack_rows` gives them
+        (temperature, top_k, top_p, the penalties [b], logit_bias [b, V]); seed, max_new,
+        stop_token (-1 = none), window_keep: int32 [b]; want_logprobs: bool [b].
+        """
+        batch = tf.shape(tokens)[0]
+        state = self.initial_state(batch)
+        valid = tf.range(tf.shape(tokens)[1])[None, :] < lengths[:, None]
+        tokens = tf.where(valid, tokens, 0)
+        state["window"] = tf.pad(tokens, [[0, 0], [0, self.window_slots - tf.shape(tokens)[1]]])
+        rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(tokens))
+        seen = tf.tensor_scatter_nd_max(tf.zeros([batch, self.n_vocab], tf.int32),
+                                        tf.reshape(tf.stack([rows, tokens], -1), [-1, 2]),
+                                        tf.reshape(tf.cast(valid, tf.int32), [-1]))
+        state.update({name: tf.cast(value, state[name].dtype) for name, value in settings.items()})
+        state.update(prompt_seen=seen > 0, seed=seed, max_new=max_new, stop_token=stop_token,
+                     window_keep=window_keep, want_logprobs=want_logprobs, active=tf.ones([batch], tf.bool),
+                     filled=lengths, source=tf.fill([batch], -1))
+        return state
+
+    # ------------------------------------------------------------------ model pieces
+    #
+    # The forward passes run inside tf.cond (only when some row needs them) and return just this
+    # call's keys and values; the caller writes those into the cache outside the cond. A cond
+    # that returned the cache made XLA copy all of it every iteration, and a one-trip while loop
+    # (which XLA updates in place) made the program twice as slow to lower, since every loop
+    # carries all the weights.
+
+    def _attention(self, q, k, v, keys, values, first_row, cached, num_blocks):
+        """Attention of queries q [b, H, s, D] at the positions after each row's `cached` [b]
+        slots of the cache keys, values [B, H, M, D] (rows first_row..first_row+b-1) over those
+        slots, in num_blocks blocks of BLOCK (online softmax), then over this call's own keys and
+        values k, v [b, H, s, D] (query i sees own keys 0..i). float32 throughout (a bfloat16
+        cache is widened block by block). Returns float32 [b, H, s, D]."""
         b, h, s, d = q.shape
+        size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
 
-        def body(j, best, total, acc):
-            begin = [first_row, 0, j * BLOCK, 0]
-            k = tf.slice(keys, begin, [b, h, BLOCK, d])
-            v = tf.slice(values, begin, [b, h, BLOCK, d])
-            scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) * scale
-            visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < limit[:, None, :, None]
-            scores = tf.where(visible, scores, processors.NEG_INF)
+        def accumulate(scores, v, best, total, acc):
             new_best = tf.maximum(best, tf.reduce_max(scores, axis=-1))
             weights = tf.exp(scores - new_best[..., None])
             rescale = tf.exp(best - new_best)
             total = total * rescale + tf.reduce_sum(weights, axis=-1)
-            mixed = tf.matmul(tf.cast(weights, v.dtype), v)
-            acc = acc * rescale[..., None] + tf.cast(mixed, tf.float32)
-            return j + 1, new_best, total, acc
+            return new_best, total, acc * rescale[..., None] + tf.matmul(weights, v)
+
+        def block(j, best, total, acc):
+            begin = [first_row, 0, j * BLOCK, 0]
+            block_keys = tf.cast(_dynamic_slice(keys, begin, size), tf.float32)
+            scores = tf.matmul(q, block_keys, transpose_b=True) * scale
+            visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < cached[:, None, None, None]
+            scores = tf.where(visible, scores, processors.NEG_INF)
+            block_values = tf.cast(_dynamic_slice(values, begin, size), tf.float32)
+            return (j + 1, *accumulate(scores, block_values, best, total, acc))
 
         start = (
             tf.constant(0),
-            tf.fill([b, h, s], tf.constant(-1e30, tf.float32)),
-            tf.zeros([b, h, s], tf.float32),
-            tf.zeros([b, h, s, d], tf.float32),
+            tf.fill(tf.shape(q)[:3], tf.constant(-1e30, tf.float32)),
+            tf.zeros(tf.shape(q)[:3], tf.float32),
+            tf.zeros(tf.shape(q), tf.float32),
         )
-        _, _, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, body, start,
-                                         maximum_iterations=self.cache_slots // BLOCK)
-        return tf.cast(acc / total[..., None], self.cache_dtype)
+        _, best, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, block, start,
+                                            maximum_iterations=self.cache_slots // BLOCK)
+        own = tf.matmul(q, k, transpose_b=True) * scale
+        own = tf.where(tf.range(s)[:, None] >= tf.range(s)[None, :], own, processors.NEG_INF)
+        _, total, acc = accumulate(own, v, best, total, acc)
+        return acc / total[..., None]
 
-    def _blocks(self, x, state, batch, write, first_row, limit, num_blocks):
-        """Runs x float32 [batch * s, E] through every block; write(layer_cache, new) stores this
-        call's keys/values ([batch, H, s, D]) into the cache. Returns (x after ln_f, state)."""
+    def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
+        """One block, a pure function of its inputs (traced once per shape, called per block):
+        x float32 [batch * s, E]; weights: `Block.inference_weights()`; keys, values: its cache.
+        Returns (x, this call's keys and values [batch, H, s, D])."""
+        ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
+        dtype = self.cache_dtype
+        q, k, v = layers.split_heads(layers.dense(layers.layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype),
+                                     batch, self.n_head)
+        a = self._attention(q, k, v, keys, values, first_row, cached, num_blocks)
+        x = x + layers.dense(layers.merge_heads(a), proj_w, proj_b, dtype)
+        x = x + layers.mlp(layers.layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype)
+        return x, tf.cast(k, self.cache_dtype), tf.cast(v, self.cache_dtype)
+
+    def _forward(self, x, state, batch, first_row, cached):
+        """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.
+        Returns (hidden states after ln_f [batch * s, E], [(keys, values) per layer, each
+        [batch, H, s, D]]) without writing the cache."""
+        num_blocks = (tf.reduce_max(cached) + BLOCK - 1) // BLOCK
+        new = []
         for layer, block in enumerate(self.model.blocks):
-            q, k, v = block.attn.qkv(block.ln_1.call(x), batch)
+            x, k, v = self._layer_function(x, block.inference_weights(), state[f"k{layer}"], state[f"v{layer}"],
+                                           first_row, cached, num_blocks, batch)
+            new.append((k, v))
+        return self.model.ln_f.call(x), new
+
+    def _write(self, state, new, write):
+        state = dict(state)
+        for layer, (k, v) in enumerate(new):
             state[f"k{layer}"] = write(state[f"k{layer}"], k)
             state[f"v{layer}"] = write(state[f"v{layer}"], v)
-            a = self._attention(q, state, layer, first_row, limit, num_blocks)
-            x = x + block.attn.project(a)
-            x = x + block.mlp.call(block.ln_2.call(x))
-        return self.model.ln_f.call(x), state
+        return state
+
+    def _zeros_like_new(self, batch, s):
+        shape = [batch, self.n_head, s, self.head_dim]
+        return [(tf.zeros(shape, self.cache_dtype), tf.zeros(shape, self.cache_dtype)) for _ in self.model.blocks]
 
     # ------------------------------------------------------------------ ingest
 
     def ingest(self, state):
-        """Runs up to CHUNK waiting tokens of the first row that has some into its cache."""
-        state = dict(state)
+        """Runs up to CHUNK waiting tokens of the first row that has some into its cache (when
+        no row is waiting, the write goes to scratch slots past n_ctx)."""
         pending = self.pending(state)
+        any_pending = tf.reduce_any(pending)
         row = tf.argmax(tf.cast(pending, tf.int32), output_type=tf.int32)
-        start = state["cached"][row]
-        count = tf.minimum(CHUNK, state["filled"][row] - start)
-        tokens = tf.slice(state["window"], [row, start], [1, CHUNK])[0]
-        offsets = tf.range(CHUNK)
-        x = self.model.embed(tokens, tf.minimum(start + offsets, self.n_ctx - 1))
+        start = tf.gather(state["cached"], row)
+        count = tf.minimum(CHUNK, tf.gather(state["filled"], row) - start)
 
-        def write(cache, new):
-            return _update_slice(cache, new, [row, 0, start, 0])
+        def compute():
+            tokens = _dynamic_slice(state["window"], [row, start], [1, CHUNK])[0]
+            x = self.model.embed(tokens, tf.minimum(start + tf.range(CHUNK), self.n_ctx - 1))
+            h, new = self._forward(x, state, 1, row, start[None])
+            return self.model.logits(tf.gather(h, [tf.maximum(count, 1) - 1])), new
 
-        limit = (start + offsets + 1)[None]
-        num_blocks = (start + CHUNK + BLOCK - 1) // BLOCK
-        h, state = self._blocks(x, state, 1, write, row, limit, num_blocks)
-        logits = self.model.logits(h[count - 1][None])
-        state["logits"] = tf.tensor_scatter_nd_update(state["logits"], [[row]], logits)
+        logits, new = tf.cond(any_pending, compute,
+                              lambda: (tf.zeros([1, self.n_vocab]), self._zeros_like_new(1, CHUNK)))
+        at = tf.where(any_pending, start, self.cache_slots - CHUNK)
+        state = self._write(state, new, lambda cache, update: _update_slice(cache, update, [row, 0, at, 0]))
+        count = tf.where(any_pending, count, 0)
+        state["logits"] = tf.where(any_pending & tf.equal(tf.range(_batch(state)), row)[:, None], logits,
+                                   state["logits"])
         state["cached"] = tf.tensor_scatter_nd_add(state["cached"], [[row]], [count])
-        complete = tf.equal(start + count, state["filled"][row])
+        complete = any_pending & tf.equal(start + count, tf.gather(state["filled"], row))
         return _maybe(complete & tf.reduce_any(tf.equal(state["source"], row)), lambda s: self._share(s, row), state)
-
     def pending(self, state):
         """bool [B]: rows with window tokens to ingest (rows waiting for a source row excluded)."""
-        return state["active"] & (state["cached"] < state["filled"]) & (state["source"] < 0)
+        return state["active"] & ~state["done"] & (state["cached"] < state["filled"]) & (state["source"] < 0)
 
     def _share(self, state, row):
         """Rows whose `source` is `row` (admitted with the same prompt) take its cache and logits
@@ -189,11 +256,11 @@ class Decoder:
 
             return slot + 1, _maybe(dependents[slot], write, caches)
 
-        _, caches = tf.while_loop(lambda slot, _: slot < self.slots, copy,
+        _, caches = tf.while_loop(lambda slot, _: slot < _batch(state), copy,
                                   (tf.constant(0), {name: state[name] for name in layers}))
         state.update(caches)
-        state["logits"] = tf.where(dependents[:, None], state["logits"][row][None], state["logits"])
-        state["cached"] = tf.where(dependents, state["cached"][row], state["cached"])
+        state["logits"] = tf.where(dependents[:, None], tf.gather(state["logits"], [row]), state["logits"])
+        state["cached"] = tf.where(dependents, tf.gather(state["cached"], row), state["cached"])
         state["source"] = tf.where(dependents, -1, state["source"])
         return state
 
@@ -203,7 +270,8 @@ class Decoder:
         """One token for every ready row. Returns (state, tokens [B] (-1 for rows not ready),
         token logprobs [B], top ids [B, T], top logprobs [B, T])."""
         state = dict(state)
-        rows = tf.range(self.slots)
+        batch = _batch(state)
+        rows = tf.range(batch)
         ready = state["active"] & ~state["done"] & tf.equal(state["cached"], state["filled"])
         counts = state["counts"]
         penalised = (tf.not_equal(state["repetition_penalty"], 1.0) | tf.not_equal(state["presence_penalty"], 0.0)
@@ -218,13 +286,13 @@ class Decoder:
         sampling = state["temperature"] > 0.0
         uniform = tf.cond(tf.reduce_any(ready & sampling),
                           lambda: choose.row_uniforms(state["seed"], state["generated"]),
-                          lambda: tf.zeros([self.slots], tf.float32))
+                          lambda: tf.zeros([batch], tf.float32))
         tokens = choose.choose_tokens(logits, state["temperature"], state["top_k"], state["top_p"], uniform)
         top = choose.TOP_LOGPROBS
         logprob, top_ids, top_logprobs = tf.cond(
             tf.reduce_any(ready & state["want_logprobs"]),
             lambda: choose.logprobs_of(logits, tokens),
-            lambda: (tf.zeros([self.slots]), tf.zeros([self.slots, top], tf.int32), tf.zeros([self.slots, top])),
+            lambda: (tf.zeros([batch]), tf.zeros([batch, top], tf.int32), tf.zeros([batch, top])),
         )
         index = tf.stack([rows, tokens], axis=1)
         state["counts"] = tf.tensor_scatter_nd_add(counts, index, tf.cast(ready, tf.int32))
@@ -236,33 +304,34 @@ class Decoder:
         state["window"] = tf.tensor_scatter_nd_update(state["window"], tf.stack([rows, write_at], 1), tokens)
         state["filled"] += tf.cast(ready, tf.int32)
         slide = ready & ~finished & (state["filled"] > self.n_ctx)
-        feed = ready & ~finished & ~slide
-        state = _maybe(tf.reduce_any(feed), lambda s: self._feed(s, tokens, feed), state)
-        state = _maybe(tf.reduce_any(slide), lambda s: self._slide(s, slide), state)
+        state = self._feed(state, tokens, ready & ~finished & ~slide)
+        state = self._slide(state, slide)
         emitted = tf.where(ready, tokens, -1)
         return state, emitted, logprob, top_ids, top_logprobs
 
     def _feed(self, state, tokens, feed):
         """Feeds tokens [B] at each row's position (its `cached` count); rows in `feed` take the
-        new logits and advance. Other rows compute too (static shapes) but keep their state; what
-        they write lands in a cache slot that is never attended before being rewritten."""
+        new logits and advance. Every row writes its keys and values at its position (static
+        shapes); for rows not fed that slot is never attended before being rewritten."""
         state = dict(state)
+        batch = _batch(state)
         position = state["cached"]
-        x = self.model.embed(tokens, tf.minimum(position, self.n_ctx - 1))
+
+        def compute():
+            x = self.model.embed(tokens, tf.minimum(position, self.n_ctx - 1))
+            h, new = self._forward(x, state, batch, 0, tf.where(feed, position, 0))
+            return self.model.logits(h), new
+
+        logits, new = tf.cond(tf.reduce_any(feed), compute,
+                              lambda: (tf.zeros([batch, self.n_vocab]), self._zeros_like_new(batch, 1)))
         index = tf.stack([
-            tf.repeat(tf.range(self.slots), self.n_head),
-            tf.tile(tf.range(self.n_head), [self.slots]),
-            tf.repeat(position, self.n_head),
+            tf.repeat(tf.range(batch), self.n_head),
+            tf.tile(tf.range(self.n_head), [batch]),
+            tf.repeat(tf.minimum(position, self.cache_slots - 1), self.n_head),
         ], axis=1)
-
-        def write(cache, new):
-            return tf.tensor_scatter_nd_update(cache, index, tf.reshape(new, [-1, self.head_dim]))
-
-        limit = (position + 1)[:, None]
-        longest = tf.reduce_max(tf.where(feed, position + 1, 1))
-        num_blocks = (longest + BLOCK - 1) // BLOCK
-        h, state = self._blocks(x, state, self.slots, write, 0, limit, num_blocks)
-        state["logits"] = tf.where(feed[:, None], self.model.logits(h), state["logits"])
+        state = self._write(state, new, lambda cache, update: tf.tensor_scatter_nd_update(
+            cache, index, tf.reshape(update, [-1, self.head_dim])))
+        state["logits"] = tf.where(feed[:, None], logits, state["logits"])
         state["cached"] += tf.cast(feed, tf.int32)
         return state
 
@@ -283,34 +352,23 @@ class Decoder:
     def run(self, state, max_iterations, iterations):
         """Loops `iterate` while some row is unfinished, at most max_iterations (int32 scalar,
         <= iterations, a Python int sizing the outputs). Returns (state, outputs, count run)."""
-        outputs = {name: tf.zeros(shape, dtype) for name, (shape, dtype) in self.output_spec(iterations).items()}
+        batch = _batch(state)
+        outputs = {name: tf.zeros([batch, *shape[1:]], dtype)
+                   for name, (shape, dtype) in self.output_spec(iterations, 1).items()}
         outputs["tokens"] -= 1
 
         def busy(i, state, outputs):
             return (i < max_iterations) & tf.reduce_any(state["active"] & ~state["done"])
 
         def body(i, state, outputs):
-            # "active" is never changed by the loop; passed through unchanged, XLA's compile-time
-            # constant analysis follows it from the row index `ingest` slices with back to the
-            # variable, and keys the compiled program on its value: a new compile for every new
-            # set of active slots. An operation on it (a no-op in value) stops that analysis.
-            state = {**state, "active": state["active"] | tf.less(i, 0)}
-            pending = self.pending(state)
-            state = _maybe(tf.reduce_any(pending), self.ingest, state)
-            ready = state["active"] & ~state["done"] & tf.equal(state["cached"], state["filled"])
-
-            def decode(both):
-                state, outputs = both
-                new_state, tokens, logprob, top_ids, top_logprobs = self.decode(state)
-                new_outputs = {
-                    "tokens": _update_slice(outputs["tokens"], tokens[:, None], [0, i]),
-                    "logprobs": _update_slice(outputs["logprobs"], logprob[:, None], [0, i]),
-                    "top_ids": _update_slice(outputs["top_ids"], top_ids[:, None], [0, i, 0]),
-                    "top_logprobs": _update_slice(outputs["top_logprobs"], top_logprobs[:, None], [0, i, 0]),
-                }
-                return new_state, new_outputs
-
-            state, outputs = _maybe(tf.reduce_any(ready), decode, (state, outputs))
+            state = self.ingest(state)
+            state, tokens, logprob, top_ids, top_logprobs = self.decode(state)
+            outputs = {
+                "tokens": _update_slice(outputs["tokens"], tokens[:, None], [0, i]),
+                "logprobs": _update_slice(outputs["logprobs"], logprob[:, None], [0, i]),
+                "top_ids": _update_slice(outputs["top_ids"], top_ids[:, None], [0, i, 0]),
+                "top_logprobs": _update_slice(outputs["top_logprobs"], top_logprobs[:, None], [0, i, 0]),
+            }
             return i + 1, state, outputs
 
         count, state, outputs = tf.while_loop(busy, body, (tf.constant(0), state, outputs),
@@ -318,14 +376,26 @@ class Decoder:
         return state, outputs, count
 
 
-def _maybe(condition, function, state):
-    """function(state) if condition (a bool scalar tensor) else state.
+def _batch(state):
+    """Rows in the state: a Python int when the shape is static (XLA), else a tensor."""
+    return state["active"].shape[0] or tf.shape(state["active"])[0]
 
-    A while loop of at most one trip rather than tf.cond: XLA updates a loop's state in place,
-    while a conditional that passes the key/value cache through copied all of it every step."""
+
+def _maybe(condition, function, state):
+    """function(state) if condition (a bool scalar tensor) else state, for a function that
+    rewrites part of the cache: a while loop of at most one trip rather than tf.cond, since XLA
+    updates a loop's state in place but copied all of a cache that a conditional passed through."""
     _, state = tf.while_loop(lambda go, _: go, lambda go, state: (tf.constant(False), function(state)),
                              (condition, state), maximum_iterations=1)
     return state
+
+
+def _dynamic_slice(tensor, begin, size):
+    """tensor[begin : begin + size] with `begin` known only at run time. (tf.slice and x[i] make
+    XLA treat a non-constant begin as a compile-time constant: one compile per value.)"""
+    if size[0] == -1:
+        size = [tf.shape(tensor)[0], *size[1:]]
+    return tfxla.dynamic_slice(tensor, begin, size)
 
 
 def _update_slice(tensor, update, begin):

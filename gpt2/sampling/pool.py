@@ -9,16 +9,23 @@ server's continuous batching (requests joining and leaving a running decode).
 Shapes: B = slots, V = n_vocab, K = iterations recorded per run call, T = TOP_LOGPROBS.
 """
 
+import contextlib
 import dataclasses
+import hashlib
+import itertools
 import threading
 
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import compile_cache
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
 
 RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
+
+# State that only `admit`/`release` write; `run` writes back everything else.
+_FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
 
 
 @dataclasses.dataclass
@@ -37,6 +44,35 @@ class RowRequest:
     logprobs: bool = False
 
 
+_name_uses = {}
+_name_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def stable_names(key):
+    """Makes the names TensorFlow gives the functions traced inside depend only on `key` (and
+    on how many programs with that key this process traced before), not on everything traced
+    earlier. XLA's persistent cache keys a program by those names, so without this a program
+    compiled by generate.py would not be found by the server, a notebook or a test that traced
+    something else first. (TensorFlow numbers functions with one process-wide counter.)"""
+    try:
+        from tensorflow.python.framework import ops
+    except ImportError:  # pragma: no cover - a TensorFlow without this internal: names vary
+        yield
+        return
+    with _name_lock:
+        use = _name_uses.get(key, 0)
+        _name_uses[key] = use + 1
+    digest = hashlib.sha256(repr((key, use)).encode()).digest()
+    counter = itertools.count(10**15 + int.from_bytes(digest[:6], "big") * 10**6)  # far above TF's own
+    real = ops.uid
+    ops.uid = lambda: next(counter)
+    try:
+        yield
+    finally:
+        ops.uid = real
+
+
 class Pool:
     """Variables and the compiled `run` program for `slots` rows of `model`."""
 
@@ -53,8 +89,13 @@ class Pool:
                 name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
                 for name, (shape, dtype) in self.decoder.state_spec().items()
             }
+        self._changing = [name for name in self.state if name not in _FIXED_IN_RUN]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
+        key = (type(model).__name__, model.hparams, model.dtype_policy.name, slots, jit_compile, iterations)
+        with stable_names(key):  # trace now, under names that do not depend on the process's history
+            self._run.get_concrete_function(tf.TensorSpec([], tf.int32))
         self.lock = threading.Lock()
+        self._published = False
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
 
     # ------------------------------------------------------------------ compiled program
@@ -62,11 +103,8 @@ class Pool:
     def _run_program(self, max_iterations):
         state = {name: tf.convert_to_tensor(variable) for name, variable in self.state.items()}
         state, outputs, count = self.decoder.run(state, max_iterations, self.iterations)
-        # Every variable is written back, also those the loop only reads: under XLA a variable the
-        # program never assigns was read stale after `admit` updated it (rows admitted into slots
-        # never seen active), and `source` (changed when rows share a prompt) must persist.
-        for name, variable in self.state.items():
-            variable.assign(state[name])
+        for name in self._changing:
+            self.state[name].assign(state[name])
         return outputs, count, state["done"], state["generated"]
 
     def run(self, max_iterations=None):
@@ -77,8 +115,17 @@ class Pool:
         steps = self.iterations if max_iterations is None else min(max_iterations, self.iterations)
         outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
         count = int(count)
+        if not self._published:  # the first call compiled: share it with other processes now
+            self._published = compile_cache.publish() >= 0
+        if steps and count == steps and not (outputs["tokens"].numpy() >= 0).any() and not self._ingesting():
+            raise RuntimeError("the decoder made no progress; this is a bug, please report it")
         outputs = {name: value.numpy()[:, :count] for name, value in outputs.items()}
         return outputs, done.numpy(), generated.numpy()
+
+    def _ingesting(self):
+        cached, filled = self.state["cached"].numpy(), self.state["filled"].numpy()
+        done = self.state["done"].numpy()
+        return bool((self.active & ~done & (cached < filled)).any())
 
     def tracing_count(self):
         return self._run.experimental_get_tracing_count()

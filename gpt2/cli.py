@@ -1,0 +1,70 @@
+"""What the command-line tools share (TensorFlow-free): exit codes, argparse with one-line
+usage errors, number types, one-line error reports, and quieting TensorFlow's start-up logs."""
+
+import argparse
+import os
+import sys
+
+DEFAULT_MODEL = "124M"
+DEFAULT_MODELS_DIR = "models"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`error: ...`) instead of the full usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, check, requirement):
+    """An argparse type: `kind(text)` that must satisfy `check`, else the message `requirement`."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
+
+
+def fail(message, code):
+    """Prints `error: message` as one line on stderr and returns `code`."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
+        pass
+    print("error: " + " ".join(lines), file=sys.stderr, flush=True)
+    return code
+
+
+def user_errors():
+    """Exception kinds that bad input raises (reported in one line, never as a traceback):
+    ValueError (bad values, prompt too long, malformed files; CheckpointError is one), OSError
+    (missing model, prompt file), MemoryError, DownloadError and TensorFlow's OpError (e.g. out
+    of memory while loading a large model)."""
+    kinds = [ValueError, OSError, MemoryError]
+    download = sys.modules.get("gpt2.download")
+    if download is not None:
+        kinds.append(download.DownloadError)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(tf, "errors"):
+        kinds.append(tf.errors.OpError)
+    return tuple(kinds)
+
+
+def quiet_tensorflow():
+    """TensorFlow logs at error level what is not an error for a user (every hit of the XLA
+    compilation cache, missing CUDA drivers on a CPU machine): keep only fatal ones, unless the
+    user set TF_CPP_MIN_LOG_LEVEL. Must run before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,0 +1,249 @@
+"""Command-line fine-tuning: `python train.py` (or the `gpt2-train` console script).
+
+    python train.py --model 124M --dataset corpus.txt --steps 1000 --output models/my-run
+    python generate.py --model models/my-run --prompt "..."
+
+Arguments are parsed (and `--help` answered) before TensorFlow is imported. Bad input ends in a
+one-line `error: ...` on stderr; Ctrl-C saves and exits with 130 (continue with --resume).
+"""
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+
+from gpt2.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, quiet_tensorflow
+from gpt2.cli import Parser as _Parser
+from gpt2.cli import fail as _fail
+from gpt2.cli import number as _number
+
+DEFAULTS = dict(
+    model="124M", models_dir="models", run_name="run1", steps=1000, batch_size=1, accumulate=1,
+    learning_rate=1e-4, warmup_steps=0, lr_schedule="constant", weight_decay=0.01, clip_norm=1.0,
+    dropout=0.0, seed=0, save_every=1000, sample_every=0, sample_length=100, val_every=100,
+    val_batches=8, lora_rank=0, compute_dtype="float32", strategy="none",
+)
+STRATEGIES = ("none", "mirrored", "multi-worker")
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
+_non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_dropout = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_seq_len = _number(int, lambda v: v >= 2, "an integer >= 2")
+
+
+def build_parser(prog=None):
+    """The argument parser; every option's help states its default."""
+    d = DEFAULTS
+    parser = _Parser(
+        prog=prog,
+        description=textwrap.fill(
+            "Fine-tune GPT-2 on your text. The result is a model folder in OpenAI's layout "
+            "(generate from it with: generate.py --model OUTPUT), with the training state in "
+            "OUTPUT/train_state/ for --resume. Ctrl-C stops after the current step and saves.",
+            width=78,
+        ),
+        epilog=(
+            "examples:\n"
+            "  train.py --dataset corpus.txt --steps 1000 --output models/my-run\n"
+            "  train.py --dataset 'texts/**/*.txt' --val-fraction 0.05 --sample-every 100\n"
+            "  train.py --model 1558M --dataset data.npz --lora-rank 8 --recompute --seq-len 512\n"
+            "  train.py --dataset corpus.txt --steps 2000 --output models/my-run --resume\n"
+            "Errors print one line 'error: ...' on stderr; exit codes: 0 ok, 1 error, 2 bad usage, "
+            "130 interrupted (saved)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("model and output")
+    group.add_argument("--model", default=d["model"], metavar="NAME_OR_DIR",
+                       help="the model to start from: a size under --models-dir or any model folder, "
+                            f"fine-tuned ones included (default: {d['model']})")
+    group.add_argument("--models-dir", default=d["models_dir"], metavar="DIR",
+                       help=f"folder holding downloaded models (default: {d['models_dir']})")
+    group.add_argument("--output", metavar="DIR",
+                       help="the model folder to write (default: --models-dir/--run-name)")
+    group.add_argument("--run-name", default=d["run_name"], metavar="NAME",
+                       help=f"names the default --output (default: {d['run_name']})")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a model or training state already in --output (default: off: refuse)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue from --output's last save, with the same settings and data "
+                            "(default: off)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", nargs="+", required=True, metavar="PATH",
+                       help="UTF-8 text files, folders of them (searched recursively), glob patterns "
+                            "(quote them), or .npy/.npz token files (gpt-2-simple's encode_dataset "
+                            "output too); documents are joined with <|endoftext|>, and a literal "
+                            "<|endoftext|> in the text is that token. Encoded tokens are cached in "
+                            "OUTPUT/token_cache (required)")
+    val = group.add_mutually_exclusive_group()
+    val.add_argument("--val-dataset", nargs="+", metavar="PATH",
+                     help="held-out data, same forms as --dataset (default: none)")
+    val.add_argument("--val-fraction", type=_fraction, metavar="F",
+                     help="hold out the last fraction F of the dataset's tokens (default: none)")
+    group.add_argument("--val-every", type=_non_negative_int, default=d["val_every"], metavar="N",
+                       help=f"validation loss every N steps and at the end, 0 = only at the end "
+                            f"(default: {d['val_every']})")
+    group.add_argument("--val-batches", type=_positive_int, default=d["val_batches"], metavar="N",
+                       help=f"validation batches (of --batch-size windows) to average (default: {d['val_batches']})")
+    group.add_argument("--seq-len", type=_seq_len, metavar="N",
+                       help="tokens per training window (default: the model's context, n_ctx: 1024)")
+
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--steps", type=_positive_int, default=d["steps"], metavar="N",
+                       help=f"optimizer steps to reach (a resumed run counts on) (default: {d['steps']})")
+    group.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], metavar="N",
+                       help="windows per micro-batch, over all devices (default: "
+                            f"{d['batch_size']})")
+    group.add_argument("--accumulate", type=_positive_int, default=d["accumulate"], metavar="N",
+                       help="micro-batches per optimizer step (gradient accumulation: equal to an "
+                            f"N times larger batch) (default: {d['accumulate']})")
+    group.add_argument("--learning-rate", type=_positive_float, default=d["learning_rate"], metavar="LR",
+                       help=f"peak learning rate (default: {d['learning_rate']})")
+    group.add_argument("--warmup-steps", type=_non_negative_int, default=d["warmup_steps"], metavar="N",
+                       help=f"linear warm-up steps (default: {d['warmup_steps']})")
+    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d["lr_schedule"],
+                       help="after warm-up: constant, or cosine decay to 0 at --steps (default: "
+                            f"{d['lr_schedule']})")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=d["weight_decay"], metavar="W",
+                       help="AdamW weight decay; none on biases and LayerNorm parameters (default: "
+                            f"{d['weight_decay']})")
+    group.add_argument("--clip-norm", type=_non_negative_float, default=d["clip_norm"], metavar="C",
+                       help=f"clip gradients to this global norm, 0 = off (default: {d['clip_norm']})")
+    group.add_argument("--dropout", type=_dropout, default=d["dropout"], metavar="P",
+                       help=f"dropout rate (OpenAI's release: 0) (default: {d['dropout']})")
+    group.add_argument("--seed", type=_non_negative_int, default=d["seed"], metavar="N",
+                       help="seed of the data order, dropout and LoRA initialisation: the run is "
+                            f"a deterministic function of seed, data and settings (default: {d['seed']})")
+    group.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="compile the training step with XLA (single device only; its first "
+                            "step takes longer to compile) (default: off)")
+
+    group = parser.add_argument_group("memory")
+    group.add_argument("--recompute", action="store_true",
+                       help="gradient checkpointing: recompute each block's activations in the "
+                            "backward pass (less memory, about a third more compute) (default: off)")
+    group.add_argument("--lora-rank", type=_non_negative_int, default=d["lora_rank"], metavar="R",
+                       help="train only rank-R adapters on c_attn, c_proj and c_fc; they are merged "
+                            "into the weights saved, 0 = train every weight (default: 0)")
+    group.add_argument("--lora-alpha", type=_positive_float, metavar="A",
+                       help="LoRA scale numerator: adapters are scaled by A / R (default: R)")
+    group.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=d["compute_dtype"],
+                       help="bfloat16: mixed precision: bfloat16 matmuls, float32 weights, LayerNorm "
+                            "and softmax (default: float32)")
+
+    group = parser.add_argument_group("saving, samples and logs")
+    group.add_argument("--save-every", type=_non_negative_int, default=d["save_every"], metavar="N",
+                       help="save every N steps, 0 = only at the end; a save also happens at the end "
+                            f"and on Ctrl-C (default: {d['save_every']})")
+    group.add_argument("--sample-every", type=_non_negative_int, default=d["sample_every"], metavar="N",
+                       help="print a sample from --sample-prompt every N steps, 0 = never (default: 0)")
+    group.add_argument("--sample-prompt", default="", metavar="TEXT",
+                       help="prompt of the samples (default: none: they start at <|endoftext|>)")
+    group.add_argument("--sample-length", type=_positive_int, default=d["sample_length"], metavar="N",
+                       help=f"tokens per sample (default: {d['sample_length']})")
+    group.add_argument("--logdir", metavar="DIR",
+                       help="write TensorBoard logs here: train/val loss, learning rate, gradient norm, "
+                            "tokens/s, samples (default: none)")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (default: a tqdm bar on stderr)")
+
+    group = parser.add_argument_group("devices")
+    group.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"],
+                       help="none: one device; mirrored: tf.distribute.MirroredStrategy over every "
+                            "local GPU; multi-worker: MultiWorkerMirroredStrategy configured by "
+                            "$TF_CONFIG (default: none)")
+    return parser
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
+    parser = build_parser(prog=None if argv is None else "train.py")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.lora_alpha is not None and not args.lora_rank:
+        return _fail("--lora-alpha needs --lora-rank", EXIT_USAGE)
+    output = args.output or os.path.join(args.models_dir, args.run_name)
+    try:
+        return _run(args, output)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; the last save in {output} is intact", EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
+        if isinstance(error, _user_errors()):
+            return _fail(error, EXIT_ERROR)
+        raise
+
+
+def _user_errors():
+    from gpt2.checkpoint import CheckpointError
+    from gpt2.train.data import DatasetError
+    from gpt2.train.state import TrainingError
+
+    return CheckpointError, DatasetError, TrainingError, FileNotFoundError, ValueError, OSError
+
+
+def _run(args, output):
+    from gpt2.train.state import TrainingError, check_output
+
+    check_output(output, args.resume, args.overwrite)  # before anything slow
+    quiet_tensorflow()  # must precede the first TensorFlow import
+    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.train.trainer import finetune
+
+    source_dir = resolve_model_dir(args.model, args.models_dir)
+    if args.lora_rank and os.path.realpath(source_dir) == os.path.realpath(output):
+        raise TrainingError("with --lora-rank, --output must differ from --model (its weights are the base)")
+    strategy = _strategy(args.strategy)
+    load_options = {"dropout": args.dropout}
+    if args.compute_dtype == "bfloat16":
+        load_options["dtype"] = _mixed_bfloat16(load_model)
+    with strategy.scope():
+        model = load_model(source_dir, **load_options)
+    result = finetune(
+        model, args.dataset, output, val_dataset=args.val_dataset, source_dir=source_dir,
+        strategy=strategy, resume=args.resume, overwrite=args.overwrite,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, accumulate=args.accumulate,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm, seed=args.seed,
+        save_every=args.save_every, sample_every=args.sample_every, sample_prompt=args.sample_prompt,
+        sample_length=args.sample_length, val_fraction=args.val_fraction or 0.0, val_every=args.val_every,
+        val_batches=args.val_batches, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        recompute=args.recompute, jit_compile=args.jit_compile, logdir=args.logdir,
+        progress=not args.no_progress,
+    )
+    loss = f", loss {result.loss:.4f}" if result.loss is not None else ""
+    print(f"step {result.step}{loss}; the model is in {output}: python generate.py --model {output}",
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+def _strategy(name):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("--strategy multi-worker needs $TF_CONFIG (the cluster and this worker's task)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _mixed_bfloat16(load_model):
+    """The dtype argument for bfloat16 compute, if this gpt2 version's load_model takes one."""
+    import inspect
+
+    if "dtype" not in inspect.signature(load_model).parameters:
+        raise ValueError("--compute-dtype bfloat16 needs a gpt2.load_model with dtype policies; "
+                         "this version has none yet (use float32)")
+    return "mixed_bfloat16"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Low-rank adapters (LoRA) on GPT-2's projections: c_attn, attn/c_proj, mlp/c_fc, mlp/c_proj.
+
+An adapted projection computes x @ w + b + (x @ a @ b_lora) * scale with a [n_in, r] drawn from
+U(-1/sqrt(n_in), 1/sqrt(n_in)), b_lora [r, n_out] starting at zero (so training starts from the
+unchanged model) and scale = alpha / r. Only the adapters train; `merge` folds them into w, so the
+saved model is a plain GPT-2 checkpoint.
+
+Shapes: n_in, n_out = the projection's input and output widths, r = rank.
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+# The projections that get adapters, by their path inside a block.
+TARGETS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+
+
+class Adapter:
+    """One projection's adapter: Keras variables `a` [n_in, r], `b` [r, n_out] and `scale`.
+
+    A plain object on purpose: Keras does not track it, so the model's own weights (and the
+    OpenAI variable list) stay exactly GPT-2's."""
+
+    def __init__(self, a, b, scale):
+        self.a, self.b, self.scale = a, b, scale
+
+
+def projections(model):
+    """(path, Conv1D) of every adaptable projection, e.g. ('h0/attn/c_attn', layer)."""
+    found = []
+    for i, block in enumerate(model.blocks):
+        layers = {"attn/c_attn": block.attn.c_attn, "attn/c_proj": block.attn.c_proj,
+                  "mlp/c_fc": block.mlp.c_fc, "mlp/c_proj": block.mlp.c_proj}
+        found += [(f"h{i}/{path}", layers[path]) for path in TARGETS]
+    return found
+
+
+def add_adapters(model, rank, alpha=None, seed=0):
+    """Adds rank-`rank` adapters to every projection of `model` (create the model and call this
+    under the same tf.distribute strategy scope). alpha defaults to rank (scale 1). Returns the
+    adapter variables, the only ones to train."""
+    import keras
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    scale = float(alpha if alpha is not None else rank) / rank
+    rng = np.random.default_rng([seed, rank])
+    variables = []
+    for path, layer in projections(model):
+        if layer.lora is not None:
+            raise ValueError(f"{path} already has a LoRA adapter")
+        n_in, n_out = layer.w.shape
+        bound = 1.0 / np.sqrt(n_in)
+        a = keras.Variable(rng.uniform(-bound, bound, (n_in, rank)).astype(np.float32), name="lora_a")
+        b = keras.Variable(np.zeros((rank, n_out), np.float32), name="lora_b")
+        layer.lora = Adapter(a, b, scale)
+        variables += [a, b]
+    return variables
+
+
+def adapter_variables(model):
+    """The adapter variables of `model` ([] without adapters), in a fixed order."""
+    return [v for _, layer in projections(model) if layer.lora is not None for v in (layer.lora.a, layer.lora.b)]
+
+
+def _delta(layer):
+    """The adapter's change to w: a @ b * scale, float32 [n_in, n_out]."""
+    lora = layer.lora
+    return tf.matmul(tf.convert_to_tensor(lora.a), tf.convert_to_tensor(lora.b)) * lora.scale
+
+
+def merge(model):
+    """Folds every adapter into its projection's weights (w += a @ b * scale) and removes it:
+    the model computes the same logits and is a plain GPT-2 again."""
+    for _, layer in projections(model):
+        if layer.lora is not None:
+            layer.w.assign_add(_delta(layer))
+            layer.lora = None
+
+
+@contextlib.contextmanager
+def merged(model, restore_weights=None):
+    """Within the block, `model` holds the merged weights and no adapters (e.g. to save it);
+    afterwards the adapters are back and the projections' weights are exactly what they were.
+
+    restore_weights(list of (path, Conv1D)) must put back the original weights of those layers
+    (e.g. by re-reading them from the checkpoint they came from); without it, they are kept in
+    host memory meanwhile.
+    """
+    adapted = [(path, layer) for path, layer in projections(model) if layer.lora is not None]
+    saved = None if restore_weights is not None else [layer.w.numpy() for _, layer in adapted]
+    adapters = [layer.lora for _, layer in adapted]
+    for _, layer in adapted:
+        layer.w.assign_add(_delta(layer))
+        layer.lora = None
+    try:
+        yield model
+    finally:
+        if saved is not None:
+            for (_, layer), value in zip(adapted, saved):
+                layer.w.assign(value)
+        else:
+            restore_weights(adapted)
+        for (_, layer), adapter in zip(adapted, adapters):
+            layer.lora = adapter

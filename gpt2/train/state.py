@@ -1,0 +1,195 @@
+"""The output folder of a training run: the model in OpenAI's layout plus `train_state/`.
+
+    OUTPUT/checkpoint, hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001,
+           encoder.json, vocab.bpe          the model: OpenAI's exact layout and variables
+    OUTPUT/train_state/settings.json        the settings the run's result depends on
+    OUTPUT/train_state/latest.json          the last save: step and model fingerprint
+    OUTPUT/train_state/state-<step>.*       tf.train.Checkpoint: optimizer moments and step,
+                                            data position, dropout RNG state, LoRA adapters
+    OUTPUT/token_cache/                     the encoded dataset (see data.py)
+
+A save writes the model (atomically, gpt2.save_checkpoint), then the state, then latest.json via
+os.replace, so latest.json always names a complete pair. It records the sha256 of the model's
+index file (which holds a checksum of every tensor), so a resume notices a model folder that
+changed after the state was written.
+
+TensorFlow is imported only where the state is written or read.
+"""
+
+import filecmp
+import json
+import os
+import shutil
+
+STATE_DIR = "train_state"
+CACHE_DIR = "token_cache"
+SETTINGS_FILE = "settings.json"
+LATEST_FILE = "latest.json"
+MODEL_FILES = ("checkpoint", "hparams.json", "model.ckpt.index")
+ENCODER_FILES = ("encoder.json", "vocab.bpe")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on: the message says why and what to do."""
+
+
+def holds_model(folder):
+    """True if `folder` holds a model checkpoint (any of OpenAI's model files)."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in MODEL_FILES)
+
+
+def check_output(output, resume, overwrite):
+    """Refuses an output folder that would lose someone's work, before anything is loaded.
+
+    Without resume, a folder holding a model or a training state needs `overwrite` (which then
+    drops the old training state). With resume, the folder must hold a training state.
+    """
+    state_dir = os.path.join(output, STATE_DIR)
+    latest = os.path.join(state_dir, LATEST_FILE)
+    if resume:
+        if not os.path.isfile(latest):
+            raise TrainingError(f"--resume: {output} holds no training state ({latest} not found); "
+                                "start without --resume")
+        return
+    has_state = os.path.isdir(state_dir)
+    if (holds_model(output) or has_state) and not overwrite:
+        what = "a model" if holds_model(output) else "a training state"
+        raise TrainingError(f"{output} already holds {what}; pass --overwrite to replace it, --resume "
+                            "to continue its training, or choose another --output")
+    if has_state:
+        shutil.rmtree(state_dir)
+
+
+def write_json(path, value):
+    """Writes JSON through a temporary file and os.replace (never half-written)."""
+    staged = path + ".tmp"
+    with open(staged, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(staged, path)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"{path}: unreadable ({error}); start without --resume") from None
+
+
+def check_settings(output, settings):
+    """--resume: the saved settings must equal `settings` (a JSON-able dict)."""
+    path = os.path.join(output, STATE_DIR, SETTINGS_FILE)
+    saved = read_json(path)
+    changed = [f"{key} {_short(saved.get(key))} there, {_short(settings.get(key))} now"
+               for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if changed:
+        raise TrainingError(
+            f"--resume: {path} was saved with other settings ({'; '.join(changed)}); resume with the "
+            "same settings, or start over with --overwrite"
+        )
+
+
+def _short(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def file_sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir):
+    """sha256 of the model's index file: it holds a checksum of every tensor."""
+    return file_sha256(os.path.join(model_dir, "model.ckpt.index"))
+
+
+def copy_encoder_files(source_dir, output):
+    """Copies encoder.json and vocab.bpe from `source_dir` (or the package's own GPT-2 files when
+    it has none) into `output`, unless identical files are there already (e.g. written by
+    save_checkpoint); each through a temporary name and os.replace."""
+    import encoder
+
+    if source_dir is None or not all(os.path.isfile(os.path.join(source_dir, n)) for n in ENCODER_FILES):
+        source_dir = os.path.dirname(os.path.abspath(encoder.encoder.__file__))
+    for name in ENCODER_FILES:
+        source, target = os.path.join(source_dir, name), os.path.join(output, name)
+        if os.path.isfile(target) and filecmp.cmp(source, target, shallow=False):
+            continue
+        shutil.copyfile(source, target + ".tmp")
+        os.replace(target + ".tmp", target)
+
+
+class TrainState:
+    """Saves and restores a run's state (see the module docstring) beside its model folder."""
+
+    def __init__(self, output, settings, trackables):
+        """trackables: name -> trackable (optimizer, variables) for tf.train.Checkpoint."""
+        import tensorflow as tf
+
+        self.output = output
+        self.dir = os.path.join(output, STATE_DIR)
+        self.settings = settings
+        self.checkpoint = tf.train.Checkpoint(**trackables)
+
+    def last_step(self):
+        """The step of the last save (None if there is none)."""
+        path = os.path.join(self.dir, LATEST_FILE)
+        return read_json(path)["step"] if os.path.isfile(path) else None
+
+    def restore(self):
+        """Restores the state of the last save; returns its step. The model folder must be the
+        one that save wrote (its weights are read by the caller)."""
+        check_settings(self.output, self.settings)
+        latest = read_json(os.path.join(self.dir, LATEST_FILE))
+        if os.path.isfile(os.path.join(self.output, "model.ckpt.index")):
+            found = model_fingerprint(self.output)
+        else:
+            found = None
+        if found != latest["model_sha256"]:
+            raise TrainingError(
+                f"--resume: the model in {self.output} is not the one saved with its training state "
+                f"(step {latest['step']}); it changed since, or a save was interrupted; start over "
+                "with --overwrite"
+            )
+        prefix = os.path.join(self.dir, latest["state"])
+        try:
+            self.checkpoint.read(prefix).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as error:
+            raise TrainingError(f"--resume: {prefix} does not fit this run ({str(error).splitlines()[0]}); "
+                                "start over with --overwrite") from None
+        except Exception as error:  # tf.errors.OpError: unreadable files
+            raise TrainingError(f"--resume: cannot read {prefix} ({str(error).strip().splitlines()[0]}); "
+                                "start over with --overwrite") from None
+        return latest["step"]
+
+    def save(self, step, write_model, is_chief=True):
+        """Writes the model (write_model(folder)), then the state, then latest.json.
+
+        Non-chief workers of a multi-worker run take part in the state write (it is collective)
+        into a scratch folder that is deleted."""
+        if not is_chief:
+            scratch = os.path.join(self.dir, f".worker-scratch-{os.getpid()}")
+            os.makedirs(scratch, exist_ok=True)
+            try:
+                self.checkpoint.write(os.path.join(scratch, "state"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        write_json(os.path.join(self.dir, SETTINGS_FILE), self.settings)
+        write_model(self.output)
+        name = f"state-{step}"
+        self.checkpoint.write(os.path.join(self.dir, name))
+        write_json(os.path.join(self.dir, LATEST_FILE), {
+            "step": step, "state": name, "model_sha256": model_fingerprint(self.output),
+        })
+        for old in os.listdir(self.dir):
+            if old.startswith("state-") and not old.startswith(name + "."):
+                os.remove(os.path.join(self.dir, old))

@@ -1,0 +1,91 @@
+"""The TensorFlow-free sampling settings: defaults, validation messages, per-row packing, seeds."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_prompt, check_seed,
+                                    check_window_keep, pack_rows, row_seeds)
+
+
+def test_defaults_are_off():
+    s = SamplingSettings()
+    assert (s.temperature, s.top_k, s.top_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty,
+            s.logit_bias) == (1.0, 0, 1.0, 0.0, 0.0, 1.0, ())
+    assert SamplingSettings(temperature=0).greedy
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.5, "temperature must be a finite number >= 0 (0 = greedy), got -0.5"),
+    ("temperature", float("inf"), "temperature must be a finite number >= 0"),
+    ("temperature", True, "temperature must be a finite number >= 0"),
+    ("temperature", "1", "temperature must be a finite number >= 0"),
+    ("top_k", -1, "top_k must be an integer >= 0 (0 = off), got -1"),
+    ("top_k", 2.5, "top_k must be an integer >= 0"),
+    ("top_p", 1.01, "top_p must be a number in [0, 1]"),
+    ("top_p", float("nan"), "top_p must be a number in [0, 1]"),
+    ("presence_penalty", 2.5, "presence_penalty must be a number in [-2, 2] (0 = off), got 2.5"),
+    ("frequency_penalty", -3, "frequency_penalty must be a number in [-2, 2]"),
+    ("repetition_penalty", 0, "repetition_penalty must be a finite number > 0 (1 = off), got 0"),
+    ("logit_bias", {"x": 1}, "logit_bias keys must be token ids (integers >= 0), got 'x'"),
+    ("logit_bias", {-1: 1}, "logit_bias keys must be token ids"),
+    ("logit_bias", {1: 200}, "logit_bias values must be numbers in [-100, 100], got 200 for token 1"),
+    ("logit_bias", [1, 2], "logit_bias must map token ids to biases"),
+    ("logit_bias", {i: 1 for i in range(1025)}, "logit_bias allows at most 1024 tokens, got 1025"),
+])
+def test_every_bad_value_names_its_field(field, value, message):
+    with pytest.raises(SettingsError) as error:
+        SamplingSettings(**{field: value})
+    assert error.value.field == field
+    assert message in str(error.value)
+
+
+def test_values_are_normalised():
+    s = SamplingSettings(temperature=1, top_k=40.0, top_p=0, logit_bias={"50256": -100, 3: 1})
+    assert s.top_k == 40 and isinstance(s.top_k, int) and s.top_p == 0.0
+    assert s.logit_bias == ((3, 1.0), (50256, -100.0))
+    assert hash(s) == hash(SamplingSettings(temperature=1.0, top_k=40, top_p=0.0, logit_bias={3: 1, 50256: -100}))
+    with pytest.raises(SettingsError, match=r"logit_bias token ids must be in \[0, 100\)"):
+        s.check_vocab(100)
+
+
+def test_packing_turns_huge_top_k_off():
+    packed = pack_rows([SamplingSettings(top_k=2**64), SamplingSettings(top_k=40, logit_bias={2: 5})], 10)
+    assert packed["top_k"].tolist() == [0, 0]  # 40 >= n_vocab 10 is off too
+    assert packed["top_k"].dtype == np.int32
+    assert packed["logit_bias"][1].tolist() == [0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
+    assert packed["logit_bias"][0].sum() == 0
+
+
+def test_request_values():
+    assert check_length(5.0) == 5
+    with pytest.raises(SettingsError, match="max_tokens must be an integer >= 1, got 0"):
+        check_length(0, "max_tokens")
+    with pytest.raises(SettingsError, match="max_tokens must be at most 100, got 101"):
+        check_length(101, "max_tokens", limit=100)
+    assert check_seed(None) is None and check_seed(2**64 - 1) == 2**64 - 1
+    for bad in (-1, 2**64, 1.5, "3", True):
+        with pytest.raises(SettingsError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            check_seed(bad)
+    assert check_prompt([1, 2], 10, 4) == [1, 2]
+    with pytest.raises(SettingsError, match=r"prompt has token ids outside the vocabulary \[0, 10\): \[10\]"):
+        check_prompt([1, 10], 10, 4)
+    with pytest.raises(SettingsError, match="prompt is 5 tokens, more than the model's context of 4"):
+        check_prompt([1] * 5, 10, 4)
+    assert check_window_keep(None, 1024) == 512
+    with pytest.raises(SettingsError, match=r"window_keep must be an integer in \[1, 1023\]"):
+        check_window_keep(1024, 1024)
+
+
+def test_row_seeds_depend_on_seed_and_row_only():
+    assert row_seeds(7, 5)[:3].tolist() == row_seeds(7, 3).tolist()
+    assert row_seeds(7, 3).dtype == np.int32
+    assert row_seeds(None, 2).tolist() != row_seeds(None, 2).tolist()
+
+
+def test_settings_need_no_tensorflow():
+    code = ("import sys; from gpt2.sampling.settings import SamplingSettings; import gpt2.sampling; "
+            "SamplingSettings(top_k=3); assert 'tensorflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
