@@ -36,6 +36,7 @@ setup(
             "gpt2-convert=gpt2.convert:main",
             "gpt2-evaluate=gpt2.evaluate:main",
             "gpt2-train=gpt2.train.cli:main",
+            "gpt2-export=gpt2.export:main",
         ]
     },
 )

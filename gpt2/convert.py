@@ -49,7 +49,7 @@ def convert(src, dst, to, overwrite=False, models_dir="models"):
             if not os.path.exists(target):
                 shutil.copyfile(source, target)
         _set_default_permissions(staging)
-        _move_into_place(staging, dst)
+        move_into_place(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return hparams
@@ -75,7 +75,7 @@ def _set_default_permissions(folder):
         os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
-def _move_into_place(staging, dst):
+def move_into_place(staging, dst):
     """Renames the finished folder `staging` to `dst`; an existing `dst` is moved aside first and
     deleted only once the new folder is in place."""
     if not os.path.exists(dst):

@@ -18,6 +18,9 @@ def _uninitialized(shape, dtype=None):
     loaded values replace them."""
     return tf.raw_ops.Empty(shape=shape, dtype=dtype or "float32", init=False)
 
+# The model's one tensor input, as Keras' export and tf.saved_model.save declare it.
+TOKENS_SPEC = tf.TensorSpec([None, None], tf.int32, name="tokens")
+
 
 @keras.saving.register_keras_serializable(package="gpt2")
 class GPT2(keras.Model):
@@ -78,6 +81,22 @@ class GPT2(keras.Model):
         if isinstance(dtype, dict):
             dtype = keras.saving.deserialize_keras_object(dtype)
         return cls(HParams.from_dict(config.pop("hparams")), dtype=dtype, random_init=False, **config)
+
+    # Keras export. A subclassed model records no input signature until it is called, so both
+    # export paths are given `tokens` int32 [b, s]; outputs are those of `call` (logits, present).
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' `Model.export`; `input_signature` defaults to int32 tokens [b, s] (no call needed
+        first). The export's `serve(tokens)` returns `model(tokens)`."""
+        if input_signature is None:
+            input_signature = [TOKENS_SPEC]
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
+    @tf.function(input_signature=[TOKENS_SPEC], autograph=False)
+    def serve(self, tokens):
+        """`model(tokens)` for int32 tokens [b, s] as a tf.function: `tf.saved_model.save(model, DIR)`
+        saves it as `serve` and as the `serving_default` signature."""
+        return self(tokens)
 
     def embed(self, tokens, positions):
         """tokens, positions: int [...] -> float32 [..., e]."""

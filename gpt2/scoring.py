@@ -100,15 +100,24 @@ class _Scorer:
 
     def _logprobs(self, inputs, targets, top_k):
         self.traces += 1
-        logits = tf.cast(self.model(inputs, training=False)["logits"], tf.float32)  # [b, L, V]
-        log_normalizer = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)  # [b, L, 1]
-        ids = targets[..., None]
-        if top_k:
-            ids = tf.concat([ids, tf.math.top_k(logits, top_k).indices], axis=-1)  # [b, L, 1 + k]
-        # One gather and one subtraction for the target and the alternatives alike: when the
-        # target is the most likely token, its logprob and top_logprobs[0] are the same float.
-        values = tf.gather(logits, ids, batch_dims=2) - log_normalizer
-        return values[..., 0], ids[..., 1:], values[..., 1:]
+        return target_logprobs(self.model, inputs, targets, top_k)
+
+
+def target_logprobs(model, inputs, targets, top_k=0):
+    """The graph computation behind `score` (also the exported `score` signature, gpt2.savedmodel).
+
+    inputs, targets: int32 [b, L] (targets[:, i] is the token after inputs[:, i]). Returns
+    (target logprobs float32 [b, L], top ids int32 [b, L, k], top logprobs float32 [b, L, k]).
+    """
+    logits = tf.cast(model(inputs, training=False)["logits"], tf.float32)  # [b, L, V]
+    log_normalizer = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)  # [b, L, 1]
+    ids = targets[..., None]
+    if top_k:
+        ids = tf.concat([ids, tf.math.top_k(logits, top_k).indices], axis=-1)  # [b, L, 1 + k]
+    # One gather and one subtraction for the target and the alternatives alike: when the
+    # target is the most likely token, its logprob and top_logprobs[0] are the same float.
+    values = tf.gather(logits, ids, batch_dims=2) - log_normalizer
+    return values[..., 0], ids[..., 1:], values[..., 1:]
 
 
 _scorers = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
 RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
 
 # State that only `admit`/`release` write; `run` writes back everything else.
-_FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
+FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ class Pool:
                 name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
                 for name, (shape, dtype) in self.decoder.state_spec().items()
             }
-        self._changing = [name for name in self.state if name not in _FIXED_IN_RUN]
+        self._changing = [name for name in self.state if name not in FIXED_IN_RUN]
         self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
         key = (type(model).__name__, model.hparams, model.dtype_policy.name, slots, jit_compile, iterations)
         with stable_names(key):  # trace now, under names that do not depend on the process's history

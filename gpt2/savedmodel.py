@@ -1,0 +1,239 @@
+"""What a GPT-2 SavedModel holds: the weights, three signatures and the BPE files.
+
+`ServingModule(model)` is a tf.Module whose functions become the SavedModel's signatures
+(`python -m gpt2.export` writes it; every input has a leading batch axis, so TF Serving's row
+format works):
+
+* `serving_default` = `generate(tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed)`:
+  the compiled decode loop of `gpt2.sampling.decoder` (prompt ingestion, the key/value cache, the
+  window sliding past n_ctx, one random stream per row), with `gpt2.sample_sequence`'s semantics:
+  a row with seed `s` draws what `sample_sequence` draws for a row whose seed is `s` (the library
+  derives its rows' seeds with `gpt2.sampling.settings.row_seeds`). Returns `tokens` [b, n] (the
+  new tokens, padded with PAD_TOKEN past a row's `num_tokens`) and `num_tokens` [b].
+* `logits(tokens)` -> `logits` [b, s, V].
+* `score(tokens, lengths)` -> `token_logprobs` [b, s - 1]: log p(token t + 1 | tokens <= t) as
+  `gpt2.score` gives it, 0 where t + 1 >= the row's length.
+
+Generation pads the request's rows to one of a few batch sizes B (`batch_sizes`; groups of the
+largest when there are more rows) and runs a graph loop (not compiled) that calls `decode_chunk`
+until every row is done; `decode_chunk` runs up to CHUNK_ITERATIONS iterations of the decoder,
+compiled with XLA by default. It is traced for each B with static shapes (a trace with an unknown
+batch axis compiled into a program about 3x slower), and its shapes depend only on B, so XLA
+compiles it once per batch size, whatever the prompt lengths, lengths asked for and settings.
+`logits` and `score` are not compiled with XLA (they would compile once per input shape).
+
+Inputs are checked in the graph (batch axes agree, prompt widths within the context, lengths in
+range, token ids in the vocabulary, settings in range): a bad request fails with
+InvalidArgumentError "assertion failed: [<what is wrong>]" and the server stays up.
+
+Shapes: b = batch, B = a batch size of the decode loop, P = prompt width, n = max(max_new_tokens),
+s = sequence, V = n_vocab, K = CHUNK_ITERATIONS.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from gpt2.sampling import decoder as decoder_lib
+from gpt2.sampling.api import POOL_SIZES, pool_size_for
+from gpt2.sampling.pool import FIXED_IN_RUN  # state a run never changes: not returned by the chunk
+from gpt2.sampling.settings import default_window_keep
+from gpt2.scoring import target_logprobs
+
+CHUNK_ITERATIONS = 64  # decoder iterations per compiled call
+PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
+
+GENERATE_SIGNATURE = [
+    tf.TensorSpec([None, None], tf.int32, name="tokens"),
+    tf.TensorSpec([None], tf.int32, name="lengths"),
+    tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
+    tf.TensorSpec([None], tf.float32, name="temperature"),
+    tf.TensorSpec([None], tf.int32, name="top_k"),
+    tf.TensorSpec([None], tf.float32, name="top_p"),
+    tf.TensorSpec([None], tf.int32, name="seed"),
+]
+LOGITS_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")]
+SCORE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens"), tf.TensorSpec([None], tf.int32, name="lengths")]
+
+
+class ServingModule(tf.Module):
+    """The exported object: `generate`, `logits` and `score` tf.functions over `model`'s weights,
+    and the BPE files as assets (`encoder_files`: paths of encoder.json and vocab.bpe, copied into
+    the SavedModel's assets/ under those names by `gpt2.export`).
+
+    max_new_tokens: the largest max_new_tokens a request may ask for. jit_compile: compile the
+    decode chunk with XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`).
+    batch_sizes: the batch sizes the decode loop is built for (default: `default_batch_sizes`);
+    a request's rows are padded to the smallest that holds them, and more rows than the largest
+    run in groups of that size, one after another.
+    """
+
+    def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None):
+        super().__init__(name="gpt2")
+        hparams = model.hparams
+        self.n_ctx, self.n_vocab = hparams.n_ctx, hparams.n_vocab
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(model))))
+        if self.max_new_tokens < 1 or self.batch_sizes[0] < 1:
+            raise ValueError(f"max_new_tokens and batch sizes must be >= 1, got {max_new_tokens} and "
+                             f"{list(self.batch_sizes)}")
+        self.weights = list(model.weights)  # tracked (saved); the model object itself is not
+        self.assets = [tf.saved_model.Asset(path) for path in encoder_files]
+        self._decoder = decoder_lib.Decoder(model)  # a plain object: the model is used, not tracked
+        self.decode_chunk = tf.function(self._decode_chunk, jit_compile=jit_compile, autograph=False)
+        self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
+        self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
+        self.score = tf.function(self._score, input_signature=SCORE_SIGNATURE, autograph=False)
+
+    @property
+    def _model(self):
+        return self._decoder.model
+
+    def signatures(self):
+        """The `signatures=` argument of tf.saved_model.save."""
+        return {"serving_default": self.generate, "logits": self.logits, "score": self.score}
+
+    # ------------------------------------------------------------------ generation
+
+    def _decode_chunk(self, state):
+        """Up to CHUNK_ITERATIONS decoder iterations. Returns (the state entries that change,
+        tokens int32 [B, K]: each iteration's new token per row, -1 where a row made none)."""
+        state, outputs, _ = self._decoder.run(state, CHUNK_ITERATIONS, CHUNK_ITERATIONS)
+        return {name: value for name, value in state.items() if name not in FIXED_IN_RUN}, outputs["tokens"]
+
+    def _generate(self, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
+        batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        valid = tf.range(width)[None, :] < lengths[:, None]
+        per_row = {"lengths": lengths, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                   "top_k": top_k, "top_p": top_p, "seed": seed}
+        checks = [_same_batch(batch, per_row)] + [
+            _check(width <= self.n_ctx, f"prompts must be at most n_ctx = {self.n_ctx} tokens long "
+                                        "(tokens.shape[1] is larger)"),
+            _check(_all((lengths >= 1) & (lengths <= width)),
+                   "lengths must be between 1 and the prompt width tokens.shape[1]"),
+            self._check_ids(tokens, valid, "tokens"),
+            _check(_all((max_new_tokens >= 1) & (max_new_tokens <= self.max_new_tokens)),
+                   f"max_new_tokens must be between 1 and {self.max_new_tokens}"),
+            _check(_all(tf.math.is_finite(temperature) & (temperature >= 0.0)),
+                   "temperature must be a finite number >= 0 (0 = greedy)"),
+            _check(_all(top_k >= 0), "top_k must be >= 0 (0 = off)"),
+            _check(_all((top_p >= 0.0) & (top_p <= 1.0)), "top_p must be in [0, 1] (1 = off)"),
+        ]
+        with tf.control_dependencies(checks):
+            rows = {name: tf.identity(value) for name, value in {"tokens": tokens, **per_row}.items()}
+        out_width = tf.maximum(tf.reduce_max(max_new_tokens), 0)
+        largest = self.batch_sizes[-1]
+
+        # Rows go in groups of at most the largest bucket, each padded to the smallest bucket
+        # that holds it (one compiled program per bucket).
+        def group(start, new_tokens, num_tokens):
+            size = tf.minimum(largest, batch - start)
+            part = {name: value[start : start + size] for name, value in rows.items()}
+            bucket = tf.reduce_sum(tf.cast(tf.constant(self.batch_sizes) < size, tf.int32))
+            branches = [functools.partial(self._generate_bucket, slots, part, size, out_width)
+                        for slots in self.batch_sizes]
+            part_tokens, part_num = tf.switch_case(bucket, branches)
+            index = (start + tf.range(size))[:, None]
+            return (start + size, tf.tensor_scatter_nd_update(new_tokens, index, part_tokens[:size]),
+                    tf.tensor_scatter_nd_update(num_tokens, index, part_num[:size]))
+
+        _, new_tokens, num_tokens = tf.while_loop(
+            lambda start, *_: start < batch, group,
+            (tf.constant(0), tf.fill([batch, out_width], PAD_TOKEN), tf.zeros([batch], tf.int32)))
+        return {"tokens": new_tokens, "num_tokens": num_tokens}
+
+    def _generate_bucket(self, slots, rows, size, width):
+        """Generates for the `size` rows of `rows` padded to `slots` rows (a static shape, which
+        XLA needs to compile a fast program). Returns (tokens [slots, width], num_tokens [slots])."""
+        rows = {name: tf.pad(value, [[0, slots - size]] + [[0, 0]] * (value.shape.rank - 1))
+                for name, value in rows.items()}
+        rows = {name: tf.ensure_shape(value, [slots] + value.shape[1:]) for name, value in rows.items()}
+        settings = {  # as gpt2.sampling.settings.pack_rows makes them; no penalties, no logit bias
+            "temperature": rows["temperature"], "top_k": tf.where(rows["top_k"] >= self.n_vocab, 0, rows["top_k"]),
+            "top_p": rows["top_p"], "repetition_penalty": tf.ones([slots]),
+        }
+        state = self._decoder.start_state(
+            rows["tokens"], tf.maximum(rows["lengths"], 1), settings, rows["seed"], rows["max_new_tokens"],
+            stop_token=tf.fill([slots], -1), window_keep=tf.fill([slots], default_window_keep(self.n_ctx)),
+            want_logprobs=tf.zeros([slots], tf.bool))
+        spec = self._decoder.state_spec(slots)
+        state = {name: tf.ensure_shape(value, spec[name][0]) for name, value in state.items()}
+        state["active"] = tf.range(slots) < size  # padding rows never run
+
+        def unfinished(state, new_tokens):
+            return tf.reduce_any(state["active"] & ~state["done"])
+
+        def chunk(state, new_tokens):
+            changed, chunk_tokens = self.decode_chunk(state)
+            # Every chunk ingests or decodes something; a loop that stalled would never end.
+            progressed = tf.reduce_any(tf.not_equal(changed["generated"], state["generated"])
+                                       | tf.not_equal(changed["cached"], state["cached"]))
+            with tf.control_dependencies([_check(progressed, "the decoder made no progress; this is a bug")]):
+                new_tokens = _append(new_tokens, state["generated"], chunk_tokens)
+            return {**state, **changed}, new_tokens
+
+        state, new_tokens = tf.while_loop(unfinished, chunk, (state, tf.fill([slots, width], PAD_TOKEN)))
+        return new_tokens, state["generated"]
+
+    # ------------------------------------------------------------------ logits and score
+
+    def _logits(self, tokens):
+        checks = [
+            _check(tf.shape(tokens)[1] <= self.n_ctx,
+                   f"tokens must be at most n_ctx = {self.n_ctx} tokens long"),
+            self._check_ids(tokens, tf.ones_like(tokens, tf.bool), "tokens"),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = tf.identity(tokens)
+        return {"logits": self._model(tokens, training=False)["logits"]}
+
+    def _score(self, tokens, lengths):
+        batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        valid = tf.range(width)[None, :] < lengths[:, None]
+        checks = [
+            _same_batch(batch, {"lengths": lengths}),
+            _check(width <= self.n_ctx + 1, f"tokens must be at most n_ctx + 1 = {self.n_ctx + 1} long "
+                                            "(the context plus the predicted last token)"),
+            _check(_all((lengths >= 0) & (lengths <= width)), "lengths must be between 0 and tokens.shape[1]"),
+            self._check_ids(tokens, valid, "tokens"),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = tf.where(valid, tokens, 0)  # padding may hold any id
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logprobs, _, _ = target_logprobs(self._model, inputs, targets)
+        return {"token_logprobs": tf.where(valid[:, 1:], logprobs, 0.0)}
+
+    def _check_ids(self, tokens, valid, name):
+        return _check(_all(~valid | ((tokens >= 0) & (tokens < self.n_vocab))),
+                      f"{name} must be token ids in [0, {self.n_vocab})")
+
+
+def default_batch_sizes(model):
+    """The library's pool sizes (gpt2.sampling.api): 1, 2, 4, 8, and 16 to 64 while their
+    key/value cache stays within 1 GiB (124M: up to 8)."""
+    return sorted({pool_size_for(model, rows) for rows in POOL_SIZES})
+
+
+def _append(new_tokens, before, chunk_tokens):
+    """Writes each row's tokens of one chunk (chunk_tokens [b, K], -1 = none) after the `before`
+    [b] tokens it had already made, into new_tokens [b, n]."""
+    produced = chunk_tokens >= 0
+    column = before[:, None] + tf.cumsum(tf.cast(produced, tf.int32), axis=1) - 1
+    where = tf.where(produced)  # [m, 2] (row, iteration), int64
+    index = tf.stack([where[:, 0], tf.cast(tf.gather_nd(column, where), tf.int64)], axis=1)
+    return tf.tensor_scatter_nd_update(new_tokens, index, tf.gather_nd(chunk_tokens, where))
+
+
+def _all(condition):
+    return tf.reduce_all(condition)
+
+
+def _check(condition, message):
+    """An assertion op: InvalidArgumentError "assertion failed: [message]" unless condition."""
+    return tf.debugging.Assert(condition, [message])
+
+
+def _same_batch(batch, per_row):
+    """Every [b] input has the batch size of `tokens`."""
+    same = tf.reduce_all(tf.stack([tf.equal(tf.shape(value)[0], batch) for value in per_row.values()]))
+    return _check(same, f"{', '.join(per_row)} must each have one value per row of tokens")
