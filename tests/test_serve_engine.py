@@ -283,7 +283,7 @@ def test_xla_compiles_the_decode_program_once_whatever_the_requests(tmp_path):
         print(after_warm_up, compiled())
         engine.shutdown(0)
     """)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}", TF_CPP_MIN_LOG_LEVEL="2",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}", TF_CPP_MIN_LOG_LEVEL="2", GPT2_CACHE_DIR="off",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)

@@ -273,4 +273,4 @@ def test_bad_arguments_are_one_clear_line(args, env, message):
     result = run_python(None, "-m", "gpt2.serve", "--model", "no-such-model", *args, env=env, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"gpt2-serve: error: {message}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines

@@ -10,7 +10,6 @@ finish (then are cut short), answers are written, and the process exits 0.
 --help answers without importing TensorFlow.
 """
 
-import argparse
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ import sys
 import threading
 import time
 
+from gpt2.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, positive_int, quiet_tensorflow
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
@@ -25,30 +25,13 @@ from gpt2.serve.httpd import Limits
 log = logging.getLogger("gpt2.serve")
 
 DEFAULTS = Limits()
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+_positive_int = positive_int
+_seconds = number(float, lambda v: 0 < v < 1e6, "seconds > 0")
+_grace = number(float, lambda v: 0 <= v < 1e6, "seconds >= 0")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2-serve",
         description="Serve a GPT-2 model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions "
                     "and /v1/models, POST /generate, GET /health, and a playground page at /.",
@@ -85,7 +68,7 @@ def build_parser():
                         help=f"seconds to send a request body (default: {DEFAULTS.body_timeout:g})")
     limits.add_argument("--idle-timeout", type=_seconds, default=DEFAULTS.idle_timeout,
                         help=f"seconds a kept-alive connection may idle (default: {DEFAULTS.idle_timeout:g})")
-    limits.add_argument("--shutdown-grace", type=float, default=10.0,
+    limits.add_argument("--shutdown-grace", type=_grace, default=10.0,
                         help="seconds running requests get to finish on SIGTERM / Ctrl-C (default: 10)")
     access = parser.add_argument_group("browsers")
     access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -110,32 +93,34 @@ def _api_key(parser, args):
         if key is None:
             return None
     if not key.strip():
-        parser.exit(2, f"gpt2-serve: error: {source} is empty: give a key, or leave it out to serve without one\n")
+        parser.error(f"{source} is empty: give a key, or leave it out to serve without one")
     if any(c.isspace() for c in key):
-        parser.exit(2, f"gpt2-serve: error: {source} must not contain whitespace\n")
+        parser.error(f"{source} must not contain whitespace")
     return key
 
 
 def check_args(parser, args):
-    """One clear line (and exit 2) for values argparse's types cannot judge alone."""
+    """One clear line (and exit 2) for values argparse's types cannot judge alone; returns the
+    API key (None = no key)."""
     if not 0 <= args.port <= 65535:
-        parser.exit(2, f"gpt2-serve: error: --port must be between 0 and 65535, got {args.port}\n")
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_request_rows > args.max_queue:
-        parser.exit(2, f"gpt2-serve: error: --max-request-rows ({args.max_request_rows}) must not exceed "
-                       f"--max-queue ({args.max_queue})\n")
-    if not 0 <= args.shutdown_grace < 1e6:
-        parser.exit(2, f"gpt2-serve: error: --shutdown-grace must be >= 0, got {args.shutdown_grace}\n")
+        parser.error(f"--max-request-rows ({args.max_request_rows}) must not exceed --max-queue ({args.max_queue})")
     for origin in args.cors_origin:
         if origin != "*" and "://" not in origin:
-            parser.exit(2, f"gpt2-serve: error: --cors-origin {origin!r} must be an origin like "
-                           "http://localhost:3000 (or '*')\n")
+            parser.error(f"--cors-origin {origin!r} must be an origin like http://localhost:3000 (or '*')")
     return _api_key(parser, args)
 
 
 def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
+    exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    api_key = check_args(parser, args)
+    try:
+        args = parser.parse_args(argv)
+        api_key = check_args(parser, args)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     started = time.perf_counter()
@@ -148,18 +133,22 @@ def main(argv=None):
         server = httpd.Server(None, args.host, args.port, bind_and_activate=False, limits=limits)
         server.server_bind()
     except (OSError, OverflowError) as error:
-        sys.exit(f"gpt2-serve: error: cannot listen on {args.host}:{args.port}: {error}")
+        return fail(f"cannot listen on {args.host}:{args.port}: {error}", EXIT_ERROR)
 
+    quiet_tensorflow()  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
-    from gpt2.checkpoint import CheckpointError, load_model, resolve_model_dir
+    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.cli import user_errors
     from gpt2.serve.engine import Engine
 
     try:
         model_dir = resolve_model_dir(args.model, args.models_dir)
         model = load_model(model_dir)
         enc = encoder_for_model_dir(model_dir)
-    except (FileNotFoundError, CheckpointError, ValueError) as error:
-        sys.exit(f"gpt2-serve: error: {error}")
+    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises
+        if isinstance(error, user_errors()):
+            return fail(error, EXIT_ERROR)
+        raise
     loaded = time.perf_counter()
     folder_name = os.path.basename(os.path.normpath(model_dir))
     model_id = args.model_id or folder_name
@@ -184,6 +173,7 @@ def main(argv=None):
     print(f"gpt2-serve: serving {model_id} on http://{host}:{server.port} (max batch {args.max_batch}, "
           f"queue {args.max_queue} rows)", flush=True)
     serve_until_signalled(server, engine, args.shutdown_grace)
+    return EXIT_OK
 
 
 def serve_until_signalled(server, engine, grace):

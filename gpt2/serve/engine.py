@@ -224,7 +224,12 @@ class Engine:
         pool.release_all()
         log_fn(f"compiled the decode program for {self.max_batch} slots in {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
-        self.score([[self.stop_token] * min(n + 1, self.n_ctx) for n in self.score_lengths])
+        from gpt2.sampling.pool import stable_names
+
+        for n in self.score_lengths:  # names independent of the process's history: the disk cache finds them
+            with stable_names(("gpt2.serve score", self.model.hparams, self.model.dtype_policy.name, n,
+                               self.jit_compile)):
+                self.score([[self.stop_token] * min(n + 1, self.n_ctx)])
         log_fn(f"compiled the scoring programs (prompt lengths up to {', '.join(map(str, self.score_lengths))}) "
                f"in {time.perf_counter() - start:.1f} s")
         self.stats = dict.fromkeys(STAT_KEYS, 0)
