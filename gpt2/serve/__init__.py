@@ -2,8 +2,10 @@
 
     protocol.py  request validation into plans, choice text (no TensorFlow)
     chat.py      the plain-text chat template (no TensorFlow)
-    engine.py    continuous batching over one pool of decoding slots (TensorFlow)
-    httpd.py     the HTTP server and its request handler (no TensorFlow)
+    engine.py    continuous batching over one pool of decoding slots (TensorFlow when built)
+    answers.py   choice text from the engine's tokens, OpenAI's logprobs and usage (no TensorFlow)
+    api.py       the endpoints (no TensorFlow)
+    httpd.py     the HTTP server: connections, deadlines, framing, access rules (no TensorFlow)
     cli.py       `python -m gpt2.serve` / `gpt2-serve`
     static/      the playground page served at /
 """

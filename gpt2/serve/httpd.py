@@ -20,8 +20,7 @@ slow, half-closed, vanishing and hostile clients (TensorFlow-free).
   client is one log line; log lines escape control characters.
 * Uses no select.poll (works on Windows, macOS and Linux).
 
-Endpoints are in `Handler.ROUTES`; their JSON work is gpt2.serve.protocol's, generation is the
-engine's (gpt2.serve.engine).
+The endpoints are gpt2.serve.api's (a mixin of Handler); this module is the HTTP plumbing.
 """
 
 import dataclasses
@@ -37,11 +36,10 @@ import socket
 import threading
 import time
 import urllib.parse
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from gpt2.serve.engine import Job, QueueFull, Unavailable
-from gpt2.serve.protocol import ApiError, ChoiceText
+from gpt2.serve.api import ClientGone, Endpoints, json_bytes
+from gpt2.serve.protocol import ApiError
 
 log = logging.getLogger("gpt2.serve")
 
@@ -71,10 +69,6 @@ class Limits:
     body_timeout: float = 30.0  # the whole body
     write_timeout: float = 30.0  # one write without progress
     heartbeat: float = 2.0  # a stream with nothing to send writes a comment this often
-
-
-class ClientGone(Exception):
-    """The client went away (or was too slow); the message says how."""
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -278,40 +272,16 @@ def start_in_thread(server):
     return thread
 
 
-def _json_bytes(payload):
-    # Lone surrogates (valid in JSON escapes, so in parsed strings) come back as \\uXXXX escapes.
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
-
-
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _usage(plan, choices):
-    prompt_tokens = sum(len(tokens) for tokens in plan.prompt_tokens)
-    completion_tokens = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(Endpoints, BaseHTTPRequestHandler):
     """One connection: requests one after another (keep-alive), each answered in full."""
 
     protocol_version = "HTTP/1.1"
     server_version = "gpt2-serve"
 
-    ROUTES = {
-        "/": ("GET", "playground"),
-        "/health": ("GET", "health"),
-        "/v1/models": ("GET", "models"),
-        "/generate": ("POST", "generate"),
-        "/v1/completions": ("POST", "completions"),
-        "/v1/chat/completions": ("POST", "chat"),
-        "/tokenize": ("POST", "tokenize"),
-        "/detokenize": ("POST", "detokenize"),
-        "/tokenizer_info": ("GET", "tokenizer_info"),
-    }
-    OPEN = ("playground", "health")  # answered without the API key
 
     @property
     def app(self):
@@ -437,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientGone(f"{type(error).__name__} while sending the answer") from None
 
     def _send_json(self, status, payload, headers=None):
-        self._send(status, _json_bytes(payload), "application/json; charset=utf-8", headers)
+        self._send(status, json_bytes(payload), "application/json; charset=utf-8", headers)
 
     # ------------------------------------------------------------------ request checks
 
@@ -564,286 +534,3 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         except OSError as error:
             raise ClientGone(f"{type(error).__name__} while sending the answer") from None
-
-    # ------------------------------------------------------------------ simple endpoints
-
-    def _playground(self, path):
-        if self.app.playground is None:
-            raise ApiError(404, "the playground is off (--no-playground)", code="not_found")
-        self._send(200, self.app.playground, "text/html; charset=utf-8", {
-            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                       "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
-            "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Cache-Control": "no-cache",
-        })
-
-    def _health(self, path):
-        health = self.app.health(self.server.connections)
-        self._send_json(200 if health["status"] == "ok" else 503, health)
-
-    def _models(self, path):
-        self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
-
-    def _model(self, path):
-        name = urllib.parse.unquote(path[len("/v1/models/"):])
-        if name not in self.app.protocol.model_ids:
-            raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
-        self._send_json(200, self.app.model_card())
-
-    # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)
-
-    def _tokenize(self, path):
-        tokens = self.app.protocol.parse_tokenize(self._read_json())
-        self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.app.protocol.n_ctx})
-
-    def _detokenize(self, path):
-        tokens = self.app.protocol.parse_detokenize(self._read_json())
-        self._send_json(200, {"prompt": self.app.enc.decode(tokens)})
-
-    def _tokenizer_info(self, path):
-        eot = self.app.enc.decode([self.app.enc.eot_token])
-        self._send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
-                              "unk_token": eot, "pad_token": None, "model_max_length": self.app.protocol.n_ctx,
-                              "vocab_size": self.app.protocol.n_vocab})
-
-    # ------------------------------------------------------------------ generation
-
-    def _submit(self, plan):
-        job = Job(plan.rows, stream=plan.stream)
-        try:
-            self.app.engine.submit(job)
-        except QueueFull as error:
-            raise ApiError(503, str(error), code="queue_full", type_="server_error",
-                           headers={"Retry-After": "1"}) from None
-        except Unavailable as error:
-            raise ApiError(503, str(error), code=error.code, type_="server_error") from None
-        self._note = f" {len(plan.rows)} rows"
-        return job
-
-    def _run(self, plan, job, emit, heartbeat=None):
-        """Feeds the job's tokens to one ChoiceText per row, calling emit(index, text, choice,
-        row infos) with each piece of final text, until every choice is finished; heartbeat() is
-        called when nothing came for a while. Returns (choices, infos), infos[i] holding row i's
-        (logprob, top ids, top logprobs) per token when asked for."""
-        choices = [ChoiceText(self.app.enc, plan.max_tokens, plan.stops, plan.trim) for _ in plan.rows]
-        infos = [[] for _ in plan.rows]
-        unfinished = len(choices)
-        wait = self.app.limits.heartbeat if heartbeat else 1.0
-        try:
-            while unfinished:
-                event = job.get(timeout=wait)
-                if event is None:
-                    if heartbeat:
-                        heartbeat()
-                    continue
-                if event[0] == "error":
-                    _, status, message, code = event
-                    raise ApiError(status, message, code=code, type_="server_error")
-                _, index, ids, row_infos, row_done = event
-                choice = choices[index]
-                if choice.finished:
-                    continue
-                if row_infos:
-                    infos[index] += row_infos
-                text = choice.feed(ids)
-                if row_done and not choice.finished:
-                    text += choice.end()
-                if choice.finished:
-                    job.mark_unneeded(index)
-                    unfinished -= 1
-                emit(index, text, choice, infos[index])
-        except BaseException:
-            self.app.engine.cancel(job)
-            raise
-        self._note = f" {len(plan.rows)} rows, {sum(c.tokens for c in choices)} tokens"
-        return choices, infos
-
-    def _generate(self, path):
-        plan = self.app.protocol.parse_generate(self._read_json())
-        texts = [[] for _ in plan.rows]
-        self._run(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
-        self._send_json(200, {"generated_text": "".join(texts[0])})
-
-    def _prompt_scores(self, plan):
-        """echo + logprobs: each prompt's scores (first token null), or None."""
-        if not (plan.echo and plan.logprobs is not None):
-            return None
-        return self.app.engine.score(plan.prompt_tokens)
-
-    def _completions(self, path):
-        plan = self.app.protocol.parse_completions(self._read_json())
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.app.model_id}
-        scores = self._prompt_scores(plan)
-        rows = len(plan.prompt_tokens) * plan.n
-        if plan.stream:
-            self._stream(plan, head, scores)
-            return
-        texts = [[] for _ in range(rows)]
-        choices, infos = [], []
-        if plan.rows:
-            choices, infos = self._run(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
-        out = []
-        for i in range(rows):
-            prompt = i // plan.n
-            echo = plan.prompt_texts[prompt] if plan.echo else ""
-            text = echo + "".join(texts[i])
-            logprobs = None
-            if plan.logprobs is not None:
-                logprobs = self._logprobs(plan, prompt, scores, choices[i].ids if choices else [],
-                                          infos[i] if infos else [])
-            out.append({"text": text, "index": i, "logprobs": logprobs,
-                        "finish_reason": choices[i].finish_reason if choices else "length"})
-        self._send_json(200, {**head, "choices": out, "usage": _usage(plan, choices)})
-
-    def _token_text(self, token):
-        return self.app.enc.decode([int(token)])
-
-    def _logprobs(self, plan, prompt, scores, ids, infos, offset=None):
-        """OpenAI's legacy logprobs object for a choice: the prompt's tokens first when echoed
-        (scores), then the sampled `ids` with their `infos`."""
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        position = 0 if plan.echo else len(plan.prompt_texts[prompt])
-        if offset is not None:
-            position = offset
-        entries = []
-        if scores is not None and offset is None:
-            score = scores[prompt]
-            for k, token in enumerate(plan.prompt_tokens[prompt]):
-                first = k == 0
-                entries.append((token, None if first else float(score.logprobs[k]),
-                                None if first else list(zip(score.top_ids[k].tolist(), score.top_logprobs[k].tolist()))))
-        for token, (logprob, top_ids, top_logprobs) in zip(ids, infos):
-            entries.append((token, float(logprob), list(zip(top_ids.tolist(), top_logprobs.tolist()))))
-        for token, logprob, alternatives in entries:
-            text = self._token_text(token)
-            tokens.append(text)
-            token_logprobs.append(logprob)
-            offsets.append(position)
-            position += len(text)
-            if alternatives is None:
-                top.append(None)
-                continue
-            best = {}
-            for alt, value in alternatives[:plan.logprobs]:
-                best.setdefault(self._token_text(alt), float(value))
-            best.setdefault(text, logprob)
-            top.append(best)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-    def _chat_logprobs(self, plan, ids, infos):
-        """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for `ids`."""
-        enc = self.app.enc
-
-        def entry(token, logprob):
-            return {"token": self._token_text(token), "logprob": float(logprob),
-                    "bytes": list(enc.decode_bytes([int(token)]))}
-
-        return {"content": [
-            {**entry(token, logprob),
-             "top_logprobs": [entry(t, v) for t, v in zip(top_ids.tolist()[:plan.logprobs], top_values.tolist())]}
-            for token, (logprob, top_ids, top_values) in zip(ids, infos)
-        ]}
-
-    def _chat(self, path):
-        plan = self.app.protocol.parse_chat(self._read_json())
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.app.model_id, "system_fingerprint": None}
-        if plan.stream:
-            self._stream(plan, {**head, "object": "chat.completion.chunk"}, None)
-            return
-        texts = [[] for _ in plan.rows]
-        choices, infos = self._run(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
-        self._send_json(200, {**head, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-             "logprobs": self._chat_logprobs(plan, c.ids, infos[i]) if plan.logprobs is not None else None,
-             "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)], "usage": _usage(plan, choices)})
-
-    # ------------------------------------------------------------------ streams
-
-    def _stream(self, plan, head, scores):
-        """Server-sent events: one `data:` JSON chunk per piece of text, `data: [DONE]` at the end.
-        Headers go out as soon as the request is queued; comments keep the line alive."""
-        chat = plan.kind == "chat"
-        job = self._submit(plan) if plan.rows else None
-        chunked = self.request_version != "HTTP/1.0"  # else: no length, the close ends the body
-        if not chunked:
-            self.close_connection = True
-        self._status = 200
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("X-Accel-Buffering", "no")
-            for name, value in self._cors().items():
-                self.send_header(name, value)
-            self.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
-            self.end_headers()
-        except OSError as error:
-            if job is not None:
-                self.app.engine.cancel(job)
-            raise ClientGone(f"{type(error).__name__} while sending the answer") from None
-
-        def write(data):
-            try:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            except OSError as error:
-                raise ClientGone(f"{type(error).__name__} while streaming") from None
-
-        def send(payload):
-            write(b"data: " + (payload if isinstance(payload, bytes) else _json_bytes(payload)) + b"\n\n")
-
-        rows = len(plan.prompt_tokens) * plan.n
-        sent = [0] * rows  # tokens of each choice already sent (with their logprobs)
-        offsets = [None] * rows  # text_offset of each choice's next token
-        choices = []
-
-        def chunk(index, text, finish_reason=None, ids=(), infos=()):
-            if chat:
-                logprobs = self._chat_logprobs(plan, ids, infos) if plan.logprobs is not None and ids else None
-                send({**head, "choices": [{"index": index, "delta": {"content": text} if text else {},
-                                           "logprobs": logprobs, "finish_reason": finish_reason}]})
-                return
-            logprobs = None
-            if plan.logprobs is not None:
-                logprobs = self._logprobs(plan, index // plan.n, None, ids, infos, offset=offsets[index])
-                if logprobs["tokens"]:
-                    offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            send({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs,
-                                       "finish_reason": finish_reason}]})
-
-        def emit(index, text, choice, row_infos):
-            ids = choice.ids[sent[index]:]
-            infos = row_infos[sent[index]:sent[index] + len(ids)]
-            sent[index] += len(ids)
-            if text or choice.finished or (plan.logprobs is not None and ids):
-                chunk(index, text, choice.finish_reason, ids, infos)
-
-        try:
-            for i in range(rows):
-                prompt = i // plan.n
-                offsets[i] = len(plan.prompt_texts[prompt])
-                if chat:
-                    send({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-                elif plan.echo:
-                    logprobs = self._logprobs(plan, prompt, scores, [], []) if scores is not None else None
-                    send({**head, "choices": [{"text": plan.prompt_texts[prompt], "index": i, "logprobs": logprobs,
-                                               "finish_reason": None if plan.rows else "length"}]})
-            if job is not None:
-                choices, _ = self._run(plan, job, emit, heartbeat=lambda: write(b": keep-alive\n\n"))
-                self._note += ", streamed"
-        except ApiError as error:  # the status line is gone: report in the stream
-            send(error.body())
-        except BaseException:
-            if job is not None:
-                self.app.engine.cancel(job)
-            raise
-        if plan.include_usage:
-            send({**head, "choices": [], "usage": _usage(plan, choices)})
-        send(b"[DONE]")
-        if chunked:
-            try:
-                self.wfile.write(b"0\r\n\r\n")  # the last chunk
-            except OSError as error:
-                raise ClientGone(f"{type(error).__name__} while streaming") from None
