@@ -13,6 +13,7 @@ import argparse
 import atexit
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -162,24 +163,38 @@ def check_model_dir(model_dir):
     reader = _read_index(prefix)
     found = reader.get_variable_to_shape_map()
     expected = variable_shapes(hparams)
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
     misshaped = [
         f"{name} {list(found[name])} (expected {expected[name]})"
         for name in sorted(set(expected) & set(found))
         if list(found[name]) != expected[name]
     ]
+    problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
+    if problems:
+        raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
+    _check_data_size(prefix, expected, reader.get_variable_to_dtype_map())
+    return hparams
+
+
+def mismatch_problems(missing, unexpected, misshaped):
+    """The parts of a one-line error about tensors a folder lacks, should not have, or holds in
+    the wrong shape (each list cut short with a count when long)."""
+    problems = []
     if missing:
         problems.append(f"missing {_listed(missing)}")
     if unexpected:
         problems.append(f"unexpected {_listed(unexpected)}")
     if misshaped:
         problems.append(f"wrong shape: {summarize(misshaped, sep=', ')}")
-    if problems:
-        raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
-    _check_data_size(prefix, expected, reader.get_variable_to_dtype_map())
-    return hparams
+    return problems
+
+
+def file_sha256(path):
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _listed(names, limit=5):

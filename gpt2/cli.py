@@ -68,3 +68,23 @@ def quiet_tensorflow():
     compilation cache, missing CUDA drivers on a CPU machine): keep only fatal ones, unless the
     user set TF_CPP_MIN_LOG_LEVEL. Must run before TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def parse(parser, argv):
+    """(args, None), or (None, exit code) for --help or a usage error (already printed)."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as exit_:
+        return None, exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+
+
+def run(body, interrupted="interrupted", errors=None):
+    """body() -> exit code; Ctrl-C and bad input (user_errors(), or `errors`) become one line."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        return fail(interrupted, EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises are caught
+        if isinstance(error, errors or user_errors()):
+            return fail(error, EXIT_ERROR)
+        raise

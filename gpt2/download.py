@@ -32,7 +32,6 @@ name that does not resolve fails at once, and a failed download leaves no empty 
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ import requests
 import tqdm
 
 from gpt2.checkpoint import DOWNLOAD_MANIFEST as MANIFEST
-from gpt2.checkpoint import check_model_dir
+from gpt2.checkpoint import check_model_dir, file_sha256
 from gpt2.cli import quiet_tensorflow
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
@@ -194,13 +193,13 @@ def _check_present(path, filename, record, manifest):
             return f"{stat.st_size} bytes, but {record['size']} were downloaded"
         if stat.st_mtime_ns == record["mtime_ns"]:
             return None
-        if _sha256(path) != record["sha256"]:
+        if file_sha256(path) != record["sha256"]:
             return "changed since it was downloaded (sha256 differs)"
         manifest.record(filename, path, record["sha256"], record)
         return None
     problem = _content_problem(filename, path)
     if problem is None:  # e.g. downloaded by an older version without the sidecar
-        manifest.record(filename, path, _sha256(path), {})
+        manifest.record(filename, path, file_sha256(path), {})
     return problem
 
 
@@ -209,7 +208,7 @@ def _content_problem(filename, path):
     size = os.path.getsize(path)
     if filename in KNOWN_FILES:
         known_size, known_sha256 = KNOWN_FILES[filename]
-        if size != known_size or _sha256(path) != known_sha256:
+        if size != known_size or file_sha256(path) != known_sha256:
             return f"not GPT-2's {filename} (size or sha256 differs)"
     elif filename == "hparams.json":
         try:
@@ -262,7 +261,7 @@ def _download_file(session, manifest, url, path, *, previous, label, progress, r
             if validators is None:  # an optional file the server does not have
                 print(f"note: {url}: not on the server (optional, not needed)", file=sys.stderr, flush=True)
                 return
-            digest = _sha256(part)
+            digest = file_sha256(part)
             problem = _content_problem(filename, part)
             if problem is None and previous and previous.get("etag") and previous["etag"] == validators["etag"] \
                     and previous["sha256"] != digest:
@@ -429,14 +428,6 @@ def _size(path):
 def _remove(path):
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Manifest:

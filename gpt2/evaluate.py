@@ -19,19 +19,15 @@ import math
 import os
 import sys
 
+from gpt2 import cli
 from gpt2.cli import (
     DEFAULT_MODEL,
     DEFAULT_MODELS_DIR,
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_USAGE,
     quiet_tensorflow,
 )
 from gpt2.cli import Parser as _Parser
-from gpt2.cli import fail as _fail
 from gpt2.cli import number as _number
-from gpt2.cli import user_errors as _user_errors
 
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 READ_BLOCK = 1 << 20
@@ -111,19 +107,8 @@ def check_text_file(path):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error, already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
-    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
-        if isinstance(error, _user_errors()):
-            return _fail(error, EXIT_ERROR)
-        raise
+    args, code = cli.parse(build_parser(), argv)
+    return code if args is None else cli.run(lambda: _run(args))
 
 
 def _run(args):

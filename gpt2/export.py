@@ -22,13 +22,11 @@ import sys
 import tempfile
 import time
 
-from gpt2.cli import (DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
-                      quiet_tensorflow)
+from gpt2 import cli
+from gpt2.cli import DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_OK, quiet_tensorflow
 from gpt2.cli import Parser as _Parser
-from gpt2.cli import fail as _fail
 from gpt2.cli import non_negative_int as _non_negative_int
 from gpt2.cli import positive_int as _positive_int
-from gpt2.cli import user_errors as _user_errors
 
 DEFAULT_VERSION = 1
 DEFAULT_MAX_NEW_TOKENS = 4096
@@ -146,22 +144,14 @@ def build_parser(prog="python -m gpt2.export"):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error, already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    try:
-        start = time.perf_counter()
-        target = export_model(args.model, args.output, args.version, args.overwrite, args.models_dir,
-                              jit_compile=args.xla, max_new_tokens=args.max_new_tokens,
-                              batch_sizes=args.batch_sizes)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
-    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
-        if isinstance(error, _user_errors()):
-            return _fail(error, EXIT_ERROR)
-        raise
+    args, code = cli.parse(build_parser(), argv)
+    return code if args is None else cli.run(lambda: _run(args))
+
+
+def _run(args):
+    start = time.perf_counter()
+    target = export_model(args.model, args.output, args.version, args.overwrite, args.models_dir,
+                          jit_compile=args.xla, max_new_tokens=args.max_new_tokens, batch_sizes=args.batch_sizes)
     print(f"wrote {target} ({folder_bytes(target) / (1 << 20):.0f} MiB, {time.perf_counter() - start:.0f} s); "
           "signatures: serving_default (generate), logits, score")
     return EXIT_OK

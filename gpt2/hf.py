@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from gpt2.checkpoint import CheckpointError, variable_shapes
+from gpt2.checkpoint import CheckpointError, mismatch_problems, variable_shapes
 from gpt2.hparams import HParams
 
 CONFIG_FILE = "config.json"
@@ -242,7 +242,6 @@ class HFTensors:
         prefix = PREFIX if any(key.startswith(PREFIX) for key in stored) else ""
         expected = {prefix + hf: openai for openai, hf in self._names.items()}
         self._stored = {openai: key for key, openai in expected.items()}
-        problems = []
         missing = sorted(set(expected) - set(stored))
         unexpected = sorted(
             key for key in stored
@@ -256,12 +255,7 @@ class HFTensors:
                 misshaped.append(f"{key} {shape} (expected {want})")
             if part.get_dtype() not in _FLOAT_DTYPES:
                 wrong_dtype.append(f"{key} {part.get_dtype()}")
-        if missing:
-            problems.append(f"missing {missing}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected}")
-        if misshaped:
-            problems.append(f"wrong shape: {', '.join(misshaped)}")
+        problems = mismatch_problems(missing, unexpected, misshaped)
         if wrong_dtype:
             problems.append(f"not floating point: {', '.join(wrong_dtype)}")
         if problems:

@@ -13,7 +13,8 @@ import os
 import sys
 import textwrap
 
-from gpt2.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, quiet_tensorflow
+from gpt2 import cli
+from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, quiet_tensorflow
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import number as _number
@@ -162,22 +163,13 @@ def build_parser(prog=None):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    parser = build_parser(prog=None if argv is None else "train.py")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error, already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args, code = cli.parse(build_parser(prog=None if argv is None else "train.py"), argv)
+    if args is None:
+        return code
     if args.lora_alpha is not None and not args.lora_rank:
         return _fail("--lora-alpha needs --lora-rank", EXIT_USAGE)
     output = args.output or os.path.join(args.models_dir, args.run_name)
-    try:
-        return _run(args, output)
-    except KeyboardInterrupt:
-        return _fail(f"interrupted; the last save in {output} is intact", EXIT_INTERRUPTED)
-    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
-        if isinstance(error, _user_errors()):
-            return _fail(error, EXIT_ERROR)
-        raise
+    return cli.run(lambda: _run(args, output), f"interrupted; the last save in {output} is intact", _user_errors())
 
 
 def _user_errors():

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 
+from gpt2.checkpoint import file_sha256
+
 STATE_DIR = "train_state"
 CACHE_DIR = "token_cache"
 SETTINGS_FILE = "settings.json"
@@ -93,16 +95,6 @@ def check_settings(output, settings):
 def _short(value, limit=40):
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def file_sha256(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(model_dir):
