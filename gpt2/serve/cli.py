@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 
-from gpt2.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, positive_int, quiet_tensorflow
+from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, parse, positive_int,
+                      quiet_tensorflow, run)
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
@@ -116,13 +117,19 @@ def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
     exit code."""
     parser = build_parser()
+    args, code = parse(parser, argv)
+    if args is None:
+        return code
     try:
-        args = parser.parse_args(argv)
         api_key = check_args(parser, args)
-    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+    except SystemExit as exit_:  # a usage error, already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    return run(lambda: _serve(args, api_key))
+
+
+def _serve(args, api_key):
     started = time.perf_counter()
     from gpt2.serve import httpd
 
@@ -138,17 +145,11 @@ def main(argv=None):
     quiet_tensorflow()  # must precede the first TensorFlow import
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
-    from gpt2.cli import user_errors
     from gpt2.serve.engine import Engine
 
-    try:
-        model_dir = resolve_model_dir(args.model, args.models_dir)
-        model = load_model(model_dir)
-        enc = encoder_for_model_dir(model_dir)
-    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises
-        if isinstance(error, user_errors()):
-            return fail(error, EXIT_ERROR)
-        raise
+    model_dir = resolve_model_dir(args.model, args.models_dir)
+    model = load_model(model_dir)
+    enc = encoder_for_model_dir(model_dir)
     loaded = time.perf_counter()
     folder_name = os.path.basename(os.path.normpath(model_dir))
     model_id = args.model_id or folder_name
