@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gpt2", "gpt2.*", "encoder", "encoder.*"]),
-    package_data={"encoder": ["encoder.json", "vocab.bpe"]},
+    package_data={"encoder": ["encoder.json", "vocab.bpe"], "gpt2.serve": ["static/*.html"]},
     py_modules=[],
     install_requires=["numpy", "regex", "requests", "tqdm"],
     extras_require={
@@ -26,7 +26,7 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.16; sys_platform == 'linux'", "tensorflow>=2.16; sys_platform != 'linux'"],
         # hf: Hugging Face folders (gpt2.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
         "hf": ["safetensors>=0.4.5"],
-        "test": ["pytest", "openai", "safetensors>=0.4.5"],
+        "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium"],
     },
     entry_points={
         "console_scripts": [

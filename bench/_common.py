@@ -207,3 +207,38 @@ def with_ratio(value, ours, fmt="{:.1f}"):
     if ours:
         text += f" ({value / ours:.2f}x)"
     return text
+
+
+# ----------------------------------------------------------------------------- the HTTP server
+
+def start_server(repo, model_dir, args, log_path, model_id="bench"):
+    """Starts `python -m gpt2.serve` of checkout `repo` on a free port (stderr to log_path) and
+    waits until it serves; returns (process, base URL, seconds to ready). stop_server ends it."""
+    import re
+
+    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2")
+    log = open(log_path, "w", encoding="utf-8")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2.serve", "--model", model_dir, "--model-id", model_id,
+                             "--port", "0", "--log-level", "warning", *args],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"on (http://\S+)", line)
+    if not match:
+        proc.kill()
+        log.close()
+        with open(log_path, encoding="utf-8") as f:
+            raise SystemExit(f"server did not start:\n{line}{f.read()[-3000:]}")
+    proc.log = log
+    return proc, match.group(1), time.perf_counter() - start
+
+
+def stop_server(proc):
+    """SIGTERM, then waits (kills after a minute)."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()

@@ -142,6 +142,7 @@ class Encoder:
         with ``allow_special=True`` each literal ``<|endoftext|>`` becomes ``eot_token`` and the text
         between them is encoded on its own.
         """
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates -> U+FFFD
         if not allow_special:
             return self._encode_ordinary(text)
         ids = []

@@ -1,0 +1,110 @@
+"""What the answers are made of (TensorFlow-free): a job's token events turned into each choice's
+text, and OpenAI's `logprobs` and `usage` objects.
+
+`follow(job, plan, enc, emit)` reads an engine job's events into one ChoiceText per row and hands
+each piece of final text to `emit` as it becomes final; the rest are pure functions of a Plan
+(gpt2.serve.protocol) and what `follow` collected.
+
+Shapes: T = 5 alternatives per token (the sampler's and the scorer's).
+"""
+
+from gpt2.serve.protocol import ApiError, ChoiceText
+
+
+def follow(job, plan, enc, emit, on_abort, heartbeat=None, wait=1.0):
+    """Feeds the job's events to one ChoiceText per row until every choice is finished.
+
+    emit(index, text, choice, row infos) gets each piece of final text; heartbeat() is called
+    after `wait` seconds without an event; on_abort() when anything raises (e.g. the client went
+    away), before re-raising. An engine error event raises ApiError. Returns (choices, infos),
+    infos[i] holding row i's (logprob, top ids [T], top logprobs [T]) per token when the plan
+    asked for logprobs."""
+    choices = [ChoiceText(enc, plan.max_tokens, plan.stops, plan.trim) for _ in plan.rows]
+    infos = [[] for _ in plan.rows]
+    unfinished = len(choices)
+    try:
+        while unfinished:
+            event = job.get(timeout=wait)
+            if event is None:
+                if heartbeat:
+                    heartbeat()
+                continue
+            if event[0] == "error":
+                _, status, message, code = event
+                raise ApiError(status, message, code=code, type_="server_error")
+            _, index, ids, row_infos, row_done = event
+            choice = choices[index]
+            if choice.finished:
+                continue
+            if row_infos:
+                infos[index] += row_infos
+            text = choice.feed(ids)
+            if row_done and not choice.finished:
+                text += choice.end()
+            if choice.finished:
+                job.mark_unneeded(index)
+                unfinished -= 1
+            emit(index, text, choice, infos[index])
+    except BaseException:
+        on_abort()
+        raise
+    return choices, infos
+
+
+def usage(plan, choices):
+    """OpenAI's usage: prompt tokens (each prompt once) and the tokens the choices consumed."""
+    prompt_tokens = sum(len(tokens) for tokens in plan.prompt_tokens)
+    completion_tokens = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _text(enc, token):
+    return enc.decode([int(token)])
+
+
+def completion_logprobs(enc, plan, prompt, ids, infos, scores=None, offset=None):
+    """OpenAI's legacy logprobs object for a choice of prompt `prompt`: with `scores` (echo), the
+    prompt's tokens first (the first one's values null), then the sampled `ids` with their
+    `infos`. top_logprobs hold the plan's number of alternatives plus the chosen token.
+    text_offset counts characters from the start of the prompt (as OpenAI's does, echoed or not)
+    unless `offset` gives the first token's (a stream's later chunks)."""
+    entries = []
+    if scores is not None:
+        score = scores[prompt]
+        for k, token in enumerate(plan.prompt_tokens[prompt]):
+            alternatives = list(zip(score.top_ids[k].tolist(), score.top_logprobs[k].tolist()))
+            entries.append((token, None, None) if k == 0 else (token, float(score.logprobs[k]), alternatives))
+    for token, (logprob, top_ids, top_logprobs) in zip(ids, infos):
+        entries.append((token, float(logprob), list(zip(top_ids.tolist(), top_logprobs.tolist()))))
+    if offset is None:
+        offset = 0 if scores is not None else len(plan.prompt_texts[prompt])
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token, logprob, alternatives in entries:
+        text = _text(enc, token)
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        offsets.append(offset)
+        offset += len(text)
+        if alternatives is None:
+            top.append(None)
+            continue
+        best = {}
+        for alternative, value in alternatives[:plan.logprobs]:
+            best.setdefault(_text(enc, alternative), float(value))
+        best.setdefault(text, logprob)
+        top.append(best)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(enc, plan, ids, infos):
+    """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for `ids`."""
+
+    def entry(token, logprob):
+        return {"token": _text(enc, token), "logprob": float(logprob), "bytes": list(enc.decode_bytes([int(token)]))}
+
+    return {"content": [
+        {**entry(token, logprob),
+         "top_logprobs": [entry(t, v) for t, v in zip(top_ids.tolist()[:plan.logprobs], top_values.tolist())]}
+        for token, (logprob, top_ids, top_values) in zip(ids, infos)
+    ]}

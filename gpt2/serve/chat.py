@@ -1,0 +1,64 @@
+"""The plain-text chat template for /v1/chat/completions (TensorFlow-free).
+
+GPT-2 is a base model: it continues text and knows no chat roles. Chat messages are therefore
+written out as a plain transcript, each turn a role marker and its text, turns separated by a
+blank line, ending with the marker of the assistant's turn:
+
+    System: You are terse.
+
+    User: Name a colour.
+
+    Assistant: Blue.
+
+    User: Another one.
+
+    Assistant:
+
+The model continues after the last "Assistant:", and the answer stops where the model starts a
+next turn (a new line beginning with "User:", "Assistant:" or "System:", see STOPS) or at
+<|endoftext|>; surrounding whitespace is trimmed. "developer" messages count as "system".
+Content is a string or a list of {"type": "text", "text": ...} parts (joined).
+"""
+
+MARKERS = {"system": "System:", "developer": "System:", "user": "User:", "assistant": "Assistant:"}
+STOPS = ["\nUser:", "\nAssistant:", "\nSystem:"]
+MAX_MESSAGES = 1024
+
+
+def _content(message, index):
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{index}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                                 "are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def render(messages):
+    """The prompt text for a list of chat messages ({"role", "content", "name"?}); raises
+    ValueError saying what is wrong with them."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' is required: a non-empty list of {\"role\", \"content\"} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES}")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in MARKERS:
+            raise ValueError(f"messages[{index}].role must be one of system, developer, user, assistant "
+                             f"(tools and functions are not supported), got {role!r}")
+        unknown = sorted(set(message) - {"role", "content", "name"})
+        if unknown:
+            raise ValueError(f"messages[{index}]: unsupported field {unknown[0]!r}")
+        turns.append(f"{MARKERS[role]} {_content(message, index).strip()}".rstrip())
+    return "\n\n".join(turns + [MARKERS["assistant"]])

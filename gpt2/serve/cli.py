@@ -1,0 +1,203 @@
+"""`python -m gpt2.serve` / `gpt2-serve`: serve one GPT-2 model over HTTP.
+
+    python -m gpt2.serve --model 124M [--models-dir models] [--host 127.0.0.1] [--port 5000]
+
+Start-up: the address is claimed first (a taken port fails at once), then the model is loaded and
+every program requests use is compiled, and only then does the port accept connections. SIGTERM
+or Ctrl-C: no new requests (503), waiting rows fail, running rows get --shutdown-grace seconds to
+finish (then are cut short), answers are written, and the process exits 0.
+
+--help answers without importing TensorFlow.
+"""
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, parse, positive_int,
+                      quiet_tensorflow, run)
+from gpt2.serve import protocol
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
+from gpt2.serve.httpd import Limits
+
+log = logging.getLogger("gpt2.serve")
+
+DEFAULTS = Limits()
+_positive_int = positive_int
+_seconds = number(float, lambda v: 0 < v < 1e6, "seconds > 0")
+_grace = number(float, lambda v: 0 <= v < 1e6, "seconds >= 0")
+
+
+def build_parser():
+    parser = Parser(
+        prog="gpt2-serve",
+        description="Serve a GPT-2 model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions "
+                    "and /v1/models, POST /generate, GET /health, and a playground page at /.",
+    )
+    add = parser.add_argument
+    add("--model", required=True, help="model name under --models-dir (124M, ...) or a model folder")
+    add("--models-dir", default="models", help="folder holding downloaded models (default: models)")
+    add("--host", default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 = all interfaces)")
+    add("--port", type=int, default=5000, help="port, 0..65535 (default: 5000; 0 = any free port)")
+    add("--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' (default: $GPT2_API_KEY; neither = no key)")
+    add("--model-id", help="model id in /v1/models and responses (default: the model's folder name)")
+    limits = parser.add_argument_group("batching and limits")
+    limits.add_argument("--max-batch", type=_positive_int, default=8,
+                        help="rows decoded together (slots of the compiled pool; default: 8)")
+    limits.add_argument("--max-queue", type=_positive_int, default=128,
+                        help="rows (prompts x n) allowed to wait for a slot before answering 503 (default: 128)")
+    limits.add_argument("--max-request-rows", type=_positive_int, default=protocol.DEFAULT_MAX_REQUEST_ROWS,
+                        help=f"prompts x n in one request (default: {protocol.DEFAULT_MAX_REQUEST_ROWS})")
+    limits.add_argument("--max-tokens-limit", type=_positive_int, default=protocol.DEFAULT_MAX_TOKENS_LIMIT,
+                        help="largest max_tokens / length a request may ask for; generation may run past the "
+                             f"context, the window slides (default: {protocol.DEFAULT_MAX_TOKENS_LIMIT})")
+    limits.add_argument("--steps-per-run", type=_positive_int, default=DEFAULT_STEPS_PER_RUN,
+                        help="decode steps per compiled call; new requests join between calls "
+                             f"(default: {DEFAULT_STEPS_PER_RUN})")
+    limits.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULTS.max_body_bytes,
+                        help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
+    limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,
+                        help=f"open connections; more get 503 and are closed (default: {DEFAULTS.max_connections})")
+    limits.add_argument("--header-timeout", type=_seconds, default=DEFAULTS.header_timeout,
+                        help=f"seconds to send a request line and headers (default: {DEFAULTS.header_timeout:g})")
+    limits.add_argument("--body-timeout", type=_seconds, default=DEFAULTS.body_timeout,
+                        help=f"seconds to send a request body (default: {DEFAULTS.body_timeout:g})")
+    limits.add_argument("--idle-timeout", type=_seconds, default=DEFAULTS.idle_timeout,
+                        help=f"seconds a kept-alive connection may idle (default: {DEFAULTS.idle_timeout:g})")
+    limits.add_argument("--shutdown-grace", type=_grace, default=10.0,
+                        help="seconds running requests get to finish on SIGTERM / Ctrl-C (default: 10)")
+    access = parser.add_argument_group("browsers")
+    access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="answer CORS requests from this origin, e.g. http://localhost:3000 (repeatable; "
+                             "'*' = any; default: none)")
+    access.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also accept this Host header name (repeatable). Without an API key on a loopback "
+                             "address only localhost/127.0.0.1/::1 are accepted (DNS rebinding); with "
+                             "--allowed-host the check applies to any address")
+    access.add_argument("--no-playground", action="store_true", help="do not serve the playground page at /")
+    add("--no-xla", action="store_true", help="compile without XLA: faster start-up, slower generation")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="info logs one line per request (default: info)")
+    return parser
+
+
+def _api_key(parser, args):
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    else:
+        key, source = os.environ.get("GPT2_API_KEY"), "$GPT2_API_KEY"
+        if key is None:
+            return None
+    if not key.strip():
+        parser.error(f"{source} is empty: give a key, or leave it out to serve without one")
+    if any(c.isspace() for c in key):
+        parser.error(f"{source} must not contain whitespace")
+    return key
+
+
+def check_args(parser, args):
+    """One clear line (and exit 2) for values argparse's types cannot judge alone; returns the
+    API key (None = no key)."""
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_request_rows > args.max_queue:
+        parser.error(f"--max-request-rows ({args.max_request_rows}) must not exceed --max-queue ({args.max_queue})")
+    for origin in args.cors_origin:
+        if origin != "*" and "://" not in origin:
+            parser.error(f"--cors-origin {origin!r} must be an origin like http://localhost:3000 (or '*')")
+    return _api_key(parser, args)
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
+    exit code."""
+    parser = build_parser()
+    args, code = parse(parser, argv)
+    if args is None:
+        return code
+    try:
+        api_key = check_args(parser, args)
+    except SystemExit as exit_:  # a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return run(lambda: _serve(args, api_key))
+
+
+def _serve(args, api_key):
+    started = time.perf_counter()
+    from gpt2.serve import httpd
+
+    limits = Limits(max_connections=args.max_connections, max_body_bytes=args.max_body_bytes,
+                    idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout)
+    try:  # claim the address first, so a taken port fails now rather than after compiling
+        server = httpd.Server(None, args.host, args.port, bind_and_activate=False, limits=limits)
+        server.server_bind()
+    except (OSError, OverflowError) as error:
+        return fail(f"cannot listen on {args.host}:{args.port}: {error}", EXIT_ERROR)
+
+    quiet_tensorflow()  # must precede the first TensorFlow import
+    from encoder import encoder_for_model_dir
+    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.serve.engine import Engine
+
+    model_dir = resolve_model_dir(args.model, args.models_dir)
+    model = load_model(model_dir)
+    enc = encoder_for_model_dir(model_dir)
+    loaded = time.perf_counter()
+    folder_name = os.path.basename(os.path.normpath(model_dir))
+    model_id = args.model_id or folder_name
+    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
+                    jit_compile=not args.no_xla, steps_per_run=args.steps_per_run)
+    proto = protocol.Protocol(enc, model.hparams.n_ctx, (model_id, args.model, folder_name),
+                              n_vocab=model.hparams.n_vocab, max_tokens_limit=args.max_tokens_limit,
+                              max_request_rows=args.max_request_rows)
+    allowed = None
+    if args.allowed_host or (api_key is None and httpd.is_loopback(args.host)):
+        allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
+    server.app = httpd.App(engine, proto, model_id, api_key=api_key, limits=limits, cors_origins=args.cors_origin,
+                           allowed_hosts=allowed, playground=not args.no_playground)
+    log.info("loaded %s in %.1f s; compiling (%s) ...", model_dir, loaded - started, "no XLA" if args.no_xla else "XLA")
+    engine.warm_up()
+    engine.start()
+    server.server_activate()
+    if not httpd.is_loopback(args.host) and api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use it", args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("ready in %.1f s", time.perf_counter() - started)
+    print(f"gpt2-serve: serving {model_id} on http://{host}:{server.port} (max batch {args.max_batch}, "
+          f"queue {args.max_queue} rows)", flush=True)
+    serve_until_signalled(server, engine, args.shutdown_grace)
+    return EXIT_OK
+
+
+def serve_until_signalled(server, engine, grace):
+    """Serves until SIGTERM or SIGINT, then shuts down in order (see the module docstring)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():  # a second signal: leave now
+            os._exit(1)
+        stop.set()
+
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="gpt2-serve-http",
+                              daemon=True)
+    thread.start()
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down: new requests get 503, running rows have %g s to finish", grace)
+    server.app.draining = True
+    server.shutdown()
+    engine.shutdown(grace)
+    server.app.wait_idle(10)
+    server.server_close()
+    log.info("stopped")

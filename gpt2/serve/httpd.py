@@ -1,0 +1,536 @@
+"""The HTTP side of the server: a standard-library `ThreadingHTTPServer` made to hold up against
+slow, half-closed, vanishing and hostile clients (TensorFlow-free).
+
+* Connections are capped (`Limits.max_connections`): beyond the cap a connection gets a short 503
+  and is closed at once, without a thread.
+* Reading has deadlines for the whole thing, not per recv(): `idle_timeout` to start a request on
+  a kept-alive connection, `header_timeout` for the request line and headers, `body_timeout` for
+  the body; writes time out after `write_timeout` without progress. A slowloris client is closed.
+* Framing is strict: one Content-Length of ASCII digits (no "+43", "4_3", duplicates), no request
+  bodies in chunked encoding, a body the endpoint does not read closes the connection (it is never
+  parsed as the next request). POST bodies must be `application/json` (UTF-8); JSON nested too
+  deeply or not UTF-8 is a 400.
+* With `App.allowed_hosts` set (the default loopback server without an API key), a `Host` header
+  naming anything else gets 403: a web page cannot reach the server through DNS rebinding, and it
+  cannot send a cross-site "simple" POST because JSON needs a CORS preflight, which only
+  `cors_origins` pass.
+* A client is "gone" only when a write to it fails (or it closes before sending a whole request):
+  one that half-closes after sending still gets its answer. Streams write a comment every
+  `heartbeat` seconds while waiting, so a vanished stream client frees its slot. Each dropped
+  client is one log line; log lines escape control characters.
+* Uses no select.poll (works on Windows, macOS and Linux).
+
+The endpoints are gpt2.serve.api's (a mixin of Handler); this module is the HTTP plumbing.
+"""
+
+import dataclasses
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from gpt2.serve.api import ClientGone, Endpoints, json_bytes
+from gpt2.serve.protocol import ApiError
+
+log = logging.getLogger("gpt2.serve")
+
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_BUSY_BODY = b'{"error": {"message": "too many connections", "type": "server_error", "param": null, "code": "busy"}}'
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+def clean(text, limit=300):
+    """`text` for a log line: control characters escaped, at most `limit` characters."""
+    text = str(text).translate(_CONTROL)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one client may hold: connections, seconds for each phase of a request, body bytes."""
+
+    max_connections: int = 64
+    max_body_bytes: int = 1 << 20
+    idle_timeout: float = 15.0  # a kept-alive connection waiting for its next request
+    header_timeout: float = 10.0  # the request line and headers, from their first byte
+    body_timeout: float = 30.0  # the whole body
+    write_timeout: float = 30.0  # one write without progress
+    heartbeat: float = 2.0  # a stream with nothing to send writes a comment this often
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads from a socket until `deadline` (time.monotonic()), over all reads together."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = math.inf
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("read deadline passed")
+        self.sock.settimeout(min(remaining, 3600.0))
+        return self.sock.recv_into(buffer)
+
+
+class _Writer(io.RawIOBase):
+    """Writes to a socket, each write failing after `timeout` seconds without progress."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+        return len(data)
+
+
+class App:
+    """What the request handlers share: the engine, the protocol, limits and access rules.
+
+    allowed_hosts: None (no Host check) or names the Host header may carry (ports ignored).
+    cors_origins: origins answered with CORS headers ("*" = any). api_key: None or the bearer key.
+    """
+
+    def __init__(self, engine, protocol, model_id, api_key=None, limits=None, cors_origins=(),
+                 allowed_hosts=None, playground=True):
+        self.engine = engine
+        self.protocol = protocol
+        self.enc = protocol.enc
+        self.model_id = model_id
+        self.api_key = api_key
+        self.limits = limits or Limits()
+        self.cors_origins = tuple(cors_origins)
+        self.allowed_hosts = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
+        self.playground = _playground_html() if playground else None
+        self.created = int(time.time())
+        self.draining = False
+        self._busy = 0  # requests being answered
+        self._busy_lock = threading.Condition()
+
+    def model_card(self):
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
+                "context_length": self.protocol.n_ctx, "max_tokens_limit": self.protocol.max_tokens_limit}
+
+    def health(self, connections=None):
+        engine = self.engine.health()
+        status = "stopping" if self.draining else engine.pop("status")
+        return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx,
+                "connections": connections, **engine}
+
+    def allows_origin(self, origin):
+        return "*" in self.cors_origins or origin in self.cors_origins
+
+    def allows_host(self, host):
+        return self.allowed_hosts is None or host is None or _host_name(host) in self.allowed_hosts
+
+    def request_started(self):
+        with self._busy_lock:
+            self._busy += 1
+
+    def request_ended(self):
+        with self._busy_lock:
+            self._busy -= 1
+            self._busy_lock.notify_all()
+
+    def wait_idle(self, timeout):
+        """Waits until no request is being answered (or `timeout` seconds); True if idle."""
+        with self._busy_lock:
+            return self._busy_lock.wait_for(lambda: self._busy == 0, timeout)
+
+
+def _host_name(host):
+    """The name part of a Host header or of an --allowed-host value, lowercased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def default_allowed_hosts(bind_host, extra=()):
+    """Names a loopback server answers to: the loopback names, the bound address and `extra`."""
+    return [*LOOPBACK_NAMES, bind_host, *extra]
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _playground_html():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server for `app` (an App; may be set later, before serving). limits: the App's by
+    default. `Server(app, host, port, bind_and_activate=False)` binds later (see cli)."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog
+
+    def __init__(self, app, host="127.0.0.1", port=5000, bind_and_activate=True, limits=None):
+        if _is_ipv6(host):
+            self.address_family = socket.AF_INET6
+        self.app = app
+        self.limits = limits or app.limits
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.connections = 0  # open connections (each has a thread)
+        self._count_lock = threading.Lock()
+        self._refused = 0
+        self._refused_logged = 0.0
+        super().__init__((host, port), Handler, bind_and_activate)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        with self._count_lock:
+            self.connections += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self):
+        with self._count_lock:
+            self.connections -= 1
+        self._slots.release()
+
+    def _refuse(self, request, client_address):
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # at most one line a second for a flood
+            log.warning("%d connection(s) refused: %d open, the limit (--max-connections)",
+                        self._refused, self.limits.max_connections)
+            self._refused, self._refused_logged = 0, now
+        try:
+            request.setblocking(False)
+            request.send(BUSY_RESPONSE)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        """An unexpected error on a connection: one line (no traceback for a dropped client)."""
+        import sys
+
+        error = sys.exc_info()[1]
+        log.warning("%s: connection ended by %s: %s", _peer(client_address), type(error).__name__, clean(error))
+
+
+def _peer(client_address):
+    return f"{client_address[0]}:{client_address[1]}" if isinstance(client_address, tuple) else str(client_address)
+
+
+def _is_ipv6(host):
+    try:
+        return ipaddress.ip_address(host.strip("[]")).version == 6
+    except ValueError:
+        return False
+
+
+def start_in_thread(server):
+    """Runs `server.serve_forever()` on a daemon thread (tests and embedding); returns it."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="gpt2-serve-http", daemon=True)
+    thread.start()
+    return thread
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Handler(Endpoints, BaseHTTPRequestHandler):
+    """One connection: requests one after another (keep-alive), each answered in full."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "gpt2-serve"
+
+
+    @property
+    def app(self):
+        return self.server.app
+
+    # ------------------------------------------------------------------ connection
+
+    def setup(self):
+        self.connection = self.request
+        self.peer = _peer(self.client_address)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
+        self.wfile = _Writer(self.connection, self.app.limits.write_timeout)
+
+    def finish(self):
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+
+    def handle(self):
+        self.close_connection = True
+        try:
+            self.handle_one_request()
+            while not self.close_connection:
+                self.handle_one_request()
+        except ClientGone as gone:
+            log.info("%s: client gone: %s", self.peer, clean(gone))
+        except OSError as error:  # reset while reading the next request, a failed write...
+            log.info("%s: client gone: %s", self.peer, clean(f"{type(error).__name__}: {error}"))
+
+    def handle_one_request(self):
+        """Reads one request within its deadlines and answers it."""
+        limits = self.app.limits
+        self._reader.deadline = time.monotonic() + limits.idle_timeout
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # closed between requests: done
+                return
+        except TimeoutError:
+            self.close_connection = True  # idle keep-alive connection
+            return
+        self._started = time.monotonic()
+        self._reader.deadline = self._started + limits.header_timeout
+        self._status = None
+        self._note = ""
+        self._body_left = 0
+        self.command, self.path = "", ""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline.endswith(b"\n"):
+                raise ClientGone("closed the connection in the middle of a request")
+            if not self.parse_request():
+                return
+        except TimeoutError:
+            raise ClientGone(f"did not send a whole request head within {limits.header_timeout:g} s") from None
+        self.app.request_started()
+        try:
+            self._answer()
+        finally:
+            self.app.request_ended()
+            if self._body_left:
+                self.close_connection = True  # an unread body is never parsed as a request
+            self._log_access()
+        self.wfile.flush()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def log_request(self, code="-", size="-"):
+        pass  # one line per request in _log_access instead
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        log.info("%s: %s", self.peer, clean(format % args))
+
+    def version_string(self):
+        return self.server_version  # not the Python version
+
+    def _log_access(self):
+        if self._status is None:
+            return
+        level = logging.DEBUG if self.path == "/health" and self._status == 200 else logging.INFO
+        log.log(level, '%s "%s %s" %s%s %.3f s', self.peer, clean(self.command, 20), clean(self.path, 200),
+                self._status, self._note, time.monotonic() - self._started)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors raised by http.server itself (malformed request line, 431...) as JSON too."""
+        self.close_connection = True
+        error = ApiError(code, message or self.responses.get(code, ("error",))[0],
+                         type_="invalid_request_error" if code < 500 else "server_error")
+        try:
+            self._send_json(code, error.body())
+        except OSError:
+            pass
+
+    def _cors(self):
+        origin = self.headers.get("Origin") if hasattr(self, "headers") and self.headers else None
+        if origin and self.app.allows_origin(origin):
+            return {"Access-Control-Allow-Origin": "*" if "*" in self.app.cors_origins else origin, "Vary": "Origin"}
+        return {}
+
+    def _send(self, status, data, content_type, headers=None):
+        self._status = status
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in {**self._cors(), **(headers or {})}.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (OSError, ValueError) as error:
+            raise ClientGone(f"{type(error).__name__} while sending the answer") from None
+
+    def _send_json(self, status, payload, headers=None):
+        self._send(status, json_bytes(payload), "application/json; charset=utf-8", headers)
+
+    # ------------------------------------------------------------------ request checks
+
+    def _framing(self):
+        """Content-Length: one, digits only; no request body in any other encoding."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            raise ApiError(501 if not lengths else 400, "request bodies in Transfer-Encoding are not supported; "
+                           "send Content-Length", code="unsupported_transfer_encoding")
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise ApiError(400, "more than one Content-Length header", code="bad_content_length")
+        if lengths and not _DIGITS.fullmatch(lengths[0]):
+            self.close_connection = True
+            raise ApiError(400, f"invalid Content-Length {clean(lengths[0], 40)!r}: must be digits",
+                           code="bad_content_length")
+        self._body_left = int(lengths[0]) if lengths else 0
+
+    def _read_body(self):
+        limits = self.app.limits
+        length = self._body_left
+        if self.headers.get("Content-Length") is None:
+            raise ApiError(411, "a JSON body with Content-Length is required", code="length_required")
+        if length > limits.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes} "
+                           "(--max-body-bytes)", code="request_too_large")
+        self._reader.deadline = time.monotonic() + limits.body_timeout
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise ClientGone(f"did not send its {length}-byte body within {limits.body_timeout:g} s") from None
+        if len(data) < length:
+            raise ClientGone("closed the connection in the middle of the body")
+        self._body_left = 0
+        return data
+
+    def _read_json(self):
+        media, _, params = (self.headers.get("Content-Type") or "").partition(";")
+        charset = re.search(r"charset\s*=\s*\"?([^\s;\"]+)", params, re.IGNORECASE)
+        if media.strip().lower() != "application/json" or (charset and charset.group(1).lower() not in ("utf-8", "utf8")):
+            raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+        data = self._read_body()
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not valid UTF-8", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+        except ValueError as error:
+            raise ApiError(400, f"invalid JSON body: {clean(error, 200)}", code="invalid_json") from None
+
+    def _check_auth(self):
+        key = self.app.api_key
+        if key is None:
+            return
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _answer(self):
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            self._framing()
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) > 1 or not self.app.allows_host(hosts[0] if hosts else None):
+                raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start it "
+                               "with --allowed-host NAME to allow that name", code="host_not_allowed")
+            if path.startswith("/v1/models/"):
+                method, name = "GET", "model"
+            elif path in self.ROUTES:
+                method, name = self.ROUTES[path]
+            else:
+                raise ApiError(404, f"no such endpoint: {clean(self.command, 20)} {clean(path, 100)}", code="not_found")
+            if self.command == "OPTIONS":
+                self._options(method)
+                return
+            if self.command != method:
+                raise ApiError(405, f"{path} accepts {method}, not {clean(self.command, 20)}",
+                               code="method_not_allowed", headers={"Allow": f"{method}, OPTIONS"})
+            if name not in self.OPEN:
+                self._check_auth()
+                if self.app.draining:
+                    self.close_connection = True
+                    raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error")
+            getattr(self, "_" + name)(path)
+        except ApiError as error:
+            if self._status is not None:  # already answering (a stream): nothing more to say here
+                raise ClientGone(f"failed after the answer began: {error.message}") from None
+            self._send_json(error.status, error.body(), error.headers)
+        except ClientGone:
+            self.close_connection = True
+            raise
+        except Exception:  # a bug: answer 500 rather than drop the connection
+            log.exception("%s: error answering %s %s", self.peer, clean(self.command, 20), clean(path, 100))
+            self.close_connection = True
+            if self._status is None:
+                self._send_json(500, ApiError(500, "internal server error", type_="server_error").body())
+
+    def _options(self, method):
+        """CORS preflight (for allowed origins) or a plain OPTIONS: 204 with what is allowed."""
+        headers = {"Allow": f"{method}, OPTIONS"}
+        origin = self.headers.get("Origin")
+        if origin and self.headers.get("Access-Control-Request-Method") and self.app.allows_origin(origin):
+            requested = self.headers.get("Access-Control-Request-Headers", "")
+            headers.update({
+                "Access-Control-Allow-Methods": f"{method}, OPTIONS",
+                "Access-Control-Allow-Headers": requested if _TOKEN_LIST.fullmatch(requested)
+                else "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            })
+        self._status = 204
+        try:
+            self.send_response(204)
+            for name, value in {**self._cors(), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+        except OSError as error:
+            raise ClientGone(f"{type(error).__name__} while sending the answer") from None

@@ -1,0 +1,511 @@
+"""Request validation for the HTTP server: JSON bodies in, `Plan`s out (no HTTP, no TensorFlow).
+
+`Protocol(enc, n_ctx, model_ids, ...)` knows the served model's limits; its `parse_generate`,
+`parse_completions` and `parse_chat` turn a decoded JSON body into a `Plan` (the rows to decode and
+how to answer) or raise `ApiError` naming the offending field. Every row's sampling settings are a
+`gpt2.SamplingSettings`, so each rule and message is the library's; a `SettingsError` becomes a
+400 whose `param` is its field. Prompts are checked by byte length before they are BPE-encoded
+(a token is at most `max_token_bytes` bytes), then encoded incrementally up to the context.
+"""
+
+import dataclasses
+import math
+
+from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_seed, is_int,
+                                    row_seeds)
+from gpt2.serve import chat
+
+DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_MAX_TOKENS_LIMIT = 2048  # --max-tokens-limit: generation may run past the context
+DEFAULT_MAX_REQUEST_ROWS = 32  # --max-request-rows: prompts x n in one request
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
+MAX_TOP_LOGPROBS = 5  # what the sampler reports per token (chat's top_logprobs up to this)
+
+SETTING_FIELDS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "logit_bias")
+
+
+class ApiError(Exception):
+    """An error answered as JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None, type_="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_
+        self.headers = headers or {}
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message, param=None, code=None):
+    """A 400 invalid_request_error."""
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclasses.dataclass
+class Row:
+    """One completion to decode: prompt token ids, SamplingSettings, int32 seed, tokens to make
+    (max_new), and whether to report log-probabilities."""
+
+    prompt: list
+    settings: SamplingSettings
+    seed: int
+    max_new: int
+    logprobs: bool = False
+
+
+@dataclasses.dataclass
+class Plan:
+    """What to run for one request and how to answer it.
+
+    rows: one Row per choice (choice i = prompt i // n, sample i % n); empty when only the prompt
+    is echoed (max_tokens 0). prompt_texts, prompt_tokens: per prompt. stops: stop strings.
+    logprobs: None or the number of alternatives per token (completions 0..5, chat 0..5).
+    trim: strip the choice text's surrounding whitespace (chat).
+    """
+
+    kind: str
+    rows: list
+    n: int
+    prompt_texts: list
+    prompt_tokens: list
+    max_tokens: int
+    stops: list = dataclasses.field(default_factory=list)
+    echo: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int = None
+    trim: bool = False
+
+
+# ----------------------------------------------------------------------------- field checks
+
+def _fields(body, known):
+    """The body must be a JSON object with no fields outside `known`."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise bad(f"unrecognized request argument: {unknown[0]!r} (supported: {', '.join(sorted(known))})",
+                  unknown[0])
+
+
+def _required_string(body, name):
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise bad(f"'{name}' is required and must be a string" if value is None else
+                  f"'{name}' must be a string, got {type(value).__name__}", name)
+    return value
+
+
+def _int(body, name, default, low=None, high=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        rule = "an integer" + (f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else "")
+        raise bad(f"'{name}' must be {rule}, got {value!r}", name)
+    return value
+
+
+def _bool(body, name):
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _settings(body, defaults=None):
+    """SamplingSettings from the body's sampling fields (absent or null = the default)."""
+    values = {name: body[name] for name in SETTING_FIELDS if body.get(name) is not None}
+    try:
+        return SamplingSettings(**{**(defaults or {}), **values})
+    except SettingsError as error:
+        raise bad(str(error), error.field) from None
+
+
+def _stops(body):
+    """The `stop` field: a string or up to 4 strings; "" and null are ignored (as OpenAI does)."""
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad(f"'stop' allows at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+    return [s for s in stops if s]
+
+
+def _stream_options(body, stream):
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad("'stream_options' must be an object with only 'include_usage'", "stream_options")
+    return options.get("include_usage") is True
+
+
+def _user(body):
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("'user' must be a string", "user")
+
+
+def _unsupported(body, name, allowed=(None,), why="is not supported by this server"):
+    value = body.get(name)
+    if value not in allowed:
+        raise bad(f"'{name}' {why} (got {value!r})", name, "unsupported_parameter")
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+class Protocol:
+    """Validates requests for one served model.
+
+    enc: the model's Encoder; n_ctx, n_vocab: the model's context and vocabulary; model_ids: the
+    names a request's `model` may use (the first is reported); max_tokens_limit: the largest
+    max_tokens / length (generation may run past n_ctx: the window slides); max_request_rows:
+    prompts x n allowed in one request.
+    """
+
+    def __init__(self, enc, n_ctx, model_ids, n_vocab=None, max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT,
+                 max_request_rows=DEFAULT_MAX_REQUEST_ROWS):
+        self.enc = enc
+        self.n_ctx = n_ctx
+        self.n_vocab = n_vocab or enc.vocab_size
+        self.model_ids = tuple(dict.fromkeys(model_ids))
+        self.max_tokens_limit = max_tokens_limit
+        self.max_request_rows = max_request_rows
+        self.max_token_bytes = max(len(enc.decode_bytes([i])) for i in range(enc.vocab_size))
+        self.max_prompt_bytes = n_ctx * self.max_token_bytes
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, text, param="prompt"):
+        """A text prompt -> token ids ("" = <|endoftext|>), refused before any BPE work when its
+        UTF-8 is longer than n_ctx tokens could be, and encoded only as far as the context."""
+        if not text:
+            return [self.enc.eot_token]
+        if len(text) > self.max_prompt_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
+            raise bad(f"'{param}' is over {self.max_prompt_bytes} bytes of UTF-8, more than this model's "
+                      f"context of {self.n_ctx} tokens can hold; shorten it", param, "context_length_exceeded")
+        step = 4 * self.n_ctx  # characters per piece: about a context's worth of English
+        chunks = (text[i:i + step] for i in range(0, len(text), step))
+        tokens = []
+        for ids in self.enc.encode_iter(chunks):
+            tokens += ids
+            if len(tokens) > self.n_ctx:
+                raise self._too_long(f"'{param}' is more than {self.n_ctx} tokens", param)
+        return tokens
+
+    def _too_long(self, what, param):
+        return bad(f"{what}; this model's context is {self.n_ctx} tokens: shorten it", param,
+                   "context_length_exceeded")
+
+    def _token_prompt(self, ids, where):
+        if not ids:
+            return "", [self.enc.eot_token]
+        if not all(is_int(t) and 0 <= t < self.n_vocab for t in ids):
+            raise bad(f"{where} must hold token ids in [0, {self.n_vocab})", "prompt")
+        if len(ids) > self.n_ctx:
+            raise self._too_long(f"{where} is {len(ids)} tokens", "prompt")
+        return self.enc.decode(ids), [int(t) for t in ids]
+
+    def prompts(self, prompt):
+        """The completions `prompt` field -> [(text, tokens)]: a string, a list of strings, a list
+        of token ids or a list of such lists; missing or "" starts from <|endoftext|> (as OpenAI)."""
+        if prompt is None:
+            return [("", self.encode(""))]
+        if isinstance(prompt, str):
+            return [(prompt, self.encode(prompt))]
+        if not isinstance(prompt, list) or not prompt:
+            raise bad("'prompt' must be a string, a non-empty list of strings, a list of token ids or "
+                      "a list of token id lists", "prompt")
+        if len(prompt) > self.max_request_rows and not all(is_int(t) for t in prompt):
+            raise bad(f"'prompt' has {len(prompt)} prompts; at most {self.max_request_rows} per request", "prompt")
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, self.encode(p, f"prompt[{i}]")) for i, p in enumerate(prompt)]
+        if all(is_int(t) for t in prompt):
+            return [self._token_prompt(prompt, "'prompt'")]
+        if all(isinstance(p, list) for p in prompt):
+            return [self._token_prompt(p, f"'prompt[{i}]'") for i, p in enumerate(prompt)]
+        raise bad("'prompt' must be a string, a list of strings, a list of token ids or a list of token "
+                  "id lists (not a mix)", "prompt")
+
+    # ------------------------------------------------------------------ shared parts
+
+    def _model(self, body):
+        model = _required_string(body, "model")
+        if model not in self.model_ids:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_ids[0]!r}",
+                           "model", "model_not_found")
+
+    def _max_tokens(self, body, name, default, low=1):
+        value = body.get(name)
+        if value is None:
+            return default
+        if low == 0 and is_int(value) and value == 0:
+            return 0
+        try:
+            return check_length(value, name, limit=self.max_tokens_limit)
+        except SettingsError as error:
+            raise bad(str(error) + (" (--max-tokens-limit)" if is_int(value) and value > 1 else ""), name) from None
+
+    def _n(self, body, prompts):
+        n = _int(body, "n", 1, low=1)
+        if len(prompts) * n > self.max_request_rows:
+            raise bad(f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} completions; at most "
+                      f"{self.max_request_rows} per request", "n")
+        return n
+
+    def _rows(self, prompts, n, settings, seed, max_tokens, logprobs):
+        if max_tokens == 0:
+            return []
+        seeds = row_seeds(seed, len(prompts) * n)
+        return [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs)
+                for p, (_, tokens) in enumerate(prompts) for j in range(n)]
+
+    @staticmethod
+    def _seed(body):
+        try:
+            return check_seed(body.get("seed"))
+        except SettingsError as error:
+            raise bad(str(error), error.field) from None
+
+    # ------------------------------------------------------------------ /generate
+
+    GENERATE_FIELDS = ("text", "length", "seed", *SETTING_FIELDS)
+
+    def parse_generate(self, body):
+        """/generate: {"text", "length"?: 64, sampling settings?, "seed"?} -> Plan."""
+        _fields(body, self.GENERATE_FIELDS)
+        text = _required_string(body, "text")
+        length = self._max_tokens(body, "length", DEFAULT_GENERATE_LENGTH)
+        settings = _settings(body)
+        self._check_vocab(settings)
+        seed = self._seed(body)
+        prompts = [(text, self.encode(text, "text"))]
+        return Plan("generate", self._rows(prompts, 1, settings, seed, length, False), 1, [text],
+                    [prompts[0][1]], length)
+
+    # ------------------------------------------------------------------ /v1/completions
+
+    COMPLETION_FIELDS = (
+        "model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "echo", "logprobs",
+        "best_of", "suffix", "user", *SETTING_FIELDS,
+    )
+
+    def parse_completions(self, body):
+        """OpenAI's legacy completions request -> Plan (raises ApiError)."""
+        _fields(body, self.COMPLETION_FIELDS)
+        self._model(body)
+        echo = _bool(body, "echo")
+        max_tokens = self._max_tokens(body, "max_tokens", DEFAULT_MAX_TOKENS, low=0 if echo else 1)
+        settings = _settings(body)
+        seed = self._seed(body)
+        stops = _stops(body)
+        stream = _bool(body, "stream")
+        include_usage = _stream_options(body, stream)
+        logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+        prompts = self.prompts(body.get("prompt"))
+        n = self._n(body, prompts)
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != n:
+            raise bad("'best_of' is not supported by this server (only best_of = n)", "best_of",
+                      "unsupported_parameter")
+        _unsupported(body, "suffix", (None, ""))
+        _user(body)
+        self._check_vocab(settings)
+        rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
+        return Plan("completion", rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts],
+                    max_tokens, stops, echo, stream, include_usage, logprobs)
+
+    def _check_vocab(self, settings):
+        try:
+            settings.check_vocab(self.n_vocab)
+        except SettingsError as error:
+            raise bad(str(error), error.field) from None
+
+    # ------------------------------------------------------------------ /v1/chat/completions
+
+    CHAT_FIELDS = (
+        "model", "messages", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream",
+        "stream_options", "logprobs", "top_logprobs", "user", "response_format", "tools", "tool_choice",
+        "parallel_tool_calls", "functions", "function_call", "store", "metadata", "service_tier",
+        *SETTING_FIELDS,
+    )
+
+    def parse_chat(self, body):
+        """OpenAI's chat completions request -> Plan: the messages go through `chat.render`, and
+        generation stops at the next turn marker (see gpt2.serve.chat)."""
+        _fields(body, self.CHAT_FIELDS)
+        self._model(body)
+        messages = body.get("messages")
+        try:
+            text = chat.render(messages)
+        except ValueError as error:
+            raise bad(str(error), "messages") from None
+        tokens = self.encode(text, "messages")
+        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+            raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
+        max_tokens = self._max_tokens(body, name, room)
+        settings = _settings(body)
+        self._check_vocab(settings)
+        seed = self._seed(body)
+        stops = _stops(body)
+        stream = _bool(body, "stream")
+        include_usage = _stream_options(body, stream)
+        logprobs = None
+        if _bool(body, "logprobs"):
+            logprobs = _int(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS)
+        elif body.get("top_logprobs") is not None:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        prompts = [(text, tokens)]
+        n = self._n(body, prompts)
+        _user(body)
+        if body.get("tools") or body.get("functions"):
+            raise bad("tools and functions are not supported by this server (GPT-2 is a base model)",
+                      "tools" if body.get("tools") else "functions", "unsupported_parameter")
+        _unsupported(body, "tool_choice", (None, "none", "auto"))
+        _unsupported(body, "function_call", (None, "none", "auto"))
+        response_format = body.get("response_format")
+        if response_format is not None and response_format != {"type": "text"}:
+            raise bad("only 'response_format': {\"type\": \"text\"} is supported", "response_format",
+                      "unsupported_parameter")
+        rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
+        return Plan("chat", rows, n, [text], [tokens], max_tokens, chat.STOPS + stops, False, stream,
+                    include_usage, logprobs, trim=True)
+
+
+    # ------------------------------------------------------------------ /tokenize, /detokenize
+
+    def parse_tokenize(self, body):
+        """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
+        tokens written out in the text (<|endoftext|>) are recognised, as Hugging Face tokenizers do."""
+        _fields(body, ("prompt", "add_special_tokens", "model"))
+        text = _required_string(body, "prompt")
+        if len(text.encode("utf-8", "surrogatepass")) > 4 * self.max_prompt_bytes:
+            raise bad(f"'prompt' is over {4 * self.max_prompt_bytes} bytes", "prompt")
+        return self.enc.encode(text, allow_special=True)
+
+    def parse_detokenize(self, body):
+        """vLLM's /detokenize: {"tokens", "model"?} -> token ids to decode."""
+        _fields(body, ("tokens", "model"))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < self.n_vocab for t in tokens):
+            raise bad(f"'tokens' must be a list of token ids in [0, {self.n_vocab})", "tokens")
+        if len(tokens) > 64 * self.n_ctx:
+            raise bad(f"'tokens' has {len(tokens)} ids; at most {64 * self.n_ctx}", "tokens")
+        return tokens
+
+
+# ----------------------------------------------------------------------------- output text
+
+class ChoiceText:
+    """One choice's text, built token by token.
+
+    feed(tokens) returns the text that is now final. A row ends at <|endoftext|> or at a stop
+    string (finish_reason "stop": the text ends before the stop string) or after max_tokens
+    tokens ("length"). Text that might be the beginning of a stop string, and bytes of an
+    unfinished UTF-8 character, are held back until they are decided. `ids` holds the tokens
+    consumed (not <|endoftext|>). With trim (chat), leading whitespace is dropped and trailing
+    whitespace held back until more text follows (dropped at the end).
+    """
+
+    def __init__(self, enc, max_tokens, stops=(), trim=False):
+        self._decoder = enc.stream_decoder()
+        self._eot = enc.eot_token
+        self._stops = list(stops)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._max_tokens = max_tokens
+        self._pending = ""
+        self._trim = trim
+        self._started = False  # trim: some non-whitespace text was emitted
+        self._spaces = ""  # trim: whitespace held back
+        self.ids = []
+        self.finish_reason = None
+
+    @property
+    def tokens(self):
+        return len(self.ids)
+
+    @property
+    def finished(self):
+        return self.finish_reason is not None
+
+    def feed(self, tokens):
+        out = []
+        for token in tokens:
+            if self.finished:
+                break
+            if token == self._eot:
+                self._pending += self._decoder.flush()
+                self._finish("stop", out)
+                break
+            self.ids.append(int(token))
+            self._pending += self._decoder.push([int(token)])
+            if len(self.ids) >= self._max_tokens:
+                self._pending += self._decoder.flush()
+                self._finish("length", out)
+                break
+            if self._stopped(out):
+                break
+        if not self.finished and len(self._pending) > self._hold:
+            cut = len(self._pending) - self._hold
+            out.append(self._pending[:cut])
+            self._pending = self._pending[cut:]
+        return self._trimmed("".join(out))
+
+    def end(self, reason="length"):
+        """The row ended without a reason seen in its tokens (e.g. cancelled): release the rest."""
+        if self.finished:
+            return ""
+        self._pending += self._decoder.flush()
+        out = []
+        self._finish(reason, out)
+        return self._trimmed("".join(out))
+
+    def _trimmed(self, text):
+        if not self._trim:
+            return text
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        body = text.rstrip()
+        if self.finished:  # trailing whitespace is dropped
+            text, self._spaces = (self._spaces + body if body else ""), ""
+        elif body:  # whitespace before this text goes out with it; this text's trailing whitespace waits
+            text, self._spaces = self._spaces + body, text[len(body):]
+        else:
+            text, self._spaces = "", self._spaces + text
+        return text
+
+    def _stopped(self, out):
+        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        out.append(self._pending[:cut])
+        self._pending = ""
+        self.finish_reason = "stop"
+        return True
+
+    def _finish(self, reason, out):
+        if not self._stopped(out):
+            out.append(self._pending)
+            self._pending = ""
+            self.finish_reason = reason

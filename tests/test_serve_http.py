@@ -1,0 +1,288 @@
+"""The server against hostile and careless clients, over raw sockets (gpt2.serve.httpd): the
+connection cap, whole-request deadlines against slowloris, strict framing, half-closed and
+vanishing clients, cross-site and DNS-rebinding requests, malformed JSON and strings, huge
+prompts, and the code path of platforms without select.poll (Windows)."""
+
+import json
+import logging
+import socket
+import struct
+import time
+
+import pytest
+
+from gpt2.serve.httpd import Limits, default_allowed_hosts
+from serve_support import (GREEDY, MODEL_ID, Running, paused, post_bytes, raw_request, read_all, sse_events, statuses,
+                           wait_until)
+
+LIMITS = dict(max_connections=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0, heartbeat=0.3)
+GOOD = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 20, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A default-like server (no key, loopback: Host checked) with small limits."""
+    running = Running(limits=Limits(**LIMITS), allowed_hosts=default_allowed_hosts("127.0.0.1"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="gpt2.serve")
+
+
+def connect(server):
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def answer_text(reply):
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    return json.loads(body)["choices"][0]["text"]
+
+
+def closed_within(sock, seconds):
+    """True if the server closes `sock` within `seconds` (whatever it sends first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def reset(sock):
+    """Close with a TCP reset (SO_LINGER 0), as a crashed client does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_connections_beyond_the_cap_get_a_quick_503(server):
+    """Issue 10 item 6: connections are capped; the rest are answered 503 and closed at once."""
+    held = [connect(server) for _ in range(LIMITS["max_connections"])]
+    try:
+        wait_until(lambda: server.server.connections == LIMITS["max_connections"], what="the connections")
+        for _ in range(20):
+            with connect(server) as extra:
+                reply = read_all(extra, timeout=5)
+                assert statuses(reply) == [503] and b'"busy"' in reply
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: server.server.connections == 0, what="the connections to close")
+    assert server.get("/health").json()["status"] == "ok"
+
+
+def test_slowloris_headers_hit_a_deadline_for_the_whole_head(server, caplog):
+    """Issue 10 item 6: a client trickling header lines is closed after header_timeout, however
+    often it sends a byte (the deadline is for the whole head, not per read)."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sent, start = 0, time.monotonic()
+        try:
+            while time.monotonic() - start < 6:
+                sock.sendall(b"X-Slow: a\r\n")
+                sent += 1
+                time.sleep(0.1)
+        except OSError:  # closed by the server
+            pass
+        assert time.monotonic() - start < 4 and closed_within(sock, 2)
+    wait_until(lambda: any("did not send a whole request head" in r.getMessage() for r in caplog.records))
+
+
+def test_slow_bodies_hit_a_deadline(server, caplog):
+    with connect(server) as sock:
+        sock.sendall(post_bytes("/v1/completions", b"x" * 1000)[:-1000])  # the head, then the body slowly
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < 6:
+                sock.sendall(b"x")
+                time.sleep(0.1)
+        except OSError:
+            pass
+        assert time.monotonic() - start < 4 and closed_within(sock, 2)
+    wait_until(lambda: any("1000-byte body within 1 s" in r.getMessage() for r in caplog.records))
+
+
+@pytest.mark.parametrize("lengths", [["4_3"], ["+43"], ["-43"], ["43", "43"], ["43", "44"], ["0x2b"], ["٤٣"]])
+def test_content_length_is_strict(server, lengths):
+    """Issue 10 item 9: only one Content-Length of plain digits is accepted."""
+    body = json.dumps({"model": MODEL_ID, "prompt": "Hello there", "max_tokens": 1}).encode()[:43].ljust(43)
+    head = ["POST /v1/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            *(f"Content-Length: {value}" for value in lengths)]
+    reply = raw_request(server.port, ("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body * 3)
+    assert statuses(reply) == [400] and b"Connection: close" in reply
+
+
+def test_a_get_body_is_never_read_as_the_next_request(server):
+    """Issue 10 item 9: the body of a GET (never read) closes the connection after the answer."""
+    smuggled = b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    reply = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(smuggled), smuggled))
+    assert statuses(reply) == [200]
+
+
+def test_chunked_request_bodies_are_refused(server):
+    reply = raw_request(server.port, b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n")
+    assert statuses(reply) == [501]
+    reply = raw_request(server.port, b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                     b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}")
+    assert statuses(reply) == [400]
+
+
+def test_keep_alive_requests_follow_each_other(server):
+    one = post_bytes("/v1/completions", GOOD)
+    reply = raw_request(server.port, one + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert statuses(reply) == [200, 200]
+
+
+def test_control_characters_are_escaped_in_the_log(server, caplog):
+    """Issue 10 item 9: request lines are logged with control characters escaped."""
+    raw_request(server.port, b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    wait_until(lambda: any("red" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "red" in r.getMessage()]
+    assert lines and all("\x1b" not in line and "\x07" not in line for line in lines)
+    assert any("\\x1b[31mred\\x07" in line for line in lines)
+
+
+def test_a_dropped_client_is_one_log_line_without_a_traceback(server, caplog, capfd):
+    """Issue 10 item 7: clients that vanish mid-request (a reset) each leave one log line."""
+    ports = []
+    for partial in (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                    post_bytes("/v1/completions", b'{"model": "tiny-model", "pro')):
+        sock = connect(server)
+        sock.sendall(partial)
+        ports.append(sock.getsockname()[1])
+        time.sleep(0.2)
+        reset(sock)
+    for port in ports:
+        wait_until(lambda: any(f":{port}:" in r.getMessage() for r in caplog.records), what=f"a log line for {port}")
+    time.sleep(0.3)
+    for port in ports:
+        assert len([r for r in caplog.records if f":{port}:" in r.getMessage()]) == 1
+    assert "Traceback" not in capfd.readouterr().err and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_half_closed_client_still_gets_its_answer(server):
+    """Issue 10 item 7: a client that shuts down its sending side after the request (as
+    `curl --no-buffer` or a shell `nc -N` does) is still there to read the answer."""
+    with paused(server.engine):
+        sock = connect(server)
+        sock.sendall(post_bytes("/v1/completions", GOOD))
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: server.engine.queue_state()["waiting_rows"] == 1)
+        time.sleep(0.5)
+    reply = read_all(sock, timeout=30)
+    sock.close()
+    assert statuses(reply) == [200] and answer_text(reply) == GREEDY[0]["new_text"]
+
+
+def test_a_stream_client_gone_while_queued_frees_its_place(server):
+    """Waiting streams write keep-alive comments, so a vanished client is noticed before its turn."""
+    before = dict(server.engine.stats)
+    with paused(server.engine):
+        sock = connect(server)
+        sock.sendall(post_bytes("/v1/completions", {**GOOD, "stream": True}))
+        head = sock.recv(4096)
+        assert statuses(head) == [200]
+        reset(sock)
+        wait_until(lambda: server.engine.stats["cancelled"] > before["cancelled"], what="the cancellation")
+        assert server.engine.queue_state()["waiting_rows"] == 0
+    assert server.engine.stats["admitted_rows"] == before["admitted_rows"]
+
+
+@pytest.mark.parametrize("content_type,status", [
+    ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    (None, 415), ("application/json; charset=latin-1", 415), ("application/json; charset=UTF-8", 200),
+    ("Application/JSON", 200),
+])
+def test_posts_must_be_json(server, content_type, status):
+    """Issue 10 item 10: a web page can send text/plain or form POSTs cross-site without asking;
+    requiring JSON makes the browser ask first (a CORS preflight this server refuses)."""
+    data = json.dumps(GOOD).encode()
+    head = ["POST /v1/completions HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(data)}", "Connection: close"]
+    if content_type:
+        head.append(f"Content-Type: {content_type}")
+    reply = raw_request(server.port, ("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    assert statuses(reply) == [status]
+
+
+@pytest.mark.parametrize("host,status", [
+    ("evil.example", 403), ("evil.example:{port}", 403), ("127.0.0.1.evil.example", 403),
+    ("localhost:{port}", 200), ("127.0.0.1:{port}", 200), ("[::1]:{port}", 200), ("LOCALHOST", 200), (None, 200),
+])
+def test_host_header_is_checked_on_the_default_server(server, host, status):
+    """Issue 10 item 10: DNS rebinding gives a page the server's address under its own name; the
+    Host header then names that page's host, and the default server refuses it."""
+    head = ["GET /v1/models HTTP/1.1", "Connection: close"]
+    if host:
+        head.append("Host: " + host.format(port=server.port))
+    reply = raw_request(server.port, ("\r\n".join(head) + "\r\n\r\n").encode())
+    assert statuses(reply) == [status]
+    assert b"Access-Control-Allow-Origin" not in reply
+
+
+def test_no_cors_unless_asked(server):
+    reply = raw_request(server.port, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://a.example\r\n"
+                                     b"Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n")
+    assert statuses(reply) == [204] and b"Access-Control-Allow" not in reply
+
+
+def test_malformed_json_and_strings_are_400s(server):
+    """Issue 10 item 9: deeply nested JSON, bytes that are not UTF-8 and a lone surrogate in a
+    field name are client errors (not a 500 or a dropped connection); a lone surrogate in a prompt
+    is encoded as U+FFFD."""
+    deep = server.post("/v1/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+    latin1 = server.post("/v1/completions", '{"model": "tiny-model", "prompt": "caf\xe9"}'.encode("latin-1"))
+    assert latin1.status_code == 400 and "UTF-8" in latin1.json()["error"]["message"]
+    field = server.post("/v1/completions", b'{"model": "tiny-model", "\\ud800x": 1}')
+    assert field.status_code == 400 and field.json()["error"]["param"] == "\ud800x"
+    lone = server.post("/v1/completions", b'{"model": "tiny-model", "prompt": "Hi \\ud83d", "max_tokens": 5, '
+                                          b'"temperature": 0}')
+    same = server.post("/v1/completions", {**GOOD, "prompt": "Hi \ufffd", "max_tokens": 5})
+    assert lone.status_code == 200 and lone.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]
+    echo = server.post("/v1/completions", b'{"model": "tiny-model", "prompt": "a\\udfff", "max_tokens": 0, "echo": true}')
+    assert echo.status_code == 200 and echo.json()["choices"][0]["text"] == "a\udfff"
+
+
+def test_a_megabyte_prompt_is_refused_by_its_length(server):
+    """Issue 10 item 5: refused as too many bytes for the context, before any BPE."""
+    r = server.post("/v1/completions", {"model": MODEL_ID, "prompt": "x" * 1_000_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "bytes" in r.json()["error"]["message"]
+
+
+def test_without_select_poll(monkeypatch):
+    """Windows has no select.poll (and socketserver falls back to select.select): requests that wait,
+    streams and vanishing stream clients work there too (they answered 500 before)."""
+    import select
+    import selectors
+    import socketserver
+
+    monkeypatch.delattr(select, "poll", raising=False)
+    monkeypatch.delattr(selectors, "PollSelector", raising=False)
+    monkeypatch.setattr(socketserver, "_ServerSelector", selectors.SelectSelector)
+    windows = Running(limits=Limits(**LIMITS))
+    try:
+        with paused(windows.engine):
+            sock = connect(windows)
+            sock.sendall(post_bytes("/v1/completions", GOOD))
+            wait_until(lambda: windows.engine.queue_state()["waiting_rows"] == 1)
+            time.sleep(0.5)  # waits longer than the old server's 0.2 s poll
+        reply = read_all(sock, timeout=30)
+        sock.close()
+        assert statuses(reply) == [200] and answer_text(reply) == GREEDY[0]["new_text"]
+        stream = windows.post("/v1/completions", {**GOOD, "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in sse_events(stream.text)) == GREEDY[0]["new_text"]
+        before = windows.engine.stats["cancelled"]
+        with connect(windows) as gone:
+            gone.sendall(post_bytes("/v1/completions", {**GOOD, "max_tokens": 250, "stream": True}))
+            gone.recv(4096)
+        wait_until(lambda: windows.engine.stats["cancelled"] > before, what="the cancellation")
+    finally:
+        windows.stop()
