@@ -2,8 +2,9 @@
 
     python -m gpt2.serve --model 124M [--models-dir models] [--host 127.0.0.1] [--port 5000]
 
-Start-up: the address is claimed first (a taken port fails at once), then the model is loaded and
-every program requests use is compiled, and only then does the port accept connections. SIGTERM
+Start-up: the address is claimed first (a taken port fails at once), then every program requests
+use is compiled (before the weights are read, so the compiler's memory is free again when they
+need theirs), the weights are loaded, and only then does the port accept connections. SIGTERM
 or Ctrl-C: no new requests (503), waiting rows fail, running rows get --shutdown-grace seconds to
 finish (then are cut short), answers are written, and the process exits 0.
 
@@ -18,7 +19,7 @@ import threading
 import time
 
 from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, parse, positive_int,
-                      quiet_tensorflow, run)
+                      import_tensorflow, run)
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
@@ -80,7 +81,10 @@ def build_parser():
                              "address only localhost/127.0.0.1/::1 are accepted (DNS rebinding); with "
                              "--allowed-host the check applies to any address")
     access.add_argument("--no-playground", action="store_true", help="do not serve the playground page at /")
-    add("--no-xla", action="store_true", help="compile without XLA: faster start-up, slower generation")
+    add("--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="bfloat16 holds the weights in half the memory, with slightly different numbers (default: float32)")
+    add("--no-xla", action="store_true", help="compile without XLA: faster start-up, slower generation "
+                                              "(bfloat16 never uses XLA: it is slower there on CPUs)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="info logs one line per request (default: info)")
     return parser
@@ -142,19 +146,30 @@ def _serve(args, api_key):
     except (OSError, OverflowError) as error:
         return fail(f"cannot listen on {args.host}:{args.port}: {error}", EXIT_ERROR)
 
-    quiet_tensorflow()  # must precede the first TensorFlow import
+    import_tensorflow()  # quietly, before anything else imports it
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.serve.engine import Engine
 
     model_dir = resolve_model_dir(args.model, args.models_dir)
-    model = load_model(model_dir)
     enc = encoder_for_model_dir(model_dir)
-    loaded = time.perf_counter()
+    engines = []
+
+    def compile_first(model):
+        """Compiles every program before the weights are read: the compiler's memory is free
+        again before the weights take theirs (see gpt2.load_model)."""
+        jit = False if args.no_xla else model.default_jit_compile
+        log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
+                        jit_compile=jit, steps_per_run=args.steps_per_run)
+        engine.warm_up()
+        engines.append(engine)
+
+    model = load_model(model_dir, dtype=args.dtype, before_weights=compile_first)
+    engine, = engines
+    log.info("loaded %s (compiled and read) in %.1f s", model_dir, time.perf_counter() - started)
     folder_name = os.path.basename(os.path.normpath(model_dir))
     model_id = args.model_id or folder_name
-    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
-                    jit_compile=not args.no_xla, steps_per_run=args.steps_per_run)
     proto = protocol.Protocol(enc, model.hparams.n_ctx, (model_id, args.model, folder_name),
                               n_vocab=model.hparams.n_vocab, max_tokens_limit=args.max_tokens_limit,
                               max_request_rows=args.max_request_rows)
@@ -163,8 +178,6 @@ def _serve(args, api_key):
         allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
     server.app = httpd.App(engine, proto, model_id, api_key=api_key, limits=limits, cors_origins=args.cors_origin,
                            allowed_hosts=allowed, playground=not args.no_playground)
-    log.info("loaded %s in %.1f s; compiling (%s) ...", model_dir, loaded - started, "no XLA" if args.no_xla else "XLA")
-    engine.warm_up()
     engine.start()
     server.server_activate()
     if not httpd.is_loopback(args.host) and api_key is None:
