@@ -70,6 +70,41 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def import_tensorflow():
+    """quiet_tensorflow(), then imports TensorFlow, for tools that need it at once.
+
+    TensorFlow 2.21 prints a few lines while it is imported whatever the log level (logging
+    before absl::InitializeLog, tensorflow/tensorflow#102212), so unless the user set their own
+    level the import runs with file descriptor 2 caught; what it caught is shown only if the
+    import fails."""
+    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and "tensorflow" not in sys.modules
+    quiet_tensorflow()
+    try:
+        if quiet:
+            sys.stderr.flush()
+            saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded): import plainly
+        quiet = False
+    if not quiet:
+        import tensorflow  # noqa: F401
+
+        return
+    import tempfile
+
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401, F811
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def parse(parser, argv):
     """(args, None), or (None, exit code) for --help or a usage error (already printed)."""
     try:

@@ -24,7 +24,7 @@ from gpt2.cli import (
     DEFAULT_MODEL,
     DEFAULT_MODELS_DIR,
     EXIT_OK,
-    quiet_tensorflow,
+    import_tensorflow,
 )
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import number as _number
@@ -113,7 +113,7 @@ def main(argv=None):
 
 def _run(args):
     sizes = [check_text_file(path) for path in args.files]
-    quiet_tensorflow()  # must precede the first TensorFlow import
+    import_tensorflow()  # quietly, before anything else imports it
     from tqdm import tqdm
 
     from encoder import encoder_for_model_dir

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from gpt2 import cli
-from gpt2.cli import DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_OK, quiet_tensorflow
+from gpt2.cli import DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_OK, import_tensorflow
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import non_negative_int as _non_negative_int
 from gpt2.cli import positive_int as _positive_int
@@ -59,7 +59,7 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     from gpt2.checkpoint import resolve_model_dir
 
     model_dir = resolve_model_dir(model, models_dir)
-    quiet_tensorflow()  # must precede the first TensorFlow import
+    import_tensorflow()  # quietly, before anything else imports it
     import tensorflow as tf
 
     from encoder import encoder_files_for_model_dir

@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 from gpt2.cli import (DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
-                      quiet_tensorflow)
+                      import_tensorflow)
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import positive_int as _positive_int
@@ -259,7 +259,7 @@ def main(argv=None):
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    quiet_tensorflow()  # must precede the first TensorFlow import
+    import_tensorflow()  # quietly, before anything else imports it
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from gpt2 import cli
-from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, quiet_tensorflow
+from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, import_tensorflow
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import number as _number
@@ -184,7 +184,7 @@ def _run(args, output):
     from gpt2.train.state import TrainingError, check_output
 
     check_output(output, args.resume, args.overwrite)  # before anything slow
-    quiet_tensorflow()  # must precede the first TensorFlow import
+    import_tensorflow()  # quietly, before anything else imports it
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.train.trainer import finetune
 
