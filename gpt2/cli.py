@@ -2,6 +2,7 @@
 usage errors, number types, one-line error reports, and quieting TensorFlow's start-up logs."""
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -63,6 +64,22 @@ def user_errors():
     return tuple(kinds)
 
 
+def add_model_arguments(parser, required=False, role="the model"):
+    """--model and --models-dir, worded alike by every tool (`parser` may be an argument group).
+    required: no default model (the server names what it serves)."""
+    default = None if required else DEFAULT_MODEL
+    parser.add_argument(
+        "--model", default=default, required=required, metavar="NAME_OR_DIR",
+        help=f"{role}: a size (124M, 355M, 774M, 1558M; old names 117M, 345M) looked up under --models-dir, "
+             "or the path of any model folder in OpenAI's or Hugging Face's layout (fine-tuned ones too)"
+             + ("" if required else f" (default: {DEFAULT_MODEL})"),
+    )
+    parser.add_argument(
+        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+        help=f"folder holding downloaded models, one subfolder per size (default: {DEFAULT_MODELS_DIR})",
+    )
+
+
 def quiet_tensorflow():
     """TensorFlow logs at error level what is not an error for a user (every hit of the XLA
     compilation cache, missing CUDA drivers on a CPU machine): keep only fatal ones, unless the
@@ -86,15 +103,14 @@ def import_tensorflow():
     except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded): import plainly
         quiet = False
     if not quiet:
-        import tensorflow  # noqa: F401
-
+        importlib.import_module("tensorflow")
         return
     import tempfile
 
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401, F811
+            importlib.import_module("tensorflow")
         except BaseException:
             os.dup2(saved, 2)
             caught.seek(0)

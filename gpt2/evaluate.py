@@ -21,8 +21,7 @@ import sys
 
 from gpt2 import cli
 from gpt2.cli import (
-    DEFAULT_MODEL,
-    DEFAULT_MODELS_DIR,
+    add_model_arguments,
     EXIT_OK,
     import_tensorflow,
 )
@@ -46,15 +45,7 @@ def build_parser(prog="python -m gpt2.evaluate"):
         epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files to score")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
-        help="model size (124M, 355M, 774M, 1558M) looked up under --models-dir, or the path "
-             f"of a model folder (default: {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
-        help=f"folder holding downloaded models (default: {DEFAULT_MODELS_DIR})",
-    )
+    add_model_arguments(parser, role="the model to score with")
     parser.add_argument(
         "--stride", type=_positive_int, metavar="S",
         help="tokens between window starts, at most the model's context; after the first "

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from gpt2 import cli
-from gpt2.cli import DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_OK, import_tensorflow
+from gpt2.cli import DEFAULT_MODELS_DIR, EXIT_OK, add_model_arguments, import_tensorflow
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import non_negative_int as _non_negative_int
 from gpt2.cli import positive_int as _positive_int
@@ -113,15 +113,7 @@ def build_parser(prog="python -m gpt2.export"):
         ),
         epilog="example: python -m gpt2.export --model 124M --output exports/gpt2",
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
-        help="model size (124M, 355M, 774M, 1558M) looked up under --models-dir, or the path of a "
-             f"model folder in OpenAI's or Hugging Face's layout (default: {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
-        help=f"folder holding downloaded models (default: {DEFAULT_MODELS_DIR})",
-    )
+    add_model_arguments(parser, role="the model to export")
     parser.add_argument("--output", required=True, metavar="OUT",
                         help="the model's base folder for TF Serving; the export goes to OUT/VERSION (required)")
     parser.add_argument("--version", type=_non_negative_int, default=DEFAULT_VERSION, metavar="N",

@@ -16,7 +16,7 @@ import os
 import sys
 import textwrap
 
-from gpt2.cli import (DEFAULT_MODEL, DEFAULT_MODELS_DIR, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
                       import_tensorflow)
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
@@ -91,16 +91,7 @@ def build_parser(prog=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
-        help="model size (124M, 355M, 774M, 1558M; old names 117M, 345M) looked up under "
-             "--models-dir, or the path of a model folder in OpenAI's or Hugging Face's layout "
-             f"(default: {DEFAULT_MODEL})",
-    )
-    model.add_argument(
-        "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
-        help=f"folder holding downloaded models, one subfolder per size (default: {DEFAULT_MODELS_DIR})",
-    )
+    add_model_arguments(model)
     model.add_argument(
         "--download", action="store_true",
         help="download the model into --models-dir first if it is not there (default: off: a "

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail, number, parse, positive_int,
+from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, number, parse, positive_int,
                       import_tensorflow, run)
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
@@ -39,8 +39,7 @@ def build_parser():
                     "and /v1/models, POST /generate, GET /health, and a playground page at /.",
     )
     add = parser.add_argument
-    add("--model", required=True, help="model name under --models-dir (124M, ...) or a model folder")
-    add("--models-dir", default="models", help="folder holding downloaded models (default: models)")
+    add_model_arguments(parser, required=True, role="the model to serve")
     add("--host", default="127.0.0.1",
         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 = all interfaces)")
     add("--port", type=int, default=5000, help="port, 0..65535 (default: 5000; 0 = any free port)")

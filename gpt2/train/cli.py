@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from gpt2 import cli
-from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, import_tensorflow
+from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments, import_tensorflow
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import number as _number
@@ -59,11 +59,7 @@ def build_parser(prog=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("model and output")
-    group.add_argument("--model", default=d["model"], metavar="NAME_OR_DIR",
-                       help="the model to start from: a size under --models-dir or any model folder, "
-                            f"fine-tuned ones included (default: {d['model']})")
-    group.add_argument("--models-dir", default=d["models_dir"], metavar="DIR",
-                       help=f"folder holding downloaded models (default: {d['models_dir']})")
+    add_model_arguments(group, role="the model to start from")
     group.add_argument("--output", metavar="DIR",
                        help="the model folder to write (default: --models-dir/--run-name)")
     group.add_argument("--run-name", default=d["run_name"], metavar="NAME",
