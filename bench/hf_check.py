@@ -1,6 +1,6 @@
 """Checks the Hugging Face folders this project writes and reads against real `transformers`.
 
-    /work/venv-bench/bin/python bench/hf_check.py [--shapes tiny,124M] [--tokens 64]
+    .venv-bench/bin/python bench/hf_check.py [--shapes tiny,124M] [--tokens 64]
 
 Needs the bench virtualenv (torch CPU + transformers, see bench/README.md); not a test: the
 project never depends on them. For each model (the tests' tiny fixture, and random-weight

@@ -1,6 +1,6 @@
 """lm-evaluation-harness against the HTTP server: a small local task, both request kinds.
 
-    /work/venv-bench/bin/python bench/lm_eval_run.py [--model-dir DIR | --url http://127.0.0.1:5000]
+    .venv-bench/bin/python bench/lm_eval_run.py [--model-dir DIR | --url http://127.0.0.1:5000]
                                                     [--num-concurrent 4] [--limit N]
 
 Runs `lm_eval --model local-completions` (lm-eval must be installed in the Python running this

@@ -1,8 +1,8 @@
 """Fine-tuning speed and memory: this project's training step beside its peers, and a memory table.
 
-    flock /work/heavy.lock python bench/train_speed.py speed [--shape 124M] [--seq-len 256]
+    python bench/train_speed.py speed [--shape 124M] [--seq-len 256]
         [--batch-size 4] [--steps 5] [--reps 3] [--peers hf,kerashub] [--ours fp32,xla,bf16]
-    flock /work/heavy.lock python bench/train_speed.py memory [--shapes 124M,355M,774M,1558M]
+    python bench/train_speed.py memory [--shapes 124M,355M,774M,1558M]
         [--options full,recompute,lora,lora+recompute,bf16] [--steps 2]
 
 Systems (fp32, same GPT-2 shape, random token windows, AdamW lr 1e-4, weight decay 0.01, global
@@ -23,7 +23,7 @@ pipe. Workers start one after another; each takes one step right away (tracing/c
 system, ...), each rep `--steps` optimizer steps, so drift of the shared machine hits all alike.
 tokens/s = steps * batch * seq_len / rep time (median and best rep). Peak RSS is the worker's
 ru_maxrss at exit. The workers are alive together (at 124M, batch 4 x 256: about 5 GiB each, so
-about 20 GiB with the defaults): run under `flock /work/heavy.lock` on an otherwise idle machine.
+about 20 GiB with the defaults): run it on an otherwise idle machine (under a memory lock such as `flock` if it is shared).
 
 Memory mode runs one worker per (shape, option), one after another: load, `--steps` steps,
 peak RSS. full = every weight trains; recompute = gradient checkpointing per block; lora = rank
@@ -371,7 +371,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--peers", default=",".join(PEERS), help="speed: subset of " + ",".join(PEERS))
     parser.add_argument("--ours", default="fp32,bf16", help="speed: our variants, subset of fp32,xla,bf16")
-    parser.add_argument("--models-dir", help="take (or write) random checkpoints here, e.g. /work/models "
+    parser.add_argument("--models-dir", help="take (or write) random checkpoints here, e.g. models "
                                              "(default: bench/.cache)")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
