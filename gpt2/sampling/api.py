@@ -47,10 +47,10 @@ def prepare(model, rows=1, jit_compile=None):
     memory compiling used is handed back to the system, so the peak is not weights + compiler."""
     with _Lease(model, rows, jit_compile) as pool:
         pool.run(0)
-    _release_free_memory()
+    release_free_memory()
 
 
-def _release_free_memory():
+def release_free_memory():
     """Returns memory freed by the compiler to the system (glibc keeps it otherwise)."""
     gc.collect()
     try:

@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 
-from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, number, parse, positive_int,
-                      import_tensorflow, run)
+from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, import_tensorflow,
+                      number, parse, positive_int, run)
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
@@ -148,6 +148,7 @@ def _serve(args, api_key):
     import_tensorflow()  # quietly, before anything else imports it
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.sampling.api import release_free_memory
     from gpt2.serve.engine import Engine
 
     model_dir = resolve_model_dir(args.model, args.models_dir)
@@ -162,6 +163,7 @@ def _serve(args, api_key):
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
                         jit_compile=jit, steps_per_run=args.steps_per_run)
         engine.warm_up()
+        release_free_memory()
         engines.append(engine)
 
     model = load_model(model_dir, dtype=args.dtype, before_weights=compile_first)
