@@ -186,13 +186,22 @@ def _pad(rows, n_rows, length):
 
 # ----------------------------------------------------------------------------- score
 
-def _rows_of(tokens, n_vocab):
+def _array_of(tokens, ndim, expected):
+    """tokens as a NumPy array if it is a tensor or an array (of `ndim` dimensions, else a
+    ValueError saying `expected`), else None (a Python sequence or iterator)."""
     if isinstance(tokens, tf.Tensor):
         tokens = tokens.numpy()
-    if isinstance(tokens, np.ndarray):
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be 2-D [rows, tokens] or a list of token lists, got shape {tokens.shape}")
-        tokens = list(tokens)
+    if not isinstance(tokens, np.ndarray):
+        return None
+    if tokens.ndim != ndim:
+        raise ValueError(f"tokens must be {expected}, got shape {tokens.shape}")
+    return tokens
+
+
+def _rows_of(tokens, n_vocab):
+    array = _array_of(tokens, 2, "2-D [rows, tokens] or a list of token lists")
+    if array is not None:
+        tokens = list(array)
     try:
         rows = list(tokens)
     except TypeError:
@@ -298,12 +307,9 @@ def window_count(n_tokens, n_ctx, stride):
 
 def _token_chunks(tokens, n_vocab):
     """A 1-D sequence of ids, or an iterable of ids and/or 1-D chunks of ids -> int32 chunks."""
-    if isinstance(tokens, tf.Tensor):
-        tokens = tokens.numpy()
-    if isinstance(tokens, np.ndarray):
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be one sequence (1-D), got shape {tokens.shape}")
-        yield _as_ids(tokens, n_vocab, "tokens")
+    array = _array_of(tokens, 1, "one sequence (1-D)")
+    if array is not None:
+        yield _as_ids(array, n_vocab, "tokens")
         return
     scalars = []
     for item in tokens:
