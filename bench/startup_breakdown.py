@@ -5,8 +5,9 @@ steps timed in turn in one process (run it twice; the second run has a warm comp
 
 Default model: the random 124M checkpoint in bench/.cache/124M (written once). The steps follow
 generate.py: import TensorFlow, import gpt2 and read the BPE files, build the model without its
-weights, prepare (trace, lower, compile or fetch from the cache, run once) the sampler, read the
-weights, then two greedy calls of --length tokens (the second shows what the first paid extra).
+weights, prepare (trace, lower, compile or fetch from the cache, run once) the compiled sampler if
+the run needs it (short runs use the uncompiled sampler: nothing to compile), read the weights,
+then two greedy calls of --length tokens (the second shows what the first paid extra).
 """
 
 import argparse
@@ -45,8 +46,9 @@ def main(argv=None):
 
     def before_weights(model):
         mark("build the model (no weights)")
-        api.prepare(model, 1)
-        mark("prepare the sampler: trace, lower, compile or cache hit, run once")
+        if api.will_compile(model, 1, 1, args.length):
+            api.prepare(model, 1)
+            mark("prepare the compiled sampler: trace, lower, compile or cache hit, run once")
 
     model = load_model(model_dir, before_weights=before_weights)
     mark("read the weights")

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import textwrap
+import threading
 
 from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
                       import_tensorflow)
@@ -267,13 +268,34 @@ def _run(args):
             mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
     )
     if mode == "interactive":
-        sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
+        sampler.load(model_dir, load_model)
         return _interactive(sampler)
     prompt_ids = sampler.check_prompt([enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text))
     # After the checks: loading takes a while. The sampler compiles before the weights are read.
-    sampler.model = _load_model(model_dir, load_model, **sampler.load_options())
+    sampler.load(model_dir, load_model)
     sampler.print_samples(prompt_ids, prompt_number=0)
     return EXIT_OK
+
+
+class _Background:
+    """function(*args) in a daemon thread; `wait` joins it and raises what it raised."""
+
+    def __init__(self, function, *args):
+        self._error = None
+
+        def run():
+            try:
+                function(*args)
+            except BaseException as error:  # handed to wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def wait(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _load_model(model_dir, load_model, **options):
@@ -406,14 +428,28 @@ class _Sampler:
         self.stream = stream
         self.jit_compile = False if args.no_xla else None  # None: the model's default
 
+    def load(self, model_dir, load_model):
+        """Loads the model with the sampler made ready beside it (see load_options)."""
+        self._tracing = None
+        self.model = _load_model(model_dir, load_model, **self.load_options())
+        if self._tracing is not None:
+            self._tracing.wait()
+
     def load_options(self):
-        """load_model's options: the dtype, and compiling the sampler before the weights load."""
+        """load_model's options: the dtype, and, before the weights are read, compiling the
+        sampler when the run will need it, else tracing the uncompiled sampler (short runs, see
+        gpt2.sampling.api) in a thread while they are read."""
 
         def compile_sampler(model):
-            from gpt2.sampling import api
+            from gpt2.sampling import api, direct
 
-            self._say_if_compiling(api, min(self.args.batch_size, self.args.nsamples), model)
-            api.prepare(model, min(self.args.batch_size, self.args.nsamples), self.jit_compile)
+            rows = min(self.args.batch_size, self.args.nsamples)
+            steps = self.args.length * -(-self.args.nsamples // rows)
+            if steps > api.direct_steps() or api.will_compile(model, rows, 1, self.args.length, self.jit_compile):
+                self._say_compiling()
+                api.prepare(model, rows, self.jit_compile)
+            else:  # trace the uncompiled sampler while the weights are read
+                self._tracing = _Background(direct.prepare, model)
 
         return dict(dtype=self.args.dtype, before_weights=compile_sampler)
 
@@ -439,7 +475,8 @@ class _Sampler:
             count = min(per_batch, args.nsamples - first)
             options = dict(settings=self.settings, window_keep=self.window_keep, seeds=seeds[first:first + count],
                            stop_token=self.stop_token, jit_compile=self.jit_compile)
-            self._say_if_compiling(api, count)
+            if api.will_compile(self.model, count, len(prompt_ids), args.length, self.jit_compile):
+                self._say_compiling()
             if self.stream and count == 1:
                 _print_header(out, first + 1)
                 self._stream_one(api.stream_rows(self.model, [prompt_ids], args.length, **options), out)
@@ -454,14 +491,11 @@ class _Sampler:
         out.write("=" * 80 + "\n")
         out.flush()
 
-    def _say_if_compiling(self, api, rows, model=None):
+    @staticmethod
+    def _say_compiling():
         """Tells the user why the first sample of a batch size takes a while."""
-        model = model or self.model
-        size = api.pool_size_for(model, rows)
-        jit = model.default_jit_compile if self.jit_compile is None else self.jit_compile
-        if not any(pool.slots == size and pool.jit_compile == jit for pool in api.pools_of(model)):
-            print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
-                  flush=True)
+        print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
+              flush=True)
 
     def _stream_one(self, steps, out):
         """Writes one row's text as its tokens arrive (complete characters only)."""

@@ -1,10 +1,11 @@
 """The sampler's public functions: `sample_sequence`, `stream`, `generate` and `sample_rows`.
 
-Each call admits its rows into a pool of decoding slots (`gpt2.sampling.pool`) and runs the
-compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models whose
-cache is small); a call with more rows than the largest pool runs them in waves, a finished row's
-slot taking the next waiting row. The
-compiled program depends only on the model and the pool size, so new prompts, lengths and
+A short job runs on the uncompiled sampler (`gpt2.sampling.direct`: no compile wait, each step
+about a quarter slower) until a model's direct steps add up to `direct_steps()`, what compiling
+costs. Other calls admit their rows into a pool of decoding slots (`gpt2.sampling.pool`) and run
+the compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models
+whose cache is small); a call with more rows than the largest pool runs them in waves, a finished
+row's slot taking the next waiting row. The compiled program depends only on the model and the pool size, so new prompts, lengths and
 settings never recompile. Generation may run past n_ctx: the window slides (see
 `gpt2.sampling.decoder`).
 
@@ -13,12 +14,14 @@ Shapes: b = rows (prompts), n = tokens.
 
 import ctypes
 import gc
+import os
 import threading
 import time
 import weakref
 
 import numpy as np
 
+from gpt2.sampling import direct
 from gpt2.sampling.decoder import Decoder
 from gpt2.sampling.pool import RUN_ITERATIONS, Pool, RowRequest
 from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_prompt,
@@ -31,6 +34,23 @@ LARGE_POOL_BYTES = 1 << 30
 _pools = weakref.WeakKeyDictionary()  # model -> {(slots, jit_compile): [Pool, ...]}
 _pools_lock = threading.Lock()
 
+# Steps (tokens per row) the uncompiled sampler runs for a model before the compiled loop takes
+# over: about where the compiled loop's faster steps have paid for tracing and lowering it with a
+# warm compilation cache (124M: ~4 s against ~7 ms a step; bench/startup.py, BENCHMARKS.md).
+# The environment variable GPT2_DIRECT_STEPS overrides it (0: always compile).
+DIRECT_STEPS = 512
+_direct_steps = weakref.WeakKeyDictionary()  # model -> steps run by the uncompiled sampler
+
+
+def direct_steps():
+    """The uncompiled sampler's budget of steps per model: GPT2_DIRECT_STEPS or DIRECT_STEPS."""
+    value = os.environ.get("GPT2_DIRECT_STEPS", "").strip()
+    if not value:
+        return DIRECT_STEPS
+    if not value.isdigit():
+        raise ValueError(f"GPT2_DIRECT_STEPS must be a whole number of steps (0: always compile), got {value!r}")
+    return int(value)
+
 
 def pool_size_for(model, rows):
     """The pool a call with `rows` rows uses: the smallest that holds them, of at most 8 slots,
@@ -38,6 +58,31 @@ def pool_size_for(model, rows):
     row_bytes = Decoder(model, 1).cache_bytes()
     allowed = [size for size in POOL_SIZES if size <= ALWAYS_ALLOWED_SLOTS or size * row_bytes <= LARGE_POOL_BYTES]
     return next((size for size in allowed if size >= rows), allowed[-1])
+
+
+def _pool_key(model, rows, jit_compile):
+    return pool_size_for(model, rows), model.default_jit_compile if jit_compile is None else bool(jit_compile)
+
+
+def _plan(model, rows, prompt_lengths, steps, jit_compile=None, logprobs=False):
+    """How a job runs: "compiled" (its pool is compiled already), "direct" (the uncompiled
+    sampler: jit_compile left to the default, at most 8 rows, prompts of one length, text within
+    n_ctx, no logprobs, and the model's direct steps so far + `steps` <= direct_steps()) or
+    "compile" (compile its pool first)."""
+    slots, jit = _pool_key(model, rows, jit_compile)
+    if _pools.get(model, {}).get((slots, jit)):
+        return "compiled"
+    if (jit_compile is None and not logprobs and rows <= ALWAYS_ALLOWED_SLOTS and len(set(prompt_lengths)) == 1
+            and max(prompt_lengths) + steps <= model.hparams.n_ctx
+            and _direct_steps.get(model, 0) + steps <= direct_steps()):
+        return "direct"
+    return "compile"
+
+
+def will_compile(model, rows, prompt_length, length, jit_compile=None):
+    """Whether sampling `length` tokens after `rows` prompts of `prompt_length` tokens would
+    compile a program first (generate.py says "compiling..." then)."""
+    return _plan(model, rows, [prompt_length] * rows, length, jit_compile) == "compile"
 
 
 def prepare(model, rows=1, jit_compile=None):
@@ -69,7 +114,7 @@ class _Lease:
     unfinished `stream` generator)."""
 
     def __init__(self, model, rows, jit_compile):
-        key = (pool_size_for(model, rows), model.default_jit_compile if jit_compile is None else bool(jit_compile))
+        key = _pool_key(model, rows, jit_compile)
         with _pools_lock:
             pools = _pools.setdefault(model, {}).setdefault(key, [])
             self.pool = next((pool for pool in pools if pool.lock.acquire(blocking=False)), None)
@@ -94,7 +139,16 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
 
     iterations_per_run: loop iterations per compiled call (1 streams token by token); by default
     as many as fit in about CALL_SECONDS, so Ctrl-C (handled between calls) stops within that.
+    Short jobs run on the uncompiled sampler instead (see `_plan`), token by token.
     """
+    steps = max(request.max_new for request in requests)
+    plan = _plan(model, len(requests), [len(request.prompt) for request in requests], steps, jit_compile,
+                 any(request.logprobs for request in requests))
+    if plan == "direct":
+        with _pools_lock:
+            _direct_steps[model] = _direct_steps.get(model, 0) + steps
+        yield from direct.decode_rows(model, requests)
+        return
     budget = _IterationBudget(iterations_per_run)
     with _Lease(model, len(requests), jit_compile) as pool:
         waiting = list(range(len(requests)))

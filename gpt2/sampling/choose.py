@@ -13,12 +13,24 @@ TOP_LOGPROBS = 5  # most alternatives the sampler can report per token (OpenAI's
 def row_uniforms(seed, counter):
     """One uniform number in [0, 1) per row, from the row's own stream: draw `counter` of the
     stream `seed`. seed, counter: int32 [b] -> float32 [b]. A row's numbers depend on nothing
-    else, so a seeded row draws the same tokens alone or in any batch."""
-    return tf.map_fn(
-        lambda pair: tf.random.stateless_uniform([], pair),
-        tf.stack([seed, counter], axis=1),
-        fn_output_signature=tf.float32,
-    )
+    else, so a seeded row draws the same tokens alone or in any batch.
+
+    The stream is a counter-based hash in 32-bit integer arithmetic (a Weyl sequence started at
+    a hash of the seed, each value mixed by Wellons' `lowbias32`; 24 bits per draw), so XLA, plain
+    graphs and NumPy give the same numbers. (TensorFlow's stateless random ops draw different
+    numbers under XLA than without it, even with the algorithm named.)"""
+    start = _lowbias32(tf.bitcast(seed, tf.uint32) ^ tf.constant(0x5BD1E995, tf.uint32))
+    bits = _lowbias32(start + tf.bitcast(counter, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32))
+    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
+
+
+def _lowbias32(x):
+    """A 32-bit integer hash with low bias (uint32 in and out, multiplication modulo 2^32)."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
 
 
 def invert_cdf(logits, uniform):
@@ -80,6 +92,34 @@ def choose_tokens(logits, temperature, top_k, top_p, uniform):
         return tf.where(sampling, tf.where(exact, from_candidates, drawn), greedy)
 
     return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
+
+
+def next_tokens(logits, rows, ready):
+    """Each row's next token from its model logits, as OpenAI's sampler with this project's
+    extensions: repetition/presence/frequency penalties and logit bias, then `choose_tokens`
+    with the row's own draw. One rule for the compiled loop and the uncompiled sampler.
+
+    logits: float32 [b, V]; rows: a dict of per-row tensors: temperature, top_p,
+    presence_penalty, frequency_penalty, repetition_penalty float32 [b], top_k, seed, generated
+    (tokens made so far: the draw's index in the row's stream) int32 [b], logit_bias float32
+    [b, V], counts int32 [b, V] (generated tokens), prompt_seen bool [b, V]; ready: bool [b],
+    the rows taking a token now (the others' choices are ignored; they only skip work).
+    Returns (the processed logits [b, V], tokens int32 [b])."""
+    counts = rows["counts"]
+    penalised = (tf.not_equal(rows["repetition_penalty"], 1.0) | tf.not_equal(rows["presence_penalty"], 0.0)
+                 | tf.not_equal(rows["frequency_penalty"], 0.0))
+    logits = tf.cond(
+        tf.reduce_any(ready & penalised),
+        lambda: processors.apply_penalties(
+            logits, counts, rows["prompt_seen"] | (counts > 0), rows["presence_penalty"],
+            rows["frequency_penalty"], rows["repetition_penalty"], rows["logit_bias"]),
+        lambda: logits + rows["logit_bias"],
+    )
+    sampling = rows["temperature"] > 0.0
+    uniform = tf.cond(tf.reduce_any(ready & sampling),
+                      lambda: row_uniforms(rows["seed"], rows["generated"]),
+                      lambda: tf.zeros(tf.shape(sampling), tf.float32))
+    return logits, choose_tokens(logits, rows["temperature"], rows["top_k"], rows["top_p"], uniform)
 
 
 def logprobs_of(logits, tokens):

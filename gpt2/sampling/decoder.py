@@ -273,21 +273,7 @@ class Decoder:
         batch = _batch(state)
         rows = tf.range(batch)
         ready = state["active"] & ~state["done"] & tf.equal(state["cached"], state["filled"])
-        counts = state["counts"]
-        penalised = (tf.not_equal(state["repetition_penalty"], 1.0) | tf.not_equal(state["presence_penalty"], 0.0)
-                     | tf.not_equal(state["frequency_penalty"], 0.0))
-        logits = tf.cond(
-            tf.reduce_any(ready & penalised),
-            lambda: processors.apply_penalties(
-                state["logits"], counts, state["prompt_seen"] | (counts > 0), state["presence_penalty"],
-                state["frequency_penalty"], state["repetition_penalty"], state["logit_bias"]),
-            lambda: state["logits"] + state["logit_bias"],
-        )
-        sampling = state["temperature"] > 0.0
-        uniform = tf.cond(tf.reduce_any(ready & sampling),
-                          lambda: choose.row_uniforms(state["seed"], state["generated"]),
-                          lambda: tf.zeros([batch], tf.float32))
-        tokens = choose.choose_tokens(logits, state["temperature"], state["top_k"], state["top_p"], uniform)
+        logits, tokens = choose.next_tokens(state["logits"], state, ready)
         top = choose.TOP_LOGPROBS
         logprob, top_ids, top_logprobs = tf.cond(
             tf.reduce_any(ready & state["want_logprobs"]),
@@ -295,7 +281,7 @@ class Decoder:
             lambda: (tf.zeros([batch]), tf.zeros([batch, top], tf.int32), tf.zeros([batch, top])),
         )
         index = tf.stack([rows, tokens], axis=1)
-        state["counts"] = tf.tensor_scatter_nd_add(counts, index, tf.cast(ready, tf.int32))
+        state["counts"] = tf.tensor_scatter_nd_add(state["counts"], index, tf.cast(ready, tf.int32))
         state["generated"] += tf.cast(ready, tf.int32)
         finished = ready & (tf.equal(tokens, state["stop_token"]) | (state["generated"] >= state["max_new"]))
         state["done"] |= finished

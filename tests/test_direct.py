@@ -1,0 +1,154 @@
+"""The uncompiled sampler short jobs start on (gpt2.sampling.direct) and the rule that picks it:
+same tokens as the compiled loop and OpenAI's fixture, and compiling once its budget is spent."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2.sampling import api, choose, direct
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+TINY_MODEL = os.path.join(TESTS, "data", "tiny-model")
+
+
+@pytest.fixture
+def direct_budget(monkeypatch):
+    """The library's real rule (conftest turns the uncompiled sampler off for the other tests)."""
+    monkeypatch.delenv("GPT2_DIRECT_STEPS", raising=False)
+
+
+@pytest.fixture
+def fresh_model():
+    """A model of its own: the budget of steps is counted per model."""
+    return gpt2.load_model(TINY_MODEL)
+
+
+def test_greedy_equals_the_reference_and_the_compiled_loop(direct_budget, fresh_model, reference):
+    cases = [(case["prompt_ids"], case["all_ids"]) for case in reference["greedy"]["cases"]]
+    for prompt, expected in cases:
+        quick = gpt2.sample_sequence(fresh_model, [prompt], len(expected) - len(prompt), temperature=0)
+        np.testing.assert_array_equal(quick[0], expected)
+    assert not api.pools_of(fresh_model), "a short greedy job compiled a program"
+    for prompt, expected in cases:
+        compiled = gpt2.sample_sequence(fresh_model, [prompt], len(expected) - len(prompt), temperature=0,
+                                        jit_compile=True)
+        np.testing.assert_array_equal(compiled[0], expected)
+
+
+def test_seeded_sampling_equals_the_compiled_loop_with_every_setting(direct_budget, fresh_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    settings = dict(temperature=[1.0, 0.7, 1.3, 0.0], top_k=[0, 5, 40, 0], top_p=[1.0, 0.9, 0.5, 1.0],
+                    presence_penalty=[0.0, 0.5, 0.0, 1.0], frequency_penalty=[0.0, 0.0, 0.3, 0.5],
+                    repetition_penalty=[1.0, 1.3, 1.0, 1.2], logit_bias=[None, {13: 5.0}, None, {11: -100.0}],
+                    seeds=[5, 6, 7, 8])
+    quick = api.sample_rows(fresh_model, [prompt] * 4, 24, **settings)
+    assert not api.pools_of(fresh_model)
+    compiled = api.sample_rows(fresh_model, [prompt] * 4, 24, jit_compile=True, **settings)
+    for row_quick, row_compiled in zip(quick, compiled):
+        np.testing.assert_array_equal(row_quick, row_compiled)
+
+
+def test_stop_token_and_streaming_equal_the_compiled_loop(direct_budget, fresh_model, reference):
+    prompt = reference["inputs"]["len7"][0]
+    greedy = api.sample_rows(fresh_model, [prompt], 12, temperature=0)[0]
+    stop = int(greedy[4])  # rows stop at the first occurrence of this token
+    options = dict(temperature=[0.0, 1.0], seeds=[1, 2], stop_token=stop)
+    quick = api.sample_rows(fresh_model, [prompt] * 2, 12, **options)
+    streamed = list(api.stream_rows(fresh_model, [prompt] * 2, 12, **options))
+    assert not api.pools_of(fresh_model)
+    compiled = api.sample_rows(fresh_model, [prompt] * 2, 12, jit_compile=True, **options)
+    compiled_streamed = list(api.stream_rows(fresh_model, [prompt] * 2, 12, jit_compile=True, **options))
+    assert quick[0][-1] == stop and len(quick[0]) == list(greedy).index(stop) + 1
+    for a, b in zip(quick, compiled):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.array(streamed), np.array(compiled_streamed))
+
+
+def test_short_jobs_run_uncompiled_until_the_budget_is_spent(monkeypatch, fresh_model, reference):
+    monkeypatch.setenv("GPT2_DIRECT_STEPS", "20")
+    prompt = reference["inputs"]["len7"][0]
+    first = gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)
+    gpt2.sample_sequence(fresh_model, [prompt], 12, temperature=0)  # 20 steps: still within
+    assert not api.pools_of(fresh_model)
+    again = gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)  # 28: compiles
+    assert len(api.pools_of(fresh_model)) == 1
+    np.testing.assert_array_equal(first, again)
+    monkeypatch.setenv("GPT2_DIRECT_STEPS", "1000")  # a compiled pool, once there, is used
+    gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)
+    assert api._plan(fresh_model, 1, [len(prompt)], 8) == "compiled"
+
+
+def test_what_the_uncompiled_sampler_leaves_to_the_compiled_loop(direct_budget, fresh_model):
+    n_ctx = fresh_model.hparams.n_ctx
+    plan = api._plan
+    assert plan(fresh_model, 2, [5, 5], 10) == "direct"
+    assert plan(fresh_model, 2, [5, 6], 10) == "compile"  # prompts of different lengths
+    assert plan(fresh_model, 1, [n_ctx - 5], 6) == "compile"  # the window would slide
+    assert plan(fresh_model, 9, [5] * 9, 10) == "compile"  # more rows than 8
+    assert plan(fresh_model, 1, [5], 10, jit_compile=False) == "compile"  # a loop asked for by name
+    assert plan(fresh_model, 1, [5], 10, logprobs=True) == "compile"
+    assert plan(fresh_model, 1, [5], api.DIRECT_STEPS + 1) == "compile"
+
+
+def test_a_prompt_of_the_whole_context_keeps_only_the_last_logits(direct_budget, fresh_model):
+    """The uncompiled sampler never makes logits for every prompt position ([b, n_ctx, V])."""
+    n_ctx = fresh_model.hparams.n_ctx
+    prompt = list(np.random.default_rng(0).integers(0, 50257, n_ctx - 1))
+    quick = gpt2.sample_sequence(fresh_model, [prompt], 1, temperature=0)
+    logits = fresh_model(np.array([prompt]))["logits"].numpy()[0, -1]
+    assert quick[0, -1] == np.argmax(logits)
+    graph = direct.sampler_for(fresh_model).step.get_concrete_function().graph
+    vocab_sized = [op.name for op in graph.get_operations()
+                   if op.type in ("MatMul", "BatchMatMulV2") and op.outputs[0].shape.rank == 3]
+    assert not vocab_sized
+
+
+def test_a_bad_budget_is_one_line(monkeypatch, fresh_model):
+    monkeypatch.setenv("GPT2_DIRECT_STEPS", "lots")
+    with pytest.raises(ValueError, match="GPT2_DIRECT_STEPS must be a whole number"):
+        gpt2.sample_sequence(fresh_model, [[1, 2]], 2)
+
+
+def test_row_uniforms_are_the_same_under_xla_and_numpy():
+    import tensorflow as tf
+
+    seed = np.array([0, 1, -1, 2**31 - 1, -(2**31), 12345], np.int32)
+    counter = np.array([0, 1, 2, 3, 1000, 2**31 - 1], np.int32)
+    plain = choose.row_uniforms(tf.constant(seed), tf.constant(counter)).numpy()
+    compiled = tf.function(choose.row_uniforms, jit_compile=True)(tf.constant(seed), tf.constant(counter)).numpy()
+
+    def lowbias32(x):
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    expected = []
+    for s, c in zip(seed.view(np.uint32).tolist(), counter.view(np.uint32).tolist()):
+        bits = lowbias32((lowbias32(s ^ 0x5BD1E995) + c * 0x9E3779B9) & 0xFFFFFFFF)
+        expected.append((bits >> 8) / 2.0**24)
+    np.testing.assert_array_equal(plain, np.float32(expected))
+    np.testing.assert_array_equal(compiled, plain)
+    # One stream is uniform: mean, variance and the deciles of 100,000 draws.
+    draws = choose.row_uniforms(tf.fill([100000], 7), tf.range(100000)).numpy()
+    assert abs(draws.mean() - 0.5) < 0.005 and abs(draws.var() - 1 / 12) < 0.002
+    counts = np.histogram(draws, bins=10, range=(0, 1))[0]
+    assert np.abs(counts - 10000).max() < 500
+
+
+def test_a_short_generate_run_compiles_nothing(tmp_path):
+    """generate.py with a short length prints its text without "compiling" and fills no cache."""
+    env = {k: v for k, v in os.environ.items() if k != "GPT2_DIRECT_STEPS"}
+    env["GPT2_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "generate.py", "--model", TINY_MODEL, "--prompt", "Hello there",
+                          "--length", "8", "--seed", "3", "--nsamples", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "compiling" not in run.stderr and run.stdout.count("SAMPLE") == 2
+    assert not any(files for _, _, files in os.walk(tmp_path / "cache"))
