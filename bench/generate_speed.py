@@ -2,7 +2,8 @@
 
     python bench/generate_speed.py [--shape 124M] [--batch-sizes 1,8] [--prompt-len 32]
         [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai]
-        [--openai-repo PATH] [--ours-xla default|on|off|both] [--ours-dtypes float32,bfloat16]
+        [--openai-repo PATH] [--ours-xla default|on|off|both] [--ours-direct]
+        [--ours-dtypes float32,bfloat16]
         [--threads N] [--json out.json]
 
 Systems (fp32 unless --ours-dtypes adds bfloat16; same GPT-2 shape, same prompt tokens, greedy, no
@@ -11,7 +12,10 @@ early stop):
                 checkpoint of the shape (written once to bench/.cache/<shape>/ by the project's
                 own writer, loaded with gpt2.load_model). `--ours-xla on/off/both` passes
                 jit_compile=True/False when sample_sequence accepts it (checked with
-                inspect.signature at run time); `default` passes nothing.
+                inspect.signature at run time); `default` passes nothing. Both measure the
+                compiled loop (GPT2_DIRECT_TOKENS=0).
+  ours-direct   (--ours-direct) the uncompiled sampler short jobs start on (gpt2.sampling.direct):
+                the same call with GPT2_DIRECT_TOKENS set past the run's tokens.
   hf            Hugging Face transformers GPT2LMHeadModel(GPT2Config(shape)).generate, PyTorch CPU,
                 random init, do_sample=False, min_new_tokens = max_new_tokens = N, torch's
                 default thread count, under torch.inference_mode().
@@ -124,7 +128,9 @@ def setup_ours(spec):
 
     threads = set_tf_threads(tf, spec["threads"])
     kwargs = {"temperature": 0.0}
-    if spec["xla"] is not None:
+    direct = spec["xla"] == "direct"
+    os.environ["GPT2_DIRECT_TOKENS"] = str(10**12) if direct else "0"  # read at each call
+    if spec["xla"] is not None and not direct:
         params = inspect.signature(gpt2.sample_sequence).parameters
         option = next((p for p in ("jit_compile", "xla") if p in params), None)
         if option is None:
@@ -536,6 +542,8 @@ def main(argv=None):
     parser.add_argument("--ours-xla", default="default", choices=list(OURS_VARIANTS),
                         help="pass jit_compile=True/False to gpt2.sample_sequence (both: two rows); "
                              "default: pass nothing")
+    parser.add_argument("--ours-direct", action="store_true",
+                        help="add a row for the uncompiled sampler short jobs start on (ours-direct)")
     parser.add_argument("--ours-dtypes", default="float32",
                         help="comma-separated dtypes for this project's model: float32, bfloat16 (one row "
                              "each; bfloat16 rows are named ours-bf16)")
@@ -564,8 +572,9 @@ def main(argv=None):
     dtypes = [d.strip() for d in args.ours_dtypes.split(",") if d.strip()]
     if set(dtypes) - {"float32", "bfloat16"} or not dtypes:
         parser.error("--ours-dtypes takes float32 and/or bfloat16")
+    variants = OURS_VARIANTS[args.ours_xla] + ([("ours-direct", "direct")] if args.ours_direct else [])
     systems = [(name + ("-bf16" if dtype == "bfloat16" else ""), "ours", xla, None if dtype == "float32" else dtype)
-               for dtype in dtypes for name, xla in OURS_VARIANTS[args.ours_xla]]
+               for dtype in dtypes for name, xla in variants]
     systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None,
                  None) for p in peers]
 

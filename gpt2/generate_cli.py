@@ -431,9 +431,14 @@ class _Sampler:
     def load(self, model_dir, load_model):
         """Loads the model with the sampler made ready beside it (see load_options)."""
         self._tracing = None
-        self.model = _load_model(model_dir, load_model, **self.load_options())
-        if self._tracing is not None:
-            self._tracing.wait()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)  # the reading thread gets the GIL back at once between ops
+        try:
+            self.model = _load_model(model_dir, load_model, **self.load_options())
+            if self._tracing is not None:
+                self._tracing.wait()
+        finally:
+            sys.setswitchinterval(interval)
 
     def load_options(self):
         """load_model's options: the dtype, and, before the weights are read, compiling the
@@ -444,8 +449,8 @@ class _Sampler:
             from gpt2.sampling import api, direct
 
             rows = min(self.args.batch_size, self.args.nsamples)
-            steps = self.args.length * -(-self.args.nsamples // rows)
-            if steps > api.direct_steps() or api.will_compile(model, rows, 1, self.args.length, self.jit_compile):
+            tokens = self.args.length * self.args.nsamples
+            if tokens > api.direct_tokens() or api.will_compile(model, rows, 1, self.args.length, self.jit_compile):
                 self._say_compiling()
                 api.prepare(model, rows, self.jit_compile)
             else:  # trace the uncompiled sampler while the weights are read

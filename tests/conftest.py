@@ -14,7 +14,7 @@ if "GPT2_CACHE_DIR" not in os.environ:
 
 # The sampler tests exercise the compiled loop (what the server and long jobs run); the
 # uncompiled sampler that short jobs start on has its own tests (test_direct.py), which turn it on.
-os.environ.setdefault("GPT2_DIRECT_STEPS", "0")
+os.environ.setdefault("GPT2_DIRECT_TOKENS", "0")
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY_MODEL = os.path.join(DATA, "tiny-model")

@@ -19,7 +19,7 @@ TINY_MODEL = os.path.join(TESTS, "data", "tiny-model")
 @pytest.fixture
 def direct_budget(monkeypatch):
     """The library's real rule (conftest turns the uncompiled sampler off for the other tests)."""
-    monkeypatch.delenv("GPT2_DIRECT_STEPS", raising=False)
+    monkeypatch.delenv("GPT2_DIRECT_TOKENS", raising=False)
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_stop_token_and_streaming_equal_the_compiled_loop(direct_budget, fresh_m
 
 
 def test_short_jobs_run_uncompiled_until_the_budget_is_spent(monkeypatch, fresh_model, reference):
-    monkeypatch.setenv("GPT2_DIRECT_STEPS", "20")
+    monkeypatch.setenv("GPT2_DIRECT_TOKENS", "20")
     prompt = reference["inputs"]["len7"][0]
     first = gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)
     gpt2.sample_sequence(fresh_model, [prompt], 12, temperature=0)  # 20 steps: still within
@@ -78,7 +78,7 @@ def test_short_jobs_run_uncompiled_until_the_budget_is_spent(monkeypatch, fresh_
     again = gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)  # 28: compiles
     assert len(api.pools_of(fresh_model)) == 1
     np.testing.assert_array_equal(first, again)
-    monkeypatch.setenv("GPT2_DIRECT_STEPS", "1000")  # a compiled pool, once there, is used
+    monkeypatch.setenv("GPT2_DIRECT_TOKENS", "1000")  # a compiled pool, once there, is used
     gpt2.sample_sequence(fresh_model, [prompt], 8, temperature=0)
     assert api._plan(fresh_model, 1, [len(prompt)], 8) == "compiled"
 
@@ -92,7 +92,8 @@ def test_what_the_uncompiled_sampler_leaves_to_the_compiled_loop(direct_budget, 
     assert plan(fresh_model, 9, [5] * 9, 10) == "compile"  # more rows than 8
     assert plan(fresh_model, 1, [5], 10, jit_compile=False) == "compile"  # a loop asked for by name
     assert plan(fresh_model, 1, [5], 10, logprobs=True) == "compile"
-    assert plan(fresh_model, 1, [5], api.DIRECT_STEPS + 1) == "compile"
+    assert plan(fresh_model, 1, [5], api.DIRECT_TOKENS + 1) == "compile"
+    assert plan(fresh_model, 8, [5] * 8, api.DIRECT_TOKENS // 8 + 1) == "compile"  # the budget counts every row
 
 
 def test_a_prompt_of_the_whole_context_keeps_only_the_last_logits(direct_budget, fresh_model):
@@ -109,8 +110,8 @@ def test_a_prompt_of_the_whole_context_keeps_only_the_last_logits(direct_budget,
 
 
 def test_a_bad_budget_is_one_line(monkeypatch, fresh_model):
-    monkeypatch.setenv("GPT2_DIRECT_STEPS", "lots")
-    with pytest.raises(ValueError, match="GPT2_DIRECT_STEPS must be a whole number"):
+    monkeypatch.setenv("GPT2_DIRECT_TOKENS", "lots")
+    with pytest.raises(ValueError, match="GPT2_DIRECT_TOKENS must be a whole number"):
         gpt2.sample_sequence(fresh_model, [[1, 2]], 2)
 
 
@@ -144,7 +145,7 @@ def test_row_uniforms_are_the_same_under_xla_and_numpy():
 
 def test_a_short_generate_run_compiles_nothing(tmp_path):
     """generate.py with a short length prints its text without "compiling" and fills no cache."""
-    env = {k: v for k, v in os.environ.items() if k != "GPT2_DIRECT_STEPS"}
+    env = {k: v for k, v in os.environ.items() if k != "GPT2_DIRECT_TOKENS"}
     env["GPT2_CACHE_DIR"] = str(tmp_path / "cache")
     run = subprocess.run([sys.executable, "generate.py", "--model", TINY_MODEL, "--prompt", "Hello there",
                           "--length", "8", "--seed", "3", "--nsamples", "2"],

@@ -1,7 +1,7 @@
 """The sampler's public functions: `sample_sequence`, `stream`, `generate` and `sample_rows`.
 
 A short job runs on the uncompiled sampler (`gpt2.sampling.direct`: no compile wait, each step
-about a quarter slower) until a model's direct steps add up to `direct_steps()`, what compiling
+about a quarter slower) until a model's direct tokens add up to `direct_tokens()`, what compiling
 costs. Other calls admit their rows into a pool of decoding slots (`gpt2.sampling.pool`) and run
 the compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models
 whose cache is small); a call with more rows than the largest pool runs them in waves, a finished
@@ -34,21 +34,23 @@ LARGE_POOL_BYTES = 1 << 30
 _pools = weakref.WeakKeyDictionary()  # model -> {(slots, jit_compile): [Pool, ...]}
 _pools_lock = threading.Lock()
 
-# Steps (tokens per row) the uncompiled sampler runs for a model before the compiled loop takes
+# Tokens (rows x steps) the uncompiled sampler makes for a model before the compiled loop takes
 # over: about where the compiled loop's faster steps have paid for tracing and lowering it with a
-# warm compilation cache (124M: ~4 s against ~7 ms a step; bench/startup.py, BENCHMARKS.md).
-# The environment variable GPT2_DIRECT_STEPS overrides it (0: always compile).
-DIRECT_STEPS = 512
-_direct_steps = weakref.WeakKeyDictionary()  # model -> steps run by the uncompiled sampler
+# warm compilation cache (124M: ~4 s, against ~8-12 ms more per step at batch 1, ~30 ms at batch 8,
+# growing with the text since the uncompiled cache is copied as it grows; bench/startup.py).
+# The environment variable GPT2_DIRECT_TOKENS overrides it (0: always compile).
+DIRECT_TOKENS = 256
+_direct_tokens = weakref.WeakKeyDictionary()  # model -> tokens made by the uncompiled sampler
 
 
-def direct_steps():
-    """The uncompiled sampler's budget of steps per model: GPT2_DIRECT_STEPS or DIRECT_STEPS."""
-    value = os.environ.get("GPT2_DIRECT_STEPS", "").strip()
+def direct_tokens():
+    """The uncompiled sampler's budget of tokens per model: GPT2_DIRECT_TOKENS or DIRECT_TOKENS."""
+    value = os.environ.get("GPT2_DIRECT_TOKENS", "").strip()
     if not value:
-        return DIRECT_STEPS
+        return DIRECT_TOKENS
     if not value.isdigit():
-        raise ValueError(f"GPT2_DIRECT_STEPS must be a whole number of steps (0: always compile), got {value!r}")
+        raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), "
+                         f"got {value!r}")
     return int(value)
 
 
@@ -65,16 +67,16 @@ def _pool_key(model, rows, jit_compile):
 
 
 def _plan(model, rows, prompt_lengths, steps, jit_compile=None, logprobs=False):
-    """How a job runs: "compiled" (its pool is compiled already), "direct" (the uncompiled
-    sampler: jit_compile left to the default, at most 8 rows, prompts of one length, text within
-    n_ctx, no logprobs, and the model's direct steps so far + `steps` <= direct_steps()) or
-    "compile" (compile its pool first)."""
+    """How a job of `rows` rows and `steps` new tokens each runs: "compiled" (its pool is
+    compiled already), "direct" (the uncompiled sampler: jit_compile left to the default, at most
+    8 rows, prompts of one length, text within n_ctx, no logprobs, and the model's direct tokens
+    so far + rows x steps <= direct_tokens()) or "compile" (compile its pool first)."""
     slots, jit = _pool_key(model, rows, jit_compile)
     if _pools.get(model, {}).get((slots, jit)):
         return "compiled"
     if (jit_compile is None and not logprobs and rows <= ALWAYS_ALLOWED_SLOTS and len(set(prompt_lengths)) == 1
             and max(prompt_lengths) + steps <= model.hparams.n_ctx
-            and _direct_steps.get(model, 0) + steps <= direct_steps()):
+            and _direct_tokens.get(model, 0) + rows * steps <= direct_tokens()):
         return "direct"
     return "compile"
 
@@ -146,7 +148,7 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
                  any(request.logprobs for request in requests))
     if plan == "direct":
         with _pools_lock:
-            _direct_steps[model] = _direct_steps.get(model, 0) + steps
+            _direct_tokens[model] = _direct_tokens.get(model, 0) + len(requests) * steps
         yield from direct.decode_rows(model, requests)
         return
     budget = _IterationBudget(iterations_per_run)

@@ -5,9 +5,11 @@ Why it exists: the compiled loop (`decoder`, `pool`) is the fastest per token, b
 pays about 4 s (124M) to trace and lower it before the persistent compilation cache can even be
 asked, and about 10 s more to compile it the first time. This graph is traced in about half a
 second and runs a step about a quarter slower, so a short job prints its text seconds sooner.
-`gpt2.sampling.api` uses it for a model until its steps add up to what compiling would have cost
-(`api.direct_steps()`), then compiles. It serves up to 8 rows whose prompts have one length and whose
-text fits in n_ctx (no sliding window): what generate.py and most library calls ask for.
+`gpt2.sampling.api` uses it for a model until its tokens add up to what compiling would have
+cost (`api.direct_tokens()`), then compiles. It serves up to 8 rows whose prompts have one length
+and whose text fits in n_ctx (no sliding window): what generate.py and most library calls ask for.
+Its cache grows by concatenation (copied every step), so its steps get slower as the text grows,
+and at batch 8 they cost about half again the compiled loop's: it is for short jobs only.
 
 The forward pass is the model's own (`model.trunk`, then the logits of the last position only),
 and the choice is the compiled loop's `choose.next_tokens` with the same per-row streams, so both
