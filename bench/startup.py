@@ -6,8 +6,10 @@ For each shape (a random checkpoint in bench/.cache/<shape>/), the same interlea
 
   import tf     `python -c "import tensorflow"`: the floor every TensorFlow program pays;
   first run     `python generate.py --model DIR --prompt ... --length N --seed 1` with an empty
-                compilation cache (GPT2_CACHE_DIR pointed at a new folder): trace, lower,
-                XLA-compile, load, generate;
+                compilation cache (GPT2_CACHE_DIR pointed at a new folder). A short run (N x
+                samples within the uncompiled sampler's budget, 256 tokens) compiles nothing: it
+                traces the uncompiled sampler while loading, then generates; a longer one traces,
+                lowers and XLA-compiles the compiled loop first;
   later run     the same command again with the cache that run filled: the usual case.
 
 Each is a fresh process, timed wall-clock from start to exit (its text printed) with its peak

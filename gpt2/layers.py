@@ -94,6 +94,17 @@ def mlp(x, fc_w, fc_b, proj_w, proj_b, dtype):
     return dense(gelu(dense(x, fc_w, fc_b, dtype)), proj_w, proj_b, dtype)
 
 
+def block(x, weights, batch, n_head, dtype, attention):
+    """One pre-LN block at inference as a pure function, for samplers that keep their own cache:
+    x float32 [b * s, e]; weights: `Block.inference_weights()`; matmuls in `dtype`;
+    attention(q, k, v) -> float32 [b, h, s, d] attends this call's queries (q, k, v float32
+    [b, h, s, d]) over the cache and these keys. Returns (x float32 [b * s, e], k, v)."""
+    ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
+    q, k, v = split_heads(dense(layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype), batch, n_head)
+    x = x + dense(merge_heads(attention(q, k, v)), proj_w, proj_b, dtype)
+    return x + mlp(layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype), k, v
+
+
 class LayerNorm(keras.layers.Layer):
     """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`.
 

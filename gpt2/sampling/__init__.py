@@ -5,6 +5,7 @@ decode loop over a pool of slots, and the public functions.
     processors.py  penalties, logit bias, temperature, top-k / top-p
     choose.py      greedy or one exact draw per row from its own random stream; log-probabilities
     decoder.py     the compiled loop: prompt ingestion, decoding, the window sliding past n_ctx
+    direct.py      the uncompiled sampler short jobs start on (no compile wait)
     pool.py        the loop's state in variables, rows admitted into and released from slots
     api.py         sample_sequence, stream, generate, sample_rows
 

@@ -1,13 +1,13 @@
 """The sampler's public functions: `sample_sequence`, `stream`, `generate` and `sample_rows`.
 
-A short job runs on the uncompiled sampler (`gpt2.sampling.direct`: no compile wait, each step
-about a quarter slower) until a model's direct tokens add up to `direct_tokens()`, what compiling
-costs. Other calls admit their rows into a pool of decoding slots (`gpt2.sampling.pool`) and run
-the compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models
-whose cache is small); a call with more rows than the largest pool runs them in waves, a finished
-row's slot taking the next waiting row. The compiled program depends only on the model and the pool size, so new prompts, lengths and
-settings never recompile. Generation may run past n_ctx: the window slides (see
-`gpt2.sampling.decoder`).
+A short job runs on the uncompiled sampler (`gpt2.sampling.direct`: no compile wait, slower
+steps) until a model's direct tokens add up to `direct_tokens()`, about what compiling costs.
+Other calls admit their rows into a pool of decoding slots (`gpt2.sampling.pool`) and run the
+compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models whose
+cache is small); a call with more rows than the largest pool runs them in waves, a finished row's
+slot taking the next waiting row. The compiled program depends only on the model and the pool
+size, so new prompts, lengths and settings never recompile. Generation may run past n_ctx: the
+window slides (see `gpt2.sampling.decoder`).
 
 Shapes: b = rows (prompts), n = tokens.
 """

@@ -52,12 +52,15 @@ def _round_up(n, multiple):
 
 
 class Decoder:
-    """The loop's computations for one model and pool size (pure functions of the state)."""
+    """The loop's computations for one model and pool size (pure functions of the state).
+    xla: whether the graph will be compiled with XLA; without it, slices and slice updates use
+    TensorFlow's own kernels (XLA's ops outside XLA compile each op on demand: slow, and memory)."""
 
-    def __init__(self, model, slots=None):
+    def __init__(self, model, slots=None, xla=True):
         hp = model.hparams
         self.model = model
         self.slots = slots
+        self.xla = xla
         self.n_ctx = hp.n_ctx
         self.n_vocab = hp.n_vocab
         self.n_head = hp.n_head
@@ -143,6 +146,7 @@ class Decoder:
         values k, v [b, H, s, D] (query i sees own keys 0..i). float32 throughout (a bfloat16
         cache is widened block by block). Returns float32 [b, H, s, D]."""
         b, h, s, d = q.shape
+        s = tf.shape(q)[2] if s is None else s  # known, except in the uncompiled sampler's prompt
         size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
 
@@ -155,11 +159,11 @@ class Decoder:
 
         def block(j, best, total, acc):
             begin = [first_row, 0, j * BLOCK, 0]
-            block_keys = tf.cast(_dynamic_slice(keys, begin, size), tf.float32)
+            block_keys = tf.cast(_dynamic_slice(keys, begin, size, self.xla), tf.float32)
             scores = tf.matmul(q, block_keys, transpose_b=True) * scale
             visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < cached[:, None, None, None]
             scores = tf.where(visible, scores, processors.NEG_INF)
-            block_values = tf.cast(_dynamic_slice(values, begin, size), tf.float32)
+            block_values = tf.cast(_dynamic_slice(values, begin, size, self.xla), tf.float32)
             return (j + 1, *accumulate(scores, block_values, best, total, acc))
 
         start = (
@@ -179,13 +183,9 @@ class Decoder:
         """One block, a pure function of its inputs (traced once per shape, called per block):
         x float32 [batch * s, E]; weights: `Block.inference_weights()`; keys, values: its cache.
         Returns (x, this call's keys and values [batch, H, s, D])."""
-        ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
-        dtype = self.cache_dtype
-        q, k, v = layers.split_heads(layers.dense(layers.layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype),
-                                     batch, self.n_head)
-        a = self._attention(q, k, v, keys, values, first_row, cached, num_blocks)
-        x = x + layers.dense(layers.merge_heads(a), proj_w, proj_b, dtype)
-        x = x + layers.mlp(layers.layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype)
+        x, k, v = layers.block(
+            x, weights, batch, self.n_head, self.cache_dtype,
+            lambda q, k, v: self._attention(q, k, v, keys, values, first_row, cached, num_blocks))
         return x, tf.cast(k, self.cache_dtype), tf.cast(v, self.cache_dtype)
 
     def _forward(self, x, state, batch, first_row, cached):
@@ -223,7 +223,7 @@ class Decoder:
         count = tf.minimum(CHUNK, tf.gather(state["filled"], row) - start)
 
         def compute():
-            tokens = _dynamic_slice(state["window"], [row, start], [1, CHUNK])[0]
+            tokens = _dynamic_slice(state["window"], [row, start], [1, CHUNK], self.xla)[0]
             x = self.model.embed(tokens, tf.minimum(start + tf.range(CHUNK), self.n_ctx - 1))
             h, new = self._forward(x, state, 1, row, start[None])
             return self.model.logits(tf.gather(h, [tf.maximum(count, 1) - 1])), new
@@ -231,7 +231,7 @@ class Decoder:
         logits, new = tf.cond(any_pending, compute,
                               lambda: (tf.zeros([1, self.n_vocab]), self._zeros_like_new(1, CHUNK)))
         at = tf.where(any_pending, start, self.cache_slots - CHUNK)
-        state = self._write(state, new, lambda cache, update: _update_slice(cache, update, [row, 0, at, 0]))
+        state = self._write(state, new, lambda cache, update: _update_slice(cache, update, [row, 0, at, 0], self.xla))
         count = tf.where(any_pending, count, 0)
         state["logits"] = tf.where(any_pending & tf.equal(tf.range(_batch(state)), row)[:, None], logits,
                                    state["logits"])
@@ -251,7 +251,7 @@ class Decoder:
 
         def copy(slot, caches):
             def write(caches):
-                return {name: _update_slice(cache, tf.gather(cache, [row]), [slot, 0, 0, 0])
+                return {name: _update_slice(cache, tf.gather(cache, [row]), [slot, 0, 0, 0], self.xla)
                         for name, cache in caches.items()}
 
             return slot + 1, _maybe(dependents[slot], write, caches)
@@ -367,10 +367,10 @@ class Decoder:
             state = self.ingest(state)
             state, tokens, logprob, top_ids, top_logprobs = self.decode(state)
             outputs = {
-                "tokens": _update_slice(outputs["tokens"], tokens[:, None], [0, i]),
-                "logprobs": _update_slice(outputs["logprobs"], logprob[:, None], [0, i]),
-                "top_ids": _update_slice(outputs["top_ids"], top_ids[:, None], [0, i, 0]),
-                "top_logprobs": _update_slice(outputs["top_logprobs"], top_logprobs[:, None], [0, i, 0]),
+                "tokens": _update_slice(outputs["tokens"], tokens[:, None], [0, i], self.xla),
+                "logprobs": _update_slice(outputs["logprobs"], logprob[:, None], [0, i], self.xla),
+                "top_ids": _update_slice(outputs["top_ids"], top_ids[:, None], [0, i, 0], self.xla),
+                "top_logprobs": _update_slice(outputs["top_logprobs"], top_logprobs[:, None], [0, i, 0], self.xla),
             }
             return i + 1, state, outputs
 
@@ -393,14 +393,22 @@ def _maybe(condition, function, state):
     return state
 
 
-def _dynamic_slice(tensor, begin, size):
-    """tensor[begin : begin + size] with `begin` known only at run time. (tf.slice and x[i] make
-    XLA treat a non-constant begin as a compile-time constant: one compile per value.)"""
+def _dynamic_slice(tensor, begin, size, xla=True):
+    """tensor[begin : begin + size] with `begin` known only at run time (size[0] may be -1: all
+    rows). Under XLA an XLA dynamic-slice (tf.slice and x[i] make XLA treat a non-constant begin
+    as a compile-time constant: one compile per value); otherwise tf.slice."""
     if size[0] == -1:
         size = [tf.shape(tensor)[0], *size[1:]]
-    return tfxla.dynamic_slice(tensor, begin, size)
+    if xla:
+        return tfxla.dynamic_slice(tensor, begin, size)
+    return tf.slice(tensor, tf.stack(begin), tf.stack(size))
 
 
-def _update_slice(tensor, update, begin):
-    """tensor with `update` written at `begin` (a dynamic-update-slice: in place under XLA)."""
-    return keras.ops.slice_update(tensor, begin, update)
+def _update_slice(tensor, update, begin, xla=True):
+    """tensor with `update` written at `begin`: a dynamic-update-slice (in place) under XLA,
+    else TensorFlow's strided-slice update."""
+    if xla:
+        return keras.ops.slice_update(tensor, begin, update)
+    begin = tf.stack(begin)
+    return tf.raw_ops.TensorStridedSliceUpdate(input=tensor, begin=begin, end=begin + tf.shape(update),
+                                               strides=tf.ones_like(begin), value=update)

@@ -1,21 +1,20 @@
 """The uncompiled sampler: one step of the model and the token choice as a plain TensorFlow graph
-(no XLA), run once per token from Python, with OpenAI's `past` growing by one position a step.
+(no XLA), run once per token from Python, with a key/value cache sized to the job.
 
 Why it exists: the compiled loop (`decoder`, `pool`) is the fastest per token, but every process
 pays about 4 s (124M) to trace and lower it before the persistent compilation cache can even be
 asked, and about 10 s more to compile it the first time. This graph is traced in about half a
-second and runs a step about a quarter slower, so a short job prints its text seconds sooner.
-`gpt2.sampling.api` uses it for a model until its tokens add up to what compiling would have
-cost (`api.direct_tokens()`), then compiles. It serves up to 8 rows whose prompts have one length
-and whose text fits in n_ctx (no sliding window): what generate.py and most library calls ask for.
-Its cache grows by concatenation (copied every step), so its steps get slower as the text grows,
-and at batch 8 they cost about half again the compiled loop's: it is for short jobs only.
+second and its steps are somewhat slower, so a short job prints its text seconds sooner.
+`gpt2.sampling.api` uses it for a model until its tokens add up to what compiling would have cost
+(`api.direct_tokens()`), then compiles. It serves up to 8 rows whose prompts have one length and
+whose text fits in n_ctx (no sliding window): what generate.py and most library calls ask for.
 
-The forward pass is the model's own (`model.trunk`, then the logits of the last position only),
-and the choice is the compiled loop's `choose.next_tokens` with the same per-row streams, so both
-give the same tokens.
+It shares the compiled loop's math: the block as `layers.block` (attention here is one masked
+softmax over the job's cache) and the choice as `choose.next_tokens` with the same per-row
+streams, so both give the same tokens. Every shape is fixed for a job (the cache holds prompt +
+new tokens rounded up to BLOCK slots), so memory stays flat while it runs.
 
-Shapes: b = rows, s = new positions, L = n_layer, H = n_head, t = cached positions, D = head_dim,
+Shapes: b = rows, s = new positions, H = n_head, M = cache slots of the job, D = head_dim,
 V = n_vocab.
 """
 
@@ -25,7 +24,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import layers
 from gpt2.sampling import choose
+from gpt2.sampling.decoder import BLOCK, _round_up, _update_slice
 from gpt2.sampling.settings import pack_rows
 
 # Per-row inputs of a step: name -> (trailing shape, dtype); "V" is n_vocab.
@@ -41,29 +42,53 @@ _samplers_lock = threading.Lock()
 
 
 class DirectSampler:
-    """`step(tokens, past, rows)` for one model: traced once (any b, s and t), never compiled."""
+    """`step(tokens, position, caches, rows)` for one model: traced once (any b, s and M), never
+    compiled."""
 
     def __init__(self, model):
         hp = model.hparams
         self.model = model
-        self.empty_past_shape = [hp.n_layer, 2, hp.n_head, 0, hp.head_dim]
+        self.cache_dtype = tf.as_dtype(model.compute_dtype)
+        self.cache_names = [f"{kind}{layer}" for layer in range(hp.n_layer) for kind in "kv"]
+        cache = tf.TensorSpec([None, hp.n_head, None, hp.head_dim], self.cache_dtype)
         rows = {name: tf.TensorSpec([None, *(hp.n_vocab if d == "V" else d for d in shape)], dtype)
                 for name, (shape, dtype) in ROW_INPUTS.items()}
-        signature = [tf.TensorSpec([None, None], tf.int32),
-                     tf.TensorSpec([None, *self.empty_past_shape[:3], None, hp.head_dim], tf.float32), rows]
+        signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
+                     {name: cache for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
 
-    def _step(self, tokens, past, rows):
-        """tokens int32 [b, s] after `past` float32 [b, L, 2, H, t, D]; rows: ROW_INPUTS [b] or
-        [b, V]. Returns (next tokens int32 [b], past [b, L, 2, H, t + s, D], counts with the
-        next tokens added)."""
-        h, present, _ = self.model.trunk(tokens, past)
-        logits = self.model.logits(h[:, -1])
-        _, chosen = choose.next_tokens(logits, rows, tf.ones_like(rows["seed"], tf.bool))
-        rows_index = tf.range(tf.shape(chosen)[0])
-        counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([rows_index, chosen], 1),
+    def empty_caches(self, rows, slots):
+        """Zeroed caches for `rows` rows of at least `slots` positions."""
+        hp = self.model.hparams
+        shape = [rows, hp.n_head, _round_up(max(slots, 1), BLOCK), hp.head_dim]
+        return {name: tf.zeros(shape, self.cache_dtype) for name in self.cache_names}
+
+    def _step(self, tokens, position, caches, rows):
+        """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}
+        [b, H, M, D] holding the first `position` of them; rows: ROW_INPUTS [b] or [b, V].
+        Returns (next tokens int32 [b], the caches with this call's keys and values written,
+        counts with the next tokens added)."""
+        model, dtype = self.model, self.cache_dtype
+        batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        x = tf.reshape(model.embed(tokens, position + tf.range(length)[None]), [-1, model.hparams.n_embd])
+        # Query i (at position + i) sees cache slots 0 .. position + i.
+        slots = tf.shape(caches["k0"])[2]
+        visible = (tf.range(slots)[None, :] <= position + tf.range(length)[:, None])[None, None]
+        caches = dict(caches)
+        for layer, block in enumerate(model.blocks):
+            names = f"k{layer}", f"v{layer}"
+
+            def attention(q, k, v, names=names):
+                for name, new in zip(names, (k, v)):
+                    caches[name] = _update_slice(caches[name], tf.cast(new, dtype), [0, 0, position, 0], xla=False)
+                return layers.attend(q, caches[names[0]], caches[names[1]], visible)
+
+            x, _, _ = layers.block(x, block.inference_weights(), batch, model.hparams.n_head, dtype, attention)
+        last = tf.reshape(model.ln_f.call(x), [batch, length, model.hparams.n_embd])[:, -1]
+        _, chosen = choose.next_tokens(model.logits(last), rows, tf.ones_like(rows["seed"], tf.bool))
+        counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1),
                                           tf.ones_like(chosen))
-        return chosen, tf.concat([past, present], axis=-2), counts
+        return chosen, caches, counts
 
 
 def prepare(model):
@@ -95,12 +120,15 @@ def decode_rows(model, requests):
     rows.update(seed=tf.constant([request.seed for request in requests], tf.int32), prompt_seen=tf.constant(seen),
                 counts=tf.zeros([count, n_vocab], tf.int32))
     tokens = np.array([request.prompt for request in requests], np.int32)
-    past = tf.zeros([count, *sampler.empty_past_shape], tf.float32)
+    steps = max(request.max_new for request in requests)
+    caches = sampler.empty_caches(count, tokens.shape[1] + steps - 1)
+    position = 0
     made = [0] * count
     running = set(range(count))
-    for step in range(max(request.max_new for request in requests)):
+    for step in range(steps):
         rows["generated"] = tf.fill([count], step)
-        chosen, past, rows["counts"] = sampler.step(tokens, past, rows)
+        chosen, caches, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), caches, rows)
+        position += tokens.shape[1]
         tokens = chosen.numpy()[:, None]
         produced = []
         for i in sorted(running):

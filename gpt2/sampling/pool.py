@@ -81,7 +81,7 @@ class Pool:
         self.slots = slots
         self.iterations = iterations
         self.jit_compile = jit_compile
-        self.decoder = decoder_lib.Decoder(model, slots)
+        self.decoder = decoder_lib.Decoder(model, slots, xla=jit_compile)
         self.n_ctx = model.hparams.n_ctx
         self.n_vocab = model.hparams.n_vocab
         with tf.init_scope():
