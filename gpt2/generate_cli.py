@@ -449,8 +449,10 @@ class _Sampler:
             from gpt2.sampling import api, direct
 
             rows = min(self.args.batch_size, self.args.nsamples)
+            budget = api.direct_tokens(model)
             tokens = self.args.length * self.args.nsamples
-            if tokens > api.direct_tokens() or api.will_compile(model, rows, 1, self.args.length, self.jit_compile):
+            if (budget is not None and tokens > budget) or api.will_compile(model, rows, 1, self.args.length,
+                                                                             self.jit_compile):
                 self._say_compiling()
                 api.prepare(model, rows, self.jit_compile)
             else:  # trace the uncompiled sampler while the weights are read

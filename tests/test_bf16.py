@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gpt2
+from gpt2.sampling import api
 from conftest import TINY_MODEL
 
 # On the fixture (random weights of std 0.3-0.4, larger than GPT-2's, so errors grow faster)
@@ -44,12 +45,19 @@ def naive_greedy(model, prompt, length):
     return tokens, margins
 
 
-def test_greedy_agrees_with_float32_and_the_decoder_with_the_model(tiny_model, bf16_model, reference):
+@pytest.mark.parametrize("sampler", ["loop", "uncompiled"])
+def test_greedy_agrees_with_float32_and_the_decoder_with_the_model(tiny_model, bf16_model, reference, sampler,
+                                                                    monkeypatch):
     """On the fixture's greedy sequences the bfloat16 model picks float32's token at >= 90% of
     positions (measured 95-97%; exact equality is out of reach: the fixture's smallest greedy
-    margin is 0.024, its bfloat16 logit error 0.24). The compiled decoder in bfloat16 gives the
+    margin is 0.024, its bfloat16 logit error 0.24). The decode loop in bfloat16, and the
+    uncompiled sampler bfloat16 models use by default for text within the context, give the
     bfloat16 model's own greedy tokens up to the first near tie (logits rounded to bfloat16 tie
     exactly at times, and its matmuls round differently for other shapes)."""
+    if sampler == "uncompiled":
+        monkeypatch.delenv("GPT2_DIRECT_TOKENS", raising=False)
+        bf16_model = gpt2.load_model(TINY_MODEL, dtype="bfloat16")  # no compiled pool yet
+        assert api.direct_tokens(bf16_model) is None  # no budget: bfloat16 stays uncompiled
     agree, followed = [], 0
     for case in reference["greedy"]["cases"]:
         ids = np.array([case["all_ids"]])
@@ -57,6 +65,7 @@ def test_greedy_agrees_with_float32_and_the_decoder_with_the_model(tiny_model, b
         half = bf16_model(ids)["logits"].numpy()[0]
         agree.extend(half.argmax(-1) == full.argmax(-1))
         out = gpt2.sample_sequence(bf16_model, [case["prompt_ids"]], 20, temperature=0)[0].tolist()
+        assert not (sampler == "uncompiled" and api.pools_of(bf16_model))
         expected, margins = naive_greedy(bf16_model, case["prompt_ids"], 20)
         clear = next((i for i, margin in enumerate(margins) if margin < 0.1), 20)
         start = len(case["prompt_ids"])

@@ -151,5 +151,7 @@ def test_a_short_generate_run_compiles_nothing(tmp_path):
                           "--length", "8", "--seed", "3", "--nsamples", "2"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "compiling" not in run.stderr and run.stdout.count("SAMPLE") == 2
-    assert not any(files for _, _, files in os.walk(tmp_path / "cache"))
+    assert "compiling" not in run.stderr, run.stderr
+    assert run.stdout.count("SAMPLE") == 2, run.stdout
+    cached = [name for _, _, files in os.walk(tmp_path / "cache") for name in files]
+    assert not cached, cached

@@ -1,7 +1,8 @@
 """The sampler's public functions: `sample_sequence`, `stream`, `generate` and `sample_rows`.
 
 A short job runs on the uncompiled sampler (`gpt2.sampling.direct`: no compile wait, slower
-steps) until a model's direct tokens add up to `direct_tokens()`, about what compiling costs.
+steps) until a model's direct tokens add up to `direct_tokens(model)`, about what compiling
+costs (bfloat16 models, whose loop runs without XLA, keep using it: there it is also faster).
 Other calls admit their rows into a pool of decoding slots (`gpt2.sampling.pool`) and run the
 compiled loop until every row is done. Pools hold 1, 2, 4 or 8 slots (up to 64 for models whose
 cache is small); a call with more rows than the largest pool runs them in waves, a finished row's
@@ -36,18 +37,20 @@ _pools_lock = threading.Lock()
 
 # Tokens (rows x steps) the uncompiled sampler makes for a model before the compiled loop takes
 # over: about where the compiled loop's faster steps have paid for tracing and lowering it with a
-# warm compilation cache (124M: ~4 s, against ~8-12 ms more per step at batch 1, ~30 ms at batch 8,
-# growing with the text since the uncompiled cache is copied as it grows; bench/startup.py).
-# The environment variable GPT2_DIRECT_TOKENS overrides it (0: always compile).
+# warm compilation cache (124M: ~4 s, against ~10 ms more per step at batch 1, ~15-20 ms at batch
+# 8; bench/startup.py, BENCHMARKS.md). For models whose loop runs without XLA (bfloat16) there is
+# no budget: there the uncompiled sampler is also the faster one per step. The environment
+# variable GPT2_DIRECT_TOKENS overrides both (0: always compile).
 DIRECT_TOKENS = 256
 _direct_tokens = weakref.WeakKeyDictionary()  # model -> tokens made by the uncompiled sampler
 
 
-def direct_tokens():
-    """The uncompiled sampler's budget of tokens per model: GPT2_DIRECT_TOKENS or DIRECT_TOKENS."""
+def direct_tokens(model=None):
+    """The uncompiled sampler's budget of tokens for `model`: GPT2_DIRECT_TOKENS if set, else
+    DIRECT_TOKENS, or unlimited (None) for a model whose loop runs without XLA by default."""
     value = os.environ.get("GPT2_DIRECT_TOKENS", "").strip()
     if not value:
-        return DIRECT_TOKENS
+        return None if model is not None and not model.default_jit_compile else DIRECT_TOKENS
     if not value.isdigit():
         raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), "
                          f"got {value!r}")
@@ -70,13 +73,14 @@ def _plan(model, rows, prompt_lengths, steps, jit_compile=None, logprobs=False):
     """How a job of `rows` rows and `steps` new tokens each runs: "compiled" (its pool is
     compiled already), "direct" (the uncompiled sampler: jit_compile left to the default, at most
     8 rows, prompts of one length, text within n_ctx, no logprobs, and the model's direct tokens
-    so far + rows x steps <= direct_tokens()) or "compile" (compile its pool first)."""
+    so far + rows x steps within `direct_tokens(model)`) or "compile" (compile its pool first)."""
     slots, jit = _pool_key(model, rows, jit_compile)
     if _pools.get(model, {}).get((slots, jit)):
         return "compiled"
+    budget = direct_tokens(model)
     if (jit_compile is None and not logprobs and rows <= ALWAYS_ALLOWED_SLOTS and len(set(prompt_lengths)) == 1
             and max(prompt_lengths) + steps <= model.hparams.n_ctx
-            and _direct_tokens.get(model, 0) + rows * steps <= direct_tokens()):
+            and (budget is None or _direct_tokens.get(model, 0) + rows * steps <= budget)):
         return "direct"
     return "compile"
 

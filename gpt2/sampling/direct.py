@@ -6,8 +6,10 @@ pays about 4 s (124M) to trace and lower it before the persistent compilation ca
 asked, and about 10 s more to compile it the first time. This graph is traced in about half a
 second and its steps are somewhat slower, so a short job prints its text seconds sooner.
 `gpt2.sampling.api` uses it for a model until its tokens add up to what compiling would have cost
-(`api.direct_tokens()`), then compiles. It serves up to 8 rows whose prompts have one length and
-whose text fits in n_ctx (no sliding window): what generate.py and most library calls ask for.
+(`api.direct_tokens(model)`), then compiles; for bfloat16 models, whose loop runs without XLA,
+it is also the faster per step, so they keep using it. It serves up to 8 rows whose prompts have
+one length and whose text fits in n_ctx (no sliding window): what generate.py and most library
+calls ask for.
 
 It shares the compiled loop's math: the block as `layers.block` (attention here is one masked
 softmax over the job's cache) and the choice as `choose.next_tokens` with the same per-row
