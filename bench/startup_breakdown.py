@@ -6,8 +6,8 @@ steps timed in turn in one process (run it twice; the second run has a warm comp
 Default model: the random 124M checkpoint in bench/.cache/124M (written once). The steps follow
 generate.py: import TensorFlow, import gpt2 and read the BPE files, build the model without its
 weights, prepare (trace, lower, compile or fetch from the cache, run once) the compiled sampler if
-the run needs it (short runs use the uncompiled sampler: nothing to compile), read the weights,
-then two greedy calls of --length tokens (the second shows what the first paid extra).
+the run needs it, else trace the uncompiled sampler short runs use, read the weights, then two
+greedy calls of --length tokens (the second shows what the first paid extra).
 """
 
 import argparse
@@ -39,7 +39,7 @@ def main(argv=None):
     import gpt2
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model
-    from gpt2.sampling import api
+    from gpt2.sampling import api, direct
 
     enc = encoder_for_model_dir(model_dir)
     mark("import gpt2, read the BPE files")
@@ -49,6 +49,9 @@ def main(argv=None):
         if api.will_compile(model, 1, 1, args.length):
             api.prepare(model, 1)
             mark("prepare the compiled sampler: trace, lower, compile or cache hit, run once")
+        else:
+            direct.prepare(model)
+            mark("trace the uncompiled sampler (generate.py does it while reading the weights)")
 
     model = load_model(model_dir, before_weights=before_weights)
     mark("read the weights")
