@@ -127,20 +127,6 @@ class GPT2(keras.Model):
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
         """tokens: int [b, s]; past: [b, L, 2, h, t_past, d] or None (see class docstring)."""
-        h, present, hidden_states = self.trunk(tokens, past, training)
-        batch, seq = tf.shape(h)[0], tf.shape(h)[1]
-        outputs = {
-            "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
-            "present": present,
-        }
-        if return_hidden_states:
-            outputs["hidden_states"] = hidden_states
-        return outputs
-
-    def trunk(self, tokens, past=None, training=None):
-        """Everything before the logits (for callers that need the logits of a few positions
-        only, e.g. the last). tokens: int [b, s]; past as in `call`. Returns (hidden states after
-        ln_f, float32 [b, s, e]; present [b, L, 2, h, s, d]; the L + 1 hidden states of `call`)."""
         tokens = tf.convert_to_tensor(tokens)
         if tokens.dtype not in (tf.int32, tf.int64):
             tokens = tf.cast(tokens, tf.int32)
@@ -154,13 +140,20 @@ class GPT2(keras.Model):
         for i, block in enumerate(self.blocks):
             if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
                 x, present = _recomputed(block, batch)(x)
-            else:
-                x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
+                presents.append(present)
+                hidden_states.append(x)
+                continue
+            x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
-        shape = [batch, seq, self.hparams.n_embd]
-        return (tf.reshape(self.ln_f.call(x), shape), tf.stack(presents, axis=1),
-                [tf.reshape(state, shape) for state in hidden_states])
+        h = self.ln_f.call(x)
+        outputs = {
+            "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
+            "present": tf.stack(presents, axis=1),
+        }
+        if return_hidden_states:
+            outputs["hidden_states"] = [tf.reshape(h, [batch, seq, self.hparams.n_embd]) for h in hidden_states]
+        return outputs
 
     # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
     # input and recompute its activations in the backward pass (gradient checkpointing).

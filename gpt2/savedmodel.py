@@ -79,7 +79,8 @@ class ServingModule(tf.Module):
                              f"{list(self.batch_sizes)}")
         self.weights = list(model.weights)  # tracked (saved); the model object itself is not
         self.assets = [tf.saved_model.Asset(path) for path in encoder_files]
-        self._decoder = decoder_lib.Decoder(model, xla=jit_compile)  # a plain object: the model is used, not tracked
+        # A plain object: the model is used, not tracked.
+        self._decoder = decoder_lib.Decoder(model, xla=jit_compile)
         self.decode_chunk = tf.function(self._decode_chunk, jit_compile=jit_compile, autograph=False)
         self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)

@@ -146,7 +146,6 @@ class Decoder:
         values k, v [b, H, s, D] (query i sees own keys 0..i). float32 throughout (a bfloat16
         cache is widened block by block). Returns float32 [b, H, s, D]."""
         b, h, s, d = q.shape
-        s = tf.shape(q)[2] if s is None else s  # known, except in the uncompiled sampler's prompt
         size = [-1 if b is None else b, h, BLOCK, d]
         scale = 1.0 / math.sqrt(d)
 
@@ -231,7 +230,8 @@ class Decoder:
         logits, new = tf.cond(any_pending, compute,
                               lambda: (tf.zeros([1, self.n_vocab]), self._zeros_like_new(1, CHUNK)))
         at = tf.where(any_pending, start, self.cache_slots - CHUNK)
-        state = self._write(state, new, lambda cache, update: _update_slice(cache, update, [row, 0, at, 0], self.xla))
+        state = self._write(state, new,
+                            lambda cache, update: _update_slice(cache, update, [row, 0, at, 0], self.xla))
         count = tf.where(any_pending, count, 0)
         state["logits"] = tf.where(any_pending & tf.equal(tf.range(_batch(state)), row)[:, None], logits,
                                    state["logits"])
@@ -366,12 +366,10 @@ class Decoder:
         def body(i, state, outputs):
             state = self.ingest(state)
             state, tokens, logprob, top_ids, top_logprobs = self.decode(state)
-            outputs = {
-                "tokens": _update_slice(outputs["tokens"], tokens[:, None], [0, i], self.xla),
-                "logprobs": _update_slice(outputs["logprobs"], logprob[:, None], [0, i], self.xla),
-                "top_ids": _update_slice(outputs["top_ids"], top_ids[:, None], [0, i, 0], self.xla),
-                "top_logprobs": _update_slice(outputs["top_logprobs"], top_logprobs[:, None], [0, i, 0], self.xla),
-            }
+            new = {"tokens": tokens, "logprobs": logprob, "top_ids": top_ids, "top_logprobs": top_logprobs}
+            outputs = {name: _update_slice(outputs[name], value[:, None], [0, i] + [0] * (value.shape.rank - 1),
+                                           self.xla)
+                       for name, value in new.items()}
             return i + 1, state, outputs
 
         count, state, outputs = tf.while_loop(busy, body, (tf.constant(0), state, outputs),
