@@ -113,6 +113,7 @@ def main(argv=None):
     # Workers compile from scratch: no persistent XLA cache (gpt2.compile_cache) for the library
     # worker, as TF Serving has none for the SavedModel.
     os.environ["GPT2_CACHE_DIR"] = "off"
+    os.environ["GPT2_DIRECT_TOKENS"] = "0"  # the library's compiled loop, like the SavedModel's
     name = os.path.basename(os.path.normpath(model_dir)) + ("-noxla" if args.no_xla else "")
     print(f"exporting {model_dir} ...", file=sys.stderr, flush=True)
     export_seconds, export_dir = run_export(model_dir, os.path.join(EXPORT_DIR, name), not args.no_xla)
