@@ -94,6 +94,11 @@ def choose_tokens(logits, temperature, top_k, top_p, uniform):
     return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
 
 
+# The per-row values `next_tokens` reads (shapes and dtypes: `decoder.Decoder.state_spec`).
+NEXT_TOKEN_FIELDS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "logit_bias", "seed", "generated", "counts", "prompt_seen")
+
+
 def next_tokens(logits, rows, ready):
     """Each row's next token from its model logits, as OpenAI's sampler with this project's
     extensions: repetition/presence/frequency penalties and logit bias, then `choose_tokens`

@@ -28,16 +28,8 @@ import tensorflow as tf
 
 from gpt2 import layers
 from gpt2.sampling import choose
-from gpt2.sampling.decoder import BLOCK, _round_up, _update_slice
-from gpt2.sampling.settings import pack_rows
-
-# Per-row inputs of a step: name -> (trailing shape, dtype); "V" is n_vocab.
-ROW_INPUTS = {
-    "temperature": ((), tf.float32), "top_k": ((), tf.int32), "top_p": ((), tf.float32),
-    "presence_penalty": ((), tf.float32), "frequency_penalty": ((), tf.float32),
-    "repetition_penalty": ((), tf.float32), "seed": ((), tf.int32), "generated": ((), tf.int32),
-    "logit_bias": (("V",), tf.float32), "prompt_seen": (("V",), tf.bool), "counts": (("V",), tf.int32),
-}
+from gpt2.sampling.decoder import BLOCK, Decoder, _round_up, _update_slice
+from gpt2.sampling.pool import sampling_rows
 
 _samplers = weakref.WeakKeyDictionary()  # model -> DirectSampler
 _samplers_lock = threading.Lock()
@@ -53,8 +45,8 @@ class DirectSampler:
         self.cache_dtype = tf.as_dtype(model.compute_dtype)
         self.cache_names = [f"{kind}{layer}" for layer in range(hp.n_layer) for kind in "kv"]
         cache = tf.TensorSpec([None, hp.n_head, None, hp.head_dim], self.cache_dtype)
-        rows = {name: tf.TensorSpec([None, *(hp.n_vocab if d == "V" else d for d in shape)], dtype)
-                for name, (shape, dtype) in ROW_INPUTS.items()}
+        spec = Decoder(model).state_spec()  # shapes with any number of rows
+        rows = {name: tf.TensorSpec(*spec[name]) for name in choose.NEXT_TOKEN_FIELDS}
         signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
                      {name: cache for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
@@ -67,7 +59,7 @@ class DirectSampler:
 
     def _step(self, tokens, position, caches, rows):
         """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}
-        [b, H, M, D] holding the first `position` of them; rows: ROW_INPUTS [b] or [b, V].
+        [b, H, M, D] holding the first `position` of them; rows: choose.NEXT_TOKEN_FIELDS.
         Returns (next tokens int32 [b], the caches with this call's keys and values written,
         counts with the next tokens added)."""
         model, dtype = self.model, self.cache_dtype
@@ -112,15 +104,8 @@ def decode_rows(model, requests):
     no logprobs) to the end, as `api.decode_rows` does: a generator yielding, per step, a list
     of (request index, token, None) for the rows still running."""
     sampler = sampler_for(model)
-    n_vocab = model.hparams.n_vocab
     count = len(requests)
-    packed = pack_rows([request.settings for request in requests], n_vocab)
-    seen = np.zeros([count, n_vocab], bool)
-    for i, request in enumerate(requests):
-        seen[i, request.prompt] = True
-    rows = {name: tf.constant(value) for name, value in packed.items()}
-    rows.update(seed=tf.constant([request.seed for request in requests], tf.int32), prompt_seen=tf.constant(seen),
-                counts=tf.zeros([count, n_vocab], tf.int32))
+    rows = {name: tf.constant(value) for name, value in sampling_rows(requests, model.hparams.n_vocab).items()}
     tokens = np.array([request.prompt for request in requests], np.int32)
     steps = max(request.max_new for request in requests)
     caches = sampler.empty_caches(count, tokens.shape[1] + steps - 1)

@@ -44,6 +44,18 @@ class RowRequest:
     logprobs: bool = False
 
 
+def sampling_rows(rows, n_vocab):
+    """What the token choice reads of RowRequests `rows` before their first token
+    (`choose.NEXT_TOKEN_FIELDS`), as NumPy arrays: the packed settings, seed, prompt_seen,
+    counts 0 and generated 0."""
+    seen = np.zeros([len(rows), n_vocab], bool)
+    for i, row in enumerate(rows):
+        seen[i, row.prompt] = True
+    return {**pack_rows([row.settings for row in rows], n_vocab),
+            "seed": np.array([np.int32(row.seed) for row in rows], np.int32), "prompt_seen": seen,
+            "counts": np.zeros([len(rows), n_vocab], np.int32), "generated": np.zeros(len(rows), np.int32)}
+
+
 _name_uses = {}
 _name_lock = threading.Lock()
 
@@ -141,17 +153,12 @@ class Pool:
             return
         for row in rows:
             row.prompt = check_prompt(row.prompt, self.n_vocab, self.n_ctx)
-        packed = pack_rows([row.settings for row in rows], self.n_vocab)
         count = len(rows)
         window = np.zeros([count, self.decoder.window_slots], np.int32)
-        seen = np.zeros([count, self.n_vocab], bool)
         for i, row in enumerate(rows):
             window[i, :len(row.prompt)] = row.prompt
-            seen[i, row.prompt] = True
         values = {
-            **{name: packed[name] for name in ("temperature", "top_k", "top_p", "presence_penalty",
-                                               "frequency_penalty", "repetition_penalty", "logit_bias")},
-            "seed": np.array([np.int32(row.seed) for row in rows], np.int32),
+            **sampling_rows(rows, self.n_vocab),
             "max_new": np.array([row.max_new for row in rows], np.int32),
             "stop_token": np.array([-1 if row.stop_token is None else row.stop_token for row in rows], np.int32),
             "window_keep": np.array([check_window_keep(row.window_keep, self.n_ctx) for row in rows], np.int32),
@@ -160,9 +167,6 @@ class Pool:
             "done": np.zeros(count, bool),
             "cached": np.zeros(count, np.int32),
             "filled": np.array([len(row.prompt) for row in rows], np.int32),
-            "generated": np.zeros(count, np.int32),
-            "counts": np.zeros([count, self.n_vocab], np.int32),
-            "prompt_seen": seen,
             "window": window,
         }
         # Rows admitted together with the same prompt share one ingestion of it.
