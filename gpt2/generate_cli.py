@@ -12,10 +12,10 @@ takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, 
 """
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import textwrap
-import threading
 
 from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
                       import_tensorflow)
@@ -277,27 +277,6 @@ def _run(args):
     return EXIT_OK
 
 
-class _Background:
-    """function(*args) in a daemon thread; `wait` joins it and raises what it raised."""
-
-    def __init__(self, function, *args):
-        self._error = None
-
-        def run():
-            try:
-                function(*args)
-            except BaseException as error:  # handed to wait()
-                self._error = error
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def wait(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def _load_model(model_dir, load_model, **options):
     """Loads the model; a seam for tests, which reuse one loaded model across many runs."""
     return load_model(model_dir, **options)
@@ -436,7 +415,7 @@ class _Sampler:
         try:
             self.model = _load_model(model_dir, load_model, **self.load_options())
             if self._tracing is not None:
-                self._tracing.wait()
+                self._tracing.result()  # raises what tracing raised
         finally:
             sys.setswitchinterval(interval)
 
@@ -449,14 +428,14 @@ class _Sampler:
             from gpt2.sampling import api, direct
 
             rows = min(self.args.batch_size, self.args.nsamples)
-            budget = api.direct_tokens(model)
-            tokens = self.args.length * self.args.nsamples
-            if (budget is not None and tokens > budget) or api.will_compile(model, rows, 1, self.args.length,
-                                                                             self.jit_compile):
+            if api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
+                                tokens=self.args.length * self.args.nsamples):
                 self._say_compiling()
                 api.prepare(model, rows, self.jit_compile)
             else:  # trace the uncompiled sampler while the weights are read
-                self._tracing = _Background(direct.prepare, model)
+                tracer = concurrent.futures.ThreadPoolExecutor(1)
+                self._tracing = tracer.submit(direct.prepare, model)
+                tracer.shutdown(wait=False)  # the trace goes on while load_model reads the weights
 
         return dict(dtype=self.args.dtype, before_weights=compile_sampler)
 

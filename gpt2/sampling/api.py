@@ -69,26 +69,29 @@ def _pool_key(model, rows, jit_compile):
     return pool_size_for(model, rows), model.default_jit_compile if jit_compile is None else bool(jit_compile)
 
 
-def _plan(model, rows, prompt_lengths, steps, jit_compile=None, logprobs=False):
+def _plan(model, rows, prompt_lengths, steps, jit_compile=None, logprobs=False, tokens=None):
     """How a job of `rows` rows and `steps` new tokens each runs: "compiled" (its pool is
     compiled already), "direct" (the uncompiled sampler: jit_compile left to the default, at most
     8 rows, prompts of one length, text within n_ctx, no logprobs, and the model's direct tokens
-    so far + rows x steps within `direct_tokens(model)`) or "compile" (compile its pool first)."""
+    so far + `tokens` (default rows x steps) within `direct_tokens(model)`) or "compile" (compile
+    its pool first)."""
     slots, jit = _pool_key(model, rows, jit_compile)
     if _pools.get(model, {}).get((slots, jit)):
         return "compiled"
     budget = direct_tokens(model)
     if (jit_compile is None and not logprobs and rows <= ALWAYS_ALLOWED_SLOTS and len(set(prompt_lengths)) == 1
             and max(prompt_lengths) + steps <= model.hparams.n_ctx
-            and (budget is None or _direct_tokens.get(model, 0) + rows * steps <= budget)):
+            and (budget is None or _direct_tokens.get(model, 0) + (tokens or rows * steps) <= budget)):
         return "direct"
     return "compile"
 
 
-def will_compile(model, rows, prompt_length, length, jit_compile=None):
+def will_compile(model, rows, prompt_length, length, jit_compile=None, tokens=None):
     """Whether sampling `length` tokens after `rows` prompts of `prompt_length` tokens would
-    compile a program first (generate.py says "compiling..." then)."""
-    return _plan(model, rows, [prompt_length] * rows, length, jit_compile) == "compile"
+    compile a program first (generate.py says "compiling..." then). tokens: all the tokens of a
+    run of several such jobs (default: this one's, rows x length), for the uncompiled
+    sampler's budget."""
+    return _plan(model, rows, [prompt_length] * rows, length, jit_compile, tokens=tokens) == "compile"
 
 
 def prepare(model, rows=1, jit_compile=None):
