@@ -53,6 +53,19 @@ def test_seeded_sampling_equals_the_compiled_loop_with_every_setting(direct_budg
         np.testing.assert_array_equal(row_quick, row_compiled)
 
 
+def test_the_attended_prefix_grows_in_steps_with_the_same_tokens(direct_budget, monkeypatch, fresh_model, reference):
+    """Each step attends over the filled cache slots rounded up to direct.PREFIX; with a small
+    PREFIX a job crosses that rounding many times (the tiny model's context is only 64)."""
+    monkeypatch.setattr(direct, "PREFIX", 8)
+    prompt = reference["inputs"]["len7"][0]
+    settings = dict(temperature=[0.0, 1.0], seeds=[3, 4])
+    quick = api.sample_rows(fresh_model, [prompt] * 2, 50, **settings)
+    assert not api.pools_of(fresh_model)
+    compiled = api.sample_rows(fresh_model, [prompt] * 2, 50, jit_compile=True, **settings)
+    for row_quick, row_compiled in zip(quick, compiled):
+        np.testing.assert_array_equal(row_quick, row_compiled)
+
+
 def test_stop_token_and_streaming_equal_the_compiled_loop(direct_budget, fresh_model, reference):
     prompt = reference["inputs"]["len7"][0]
     greedy = api.sample_rows(fresh_model, [prompt], 12, temperature=0)[0]

@@ -12,12 +12,17 @@ one length and whose text fits in n_ctx (no sliding window): what generate.py an
 calls ask for.
 
 It shares the compiled loop's math: the block as `layers.block` (attention here is one masked
-softmax over the job's cache) and the choice as `choose.next_tokens` with the same per-row
-streams, so both give the same tokens. Every shape is fixed for a job (the cache holds prompt +
-new tokens rounded up to BLOCK slots), so memory stays flat while it runs.
+softmax over the cache slots filled so far) and the choice as `choose.next_tokens` with the same
+per-row streams, so both give the same tokens.
 
-Shapes: b = rows, s = new positions, H = n_head, M = cache slots of the job, D = head_dim,
-V = n_vocab.
+The cache: per layer, keys and values of the job in two variables [M, b, H, D] (M = prompt + new
+tokens), written in place by a scatter on their first axis and read back by a gather of the
+filled prefix rounded up to PREFIX slots. A cache passed in and out as tensors was copied whole
+on every step (the caller still held the input) and then attended over every slot; this reads
+about what is filled, and a few shapes per job keep oneDNN's primitives (and memory) few.
+
+Shapes: b = rows, s = new positions, H = n_head, M = cache slots of the job, m = slots attended
+this step, D = head_dim, V = n_vocab.
 """
 
 import threading
@@ -28,61 +33,68 @@ import tensorflow as tf
 
 from gpt2 import layers
 from gpt2.sampling import choose
-from gpt2.sampling.decoder import BLOCK, Decoder, _round_up, _update_slice
+from gpt2.sampling.decoder import Decoder, _round_up
 from gpt2.sampling.pool import sampling_rows
 
+PREFIX = 64  # the attended slots are the filled ones rounded up to this
 _samplers = weakref.WeakKeyDictionary()  # model -> DirectSampler
 _samplers_lock = threading.Lock()
 
 
 class DirectSampler:
     """`step(tokens, position, caches, rows)` for one model: traced once (any b, s and M), never
-    compiled."""
+    compiled. `caches` are the resource handles of a job's `Caches`."""
 
     def __init__(self, model):
         hp = model.hparams
         self.model = model
         self.cache_dtype = tf.as_dtype(model.compute_dtype)
         self.cache_names = [f"{kind}{layer}" for layer in range(hp.n_layer) for kind in "kv"]
-        cache = tf.TensorSpec([None, hp.n_head, None, hp.head_dim], self.cache_dtype)
         spec = Decoder(model).state_spec()  # shapes with any number of rows
         rows = {name: tf.TensorSpec(*spec[name]) for name in choose.NEXT_TOKEN_FIELDS}
         signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
-                     {name: cache for name in self.cache_names}, rows]
+                     {name: tf.TensorSpec([], tf.resource) for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
 
-    def empty_caches(self, rows, slots):
-        """Zeroed caches for `rows` rows of at least `slots` positions."""
+    def new_caches(self, rows, slots):
+        """Zeroed cache variables of one job: {name: tf.Variable [slots, rows, H, D]}."""
         hp = self.model.hparams
-        shape = [rows, hp.n_head, _round_up(max(slots, 1), BLOCK), hp.head_dim]
-        return {name: tf.zeros(shape, self.cache_dtype) for name in self.cache_names}
+        shape = [max(slots, 1), rows, hp.n_head, hp.head_dim]
+        return {name: tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False) for name in self.cache_names}
 
     def _step(self, tokens, position, caches, rows):
-        """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}
-        [b, H, M, D] holding the first `position` of them; rows: choose.NEXT_TOKEN_FIELDS.
-        Returns (next tokens int32 [b], the caches with this call's keys and values written,
-        counts with the next tokens added)."""
-        model, dtype = self.model, self.cache_dtype
+        """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
+        handles of [M, b, H, D] variables holding the first `position` slots, to which this
+        call writes its keys and values; rows: choose.NEXT_TOKEN_FIELDS.
+        Returns (next tokens int32 [b], counts with the next tokens added)."""
+        model, hp, dtype = self.model, self.model.hparams, self.cache_dtype
         batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
-        x = tf.reshape(model.embed(tokens, position + tf.range(length)[None]), [-1, model.hparams.n_embd])
-        # Query i (at position + i) sees cache slots 0 .. position + i.
-        slots = tf.shape(caches["k0"])[2]
-        visible = (tf.range(slots)[None, :] <= position + tf.range(length)[:, None])[None, None]
-        caches = dict(caches)
+        x = tf.reshape(model.embed(tokens, position + tf.range(length)[None]), [-1, hp.n_embd])
+        written = position + tf.range(length)
+        # Slots 0 .. m-1 are read; query i (at position + i) sees slots 0 .. position + i.
+        slots = tf.raw_ops.VariableShape(input=caches["k0"], out_type=tf.int32)[0]
+        attended = tf.minimum(_round_up(position + length, PREFIX), slots)
+        visible = (tf.range(attended)[None, :] <= written[:, None])[None, None]
         for layer, block in enumerate(model.blocks):
-            names = f"k{layer}", f"v{layer}"
+            handles = caches[f"k{layer}"], caches[f"v{layer}"]
 
-            def attention(q, k, v, names=names):
-                for name, new in zip(names, (k, v)):
-                    caches[name] = _update_slice(caches[name], tf.cast(new, dtype), [0, 0, position, 0], xla=False)
-                return layers.attend(q, caches[names[0]], caches[names[1]], visible)
+            def attention(q, k, v, handles=handles):
+                prefix = []
+                for handle, new in zip(handles, (k, v)):
+                    update = tf.raw_ops.ResourceScatterUpdate(
+                        resource=handle, indices=written, updates=tf.cast(tf.transpose(new, [2, 0, 1, 3]), dtype))
+                    with tf.control_dependencies([update]):
+                        read = tf.raw_ops.ResourceGather(resource=handle, indices=tf.range(attended), dtype=dtype)
+                    read.set_shape([None, None, hp.n_head, hp.head_dim])
+                    prefix.append(tf.transpose(read, [1, 2, 0, 3]))
+                return layers.attend(q, *prefix, visible)
 
-            x, _, _ = layers.block(x, block.inference_weights(), batch, model.hparams.n_head, dtype, attention)
-        last = tf.reshape(model.ln_f.call(x), [batch, length, model.hparams.n_embd])[:, -1]
+            x, _, _ = layers.block(x, block.inference_weights(), batch, hp.n_head, dtype, attention)
+        last = tf.reshape(model.ln_f.call(x), [batch, length, hp.n_embd])[:, -1]
         _, chosen = choose.next_tokens(model.logits(last), rows, tf.ones_like(rows["seed"], tf.bool))
         counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1),
                                           tf.ones_like(chosen))
-        return chosen, caches, counts
+        return chosen, counts
 
 
 def prepare(model):
@@ -108,13 +120,14 @@ def decode_rows(model, requests):
     rows = {name: tf.constant(value) for name, value in sampling_rows(requests, model.hparams.n_vocab).items()}
     tokens = np.array([request.prompt for request in requests], np.int32)
     steps = max(request.max_new for request in requests)
-    caches = sampler.empty_caches(count, tokens.shape[1] + steps - 1)
+    caches = sampler.new_caches(count, tokens.shape[1] + steps - 1)
+    handles = {name: variable.handle for name, variable in caches.items()}
     position = 0
     made = [0] * count
     running = set(range(count))
     for step in range(steps):
         rows["generated"] = tf.fill([count], step)
-        chosen, caches, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), caches, rows)
+        chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), handles, rows)
         position += tokens.shape[1]
         tokens = chosen.numpy()[:, None]
         produced = []
