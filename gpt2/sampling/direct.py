@@ -15,11 +15,13 @@ It shares the compiled loop's math: the block as `layers.block` (attention here 
 softmax over the cache slots filled so far) and the choice as `choose.next_tokens` with the same
 per-row streams, so both give the same tokens.
 
-The cache: per layer, keys and values of the job in two variables [M, b, H, D] (M = prompt + new
-tokens), written in place by a scatter on their first axis and read back by a gather of the
-filled prefix rounded up to PREFIX slots. A cache passed in and out as tensors was copied whole
-on every step (the caller still held the input) and then attended over every slot; this reads
-about what is filled, and a few shapes per job keep oneDNN's primitives (and memory) few.
+The cache: per layer, keys and values of the job in two variables of [b * H * M, D] rows (M =
+prompt + new tokens; row (r * H + h) * M + p holds row r, head h, position p), written in place
+by a scatter of the new rows and read back by a gather of the filled prefix of every (row, head),
+rounded up to PREFIX positions, straight into the [b, H, m, D] layout attention multiplies. A
+cache passed in and out as tensors was copied whole on every step (the caller still held the
+input) and attended over every slot; this moves about what is filled, and a few shapes per job
+keep oneDNN's primitives (and memory) few.
 
 Shapes: b = rows, s = new positions, H = n_head, M = cache slots of the job, m = slots attended
 this step, D = head_dim, V = n_vocab.
@@ -42,8 +44,8 @@ _samplers_lock = threading.Lock()
 
 
 class DirectSampler:
-    """`step(tokens, position, caches, rows)` for one model: traced once (any b, s and M), never
-    compiled. `caches` are the resource handles of a job's `Caches`."""
+    """`step(tokens, position, slots, caches, rows)` for one model: traced once (any b, s and M),
+    never compiled. `caches` are the resource handles of a job's `new_caches(rows, slots)`."""
 
     def __init__(self, model):
         hp = model.hparams
@@ -52,29 +54,30 @@ class DirectSampler:
         self.cache_names = [f"{kind}{layer}" for layer in range(hp.n_layer) for kind in "kv"]
         spec = Decoder(model).state_spec()  # shapes with any number of rows
         rows = {name: tf.TensorSpec(*spec[name]) for name in choose.NEXT_TOKEN_FIELDS}
-        signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
+        signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32),
                      {name: tf.TensorSpec([], tf.resource) for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
 
     def new_caches(self, rows, slots):
-        """Zeroed cache variables of one job: {name: tf.Variable [slots, rows, H, D]}."""
+        """Zeroed cache variables of one job: {name: tf.Variable [rows * H * slots, D]}."""
         hp = self.model.hparams
-        shape = [max(slots, 1), rows, hp.n_head, hp.head_dim]
+        shape = [rows * hp.n_head * slots, hp.head_dim]
         return {name: tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False) for name in self.cache_names}
 
-    def _step(self, tokens, position, caches, rows):
+    def _step(self, tokens, position, slots, caches, rows):
         """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
-        handles of [M, b, H, D] variables holding the first `position` slots, to which this
-        call writes its keys and values; rows: choose.NEXT_TOKEN_FIELDS.
+        handles of [b * H * M, D] variables (M = slots) holding the first `position` positions,
+        to which this call writes its keys and values; rows: choose.NEXT_TOKEN_FIELDS.
         Returns (next tokens int32 [b], counts with the next tokens added)."""
         model, hp, dtype = self.model, self.model.hparams, self.cache_dtype
         batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
         x = tf.reshape(model.embed(tokens, position + tf.range(length)[None]), [-1, hp.n_embd])
-        written = position + tf.range(length)
-        # Slots 0 .. m-1 are read; query i (at position + i) sees slots 0 .. position + i.
-        slots = tf.raw_ops.VariableShape(input=caches["k0"], out_type=tf.int32)[0]
+        # Positions 0 .. m-1 are read; query i (at position + i) sees positions 0 .. position + i.
         attended = tf.minimum(_round_up(position + length, PREFIX), slots)
-        visible = (tf.range(attended)[None, :] <= written[:, None])[None, None]
+        visible = (tf.range(attended)[None, :] <= position + tf.range(length)[:, None])[None, None]
+        first_row = tf.range(batch * hp.n_head)[:, None] * slots  # of each (row, head), [b H, 1]
+        written = tf.reshape(first_row + position + tf.range(length)[None], [-1])  # [b H s]
+        read = first_row + tf.range(attended)[None]  # [b H, m]
         for layer, block in enumerate(model.blocks):
             handles = caches[f"k{layer}"], caches[f"v{layer}"]
 
@@ -82,11 +85,10 @@ class DirectSampler:
                 prefix = []
                 for handle, new in zip(handles, (k, v)):
                     update = tf.raw_ops.ResourceScatterUpdate(
-                        resource=handle, indices=written, updates=tf.cast(tf.transpose(new, [2, 0, 1, 3]), dtype))
+                        resource=handle, indices=written, updates=tf.cast(tf.reshape(new, [-1, hp.head_dim]), dtype))
                     with tf.control_dependencies([update]):
-                        read = tf.raw_ops.ResourceGather(resource=handle, indices=tf.range(attended), dtype=dtype)
-                    read.set_shape([None, None, hp.n_head, hp.head_dim])
-                    prefix.append(tf.transpose(read, [1, 2, 0, 3]))
+                        rows_read = tf.raw_ops.ResourceGather(resource=handle, indices=read, dtype=dtype)
+                    prefix.append(tf.reshape(rows_read, [batch, hp.n_head, attended, hp.head_dim]))
                 return layers.attend(q, *prefix, visible)
 
             x, _, _ = layers.block(x, block.inference_weights(), batch, hp.n_head, dtype, attention)
@@ -120,14 +122,16 @@ def decode_rows(model, requests):
     rows = {name: tf.constant(value) for name, value in sampling_rows(requests, model.hparams.n_vocab).items()}
     tokens = np.array([request.prompt for request in requests], np.int32)
     steps = max(request.max_new for request in requests)
-    caches = sampler.new_caches(count, tokens.shape[1] + steps - 1)
+    slots = tokens.shape[1] + steps - 1
+    caches = sampler.new_caches(count, slots)
     handles = {name: variable.handle for name, variable in caches.items()}
     position = 0
     made = [0] * count
     running = set(range(count))
     for step in range(steps):
         rows["generated"] = tf.fill([count], step)
-        chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), handles, rows)
+        chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), tf.constant(slots, tf.int32),
+                                              handles, rows)
         position += tokens.shape[1]
         tokens = chosen.numpy()[:, None]
         produced = []
