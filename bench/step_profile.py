@@ -4,7 +4,8 @@ the weight matmuls alone, per dtype.
     python bench/step_profile.py [--shape 124M] [--batch 8] [--dtypes bfloat16,float32]
 
 For each dtype: ms per greedy step of `gpt2.sampling.direct` (32-token prompts, its key/value
-cache sized for 128, 480 and 990 new tokens: 256, 512 and 1024 slots; steps 5-68 timed), then
+cache sized for 128, 480 and 990 new tokens: 159, 511 and 1021 positions; steps 5-68 timed, so
+the same positions are filled and attended whatever the cache's size), then
 one plain graph of every weight matmul of a step (the 12 blocks' four projections and the
 logits) and the logits matmul alone at the same batch. The step minus the matmuls is attention,
 the cache update and the token choice.
@@ -58,8 +59,7 @@ def main(argv=None):
 
         for new in (128, 480, 990):
             step_ms(new, 8)  # first call of this shape
-            slots = -(-(PROMPT + new - 1) // 128) * 128
-            print(f"| {dtype} | step, cache of {slots} slots | {min(step_ms(new) for _ in range(2)):.1f} |")
+            print(f"| {dtype} | step, cache of {PROMPT + new - 1} positions | {min(step_ms(new) for _ in range(2)):.1f} |")
 
         compute = tf.as_dtype(model.compute_dtype)
         n_embd = model.hparams.n_embd
