@@ -66,6 +66,18 @@ def test_the_attended_prefix_grows_in_steps_with_the_same_tokens(direct_budget, 
         np.testing.assert_array_equal(row_quick, row_compiled)
 
 
+def test_caches_of_any_job_size_share_one_instantiated_step(fresh_model):
+    """The step's cache variables are declared [None, D] whatever the job's size: TensorFlow
+    instantiates a function again for every new declared shape of a resource input (measured:
+    0.2-0.5 s and about 10 MiB kept per prompt length when each job's variables had their own)."""
+    sampler = direct.sampler_for(fresh_model)
+    head_dim = fresh_model.hparams.head_dim
+    for rows, slots in ((1, 5), (3, 40)):
+        caches = sampler.new_caches(rows, slots)
+        assert {tuple(variable.shape.as_list()) for variable in caches.values()} == {(None, head_dim)}
+        assert caches["k0"].numpy().shape == (rows * fresh_model.hparams.n_head * slots, head_dim)
+
+
 def test_stop_token_and_streaming_equal_the_compiled_loop(direct_budget, fresh_model, reference):
     prompt = reference["inputs"]["len7"][0]
     greedy = api.sample_rows(fresh_model, [prompt], 12, temperature=0)[0]

@@ -59,10 +59,14 @@ class DirectSampler:
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
 
     def new_caches(self, rows, slots):
-        """Zeroed cache variables of one job: {name: tf.Variable [rows * H * slots, D]}."""
+        """Zeroed cache variables of one job: {name: tf.Variable [rows * H * slots, D]}, declared
+        [None, D]: TensorFlow keys its instantiated functions by the declared shapes of resource
+        inputs, and a job of another size would otherwise instantiate the step again (0.2-0.5 s
+        and about 10 MiB, kept, per size)."""
         hp = self.model.hparams
         shape = [rows * hp.n_head * slots, hp.head_dim]
-        return {name: tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False) for name in self.cache_names}
+        return {name: tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, shape=[None, hp.head_dim])
+                for name in self.cache_names}
 
     def _step(self, tokens, position, slots, caches, rows):
         """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
