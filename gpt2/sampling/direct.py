@@ -15,7 +15,7 @@ It shares the compiled loop's math: the block as `layers.block` (attention here 
 softmax over the cache slots filled so far) and the choice as `choose.next_tokens` with the same
 per-row streams, so both give the same tokens.
 
-The cache: per layer, keys and values of the job in two variables of [b * H * M, D] rows (M =
+The cache: per layer, keys and values of the job in two resource variables of [b * H * M, D] rows (M =
 prompt + new tokens; row (r * H + h) * M + p holds row r, head h, position p), written in place
 by a scatter of the new rows and read back by a gather of the filled prefix of every (row, head),
 rounded up to PREFIX positions, straight into the [b, H, m, D] layout attention multiplies. A
@@ -28,6 +28,7 @@ this step, D = head_dim, V = n_vocab.
 """
 
 import threading
+import uuid
 import weakref
 
 import numpy as np
@@ -59,14 +60,26 @@ class DirectSampler:
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
 
     def new_caches(self, rows, slots):
-        """Zeroed cache variables of one job: {name: tf.Variable [rows * H * slots, D]}, declared
-        [None, D]: TensorFlow keys its instantiated functions by the declared shapes of resource
-        inputs, and a job of another size would otherwise instantiate the step again (0.2-0.5 s
-        and about 10 MiB, kept, per size)."""
+        """Zeroed cache variables of one job, {name: resource handle of [rows * H * slots, D]};
+        free them with `free_caches`. Plain resource ops, not tf.Variable: under a
+        tf.distribute strategy's scope a tf.Variable would be a distributed one, whose handle
+        exists only inside a replica. Declared [None, D]: TensorFlow keys its instantiated
+        functions by the declared shapes of resource inputs, and a job of another size would
+        otherwise instantiate the step again (0.2-0.5 s and about 10 MiB, kept, per size)."""
         hp = self.model.hparams
         shape = [rows * hp.n_head * slots, hp.head_dim]
-        return {name: tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, shape=[None, hp.head_dim])
-                for name in self.cache_names}
+        caches = {}
+        for name in self.cache_names:
+            handle = tf.raw_ops.VarHandleOp(dtype=self.cache_dtype, shape=[None, hp.head_dim],
+                                            shared_name=f"gpt2_direct_cache_{uuid.uuid4().hex}")
+            tf.raw_ops.AssignVariableOp(resource=handle, value=tf.zeros(shape, self.cache_dtype))
+            caches[name] = handle
+        return caches
+
+    @staticmethod
+    def free_caches(caches):
+        for handle in caches.values():
+            tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
 
     def _step(self, tokens, position, slots, caches, rows):
         """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
@@ -128,23 +141,25 @@ def decode_rows(model, requests):
     steps = max(request.max_new for request in requests)
     slots = tokens.shape[1] + steps - 1
     caches = sampler.new_caches(count, slots)
-    handles = {name: variable.handle for name, variable in caches.items()}
-    position = 0
-    made = [0] * count
-    running = set(range(count))
-    for step in range(steps):
-        rows["generated"] = tf.fill([count], step)
-        chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), tf.constant(slots, tf.int32),
-                                              handles, rows)
-        position += tokens.shape[1]
-        tokens = chosen.numpy()[:, None]
-        produced = []
-        for i in sorted(running):
-            token = int(tokens[i, 0])
-            produced.append((i, token, None))
-            made[i] += 1
-            if made[i] >= requests[i].max_new or token == requests[i].stop_token:
-                running.discard(i)
-        yield produced
-        if not running:
-            return
+    try:
+        position = 0
+        made = [0] * count
+        running = set(range(count))
+        for step in range(steps):
+            rows["generated"] = tf.fill([count], step)
+            chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32),
+                                                  tf.constant(slots, tf.int32), caches, rows)
+            position += tokens.shape[1]
+            tokens = chosen.numpy()[:, None]
+            produced = []
+            for i in sorted(running):
+                token = int(tokens[i, 0])
+                produced.append((i, token, None))
+                made[i] += 1
+                if made[i] >= requests[i].max_new or token == requests[i].stop_token:
+                    running.discard(i)
+            yield produced
+            if not running:
+                return
+    finally:  # also when the caller stops early (the generator is closed)
+        sampler.free_caches(caches)
