@@ -140,10 +140,8 @@ class GPT2(keras.Model):
         for i, block in enumerate(self.blocks):
             if self.recompute and training and past is None:  # fine-tuning hook, see `recompute`
                 x, present = _recomputed(block, batch)(x)
-                presents.append(present)
-                hidden_states.append(x)
-                continue
-            x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
+            else:
+                x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
         h = self.ln_f.call(x)
@@ -152,7 +150,7 @@ class GPT2(keras.Model):
             "present": tf.stack(presents, axis=1),
         }
         if return_hidden_states:
-            outputs["hidden_states"] = [tf.reshape(h, [batch, seq, self.hparams.n_embd]) for h in hidden_states]
+            outputs["hidden_states"] = [tf.reshape(state, [batch, seq, self.hparams.n_embd]) for state in hidden_states]
         return outputs
 
     # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's

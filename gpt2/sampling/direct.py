@@ -15,13 +15,13 @@ It shares the compiled loop's math: the block as `layers.block` (attention here 
 softmax over the cache slots filled so far) and the choice as `choose.next_tokens` with the same
 per-row streams, so both give the same tokens.
 
-The cache: per layer, keys and values of the job in two resource variables of [b * H * M, D] rows (M =
-prompt + new tokens; row (r * H + h) * M + p holds row r, head h, position p), written in place
-by a scatter of the new rows and read back by a gather of the filled prefix of every (row, head),
-rounded up to PREFIX positions, straight into the [b, H, m, D] layout attention multiplies. A
-cache passed in and out as tensors was copied whole on every step (the caller still held the
-input) and attended over every slot; this moves about what is filled, and a few shapes per job
-keep oneDNN's primitives (and memory) few.
+The cache: per layer, keys and values of the job in two resource variables of [b * H * M, D]
+rows (M = prompt + new tokens; row (r * H + h) * M + p holds row r, head h, position p), written
+in place by a scatter of the new rows and read back by a gather of the filled prefix of every
+(row, head), rounded up to PREFIX positions, straight into the [b, H, m, D] layout attention
+multiplies. A cache passed in and out as tensors was copied whole on every step (the caller
+still held the input) and attended over every slot; this moves about what is filled, and a few
+shapes per job keep oneDNN's primitives (and memory) few.
 
 Shapes: b = rows, s = new positions, H = n_head, M = cache slots of the job, m = slots attended
 this step, D = head_dim, V = n_vocab.
@@ -141,14 +141,15 @@ def decode_rows(model, requests):
     steps = max(request.max_new for request in requests)
     slots = tokens.shape[1] + steps - 1
     caches = sampler.new_caches(count, slots)
+    slots_tensor = tf.constant(slots, tf.int32)  # made once, passed every step
     try:
         position = 0
         made = [0] * count
         running = set(range(count))
         for step in range(steps):
             rows["generated"] = tf.fill([count], step)
-            chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32),
-                                                  tf.constant(slots, tf.int32), caches, rows)
+            chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), slots_tensor, caches,
+                                                  rows)
             position += tokens.shape[1]
             tokens = chosen.numpy()[:, None]
             produced = []
