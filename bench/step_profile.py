@@ -1,5 +1,5 @@
-"""Where a step of the uncompiled sampler goes: the whole step for caches of growing size against
-the weight matmuls alone, per dtype.
+"""Where a step goes: the whole step for caches of growing size against the weight matmuls
+alone, per dtype, for the uncompiled sampler and (float32) the compiled loop.
 
     python bench/step_profile.py [--shape 124M] [--batch 8] [--dtypes bfloat16,float32]
 
@@ -9,6 +9,12 @@ the same positions are filled and attended whatever the cache's size), then
 one plain graph of every weight matmul of a step (the 12 blocks' four projections and the
 logits) and the logits matmul alone at the same batch. The step minus the matmuls is attention,
 the cache update and the token choice.
+
+For float32, whose long jobs run in the XLA-compiled loop, also: ms per step of that loop
+(greedy, `gpt2.sample_sequence` with GPT2_DIRECT_TOKENS=0; 160 new tokens minus 32, so the
+prompt and the call's fixed cost cancel), the same weight-matmul graph compiled by XLA (the floor
+under the loop's step), and a sum of every weight (each read once: the floor memory bandwidth
+sets; a bfloat16 model reads half the bytes).
 """
 
 import argparse
@@ -35,6 +41,9 @@ def main(argv=None):
     import_tensorflow()
     import tensorflow as tf
 
+    import numpy as np
+
+    import gpt2
     from gpt2 import layers
     from gpt2.checkpoint import load_model
     from gpt2.sampling import direct
@@ -77,20 +86,46 @@ def main(argv=None):
         def logits(x):
             return model.logits(x)
 
+        @tf.function(autograph=False)
+        def read_weights(x):  # each float32 weight read once: the memory-bandwidth floor of a step
+            return tf.add_n([tf.reduce_sum(w) for w in model.weights]) + x[0, 0]
+
         x = tf.random.normal([args.batch, n_embd])
-        for function, what in ((matmuls, "every weight matmul of a step (blocks + logits)"),
-                               (logits, "the logits matmul alone")):
-            function(x).numpy()
-            best = float("inf")
-            for _ in range(3):
+        timed = [(matmuls, "every weight matmul of a step (blocks + logits)"), (logits, "the logits matmul alone")]
+        if dtype == "float32":
+            timed.append((tf.function(matmuls.python_function, autograph=False, jit_compile=True),
+                          "every weight matmul of a step, XLA-compiled"))
+            timed.append((read_weights, "reading every weight once (the memory-bandwidth floor)"))
+        for function, what in timed:
+            print(f"| {dtype} | {what} | {best_ms(function, x):.1f} |")
+        if dtype == "float32":
+            os.environ["GPT2_DIRECT_TOKENS"] = "0"  # the compiled loop for every call
+            context = np.array([list(range(100 + i, 100 + i + PROMPT)) for i in range(args.batch)], np.int32)
+
+            def loop_seconds(new):
                 start = time.perf_counter()
-                for _ in range(20):
-                    result = function(x)
-                result.numpy()
-                best = min(best, (time.perf_counter() - start) / 20 * 1000)
-            print(f"| {dtype} | {what} | {best:.1f} |")
+                gpt2.sample_sequence(model, context, new, temperature=0.0)
+                return time.perf_counter() - start
+
+            loop_seconds(160)  # compiles (or reads the compilation cache)
+            step = min(loop_seconds(160) - loop_seconds(32) for _ in range(3)) / 128 * 1000
+            print(f"| {dtype} | step of the compiled loop (XLA), cache of {PROMPT + 159} positions | {step:.1f} |")
     print(f"\nload average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}, {os.cpu_count()} cores")
     return 0
+
+
+def best_ms(function, x, calls=20, reps=3):
+    """The best of `reps` means of `calls` back-to-back calls function(x), in ms (the last result
+    awaited)."""
+    function(x).numpy()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            result = function(x)
+        result.numpy()
+        best = min(best, (time.perf_counter() - start) / calls * 1000)
+    return best
 
 
 if __name__ == "__main__":
