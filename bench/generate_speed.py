@@ -2,7 +2,7 @@
 
     python bench/generate_speed.py [--shape 124M] [--batch-sizes 1,8] [--prompt-len 32]
         [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai]
-        [--openai-repo PATH] [--ours-xla default|on|off|both] [--ours-direct]
+        [--openai-repo PATH] [--ours-xla default|on|off|both|none] [--ours-direct]
         [--ours-dtypes float32,bfloat16]
         [--threads N] [--json out.json]
 
@@ -93,7 +93,7 @@ import _common  # noqa: E402
 
 PEERS = ("hf", "kerashub", "kerashub-xla", "openai")
 OURS_VARIANTS = {"default": [("ours", None)], "on": [("ours-xla", True)], "off": [("ours-noxla", False)],
-                 "both": [("ours-xla", True), ("ours-noxla", False)]}
+                 "both": [("ours-xla", True), ("ours-noxla", False)], "none": []}
 
 
 class Skip(Exception):
@@ -541,7 +541,8 @@ def main(argv=None):
     parser.add_argument("--openai-repo", help="checkout of openai/gpt-2 (for the 'openai' peer)")
     parser.add_argument("--ours-xla", default="default", choices=list(OURS_VARIANTS),
                         help="pass jit_compile=True/False to gpt2.sample_sequence (both: two rows); "
-                             "default: pass nothing")
+                             "default: pass nothing; none: no compiled-loop row (with --ours-direct: only "
+                             "the uncompiled sampler, e.g. to keep a large model's workers within memory)")
     parser.add_argument("--ours-direct", action="store_true",
                         help="add a row for the uncompiled sampler short jobs start on (ours-direct)")
     parser.add_argument("--ours-dtypes", default="float32",
@@ -573,6 +574,8 @@ def main(argv=None):
     if set(dtypes) - {"float32", "bfloat16"} or not dtypes:
         parser.error("--ours-dtypes takes float32 and/or bfloat16")
     variants = OURS_VARIANTS[args.ours_xla] + ([("ours-direct", "direct")] if args.ours_direct else [])
+    if not variants:
+        parser.error("--ours-xla none leaves no row of ours: add --ours-direct")
     systems = [(name + ("-bf16" if dtype == "bfloat16" else ""), "ours", xla, None if dtype == "float32" else dtype)
                for dtype in dtypes for name, xla in variants]
     systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None,
