@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from gpt2 import layers
 from gpt2.sampling import choose
-from gpt2.sampling.decoder import Decoder, _round_up
+from gpt2.sampling.decoder import Decoder, _round_up, layer_function
 from gpt2.sampling.pool import sampling_rows
 
 PREFIX = 64  # the attended slots are the filled ones rounded up to this
@@ -58,9 +58,7 @@ class DirectSampler:
         signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32),
                      {name: tf.TensorSpec([], tf.resource) for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
-        # Every block runs this one function, kept out of line: TensorFlow then holds kernels
-        # for one layer, not one per layer (124M: generate.py's peak 11-15 MiB lower).
-        self._layer = tf.function(self._layer_step, autograph=False, experimental_attributes={"_noinline": True})
+        self._layer = layer_function(self._layer_step, xla=False)  # one layer's kernels, not twelve
 
     def new_caches(self, rows, slots):
         """Zeroed cache variables of one job, {name: resource handle of [rows * H * slots, D]};
