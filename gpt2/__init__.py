@@ -1,15 +1,13 @@
 """OpenAI's GPT-2 in TensorFlow 2 / Keras 3, reading and writing OpenAI's original checkpoints.
 
 TensorFlow is imported on first use of a name that needs it, so command-line tools answer
-`--help` and usage errors without paying for it.
+`--help` and usage errors without paying for it. Importing the package changes nothing else: the
+compilation cache (gpt2/compile_cache.py) is turned on by the tools and the compiled samplers.
 """
 
 import importlib
 
-from gpt2 import compile_cache
 from gpt2.hparams import PRESETS, HParams
-
-compile_cache.enable()  # before the first XLA compile; see gpt2/compile_cache.py
 
 _LAZY = {
     "GPT2": "gpt2.model",

@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from gpt2 import compile_cache
 from gpt2.cli import quiet_tensorflow
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams, summarize
 
@@ -281,7 +282,9 @@ def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, b
     Returns a `gpt2.GPT2` with the folder's weights. The variables start uninitialised (their
     memory untouched) and each tensor is read and handed to its variable one at a time:
     loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
+    Turns on the compilation cache (gpt2.compile_cache), as the samplers do.
     """
+    compile_cache.enable()  # before TensorFlow's first function call reads XLA's flags
     import tensorflow as tf
 
     from gpt2.model import GPT2

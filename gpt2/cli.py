@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from gpt2 import compile_cache
+
 DEFAULT_MODEL = "124M"
 DEFAULT_MODELS_DIR = "models"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -88,7 +90,8 @@ def quiet_tensorflow():
 
 
 def import_tensorflow():
-    """quiet_tensorflow(), then imports TensorFlow, for tools that need it at once.
+    """quiet_tensorflow(), turns on the compilation cache (gpt2.compile_cache), then imports
+    TensorFlow, for tools that need it at once.
 
     TensorFlow 2.21 prints a few lines while it is imported whatever the log level (logging
     before absl::InitializeLog, tensorflow/tensorflow#102212), so unless the user set their own
@@ -96,6 +99,7 @@ def import_tensorflow():
     import fails."""
     quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and "tensorflow" not in sys.modules
     quiet_tensorflow()
+    compile_cache.enable()
     try:
         if quiet:
             sys.stderr.flush()

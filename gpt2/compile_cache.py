@@ -2,24 +2,39 @@
 
 TensorFlow-free. TensorFlow (2.16+) saves each XLA executable in the folder named by
 `TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR` and loads it in later processes that
-build the same program. Its files are written in place, and a truncated one (a process killed
-mid-write, a full disk, two processes writing at once) makes every later use of that program
-fail. So each process gets a private folder inside the shared one: complete entries of the
-shared folder are hard-linked (or copied) into it at start, TensorFlow writes only there, and
-`publish` moves the new entries that are complete into the shared folder with one atomic rename
-each (after the first compile of a sampler, and at exit). An unusable folder just means no cache.
+build the same program. An entry is machine code that TensorFlow runs as it finds it, so the
+folder is a trust boundary, as ~/.ssh is for ssh:
+
+* the shared folder is used only if it is owned by the current user and not writable by group or
+  others (else a one-line warning and no cache); it is created 0700;
+* every entry is published under a name that carries a SHA-256 of the entry's name and bytes,
+  verified before TensorFlow can read it: an entry that does not match (flipped bytes, code
+  replaced, cut short) is deleted, and its program compiled again;
+* TensorFlow's own files are written in place, and a truncated one makes every later use of that
+  program fail; so each process gets a private folder inside the shared one: verified entries of
+  the shared folder are hard-linked (or copied) into it at start, TensorFlow writes only there,
+  and `publish` moves the new entries that are complete into the shared folder with one atomic
+  rename each (after the first compile of a sampler, and at exit);
+* should TensorFlow still fail to read an entry (one written bad), `recover` turns the cache off
+  for the rest of the process, removes the entries it took from the shared folder, and the caller
+  compiles its program again (see `gpt2.sampling.pool.Pool.run`).
 
     GPT2_CACHE_DIR=/path/to/dir   the shared folder (default: $XDG_CACHE_HOME/gpt2-tf2/xla, or
-                                  ~/.cache/gpt2-tf2/xla)
+                                  ~/.cache/gpt2-tf2/xla); one user's processes may share it, other
+                                  users need their own
     GPT2_CACHE_DIR=off            no cache (also: 0, false, no, none)
 
-`enable()` runs when `gpt2` is imported; it must come before the process's first XLA compile
-(importing TensorFlow first is fine). A TF_XLA_FLAGS that already names a cache folder is kept.
+Nothing is turned on by importing `gpt2`: the command-line tools (`gpt2.cli.import_tensorflow`)
+and the compiled samplers call `enable()`, which must come before the process's first XLA
+compile. A TF_XLA_FLAGS that already names a cache folder is kept (and not checked).
 """
 
 import atexit
+import hashlib
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -30,9 +45,14 @@ OFF = {"off", "0", "false", "no", "none"}
 FLAG = "--tf_xla_persistent_cache_directory"
 PRIVATE_PREFIX = ".process-"
 STALE_SECONDS = 7 * 24 * 3600  # private folders of dead processes are removed after this
+ENTRY = re.compile(r"(?P<name>[^/\\]+\.pb)\.sha256-(?P<digest>[0-9a-f]{64})")  # a shared entry's file name
+# What TensorFlow says when an entry it read is not a program (it then fails the call, and keeps
+# failing it for the rest of the process).
+READ_ERRORS = ("Failed to parse serialized", "XlaSerializedCacheEntry")
 
 _lock = threading.Lock()
-_state = {"shared": None, "private": None}
+_state = {"shared": None, "private": None, "taken": {}, "off": False}
+_warned = set()
 
 
 def default_dir():
@@ -50,7 +70,7 @@ def configured_dir():
 
 def enable():
     """Turns the cache on for this process (idempotent). Returns the shared folder, or None if
-    the cache is off, already set by TF_XLA_FLAGS, or its folder is unusable."""
+    the cache is off, already set by TF_XLA_FLAGS, or its folder is unusable or untrusted."""
     with _lock:
         if _state["private"] is not None:
             return _state["shared"]
@@ -60,39 +80,125 @@ def enable():
         if shared is None:
             return None
         try:
-            os.makedirs(shared, exist_ok=True)
+            os.makedirs(shared, mode=0o700, exist_ok=True)
+            problem = untrusted(shared)
+            if problem:
+                _warn(f"not using the compilation cache {shared}: it {problem}; run `chmod 700 {shared}` if it "
+                      f"is yours, or set {ENV} to a folder of your own ({ENV}=off: no cache)")
+                return None
             _remove_stale(shared)
+            taken = verified_entries(shared)
             private = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-", dir=shared)
-            for name in _entries(shared):
-                _link_or_copy(os.path.join(shared, name), os.path.join(private, name))
+            for name, path in taken.items():
+                _link_or_copy(path, os.path.join(private, name))
         except OSError:
             return None  # read-only or full disk: run without a cache
         flags = os.environ.get("TF_XLA_FLAGS", "")
         os.environ["TF_XLA_FLAGS"] = f"{flags} {FLAG}={private}".strip()
-        _state.update(shared=shared, private=private)
+        _state.update(shared=shared, private=private, taken=taken)
         atexit.register(_finish)
         return shared
 
 
+def untrusted(folder):
+    """Why `folder` may not hold programs this process runs ("is owned by uid 0, not you (uid
+    1000)", "is writable by group and others (mode 0777)"), or None if it may. POSIX only: on
+    other systems the folder's access rules are the user profile's."""
+    if os.name != "posix":
+        return None
+    info = os.stat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not you (uid {os.geteuid()})"
+    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit]
+    if writers:
+        return f"is writable by {' and '.join(writers)} (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def checksum(name, path):
+    """SHA-256 (hex) of an entry's name and bytes: the name keys the sum, so an entry's sum is
+    not valid for another entry."""
+    digest = hashlib.sha256(name.encode() + b"\0")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_entries(shared):
+    """{entry name: path} of the shared folder's entries whose bytes match their checksum. Every
+    other entry is deleted: a mismatch, a file that is not a regular file of this user's, and an
+    entry without a checksum (written before checksums, or not by this code)."""
+    found = {}
+    for file_name in _list(shared):
+        if file_name.startswith("."):
+            continue
+        path = os.path.join(shared, file_name)
+        match = ENTRY.fullmatch(file_name)
+        if match is None:
+            if file_name.endswith(".pb"):
+                _remove(path)
+            continue
+        name = match["name"]
+        if name not in found and _own_file(path) and checksum(name, path) == match["digest"]:
+            found[name] = path
+        else:
+            _remove(path)
+    return found
+
+
 def publish():
-    """Moves this process's new, complete entries into the shared folder (atomic per file)."""
+    """Moves this process's new, complete entries into the shared folder (atomic per file), each
+    under its checksummed name. Returns how many (0 when the cache is off)."""
     with _lock:
         shared, private = _state["shared"], _state["private"]
-        if private is None:
+        if private is None or _state["off"]:
             return 0
+        present = {match["name"] for match in map(ENTRY.fullmatch, _list(shared)) if match}
         published = 0
         for name in _entries(private):
-            target = os.path.join(shared, name)
-            if os.path.exists(target):
+            if name in present:
                 continue
+            source = os.path.join(private, name)
             temporary = os.path.join(shared, f".{name}.{os.getpid()}.tmp")
             try:
-                _link_or_copy(os.path.join(private, name), temporary)
-                os.replace(temporary, target)
+                _link_or_copy(source, temporary)
+                os.replace(temporary, os.path.join(shared, f"{name}.sha256-{checksum(name, temporary)}"))
                 published += 1
             except OSError:
                 _remove(temporary)
         return published
+
+
+def recover(error):
+    """For a compiled call that raised `error`: True if it is TensorFlow failing to read an entry
+    of this process's cache. Then the cache is off for the rest of the process (nothing more is
+    read or published), the entries it took from the shared folder are deleted (the bad one is
+    among them; TensorFlow does not say which), one line says so, and the caller should build its
+    program again under new names (TensorFlow keeps failing the old one) and call it once more."""
+    message = str(error)
+    with _lock:
+        private = _state["private"]
+        if private is None or _state["off"] or not any(text in message for text in READ_ERRORS):
+            return False
+        _state["off"] = True
+        for name in _list(private):
+            _remove(os.path.join(private, name))
+        for path in _state["taken"].values():
+            _remove(path)
+        shared = _state["shared"]
+    _warn(f"TensorFlow could not read an entry of the compilation cache {shared} "
+          f"({message.splitlines()[0][:120]}); deleted the entries it read and compiling again without the cache. "
+          f"If this repeats, delete the folder's contents or set {ENV}=off")
+    return True
+
+
+def _warn(message):
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _finish():
@@ -102,13 +208,25 @@ def _finish():
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _entries(folder):
-    """Names of the complete cache entries in `folder`."""
+def _list(folder):
     try:
-        names = os.listdir(folder)
+        return os.listdir(folder)
     except OSError:
         return []
-    return [name for name in names if name.endswith(".pb") and not name.startswith(".")
+
+
+def _own_file(path):
+    """A regular file (not a link) of this user's."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (os.name != "posix" or info.st_uid == os.geteuid())
+
+
+def _entries(folder):
+    """Names of the complete TensorFlow cache entries in a private `folder`."""
+    return [name for name in _list(folder) if name.endswith(".pb") and not name.startswith(".")
             and is_complete(os.path.join(folder, name))]
 
 

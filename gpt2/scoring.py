@@ -28,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import compile_cache
+
 MIN_LENGTH_BUCKET = 32
 # Batches are sized so that their float32 logits [b, L, V] stay within this many bytes
 # (2 windows of 1024 tokens with GPT-2's 50257-token vocabulary).
@@ -83,6 +85,8 @@ class _Scorer:
         self.jit_compile = jit_compile
         self.traces = 0
         self._functions = {}
+        if jit_compile:
+            compile_cache.enable()  # before this process's first XLA compile
 
     def __call__(self, inputs, targets, top_k):
         """inputs, targets: int32 [b, L] (targets[:, i] is the token after inputs[:, i]).
@@ -95,7 +99,13 @@ class _Scorer:
                 lambda inputs, targets: self._logprobs(inputs, targets, top_k),
                 jit_compile=self.jit_compile, autograph=False,
             )
-        logprobs, top_ids, top_logprobs = self._functions[top_k](inputs, targets)
+        try:
+            logprobs, top_ids, top_logprobs = self._functions[top_k](inputs, targets)
+        except tf.errors.OpError as error:
+            if not compile_cache.recover(error):
+                raise
+            self._functions.clear()  # new functions, new names: TensorFlow keeps failing the old ones
+            return self(inputs, targets, top_k)
         return logprobs.numpy(), top_ids.numpy(), top_logprobs.numpy()
 
     def _logprobs(self, inputs, targets, top_k):

@@ -31,11 +31,45 @@ def run_sampler(cache_dir, extra_env=None):
 
 
 def entries(folder):
-    return sorted(name for name in os.listdir(folder) if name.endswith(".pb"))
+    """The shared folder's entries, by TensorFlow's name (their files carry a checksum)."""
+    return sorted(match["name"] for match in map(compile_cache.ENTRY.fullmatch, os.listdir(folder)) if match)
+
+
+def entry_path(folder):
+    (file_name,) = [name for name in os.listdir(folder) if compile_cache.ENTRY.fullmatch(name)]
+    return folder / file_name
+
+
+def largest_field(data):
+    """(start, size) of the largest top-level length-delimited field of a protocol buffer: the
+    compiled code lives in there."""
+    fields, position = [], 0
+    while position < len(data):
+        key, position = varint(data, position)
+        if key & 7 == 2:
+            size, position = varint(data, position)
+            fields.append((size, position))
+            position += size
+        else:
+            assert key & 7 == 0
+            _, position = varint(data, position)
+    size, start = max(fields)
+    return start, size
+
+
+def varint(data, position):
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
 
 
 @pytest.mark.slow
-def test_cache_is_filled_once_reused_survives_a_cut_entry_and_one_program_serves_every_call(tmp_path):
+def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unreadable_entries(tmp_path):
     cache = tmp_path / "cache"
     first = run_sampler(cache)
     assert first.returncode == 0, first.stderr
@@ -43,17 +77,120 @@ def test_cache_is_filled_once_reused_survives_a_cut_entry_and_one_program_serves
     # one XLA program (a value XLA took for a constant would have made one entry per value).
     assert len(entries(cache)) == 1
     assert not [name for name in os.listdir(cache) if name.startswith(".")]  # private folder removed
+    assert os.stat(cache).st_mode & 0o777 == 0o700
     second = run_sampler(cache, {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_executable_persistor=1"})
     assert second.returncode == 0, second.stderr
     assert "Loading cached entry" in second.stderr
     assert second.stdout == first.stdout
-    (name,) = entries(cache)
-    data = (cache / name).read_bytes()
-    (cache / name).write_bytes(data[: len(data) // 2])  # as a process killed mid-write leaves it
-    assert not compile_cache.is_complete(str(cache / name))
+
+    # Item 1: the machine code replaced by ud2 (0f 0b), as an attacker would: the checksum no
+    # longer matches, so the entry is deleted before TensorFlow can run it, and compiled again.
+    path = entry_path(cache)
+    data = bytearray(path.read_bytes())
+    start, size = largest_field(data)
+    data[start + size // 4: start + 3 * size // 4] = b"\x0f\x0b" * (size // 4)
+    path.write_bytes(bytes(data))
+    assert compile_cache.is_complete(str(path))  # framing intact: only the checksum catches it
     third = run_sampler(cache)
-    assert third.returncode == 0, third.stderr  # TensorFlow itself fails on a cut entry
+    assert third.returncode == 0, third.stderr
     assert third.stdout == first.stdout
+    assert not path.exists() and len(entries(cache)) == 1  # a new, verified entry
+
+    # Item 2: an entry that is bad yet carries a valid checksum (written bad): TensorFlow fails to
+    # parse it; the call is retried without the cache, with one line naming the folder.
+    path = entry_path(cache)
+    name = entries(cache)[0]
+    data = bytearray(path.read_bytes())
+    start, size = largest_field(data)
+    data[start + size // 2: start + size // 2 + 64] = bytes(range(64))
+    path.unlink()
+    forged = cache / f"{name}.tmp"
+    forged.write_bytes(bytes(data))
+    forged.rename(cache / f"{name}.sha256-{compile_cache.checksum(name, str(forged))}")
+    fourth = run_sampler(cache)
+    assert fourth.returncode == 0, fourth.stderr
+    assert fourth.stdout == first.stdout
+    warnings = [line for line in fourth.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "could not read an entry" in warnings[0] and str(cache) in warnings[0]
+    assert "Traceback" not in fourth.stderr
+    assert entries(cache) == []  # the entries it read are gone; nothing published while off
+
+
+def test_item1_entries_are_verified_and_bad_ones_deleted(tmp_path):
+    good = tmp_path / "a.pb.tmp"
+    good.write_bytes(b"\x0a\x03abc")
+    good_name = tmp_path / f"a.pb.sha256-{compile_cache.checksum('a.pb', str(good))}"
+    good.rename(good_name)
+    # The same bytes and sum under another entry's name: the sum is keyed by the name.
+    moved = tmp_path / f"b.pb.sha256-{compile_cache.checksum('a.pb', str(good_name))}"
+    moved.write_bytes(b"\x0a\x03abc")
+    flipped = tmp_path / f"c.pb.sha256-{compile_cache.checksum('c.pb', str(good_name))}"
+    flipped.write_bytes(b"\x0a\x03abd")
+    legacy = tmp_path / "d.pb"  # no checksum: not written by this code
+    legacy.write_bytes(b"\x0a\x03abc")
+    link = tmp_path / f"e.pb.sha256-{compile_cache.checksum('e.pb', str(good_name))}"
+    (tmp_path / "elsewhere").write_bytes(b"\x0a\x03abc")
+    link.symlink_to(tmp_path / "elsewhere")
+    found = compile_cache.verified_entries(str(tmp_path))
+    assert found == {"a.pb": str(good_name)}
+    assert sorted(os.listdir(tmp_path)) == sorted([good_name.name, "elsewhere"])
+
+
+ENABLE = "from gpt2 import compile_cache; print(compile_cache.enable())"
+
+
+def run_enable(folder):
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}, "GPT2_CACHE_DIR": str(folder)}
+    return subprocess.run([sys.executable, "-c", ENABLE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+def test_item1_folder_is_created_private_and_shared_modes_are_refused(tmp_path):
+    folder = tmp_path / "made" / "xla"
+    result = run_enable(folder)
+    assert result.stdout.strip() == str(folder) and not result.stderr
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    for mode in (0o777, 0o770, 0o702):
+        os.chmod(folder, mode)
+        result = run_enable(folder)
+        assert result.stdout.strip() == "None"
+        (line,) = result.stderr.splitlines()  # one line: what is wrong and what to do
+        assert line.startswith(f"warning: not using the compilation cache {folder}: it is writable by")
+        assert f"chmod 700 {folder}" in line
+    os.chmod(folder, 0o700)
+    assert run_enable(folder).stdout.strip() == str(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
+def test_item1_folder_of_another_user_is_refused(tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    result = run_enable(folder)
+    assert result.stdout.strip() == "None"
+    assert "is owned by uid 65534, not you (uid 0)" in result.stderr
+    assert os.listdir(folder) == []  # nothing read, nothing written
+
+
+def test_item2_recover_turns_the_cache_off_and_deletes_what_was_read(tmp_path, monkeypatch, capsys):
+    shared, private = tmp_path / "shared", tmp_path / "shared" / ".process-1-x"
+    private.mkdir(parents=True)
+    taken = shared / "a.pb.sha256-0"
+    taken.write_bytes(b"x")
+    (private / "a.pb").write_bytes(b"x")
+    monkeypatch.setattr(compile_cache, "_state", {"shared": str(shared), "private": str(private),
+                                                  "taken": {"a.pb": str(taken)}, "off": False})
+    assert not compile_cache.recover(RuntimeError("out of memory"))
+    assert compile_cache.recover(RuntimeError("Failed to parse serialized CpuAotCompilationResult. [Op:x]"))
+    assert not taken.exists() and os.listdir(private) == []
+    assert compile_cache.publish() == 0  # off for the rest of the process
+    assert not compile_cache.recover(RuntimeError("Failed to parse serialized CpuAotCompilationResult."))
+    assert f"compilation cache {shared}" in capsys.readouterr().err
+
+
+def test_importing_gpt2_leaves_the_cache_off_until_a_tool_or_sampler_turns_it_on(tmp_path):
+    assert "persistent_cache" not in run_flags({"GPT2_CACHE_DIR": str(tmp_path / "c")}, enable=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_off_and_unwritable_folders_mean_no_cache(tmp_path):
@@ -68,9 +205,11 @@ def test_off_and_unwritable_folders_mean_no_cache(tmp_path):
     assert f"--tf_xla_persistent_cache_directory={tmp_path / 'c'}{os.sep}.process-" in on
 
 
-def run_flags(env):
+def run_flags(env, enable=True):
     base = {k: v for k, v in os.environ.items() if k not in ("TF_XLA_FLAGS", "GPT2_CACHE_DIR")}
-    code = "import os, gpt2; print(os.environ.get('TF_XLA_FLAGS', ''))"
+    code = "import os, gpt2; from gpt2 import compile_cache; "
+    code += "compile_cache.enable(); " if enable else ""
+    code += "print(os.environ.get('TF_XLA_FLAGS', ''))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True,
                             text=True, timeout=60, check=True)
     assert "tensorflow" not in result.stderr.lower()

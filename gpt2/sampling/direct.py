@@ -34,7 +34,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import layers
+from gpt2 import compile_cache, layers
 from gpt2.sampling import choose
 from gpt2.sampling.decoder import Decoder, _round_up, layer_function
 from gpt2.sampling.pool import sampling_rows
@@ -49,6 +49,7 @@ class DirectSampler:
     never compiled. `caches` are the resource handles of a job's `new_caches(rows, slots)`."""
 
     def __init__(self, model):
+        compile_cache.enable()  # its first call reads XLA's flags: the compiled loop comes later
         hp = model.hparams
         self.model = model
         self.cache_dtype = tf.as_dtype(model.compute_dtype)

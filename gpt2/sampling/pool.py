@@ -102,15 +102,22 @@ class Pool:
                 for name, (shape, dtype) in self.decoder.state_spec().items()
             }
         self._changing = [name for name in self.state if name not in FIXED_IN_RUN]
-        self._run = tf.function(self._run_program, jit_compile=jit_compile, autograph=False)
-        key = (type(model).__name__, model.hparams, model.dtype_policy.name, slots, jit_compile, iterations)
-        with stable_names(key):  # trace now, under names that do not depend on the process's history
-            self._run.get_concrete_function(tf.TensorSpec([], tf.int32))
+        if jit_compile:
+            compile_cache.enable()  # before this process's first XLA compile
+        self._trace()
         self.lock = threading.Lock()
         self._published = False
         self.active = np.zeros(slots, bool)  # host copy of the "active" flags
 
     # ------------------------------------------------------------------ compiled program
+
+    def _trace(self):
+        """Traces `run` now, under names that do not depend on the process's history."""
+        self._run = tf.function(self._run_program, jit_compile=self.jit_compile, autograph=False)
+        key = (type(self.model).__name__, self.model.hparams, self.model.dtype_policy.name, self.slots,
+               self.jit_compile, self.iterations)
+        with stable_names(key):
+            self._run.get_concrete_function(tf.TensorSpec([], tf.int32))
 
     def _run_program(self, max_iterations):
         state = {name: tf.convert_to_tensor(variable) for name, variable in self.state.items()}
@@ -125,7 +132,13 @@ class Pool:
         Decoder.output_spec; tokens are -1 where a row produced none), done bool [B], generated
         int32 [B])."""
         steps = self.iterations if max_iterations is None else min(max_iterations, self.iterations)
-        outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
+        try:
+            outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
+        except tf.errors.OpError as error:
+            if self._published or not compile_cache.recover(error):
+                raise
+            self._trace()  # new names, so a new program: TensorFlow keeps failing the old one
+            outputs, count, done, generated = self._run(tf.constant(steps, tf.int32))
         count = int(count)
         if not self._published:  # the first call compiled: share it with other processes now
             self._published = compile_cache.publish() >= 0
