@@ -18,7 +18,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gpt2", "gpt2.*", "encoder", "encoder.*"]),
-    package_data={"encoder": ["encoder.json", "vocab.bpe"], "gpt2.serve": ["static/*.html"]},
+    package_data={
+        "encoder": ["encoder.json", "vocab.bpe", "clue-vocab.txt", "clue-vocab.NOTICE"],
+        "gpt2.serve": ["static/*.html"],
+    },
     py_modules=[],
     install_requires=["numpy", "regex", "requests", "tqdm"],
     extras_require={
