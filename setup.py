@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gpt2", "gpt2.*", "encoder", "encoder.*"]),
     package_data={
-        "encoder": ["encoder.json", "vocab.bpe", "clue-vocab.txt", "clue-vocab.NOTICE"],
+        "encoder": ["encoder.json", "vocab.bpe"],
         "gpt2.serve": ["static/*.html"],
     },
     py_modules=[],
