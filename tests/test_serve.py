@@ -18,9 +18,42 @@ from serve_support import (GREEDY, JSON, MODEL_ID, Running, in_threads, join, mo
 openai = pytest.importorskip("openai")  # the official client: in the `test` extra
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text):
+    """json.loads as strict as browsers' and Go's parsers: NaN and Infinity are refused."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def strict_body(r):
+    """A response's JSON body or server-sent events, parsed strictly (item 4)."""
+    if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+        events = [e for e in r.content.decode().split("\n\n") if e.startswith("data: ")]
+        return [strict_json(e[len("data: "):]) for e in events if e != "data: [DONE]"]
+    return strict_json(r.content.decode())
+
+
+class StrictRunning(Running):
+    """Running, whose every JSON answer (not read as a stream by the test) is parsed strictly."""
+
+    def post(self, path, body, headers=None, **kwargs):
+        r = super().post(path, body, headers, **kwargs)
+        if not kwargs.get("stream"):
+            strict_body(r)
+        return r
+
+    def get(self, path, **kwargs):
+        r = super().get(path, **kwargs)
+        if r.headers.get("Content-Type", "").startswith("application/json"):
+            strict_body(r)
+        return r
+
+
 @pytest.fixture(scope="module")
 def server():
-    running = Running()
+    running = StrictRunning()
     yield running
     running.stop()
 
@@ -171,6 +204,49 @@ def test_a_huge_top_k_does_not_fail_other_requests(server):
     assert huge.status_code == huger.status_code == 200
     assert huge.json()["choices"][0]["text"] == huger.json()["choices"][0]["text"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
+
+
+def test_item4_settings_that_broke_float32_are_400s_and_every_answer_is_strict_json(server):
+    """Issue 24 item 4: {"repetition_penalty": 1e-300, "logprobs": 2} answered 200 with NaN and
+    -Infinity in the JSON. Out-of-range floats are 400s; the accepted extremes, with logprobs,
+    echo and streams, answer JSON that a strict parser reads, every number finite."""
+    base = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 6, "seed": 3}
+    for bad in ({"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"temperature": 1e300},
+                {"temperature": 10**400}, {"presence_penalty": 2.5}):
+        r = server.post("/v1/completions", {**base, **bad, "logprobs": 2})
+        assert r.status_code == 400 and strict_body(r)["error"]["param"] == next(iter(bad)), r.text
+    extremes = [{"repetition_penalty": 0.01}, {"repetition_penalty": 100}, {"temperature": 100},
+                {"temperature": 1e-30}, {"presence_penalty": -2, "frequency_penalty": -2, "logit_bias": {"11": 100}},
+                {"presence_penalty": 2, "frequency_penalty": 2, "logit_bias": {str(t): -100 for t in range(300)}},
+                {"top_p": 0, "top_k": 1, "repetition_penalty": 0.01, "temperature": 100}]
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in numbers(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in numbers(v)]
+        return [value] if isinstance(value, float) else []
+
+    for settings in extremes:
+        for extra in ({"logprobs": 5}, {"logprobs": 5, "echo": True}, {"logprobs": 5, "stream": True}):
+            r = server.post("/v1/completions", {**base, **settings, **extra})
+            assert r.status_code == 200, r.text
+            answer = strict_body(r)
+            assert numbers(answer) and all(math.isfinite(n) for n in numbers(answer))
+        r = server.post("/v1/chat/completions", {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 4, "seed": 1,
+                                                 "logprobs": True, "top_logprobs": 5, **settings})
+        assert r.status_code == 200 and all(math.isfinite(n) for n in numbers(strict_body(r)))
+
+
+def test_item4_a_non_finite_number_is_never_written():
+    """The last guard: an answer holding NaN or infinity (a bug or broken weights) goes out as
+    strict JSON with null there; logprobs that are -inf (probability 0) are OpenAI's -9999."""
+    from gpt2.serve import answers
+    from gpt2.serve.api import json_bytes
+
+    assert strict_json(json_bytes({"a": [1.5, float("nan")], "b": {"c": float("-inf")}, "d": "x"}).decode()) == {
+        "a": [1.5, None], "b": {"c": None}, "d": "x"}
+    assert answers.finite_logprob(np.float32("-inf")) == -9999.0 and answers.finite_logprob(-1.5) == -1.5
 
 
 # ----------------------------------------------------------------------------- logprobs and echo

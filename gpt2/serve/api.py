@@ -9,6 +9,8 @@ comes, and `data: [DONE]`.
 """
 
 import json
+import logging
+import math
 import time
 import urllib.parse
 import uuid
@@ -17,15 +19,34 @@ from gpt2.serve import answers
 from gpt2.serve.engine import Job, QueueFull, Unavailable
 from gpt2.serve.protocol import ApiError
 
+log = logging.getLogger("gpt2.serve")
+
 
 class ClientGone(Exception):
     """The client went away (or was too slow); the message says how."""
 
 
 def json_bytes(payload):
-    """UTF-8 JSON. Lone surrogates (valid in JSON escapes, so in parsed strings) go back out as
-    \\uXXXX escapes."""
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    """UTF-8 JSON, strict: never NaN or Infinity, which are not JSON (browsers' and Go's parsers
+    refuse them); a non-finite number that got this far becomes null, with a warning. Lone
+    surrogates (valid in JSON escapes, so in parsed strings) go back out as \\uXXXX escapes."""
+    try:
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        log.warning("a non-finite number in an answer was written as null")
+        text = json.dumps(_finite(payload), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _finite(value):
+    """`value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 class Endpoints:
