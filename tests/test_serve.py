@@ -4,6 +4,7 @@ other clients send, log-probabilities and echo against gpt2.score, errors, auth,
 and continuous batching seen from outside."""
 
 import json
+import logging
 import math
 import socket
 
@@ -476,6 +477,78 @@ def test_bad_requests_get_a_json_error(server, path, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["param"] == param
+
+
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 2.5, 1e308, -1e308, 10**400, "", "x", "1", "9" * 4400, [], [1, "x"],
+               [None], [[]], [{}], {}, {"x": [1]}, {"9" * 4400: 1}, {"type": "text"}]
+FUZZ_BASES = {
+    "/generate": {"text": "Hi", "length": 1},
+    "/v1/completions": {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1},
+    "/v1/chat/completions": {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+    "/tokenize": {"prompt": "Hi"},
+    "/detokenize": {"tokens": [1]},
+}
+
+
+def fuzz_bodies(path):
+    """The base body of `path` with each field (and each nested field of messages, stream_options,
+    logit_bias and response_format) set to a value of every JSON type."""
+    from gpt2.serve.protocol import Protocol
+
+    fields = {"/generate": Protocol.GENERATE_FIELDS, "/v1/completions": Protocol.COMPLETION_FIELDS,
+              "/v1/chat/completions": Protocol.CHAT_FIELDS, "/tokenize": ("prompt", "add_special_tokens", "model"),
+              "/detokenize": ("tokens", "model")}[path]
+    base = FUZZ_BASES[path]
+    for field in fields:
+        for value in FUZZ_VALUES:
+            yield {**base, field: value}
+        if field == "stream_options":
+            yield from ({**base, "stream": True, field: {"include_usage": value}} for value in FUZZ_VALUES)
+        if field == "logit_bias":
+            yield from ({**base, field: {"5": value}} for value in FUZZ_VALUES)
+        if field == "response_format":
+            yield from ({**base, field: {"type": value}} for value in FUZZ_VALUES)
+    if path == "/v1/chat/completions":
+        for key in ("role", "content", "name"):
+            for value in FUZZ_VALUES:
+                yield {**base, "messages": [{"role": "user", "content": "Hi", key: value}]}
+                yield {**base, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", key: value}]}]}
+        for value in FUZZ_VALUES:
+            yield {**base, "messages": [value]}
+            yield {**base, "messages": [{"role": "assistant", "content": [value]}, {"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("path", list(FUZZ_BASES))
+def test_item5_fuzzed_field_types_get_no_500_and_no_traceback(server, path, caplog):
+    """Issue 24 item 5: a chat `role` that is a list or dict and a logit_bias key of 4400 digits
+    were 500s with a traceback. Every field of every endpoint, set to a value of each JSON type
+    (nested fields too), is answered below 500, and the log holds no traceback."""
+    import requests
+
+    caplog.set_level(logging.INFO, logger="gpt2.serve")
+    statuses_seen = set()
+    with requests.Session() as session:
+        for body in fuzz_bodies(path):
+            r = session.post(server.url + path, data=json.dumps(body), headers=JSON, timeout=60)
+            assert r.status_code < 500, (body, r.text)
+            statuses_seen.add(r.status_code)
+            answer = strict_body(r)
+            if r.status_code >= 400:
+                assert answer["error"]["message"] and len(r.content) < 2000, r.text
+    assert 200 in statuses_seen and 400 in statuses_seen
+    logged = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert caplog.records and "Traceback" not in logged and "error answering" not in logged
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_item5_the_reported_500s_are_400s(server):
+    """The two requests of the report, exactly."""
+    for role in (["user"], {"a": 1}):
+        r = server.post("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": role, "content": "Hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = server.post("/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "logit_bias": {"1" * 4301: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert len(r.json()["error"]["message"]) < 200
 
 
 def test_openai_client_sees_400_and_404(server):

@@ -193,6 +193,17 @@ def test_bad_chat_requests(proto, body, param):
     assert error_of(proto.parse_chat, {"model": "tiny-model", **body}).param == param
 
 
+@pytest.mark.parametrize("message", [
+    {"role": ["user"], "content": "x"}, {"role": {"a": 1}, "content": "x"}, {"role": None, "content": "x"},
+    {"role": "user", "content": "x", "name": ["n"]}, {"role": "user", "content": 5},
+    {"role": "user", "content": [{"type": ["text"], "text": "x"}]}, {"role": "user", "content": "x", "9" * 5000: 1},
+])
+def test_item5_chat_messages_of_any_shape_are_a_400(proto, message):
+    """Issue 24 item 5: a role that is a list or dict raised TypeError (unhashable), a 500."""
+    error = error_of(proto.parse_chat, {"model": "tiny-model", "messages": [message]})
+    assert error.status == 400 and error.param == "messages" and len(error.message) < 200
+
+
 def test_chat_accepts_what_common_clients_send(proto):
     """LangChain's ChatOpenAI and chatgpt-web send these fields (with defaults) alongside the messages."""
     plan = proto.parse_chat({"model": "tiny-model", "messages": [{"role": "user", "content": "Hi"}], "stream": True,

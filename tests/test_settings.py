@@ -128,3 +128,12 @@ def test_item4_the_bounds_keep_float32_finite():
                         probs = np.exp(shifted / np.float32(temperature))
                         assert np.isfinite(probs).all() and probs.sum() >= 1
 
+
+def test_item5_logit_bias_key_of_thousands_of_digits_is_a_settings_error():
+    """Issue 24 item 5: int() of a key over 4300 digits raised ValueError (a 500 in the server)."""
+    for key in ("1" * 4301, "9" * 19, 10**19):
+        with pytest.raises(SettingsError, match="logit_bias keys must be token ids") as error:
+            SamplingSettings(logit_bias={key: 1})
+        assert len(str(error.value)) < 200
+    assert SamplingSettings(logit_bias={"0" * 30 + "7": 1}).logit_bias == ((7, 1.0),)
+

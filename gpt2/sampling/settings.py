@@ -34,6 +34,7 @@ PENALTY_LIMIT = 2.0  # OpenAI's range for presence/frequency penalties
 TEMPERATURE_LIMIT = 100.0  # [0, 100]: at 100 every token is nearly equally likely already
 REPETITION_PENALTY_LIMITS = (0.01, 100.0)  # logits divided or multiplied by at most 100
 SEED_LIMIT = 2**64
+MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key with more digits is no token id (and int() of 4300+ digits raises)
 
 
 class SettingsError(ValueError):
@@ -156,9 +157,10 @@ def _logit_bias(value):
         except (TypeError, ValueError):
             raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {shown(value)}") from None
         token_id = _as_int(token)
-        if token_id is None and isinstance(token, str) and token.isascii() and token.isdigit():
+        if (token_id is None and isinstance(token, str) and token.isascii() and token.isdigit()
+                and len(token.lstrip("0")) <= MAX_TOKEN_ID_DIGITS):
             token_id = int(token)
-        if token_id is None or token_id < 0:
+        if token_id is None or not 0 <= token_id < 10**MAX_TOKEN_ID_DIGITS:
             raise SettingsError("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {shown(token)}")
         number = _as_number(bias)
         if number is None or abs(number) > LOGIT_BIAS_LIMIT:

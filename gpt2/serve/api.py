@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import uuid
 
+from gpt2.sampling.settings import shown
 from gpt2.serve import answers
 from gpt2.serve.engine import Job, QueueFull, Unavailable
 from gpt2.serve.protocol import ApiError
@@ -86,7 +87,7 @@ class Endpoints:
     def _model(self, path):
         name = urllib.parse.unquote(path[len("/v1/models/"):])
         if name not in self.app.protocol.model_ids:
-            raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+            raise ApiError(404, f"the model {shown(name)} does not exist", "model", "model_not_found")
         self._send_json(200, self.app.model_card())
 
     # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)

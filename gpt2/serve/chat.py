@@ -20,6 +20,8 @@ next turn (a new line beginning with "User:", "Assistant:" or "System:", see STO
 Content is a string or a list of {"type": "text", "text": ...} parts (joined).
 """
 
+from gpt2.sampling.settings import shown
+
 MARKERS = {"system": "System:", "developer": "System:", "user": "User:", "assistant": "Assistant:"}
 STOPS = ["\nUser:", "\nAssistant:", "\nSystem:"]
 MAX_MESSAGES = 1024
@@ -54,11 +56,13 @@ def render(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in MARKERS:
+        if not isinstance(role, str) or role not in MARKERS:  # a list or dict is not hashable
             raise ValueError(f"messages[{index}].role must be one of system, developer, user, assistant "
-                             f"(tools and functions are not supported), got {role!r}")
+                             f"(tools and functions are not supported), got {shown(role)}")
         unknown = sorted(set(message) - {"role", "content", "name"})
         if unknown:
-            raise ValueError(f"messages[{index}]: unsupported field {unknown[0]!r}")
+            raise ValueError(f"messages[{index}]: unsupported field {shown(unknown[0])}")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise ValueError(f"messages[{index}].name must be a string")
         turns.append(f"{MARKERS[role]} {_content(message, index).strip()}".rstrip())
     return "\n\n".join(turns + [MARKERS["assistant"]])

@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_seed, is_int,
-                                    row_seeds)
+                                    row_seeds, shown)
 from gpt2.serve import chat
 
 DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted
@@ -92,7 +92,7 @@ def _fields(body, known):
         raise bad("the request body must be a JSON object")
     unknown = sorted(set(body) - set(known))
     if unknown:
-        raise bad(f"unrecognized request argument: {unknown[0]!r} (supported: {', '.join(sorted(known))})",
+        raise bad(f"unrecognized request argument: {shown(unknown[0])} (supported: {', '.join(sorted(known))})",
                   unknown[0])
 
 
@@ -104,6 +104,13 @@ def _required_string(body, name):
     return value
 
 
+def _optional_string(body, name):
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
+    return value
+
+
 def _int(body, name, default, low=None, high=None):
     value = body.get(name)
     if value is None:
@@ -112,7 +119,7 @@ def _int(body, name, default, low=None, high=None):
         value = int(value)
     if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
         rule = "an integer" + (f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else "")
-        raise bad(f"'{name}' must be {rule}, got {value!r}", name)
+        raise bad(f"'{name}' must be {rule}, got {shown(value)}", name)
     return value
 
 
@@ -121,7 +128,7 @@ def _bool(body, name):
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad(f"'{name}' must be true or false, got {value!r}", name)
+        raise bad(f"'{name}' must be true or false, got {shown(value)}", name)
     return value
 
 
@@ -153,8 +160,9 @@ def _stream_options(body, stream):
         return False
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise bad("'stream_options' must be an object with only 'include_usage'", "stream_options")
+    if (not isinstance(options, dict) or set(options) - {"include_usage"}
+            or not isinstance(options.get("include_usage", False), (bool, type(None)))):
+        raise bad("'stream_options' must be an object with only 'include_usage' (true or false)", "stream_options")
     return options.get("include_usage") is True
 
 
@@ -167,7 +175,7 @@ def _user(body):
 def _unsupported(body, name, allowed=(None,), why="is not supported by this server"):
     value = body.get(name)
     if value not in allowed:
-        raise bad(f"'{name}' {why} (got {value!r})", name, "unsupported_parameter")
+        raise bad(f"'{name}' {why} (got {shown(value)})", name, "unsupported_parameter")
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -250,7 +258,7 @@ class Protocol:
     def _model(self, body):
         model = _required_string(body, "model")
         if model not in self.model_ids:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_ids[0]!r}",
+            raise ApiError(404, f"the model {shown(model)} does not exist; this server serves {self.model_ids[0]!r}",
                            "model", "model_not_found")
 
     def _max_tokens(self, body, name, default, low=1):
@@ -398,6 +406,8 @@ class Protocol:
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
         tokens written out in the text (<|endoftext|>) are recognised, as Hugging Face tokenizers do."""
         _fields(body, ("prompt", "add_special_tokens", "model"))
+        _bool(body, "add_special_tokens")
+        _optional_string(body, "model")
         text = _required_string(body, "prompt")
         if len(text.encode("utf-8", "surrogatepass")) > 4 * self.max_prompt_bytes:
             raise bad(f"'prompt' is over {4 * self.max_prompt_bytes} bytes", "prompt")
@@ -406,6 +416,7 @@ class Protocol:
     def parse_detokenize(self, body):
         """vLLM's /detokenize: {"tokens", "model"?} -> token ids to decode."""
         _fields(body, ("tokens", "model"))
+        _optional_string(body, "model")
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < self.n_vocab for t in tokens):
             raise bad(f"'tokens' must be a list of token ids in [0, {self.n_vocab})", "tokens")
