@@ -72,6 +72,36 @@ def test_each_bad_field_is_a_400_naming_it(proto, body, param):
     assert param.split("_")[0] in error.message
 
 
+INTEGER_FIELDS = [("max_tokens", "completions"), ("n", "completions"), ("logprobs", "completions"),
+                  ("best_of", "completions"), ("seed", "completions"), ("top_k", "completions"),
+                  ("length", "generate"), ("seed", "generate"), ("top_k", "generate"), ("max_tokens", "chat"),
+                  ("max_completion_tokens", "chat"), ("n", "chat"), ("seed", "chat"), ("top_k", "chat")]
+
+
+@pytest.mark.parametrize("field,endpoint", INTEGER_FIELDS)
+@pytest.mark.parametrize("value", [True, False])
+def test_item6_integer_fields_refuse_bools(proto, field, endpoint, value):
+    """Issue 24 item 6: `best_of: true` was accepted as 1 (bool is an int in Python)."""
+    base = {"completions": {"model": "tiny-model", "prompt": "Hi"}, "generate": {"text": "Hi"},
+            "chat": {"model": "tiny-model", "messages": [{"role": "user", "content": "Hi"}]}}[endpoint]
+    parse = getattr(proto, f"parse_{endpoint}")
+    parse({**base, field: 1})  # 1 is fine
+    error = error_of(parse, {**base, field: value})
+    assert error.status == 400 and error.param == field, error.message
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_item6_integers_inside_fields_refuse_bools(proto, value):
+    chat = {"model": "tiny-model", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True}
+    assert error_of(proto.parse_chat, {**chat, "top_logprobs": value}).param == "top_logprobs"
+    assert error_of(proto.parse_completions, {"model": "tiny-model", "prompt": [value, 1]}).param == "prompt"
+    assert error_of(proto.parse_completions, {"model": "tiny-model", "prompt": [[1, value]]}).param == "prompt"
+    assert error_of(proto.parse_completions, {"model": "tiny-model", "logit_bias": {value: 1}}).param == "logit_bias"
+    assert error_of(proto.parse_detokenize, {"tokens": [value]}).param == "tokens"
+    assert error_of(proto.parse_completions, {"model": "tiny-model", "max_tokens": value, "echo": True}).param \
+        == "max_tokens"
+
+
 def test_settings_come_from_the_library_with_its_messages(proto):
     from gpt2.sampling.settings import SamplingSettings, SettingsError
 

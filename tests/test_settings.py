@@ -137,3 +137,11 @@ def test_item5_logit_bias_key_of_thousands_of_digits_is_a_settings_error():
         assert len(str(error.value)) < 200
     assert SamplingSettings(logit_bias={"0" * 30 + "7": 1}).logit_bias == ((7, 1.0),)
 
+
+def test_item6_integer_settings_refuse_bools():
+    """Issue 24 item 6: True is an int in Python; no integer setting takes it as 1."""
+    for call in (lambda: SamplingSettings(top_k=True), lambda: check_length(True), lambda: check_seed(False),
+                 lambda: check_window_keep(True, 64), lambda: SamplingSettings(logit_bias={True: 1}),
+                 lambda: check_prompt([True], 10, 4)):
+        with pytest.raises(SettingsError):
+            call()

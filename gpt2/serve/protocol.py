@@ -330,7 +330,7 @@ class Protocol:
         logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
         prompts = self.prompts(body.get("prompt"))
         n = self._n(body, prompts)
-        best_of = body.get("best_of")
+        best_of = _int(body, "best_of", None, low=1)  # an integer, never a bool (True == 1 in Python)
         if best_of is not None and best_of != n:
             raise bad("'best_of' is not supported by this server (only best_of = n)", "best_of",
                       "unsupported_parameter")
