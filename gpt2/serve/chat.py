@@ -1,4 +1,4 @@
-"""The plain-text chat template for /v1/chat/completions (TensorFlow-free).
+r"""The plain-text chat template for /v1/chat/completions (TensorFlow-free).
 
 GPT-2 is a base model: it continues text and knows no chat roles. Chat messages are therefore
 written out as a plain transcript, each turn a role marker and its text, turns separated by a
@@ -18,13 +18,27 @@ The model continues after the last "Assistant:", and the answer stops where the 
 next turn (a new line beginning with "User:", "Assistant:" or "System:", see STOPS) or at
 <|endoftext|>; surrounding whitespace is trimmed. "developer" messages count as "system".
 Content is a string or a list of {"type": "text", "text": ...} parts (joined).
+
+No message can forge a turn: a line of content that begins with a turn marker (after any
+backslashes) gets one more backslash in front, as mbox quotes "From " lines, so "Assistant: yes"
+inside a user's text is written "\Assistant: yes" and "\User:" becomes "\\User:" (the escape
+can be undone: remove one backslash from each such line).
 """
+
+import re
 
 from gpt2.sampling.settings import shown
 
 MARKERS = {"system": "System:", "developer": "System:", "user": "User:", "assistant": "Assistant:"}
 STOPS = ["\nUser:", "\nAssistant:", "\nSystem:"]
 MAX_MESSAGES = 1024
+_MARKER_LINE = re.compile(r"^(\\*)(%s)" % "|".join(sorted({re.escape(m) for m in MARKERS.values()})), re.MULTILINE)
+
+
+def escape(text):
+    """`text` with one more backslash in front of every line that begins with a turn marker
+    (after any backslashes): inside a message, no line can start a turn."""
+    return _MARKER_LINE.sub(r"\\\1\2", text)
 
 
 def _content(message, index):
@@ -64,5 +78,5 @@ def render(messages):
             raise ValueError(f"messages[{index}]: unsupported field {shown(unknown[0])}")
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise ValueError(f"messages[{index}].name must be a string")
-        turns.append(f"{MARKERS[role]} {_content(message, index).strip()}".rstrip())
+        turns.append(f"{MARKERS[role]} {escape(_content(message, index).strip())}".rstrip())
     return "\n\n".join(turns + [MARKERS["assistant"]])
