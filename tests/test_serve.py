@@ -380,6 +380,62 @@ def test_langchain_and_chatgpt_web_request_shapes(server, enc):
     assert chat_stream_text(two.content.decode()) == expected
 
 
+CHATGPT_WEB_SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI. Answer as concisely as possible.\n"
+                      "Knowledge cutoff: 2021-09-01\nCurrent date: 2024-05-01")
+
+
+def test_item9_chatgpt_web_three_turn_conversation(enc):
+    """Issue 24 item 9: chatgpt-web's request bodies for a three-turn conversation, replayed as it
+    sends them (model "gpt-3.5-turbo", streamed, its system prompt, max_tokens 1000, each answer
+    fed back as history) to a server with --served-model-name gpt-3.5-turbo and --chat-history
+    truncate on the 64-token model: every turn streams strict JSON, max_tokens is capped and the
+    oldest turns dropped as the protocol says, in the X-Chat-History header."""
+    import requests
+
+    from gpt2.serve.protocol import Protocol
+
+    proto = Protocol(enc, 64, (MODEL_ID, "gpt-3.5-turbo"), max_request_rows=8, chat_history="truncate")
+    served = StrictRunning(protocol=proto)
+    strict_proto = Protocol(enc, 64, (MODEL_ID,), max_request_rows=8)  # without the options
+    try:
+        messages = [{"role": "system", "content": CHATGPT_WEB_SYSTEM}]
+        questions = ["Hello! Who are you?", "What can you tell me about the weather in Paris today?",
+                     "And tomorrow, will it rain there?"]
+        dropped = []
+        for question in questions:
+            messages.append({"role": "user", "content": question})
+            body = {"model": "gpt-3.5-turbo", "messages": list(messages), "stream": True, "max_tokens": 1000,
+                    "temperature": 0.8, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+            r = requests.post(served.url + "/v1/chat/completions", json=body, timeout=120, headers={
+                "Accept": "text/event-stream", "Authorization": "Bearer sk-unused"})
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream"), r.text
+            events = strict_body(r)
+            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            answer = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+            plan = proto.parse_chat(body)
+            assert r.headers["X-Chat-History"] == plan.headers["X-Chat-History"]
+            assert f"max_tokens={plan.max_tokens}" in r.headers["X-Chat-History"] and plan.max_tokens < 64
+            dropped.append(int(r.headers["X-Chat-History"].split(",")[0].split("=")[1]))
+            messages.append({"role": "assistant", "content": answer})
+        assert dropped[0] == 0 and dropped[-1] > 0  # by the third turn the history no longer fits
+        r = served.post("/v1/chat/completions", {**body, "stream": False})
+        assert r.status_code == 200 and r.headers["X-Chat-History"] == plan.headers["X-Chat-History"]
+        assert r.json()["usage"]["prompt_tokens"] == len(plan.prompt_tokens[0])
+        error = error_of_strict(strict_proto, {**body, "model": MODEL_ID})
+        assert error.code == "context_length_exceeded"  # what the same request gets without the option
+    finally:
+        served.stop()
+
+
+def error_of_strict(proto, body):
+    from gpt2.serve.protocol import ApiError
+
+    with pytest.raises(ApiError) as info:
+        proto.parse_chat(body)
+    return info.value
+
+
 # ----------------------------------------------------------------------------- continuous batching
 
 def test_a_short_request_returns_while_a_long_stream_runs(server):

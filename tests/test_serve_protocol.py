@@ -281,6 +281,84 @@ def test_chat_accepts_what_common_clients_send(proto):
     assert plan.stream and plan.include_usage and plan.logprobs is None
 
 
+def truncate_reference(enc, messages, max_tokens, n_ctx=N_CTX):
+    """--chat-history truncate, slowly: drop the k oldest messages that are neither system
+    messages nor the last, for k = 0, 1, ..., until the transcript leaves room for
+    min(max_tokens, n_ctx // 2) tokens; max_tokens is then capped to what fits."""
+    optional = [i for i, m in enumerate(messages[:-1]) if m["role"] not in ("system", "developer")]
+    for k in range(len(optional) + 1):
+        kept = [m for i, m in enumerate(messages) if i not in optional[:k]]
+        tokens = enc.encode(chat.render(kept))
+        if len(tokens) + min(max_tokens or n_ctx, n_ctx // 2) <= n_ctx:
+            break
+    return tokens, min(max_tokens or n_ctx, n_ctx - len(tokens)), k
+
+
+def conversation(turns):
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer as concisely as possible."}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"Question {i}: what is the colour of the sky at noon?"})
+        messages.append({"role": "assistant", "content": f"Answer {i}: it is blue, mostly, on a clear day."})
+    return messages + [{"role": "user", "content": "And at night?"}]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 5])
+@pytest.mark.parametrize("max_tokens", [None, 1, 10, 1000])
+def test_item9_chat_history_truncate_drops_the_oldest_turns_and_caps_max_tokens(enc, turns, max_tokens):
+    """Issue 24 item 9: chatgpt-web keeps thousands of tokens of history with max_tokens 1000,
+    a 400 on a short context. With --chat-history truncate, the oldest non-system turns go and
+    max_tokens is capped to what fits, as a slow reference does it; the header says so."""
+    proto = Protocol(enc, N_CTX, ("tiny-model", "gpt-3.5-turbo"), max_tokens_limit=256, chat_history="truncate")
+    messages = conversation(turns)
+    body = {"model": "gpt-3.5-turbo", "messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    plan = proto.parse_chat(body)
+    tokens, capped, dropped = truncate_reference(enc, messages, max_tokens)
+    assert plan.prompt_tokens == [tokens] and plan.rows[0].max_new == plan.max_tokens == capped
+    assert plan.prompt_texts[0].startswith("System: You are a helpful") and plan.prompt_texts[0].endswith(
+        "User: And at night?\n\nAssistant:")
+    if dropped or (max_tokens is not None and capped < max_tokens):
+        assert plan.headers["X-Chat-History"] == f"dropped_messages={dropped}, max_tokens={capped}"
+    else:
+        assert plan.headers == {}
+    off = Protocol(enc, N_CTX, ("tiny-model",), max_tokens_limit=256)  # the default: no truncation
+    if len(enc.encode(chat.render(messages))) > N_CTX:
+        error = error_of(off.parse_chat, {**body, "model": "tiny-model"})
+        assert error.code == "context_length_exceeded" and error.param == "messages"
+
+
+def test_item9_truncate_keeps_system_and_last_messages_or_says_why(enc):
+    proto = Protocol(enc, N_CTX, ("tiny-model",), max_tokens_limit=256, chat_history="truncate")
+    long = {"role": "user", "content": "word " * 70}
+    error = error_of(proto.parse_chat, {"model": "tiny-model", "messages": [{"role": "user", "content": "hi"}, long]})
+    assert error.code == "context_length_exceeded" and error.param == "messages"
+    system = {"role": "system", "content": "rule " * 40}
+    plan = proto.parse_chat({"model": "tiny-model", "max_tokens": 300,  # over --max-tokens-limit: capped
+                             "messages": [system, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    assert plan.prompt_texts[0] == chat.render([system, {"role": "user", "content": "b"}])
+    assert plan.max_tokens == N_CTX - len(plan.prompt_tokens[0])
+    assert error_of(proto.parse_chat, {"model": "tiny-model", "max_tokens": 0, "messages": [system]}).param == \
+        "max_tokens"
+    with pytest.raises(ValueError, match="chat_history"):
+        Protocol(enc, N_CTX, ("tiny-model",), chat_history="drop")
+
+
+def test_item9_served_model_names_are_aliases(enc):
+    from gpt2.serve import cli
+
+    args = cli.build_parser().parse_args(["--model", "124M", "--served-model-name", "gpt-3.5-turbo",
+                                          "--served-model-name", "gpt-4", "--chat-history", "truncate"])
+    names = cli.model_names(args, "my-gpt2", "124M")
+    assert names == ("my-gpt2", "124M", "gpt-3.5-turbo", "gpt-4") and args.chat_history == "truncate"
+    proto = Protocol(enc, N_CTX, names)
+    for name in names:
+        proto.parse_chat({"model": name, "messages": [{"role": "user", "content": "Hi"}]})
+    error = error_of(proto.parse_chat, {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]})
+    assert error.status == 404 and "--served-model-name" in error.message
+    assert cli.build_parser().parse_args(["--model", "m"]).chat_history == "error"
+
+
 # ----------------------------------------------------------------------------- choice text
 
 def test_choice_text_holds_back_partial_characters_and_stop_prefixes(enc):
@@ -346,6 +424,8 @@ def test_help_and_request_parsing_import_no_tensorflow():
     (["--api-key", "a b"], {}, "--api-key must not contain whitespace"),
     ([], {"GPT2_API_KEY": " "}, "$GPT2_API_KEY is empty"),
     (["--max-request-rows", "500"], {}, "--max-request-rows (500) must not exceed --max-queue (128)"),
+    (["--served-model-name", " "], {}, "--served-model-name must not be empty"),
+    (["--chat-history", "drop"], {}, "argument --chat-history: invalid choice: 'drop'"),
 ])
 def test_bad_arguments_are_one_clear_line(args, env, message):
     """Issue 10 item 19: `--port 70000` and `--api-key ""` each give one line (before any model loads)."""

@@ -131,6 +131,8 @@ class Endpoints:
         choices, infos = answers.follow(job, plan, self.app.enc, emit, lambda: self.app.engine.cancel(job),
                                         heartbeat, self.app.limits.heartbeat if heartbeat else 1.0)
         self._note = f" {len(plan.rows)} rows, {sum(c.tokens for c in choices)} tokens"
+        if "X-Chat-History" in plan.headers:
+            self._note += f" (chat history: {plan.headers['X-Chat-History']})"
         return choices, infos
 
     def _prompt_scores(self, plan):
@@ -179,7 +181,7 @@ class Endpoints:
              "logprobs": answers.chat_logprobs(self.app.enc, plan, c.ids, infos[i]) if plan.logprobs is not None
              else None,
              "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)], "usage": answers.usage(plan, choices)})
+            for i, c in enumerate(choices)], "usage": answers.usage(plan, choices)}, plan.headers)
 
     # ------------------------------------------------------------------ streams
 
@@ -197,7 +199,7 @@ class Endpoints:
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("X-Accel-Buffering", "no")
-            for name, value in self._cors().items():
+            for name, value in {**self._cors(), **plan.headers}.items():
                 self.send_header(name, value)
             self.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
             self.end_headers()

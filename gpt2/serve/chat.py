@@ -32,6 +32,7 @@ from gpt2.sampling.settings import shown
 MARKERS = {"system": "System:", "developer": "System:", "user": "User:", "assistant": "Assistant:"}
 STOPS = ["\nUser:", "\nAssistant:", "\nSystem:"]
 MAX_MESSAGES = 1024
+SEPARATOR = "\n\n"  # between turns: 2 tokens ("\n" "\n") before a turn marker, so token counts add up
 _MARKER_LINE = re.compile(r"^(\\*)(%s)" % "|".join(sorted({re.escape(m) for m in MARKERS.values()})), re.MULTILINE)
 
 
@@ -58,14 +59,14 @@ def _content(message, index):
     raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
 
 
-def render(messages):
-    """The prompt text for a list of chat messages ({"role", "content", "name"?}); raises
-    ValueError saying what is wrong with them."""
+def turns(messages):
+    """The transcript's turns for a list of chat messages ({"role", "content", "name"?}): one
+    (is_system, text) per message, text like "User: Hi"; raises ValueError saying what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' is required: a non-empty list of {\"role\", \"content\"} objects")
     if len(messages) > MAX_MESSAGES:
         raise ValueError(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES}")
-    turns = []
+    out = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
@@ -78,5 +79,17 @@ def render(messages):
             raise ValueError(f"messages[{index}]: unsupported field {shown(unknown[0])}")
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise ValueError(f"messages[{index}].name must be a string")
-        turns.append(f"{MARKERS[role]} {escape(_content(message, index).strip())}".rstrip())
-    return "\n\n".join(turns + [MARKERS["assistant"]])
+        out.append((MARKERS[role] == MARKERS["system"],
+                    f"{MARKERS[role]} {escape(_content(message, index).strip())}".rstrip()))
+    return out
+
+
+def transcript(texts):
+    """The prompt text for turn texts (see `turns`): blank lines between them, the assistant's
+    marker last."""
+    return SEPARATOR.join([*texts, MARKERS["assistant"]])
+
+
+def render(messages):
+    """The prompt text for a list of chat messages; raises ValueError saying what is wrong with them."""
+    return transcript([text for _, text in turns(messages)])

@@ -19,6 +19,7 @@ DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS_LIMIT = 2048  # --max-tokens-limit: generation may run past the context
 DEFAULT_MAX_REQUEST_ROWS = 32  # --max-request-rows: prompts x n in one request
+CHAT_HISTORY_MODES = ("error", "truncate")  # --chat-history: what a chat too long for the context gets
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 MAX_TOP_LOGPROBS = 5  # what the sampler reports per token (chat's top_logprobs up to this)
@@ -67,7 +68,8 @@ class Plan:
     rows: one Row per choice (choice i = prompt i // n, sample i % n); empty when only the prompt
     is echoed (max_tokens 0). prompt_texts, prompt_tokens: per prompt. stops: stop strings.
     logprobs: None or the number of alternatives per token (completions 0..5, chat 0..5).
-    trim: strip the choice text's surrounding whitespace (chat).
+    trim: strip the choice text's surrounding whitespace (chat). headers: extra response headers
+    (X-Chat-History when --chat-history truncate changed the request).
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Plan:
     include_usage: bool = False
     logprobs: int = None
     trim: bool = False
+    headers: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -186,11 +189,15 @@ class Protocol:
     enc: the model's Encoder; n_ctx, n_vocab: the model's context and vocabulary; model_ids: the
     names a request's `model` may use (the first is reported); max_tokens_limit: the largest
     max_tokens / length (generation may run past n_ctx: the window slides); max_request_rows:
-    prompts x n allowed in one request.
+    prompts x n allowed in one request; chat_history: "error" (a chat longer than the context is a
+    400) or "truncate" (see `_fit_chat`).
     """
 
     def __init__(self, enc, n_ctx, model_ids, n_vocab=None, max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT,
-                 max_request_rows=DEFAULT_MAX_REQUEST_ROWS):
+                 max_request_rows=DEFAULT_MAX_REQUEST_ROWS, chat_history="error"):
+        if chat_history not in CHAT_HISTORY_MODES:
+            raise ValueError(f"chat_history must be one of {CHAT_HISTORY_MODES}, got {chat_history!r}")
+        self.chat_history = chat_history
         self.enc = enc
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab or enc.vocab_size
@@ -258,8 +265,9 @@ class Protocol:
     def _model(self, body):
         model = _required_string(body, "model")
         if model not in self.model_ids:
-            raise ApiError(404, f"the model {shown(model)} does not exist; this server serves {self.model_ids[0]!r}",
-                           "model", "model_not_found")
+            raise ApiError(404, f"the model {shown(model)} does not exist; this server serves {self.model_ids[0]!r} "
+                           "(start it with --served-model-name NAME to accept another name)", "model",
+                           "model_not_found")
 
     def _max_tokens(self, body, name, default, low=1):
         value = body.get(name)
@@ -361,17 +369,21 @@ class Protocol:
         generation stops at the next turn marker (see gpt2.serve.chat)."""
         _fields(body, self.CHAT_FIELDS)
         self._model(body)
-        messages = body.get("messages")
         try:
-            text = chat.render(messages)
+            turns = chat.turns(body.get("messages"))
         except ValueError as error:
             raise bad(str(error), "messages") from None
-        tokens = self.encode(text, "messages")
         if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
             raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
-        max_tokens = self._max_tokens(body, name, room)
+        headers = {}
+        if self.chat_history == "truncate":
+            text, tokens, max_tokens, headers = self._fit_chat(turns, body, name)
+        else:
+            text = chat.transcript([turn for _, turn in turns])
+            tokens = self.encode(text, "messages")
+            room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
+            max_tokens = self._max_tokens(body, name, room)
         settings = _settings(body)
         self._check_vocab(settings)
         seed = self._seed(body)
@@ -397,7 +409,60 @@ class Protocol:
                       "unsupported_parameter")
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
         return Plan("chat", rows, n, [text], [tokens], max_tokens, chat.STOPS + stops, False, stream,
-                    include_usage, logprobs, trim=True)
+                    include_usage, logprobs, trim=True, headers=headers)
+
+    def _fit_chat(self, turns, body, name):
+        """--chat-history truncate: the oldest turns that are not system turns are dropped (the
+        last message never is) until the prompt leaves room for the answer: max_tokens, but at
+        most half the context; then max_tokens is capped to what fits (and to --max-tokens-limit:
+        a larger value is capped rather than refused). Returns (text, tokens, max_tokens, headers),
+        headers saying what changed (X-Chat-History: dropped_messages=D, max_tokens=M)."""
+        requested = body.get(name)
+        if requested is not None:
+            try:
+                requested = check_length(requested, name)
+            except SettingsError as error:
+                raise bad(str(error), name) from None
+        answer = min(requested or self.n_ctx, max(self.n_ctx // 2, 1))
+        budget = self.n_ctx - answer  # tokens the prompt may take
+        separator = len(self.enc.encode(chat.SEPARATOR + chat.MARKERS["user"])) - len(
+            self.enc.encode(chat.MARKERS["user"]))
+        last = len(turns) - 1
+        keep = [is_system or i == last for i, (is_system, _) in enumerate(turns)]
+        used = len(self.enc.encode(chat.MARKERS["assistant"]))
+        used += sum(len(self.encode(text, "messages")) + separator for (_, text), kept in zip(turns, keep) if kept)
+        for i in range(last - 1, -1, -1):  # newest first; the first that does not fit ends the history
+            if keep[i]:
+                continue
+            text = turns[i][1]
+            room = budget - used - separator
+            if room <= 0 or len(text.encode("utf-8", "surrogatepass")) > room * self.max_token_bytes:
+                break  # more bytes than `room` tokens can hold: no BPE work spent on it
+            cost = len(self.enc.encode(text)) + separator
+            if used + cost > budget:
+                break
+            keep[i], used = True, used + cost
+        kept = [i for i in range(len(turns)) if keep[i]]
+        while True:
+            text = chat.transcript([turns[i][1] for i in kept])
+            try:
+                tokens = self.encode(text, "messages")
+            except ApiError:
+                tokens = None
+            optional = [i for i in kept if not turns[i][0] and i != last]
+            if tokens is not None and len(tokens) < self.n_ctx or not optional:
+                break
+            kept.remove(optional[0])  # the estimate was short (it never is for GPT-2's BPE): one more
+        if tokens is None or len(tokens) >= self.n_ctx:
+            raise self._too_long("the system messages and the last message leave no room for an answer", "messages")
+        fits = self.n_ctx - len(tokens)
+        max_tokens = min(requested or fits, fits, self.max_tokens_limit)
+        dropped = len(turns) - len(kept)
+        headers = {}
+        if dropped or (requested is not None and max_tokens < requested):
+            headers["X-Chat-History"] = f"dropped_messages={dropped}, max_tokens={max_tokens}"
+            headers["Access-Control-Expose-Headers"] = "X-Chat-History"  # browsers may read it (with CORS)
+        return text, tokens, max_tokens, headers
 
 
     # ------------------------------------------------------------------ /tokenize, /detokenize
