@@ -4,6 +4,7 @@ other clients send, log-probabilities and echo against gpt2.score, errors, auth,
 and continuous batching seen from outside."""
 
 import json
+import logging
 import math
 import socket
 
@@ -18,9 +19,42 @@ from serve_support import (GREEDY, JSON, MODEL_ID, Running, in_threads, join, mo
 openai = pytest.importorskip("openai")  # the official client: in the `test` extra
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text):
+    """json.loads as strict as browsers' and Go's parsers: NaN and Infinity are refused."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def strict_body(r):
+    """A response's JSON body or server-sent events, parsed strictly (item 4)."""
+    if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+        events = [e for e in r.content.decode().split("\n\n") if e.startswith("data: ")]
+        return [strict_json(e[len("data: "):]) for e in events if e != "data: [DONE]"]
+    return strict_json(r.content.decode())
+
+
+class StrictRunning(Running):
+    """Running, whose every JSON answer (not read as a stream by the test) is parsed strictly."""
+
+    def post(self, path, body, headers=None, **kwargs):
+        r = super().post(path, body, headers, **kwargs)
+        if not kwargs.get("stream"):
+            strict_body(r)
+        return r
+
+    def get(self, path, **kwargs):
+        r = super().get(path, **kwargs)
+        if r.headers.get("Content-Type", "").startswith("application/json"):
+            strict_body(r)
+        return r
+
+
 @pytest.fixture(scope="module")
 def server():
-    running = Running()
+    running = StrictRunning()
     yield running
     running.stop()
 
@@ -173,6 +207,49 @@ def test_a_huge_top_k_does_not_fail_other_requests(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_item4_settings_that_broke_float32_are_400s_and_every_answer_is_strict_json(server):
+    """Issue 24 item 4: {"repetition_penalty": 1e-300, "logprobs": 2} answered 200 with NaN and
+    -Infinity in the JSON. Out-of-range floats are 400s; the accepted extremes, with logprobs,
+    echo and streams, answer JSON that a strict parser reads, every number finite."""
+    base = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 6, "seed": 3}
+    for bad in ({"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"temperature": 1e300},
+                {"temperature": 10**400}, {"presence_penalty": 2.5}):
+        r = server.post("/v1/completions", {**base, **bad, "logprobs": 2})
+        assert r.status_code == 400 and strict_body(r)["error"]["param"] == next(iter(bad)), r.text
+    extremes = [{"repetition_penalty": 0.01}, {"repetition_penalty": 100}, {"temperature": 100},
+                {"temperature": 1e-30}, {"presence_penalty": -2, "frequency_penalty": -2, "logit_bias": {"11": 100}},
+                {"presence_penalty": 2, "frequency_penalty": 2, "logit_bias": {str(t): -100 for t in range(300)}},
+                {"top_p": 0, "top_k": 1, "repetition_penalty": 0.01, "temperature": 100}]
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in numbers(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in numbers(v)]
+        return [value] if isinstance(value, float) else []
+
+    for settings in extremes:
+        for extra in ({"logprobs": 5}, {"logprobs": 5, "echo": True}, {"logprobs": 5, "stream": True}):
+            r = server.post("/v1/completions", {**base, **settings, **extra})
+            assert r.status_code == 200, r.text
+            answer = strict_body(r)
+            assert numbers(answer) and all(math.isfinite(n) for n in numbers(answer))
+        r = server.post("/v1/chat/completions", {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 4, "seed": 1,
+                                                 "logprobs": True, "top_logprobs": 5, **settings})
+        assert r.status_code == 200 and all(math.isfinite(n) for n in numbers(strict_body(r)))
+
+
+def test_item4_a_non_finite_number_is_never_written():
+    """The last guard: an answer holding NaN or infinity (a bug or broken weights) goes out as
+    strict JSON with null there; logprobs that are -inf (probability 0) are OpenAI's -9999."""
+    from gpt2.serve import answers
+    from gpt2.serve.api import json_bytes
+
+    assert strict_json(json_bytes({"a": [1.5, float("nan")], "b": {"c": float("-inf")}, "d": "x"}).decode()) == {
+        "a": [1.5, None], "b": {"c": None}, "d": "x"}
+    assert answers.finite_logprob(np.float32("-inf")) == -9999.0 and answers.finite_logprob(-1.5) == -1.5
+
+
 # ----------------------------------------------------------------------------- logprobs and echo
 
 def score(tokens):
@@ -303,6 +380,62 @@ def test_langchain_and_chatgpt_web_request_shapes(server, enc):
     assert chat_stream_text(two.content.decode()) == expected
 
 
+CHATGPT_WEB_SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI. Answer as concisely as possible.\n"
+                      "Knowledge cutoff: 2021-09-01\nCurrent date: 2024-05-01")
+
+
+def test_item9_chatgpt_web_three_turn_conversation(enc):
+    """Issue 24 item 9: chatgpt-web's request bodies for a three-turn conversation, replayed as it
+    sends them (model "gpt-3.5-turbo", streamed, its system prompt, max_tokens 1000, each answer
+    fed back as history) to a server with --served-model-name gpt-3.5-turbo and --chat-history
+    truncate on the 64-token model: every turn streams strict JSON, max_tokens is capped and the
+    oldest turns dropped as the protocol says, in the X-Chat-History header."""
+    import requests
+
+    from gpt2.serve.protocol import Protocol
+
+    proto = Protocol(enc, 64, (MODEL_ID, "gpt-3.5-turbo"), max_request_rows=8, chat_history="truncate")
+    served = StrictRunning(protocol=proto)
+    strict_proto = Protocol(enc, 64, (MODEL_ID,), max_request_rows=8)  # without the options
+    try:
+        messages = [{"role": "system", "content": CHATGPT_WEB_SYSTEM}]
+        questions = ["Hello! Who are you?", "What can you tell me about the weather in Paris today?",
+                     "And tomorrow, will it rain there?"]
+        dropped = []
+        for question in questions:
+            messages.append({"role": "user", "content": question})
+            body = {"model": "gpt-3.5-turbo", "messages": list(messages), "stream": True, "max_tokens": 1000,
+                    "temperature": 0.8, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+            r = requests.post(served.url + "/v1/chat/completions", json=body, timeout=120, headers={
+                "Accept": "text/event-stream", "Authorization": "Bearer sk-unused"})
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream"), r.text
+            events = strict_body(r)
+            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            answer = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+            plan = proto.parse_chat(body)
+            assert r.headers["X-Chat-History"] == plan.headers["X-Chat-History"]
+            assert f"max_tokens={plan.max_tokens}" in r.headers["X-Chat-History"] and plan.max_tokens < 64
+            dropped.append(int(r.headers["X-Chat-History"].split(",")[0].split("=")[1]))
+            messages.append({"role": "assistant", "content": answer})
+        assert dropped[0] == 0 and dropped[-1] > 0  # by the third turn the history no longer fits
+        r = served.post("/v1/chat/completions", {**body, "stream": False})
+        assert r.status_code == 200 and r.headers["X-Chat-History"] == plan.headers["X-Chat-History"]
+        assert r.json()["usage"]["prompt_tokens"] == len(plan.prompt_tokens[0])
+        error = error_of_strict(strict_proto, {**body, "model": MODEL_ID})
+        assert error.code == "context_length_exceeded"  # what the same request gets without the option
+    finally:
+        served.stop()
+
+
+def error_of_strict(proto, body):
+    from gpt2.serve.protocol import ApiError
+
+    with pytest.raises(ApiError) as info:
+        proto.parse_chat(body)
+    return info.value
+
+
 # ----------------------------------------------------------------------------- continuous batching
 
 def test_a_short_request_returns_while_a_long_stream_runs(server):
@@ -400,6 +533,78 @@ def test_bad_requests_get_a_json_error(server, path, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["param"] == param
+
+
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 2.5, 1e308, -1e308, 10**400, "", "x", "1", "9" * 4400, [], [1, "x"],
+               [None], [[]], [{}], {}, {"x": [1]}, {"9" * 4400: 1}, {"type": "text"}]
+FUZZ_BASES = {
+    "/generate": {"text": "Hi", "length": 1},
+    "/v1/completions": {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1},
+    "/v1/chat/completions": {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+    "/tokenize": {"prompt": "Hi"},
+    "/detokenize": {"tokens": [1]},
+}
+
+
+def fuzz_bodies(path):
+    """The base body of `path` with each field (and each nested field of messages, stream_options,
+    logit_bias and response_format) set to a value of every JSON type."""
+    from gpt2.serve.protocol import Protocol
+
+    fields = {"/generate": Protocol.GENERATE_FIELDS, "/v1/completions": Protocol.COMPLETION_FIELDS,
+              "/v1/chat/completions": Protocol.CHAT_FIELDS, "/tokenize": ("prompt", "add_special_tokens", "model"),
+              "/detokenize": ("tokens", "model")}[path]
+    base = FUZZ_BASES[path]
+    for field in fields:
+        for value in FUZZ_VALUES:
+            yield {**base, field: value}
+        if field == "stream_options":
+            yield from ({**base, "stream": True, field: {"include_usage": value}} for value in FUZZ_VALUES)
+        if field == "logit_bias":
+            yield from ({**base, field: {"5": value}} for value in FUZZ_VALUES)
+        if field == "response_format":
+            yield from ({**base, field: {"type": value}} for value in FUZZ_VALUES)
+    if path == "/v1/chat/completions":
+        for key in ("role", "content", "name"):
+            for value in FUZZ_VALUES:
+                yield {**base, "messages": [{"role": "user", "content": "Hi", key: value}]}
+                yield {**base, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", key: value}]}]}
+        for value in FUZZ_VALUES:
+            yield {**base, "messages": [value]}
+            yield {**base, "messages": [{"role": "assistant", "content": [value]}, {"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("path", list(FUZZ_BASES))
+def test_item5_fuzzed_field_types_get_no_500_and_no_traceback(server, path, caplog):
+    """Issue 24 item 5: a chat `role` that is a list or dict and a logit_bias key of 4400 digits
+    were 500s with a traceback. Every field of every endpoint, set to a value of each JSON type
+    (nested fields too), is answered below 500, and the log holds no traceback."""
+    import requests
+
+    caplog.set_level(logging.INFO, logger="gpt2.serve")
+    statuses_seen = set()
+    with requests.Session() as session:
+        for body in fuzz_bodies(path):
+            r = session.post(server.url + path, data=json.dumps(body), headers=JSON, timeout=60)
+            assert r.status_code < 500, (body, r.text)
+            statuses_seen.add(r.status_code)
+            answer = strict_body(r)
+            if r.status_code >= 400:
+                assert answer["error"]["message"] and len(r.content) < 2000, r.text
+    assert 200 in statuses_seen and 400 in statuses_seen
+    logged = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert caplog.records and "Traceback" not in logged and "error answering" not in logged
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_item5_the_reported_500s_are_400s(server):
+    """The two requests of the report, exactly."""
+    for role in (["user"], {"a": 1}):
+        r = server.post("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": role, "content": "Hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = server.post("/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "logit_bias": {"1" * 4301: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert len(r.json()["error"]["message"]) < 200
 
 
 def test_openai_client_sees_400_and_404(server):

@@ -22,7 +22,8 @@ def cli_server():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt2.serve", "--model", MODEL_DIR, "--port", "0", "--no-xla", "--max-batch", "2",
-         "--shutdown-grace", "1", "--log-level", "info"],
+         "--shutdown-grace", "1", "--log-level", "info", "--served-model-name", "gpt-3.5-turbo",
+         "--chat-history", "truncate"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     line = proc.stdout.readline()
@@ -43,6 +44,20 @@ def stream(url, max_tokens, out):
     lines = r.iter_lines()
     out.append(next(lines))  # the first event: the stream is running
     out.extend(lines)
+
+
+def test_item9_served_model_name_and_chat_history_options(cli_server):
+    """Issue 24 item 9, the command line: --served-model-name gpt-3.5-turbo is accepted as the
+    model (answers keep the model id) and --chat-history truncate caps chatgpt-web's max_tokens."""
+    body = {"model": "gpt-3.5-turbo", "messages": [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Hi"}],
+            "max_tokens": 1000, "temperature": 0.8, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+    r = requests.post(cli_server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["model"] == "tiny-model", r.text
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert r.headers["X-Chat-History"] == f"dropped_messages=0, max_tokens={64 - prompt}"
+    assert requests.post(cli_server.url + "/v1/chat/completions", json={**body, "model": "gpt-4"},
+                         timeout=60).status_code == 404
 
 
 def test_the_command_serves_and_sigterm_stops_it_in_order(cli_server):

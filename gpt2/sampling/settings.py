@@ -16,6 +16,10 @@ The order the sampler applies them in, per row and step (logits: float32 [V]):
    token), OpenAI's order: top-k first, then the nucleus of what is left. Filtered tokens are
    removed (-inf), whatever the temperature.
 5. temperature (0 = greedy: the most likely token), then one draw from the row's random stream.
+
+Every float setting has a bounded range (the *_LIMIT constants below), so the float32 arithmetic
+above stays finite for any accepted value: no penalty rounds to 0 in float32 and none scales a
+logit past float32's range (the sampler's logits are a few hundred at most).
 """
 
 import dataclasses
@@ -27,7 +31,10 @@ import numpy as np
 MAX_LOGIT_BIAS_ENTRIES = 1024
 LOGIT_BIAS_LIMIT = 100.0  # as OpenAI: a bias of -100 bans a token, +100 forces it
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence/frequency penalties
+TEMPERATURE_LIMIT = 100.0  # [0, 100]: at 100 every token is nearly equally likely already
+REPETITION_PENALTY_LIMITS = (0.01, 100.0)  # logits divided or multiplied by at most 100
 SEED_LIMIT = 2**64
+MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key with more digits is no token id (and int() of 4300+ digits raises)
 
 
 class SettingsError(ValueError):
@@ -36,6 +43,16 @@ class SettingsError(ValueError):
     def __init__(self, field, message):
         super().__init__(message)
         self.field = field
+
+
+def shown(value, limit=60):
+    """repr(value) for an error message, cut to about `limit` characters (a request may send a
+    megabyte where a number belongs; repr of an int over 4300 digits raises)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_int(value):
@@ -53,16 +70,20 @@ def _as_int(value):
 
 
 def _as_number(value):
-    """A finite real as float; None otherwise."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    """A finite real as float; None otherwise (bools, strings, infinities, NaN, ints beyond float)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _number(field, value, low, high, rule):
     number = _as_number(value)
     if number is None or not low <= number <= high:
-        raise SettingsError(field, f"{field} must be {rule}, got {value!r}")
+        raise SettingsError(field, f"{field} must be {rule}, got {shown(value)}")
     return number
 
 
@@ -70,10 +91,11 @@ def _number(field, value, low, high, rule):
 class SamplingSettings:
     """How one row picks its tokens (see the module docstring for the order and meaning).
 
-    temperature: >= 0, 0 = greedy. top_k: >= 0, 0 = off. top_p: in [0, 1], 1 = off, 0 = only the
-    most likely token. presence_penalty, frequency_penalty: in [-2, 2], 0 = off.
-    repetition_penalty: > 0, 1 = off. logit_bias: {token id: bias in [-100, 100]} (ids may be
-    strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
+    temperature: in [0, 100], 0 = greedy. top_k: >= 0, 0 = off. top_p: in [0, 1], 1 = off, 0 =
+    only the most likely token. presence_penalty, frequency_penalty: in [-2, 2], 0 = off.
+    repetition_penalty: in [0.01, 100], 1 = off. logit_bias: {token id: bias in [-100, 100]} (ids
+    may be strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
+    Every float range keeps the sampler's float32 arithmetic finite (see the module docstring).
     """
 
     temperature: float = 1.0
@@ -86,22 +108,20 @@ class SamplingSettings:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "temperature", _number("temperature", self.temperature, 0.0, math.inf,
-                                          "a finite number >= 0 (0 = greedy)"))
+        set_(self, "temperature", _number("temperature", self.temperature, 0.0, TEMPERATURE_LIMIT,
+                                          f"a finite number >= 0 and <= {TEMPERATURE_LIMIT:g} (0 = greedy)"))
         top_k = _as_int(self.top_k)
         if top_k is None or top_k < 0:
-            raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
         set_(self, "top_k", top_k)
         set_(self, "top_p", _number("top_p", self.top_p, 0.0, 1.0,
                                     "a number in [0, 1] (1 = off, 0 = the most likely token only)"))
         for name in ("presence_penalty", "frequency_penalty"):
             set_(self, name, _number(name, getattr(self, name), -PENALTY_LIMIT, PENALTY_LIMIT,
                                      f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 = off)"))
-        penalty = _as_number(self.repetition_penalty)
-        if penalty is None or penalty <= 0:
-            raise SettingsError("repetition_penalty", "repetition_penalty must be a finite number > 0 "
-                                f"(1 = off), got {self.repetition_penalty!r}")
-        set_(self, "repetition_penalty", penalty)
+        low, high = REPETITION_PENALTY_LIMITS
+        set_(self, "repetition_penalty", _number("repetition_penalty", self.repetition_penalty, low, high,
+                                                 f"a finite number > 0, in [{low:g}, {high:g}] (1 = off)"))
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
@@ -126,7 +146,7 @@ def _logit_bias(value):
     try:
         items = list(items)
     except TypeError:
-        raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {value!r}") from None
+        raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {shown(value)}") from None
     if len(items) > MAX_LOGIT_BIAS_ENTRIES:
         raise SettingsError("logit_bias", f"logit_bias allows at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "
                             f"got {len(items)}")
@@ -135,16 +155,17 @@ def _logit_bias(value):
         try:
             token, bias = item
         except (TypeError, ValueError):
-            raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {value!r}") from None
+            raise SettingsError("logit_bias", f"logit_bias must map token ids to biases, got {shown(value)}") from None
         token_id = _as_int(token)
-        if token_id is None and isinstance(token, str) and token.isascii() and token.isdigit():
+        if (token_id is None and isinstance(token, str) and token.isascii() and token.isdigit()
+                and len(token.lstrip("0")) <= MAX_TOKEN_ID_DIGITS):
             token_id = int(token)
-        if token_id is None or token_id < 0:
-            raise SettingsError("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if token_id is None or not 0 <= token_id < 10**MAX_TOKEN_ID_DIGITS:
+            raise SettingsError("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {shown(token)}")
         number = _as_number(bias)
         if number is None or abs(number) > LOGIT_BIAS_LIMIT:
             raise SettingsError("logit_bias", f"logit_bias values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, "
-                                f"{LOGIT_BIAS_LIMIT:g}], got {bias!r} for token {token_id}")
+                                f"{LOGIT_BIAS_LIMIT:g}], got {shown(bias)} for token {token_id}")
         pairs[token_id] = number
     return tuple(sorted(pairs.items()))
 
@@ -157,7 +178,7 @@ def check_seed(seed, field="seed"):
         return None
     value = _as_int(seed)
     if value is None or not 0 <= value < SEED_LIMIT:
-        raise SettingsError(field, f"{field} must be an integer in [0, 2**64), got {seed!r}")
+        raise SettingsError(field, f"{field} must be an integer in [0, 2**64), got {shown(seed)}")
     return value
 
 
@@ -171,7 +192,7 @@ def check_length(length, field="length", limit=None):
     """New tokens to generate: an integer >= 1 (and <= `limit` when given)."""
     value = _as_int(length)
     if value is None or value < 1:
-        raise SettingsError(field, f"{field} must be an integer >= 1, got {length!r}")
+        raise SettingsError(field, f"{field} must be an integer >= 1, got {shown(length)}")
     if limit is not None and value > limit:
         raise SettingsError(field, f"{field} must be at most {limit}, got {value}")
     return value
@@ -205,7 +226,7 @@ def check_window_keep(window_keep, n_ctx, field="window_keep"):
         return default_window_keep(n_ctx)
     value = _as_int(window_keep)
     if value is None or not 1 <= value < n_ctx:
-        raise SettingsError(field, f"{field} must be an integer in [1, {n_ctx - 1}], got {window_keep!r}")
+        raise SettingsError(field, f"{field} must be an integer in [1, {n_ctx - 1}], got {shown(window_keep)}")
     return value
 
 

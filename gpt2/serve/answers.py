@@ -6,9 +6,22 @@ each piece of final text to `emit` as it becomes final; the rest are pure functi
 (gpt2.serve.protocol) and what `follow` collected.
 
 Shapes: T = 5 alternatives per token (the sampler's and the scorer's).
+
+Every number in an answer is finite (JSON has no NaN or infinity): a log-probability that is not
+(a token with probability 0 in float32) is written as -9999.0, OpenAI's value for "very unlikely".
 """
 
+import math
+
 from gpt2.serve.protocol import ApiError, ChoiceText
+
+UNLIKELY_LOGPROB = -9999.0  # OpenAI's stand-in for a token too unlikely to have a value
+
+
+def finite_logprob(value):
+    """A log-probability as a finite float (non-finite -> UNLIKELY_LOGPROB)."""
+    value = float(value)
+    return value if math.isfinite(value) else UNLIKELY_LOGPROB
 
 
 def follow(job, plan, enc, emit, on_abort, heartbeat=None, wait=1.0):
@@ -74,9 +87,9 @@ def completion_logprobs(enc, plan, prompt, ids, infos, scores=None, offset=None)
         score = scores[prompt]
         for k, token in enumerate(plan.prompt_tokens[prompt]):
             alternatives = list(zip(score.top_ids[k].tolist(), score.top_logprobs[k].tolist()))
-            entries.append((token, None, None) if k == 0 else (token, float(score.logprobs[k]), alternatives))
+            entries.append((token, None, None) if k == 0 else (token, finite_logprob(score.logprobs[k]), alternatives))
     for token, (logprob, top_ids, top_logprobs) in zip(ids, infos):
-        entries.append((token, float(logprob), list(zip(top_ids.tolist(), top_logprobs.tolist()))))
+        entries.append((token, finite_logprob(logprob), list(zip(top_ids.tolist(), top_logprobs.tolist()))))
     if offset is None:
         offset = 0 if scores is not None else len(plan.prompt_texts[prompt])
     tokens, token_logprobs, top, offsets = [], [], [], []
@@ -91,7 +104,7 @@ def completion_logprobs(enc, plan, prompt, ids, infos, scores=None, offset=None)
             continue
         best = {}
         for alternative, value in alternatives[:plan.logprobs]:
-            best.setdefault(_text(enc, alternative), float(value))
+            best.setdefault(_text(enc, alternative), finite_logprob(value))
         best.setdefault(text, logprob)
         top.append(best)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -101,7 +114,8 @@ def chat_logprobs(enc, plan, ids, infos):
     """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for `ids`."""
 
     def entry(token, logprob):
-        return {"token": _text(enc, token), "logprob": float(logprob), "bytes": list(enc.decode_bytes([int(token)]))}
+        return {"token": _text(enc, token), "logprob": finite_logprob(logprob),
+                "bytes": list(enc.decode_bytes([int(token)]))}
 
     return {"content": [
         {**entry(token, logprob),

@@ -9,13 +9,18 @@ comes, and `data: [DONE]`.
 """
 
 import json
+import logging
+import math
 import time
 import urllib.parse
 import uuid
 
+from gpt2.sampling.settings import shown
 from gpt2.serve import answers
 from gpt2.serve.engine import Job, QueueFull, Unavailable
 from gpt2.serve.protocol import ApiError
+
+log = logging.getLogger("gpt2.serve")
 
 
 class ClientGone(Exception):
@@ -23,9 +28,26 @@ class ClientGone(Exception):
 
 
 def json_bytes(payload):
-    """UTF-8 JSON. Lone surrogates (valid in JSON escapes, so in parsed strings) go back out as
-    \\uXXXX escapes."""
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    """UTF-8 JSON, strict: never NaN or Infinity, which are not JSON (browsers' and Go's parsers
+    refuse them); a non-finite number that got this far becomes null, with a warning. Lone
+    surrogates (valid in JSON escapes, so in parsed strings) go back out as \\uXXXX escapes."""
+    try:
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        log.warning("a non-finite number in an answer was written as null")
+        text = json.dumps(_finite(payload), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _finite(value):
+    """`value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 class Endpoints:
@@ -65,7 +87,7 @@ class Endpoints:
     def _model(self, path):
         name = urllib.parse.unquote(path[len("/v1/models/"):])
         if name not in self.app.protocol.model_ids:
-            raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+            raise ApiError(404, f"the model {shown(name)} does not exist", "model", "model_not_found")
         self._send_json(200, self.app.model_card())
 
     # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)
@@ -109,6 +131,8 @@ class Endpoints:
         choices, infos = answers.follow(job, plan, self.app.enc, emit, lambda: self.app.engine.cancel(job),
                                         heartbeat, self.app.limits.heartbeat if heartbeat else 1.0)
         self._note = f" {len(plan.rows)} rows, {sum(c.tokens for c in choices)} tokens"
+        if "X-Chat-History" in plan.headers:
+            self._note += f" (chat history: {plan.headers['X-Chat-History']})"
         return choices, infos
 
     def _prompt_scores(self, plan):
@@ -157,7 +181,7 @@ class Endpoints:
              "logprobs": answers.chat_logprobs(self.app.enc, plan, c.ids, infos[i]) if plan.logprobs is not None
              else None,
              "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)], "usage": answers.usage(plan, choices)})
+            for i, c in enumerate(choices)], "usage": answers.usage(plan, choices)}, plan.headers)
 
     # ------------------------------------------------------------------ streams
 
@@ -175,7 +199,7 @@ class Endpoints:
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("X-Accel-Buffering", "no")
-            for name, value in self._cors().items():
+            for name, value in {**self._cors(), **plan.headers}.items():
                 self.send_header(name, value)
             self.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
             self.end_headers()

@@ -46,6 +46,12 @@ def build_parser():
     add("--api-key", default=None,
         help="require 'Authorization: Bearer KEY' (default: $GPT2_API_KEY; neither = no key)")
     add("--model-id", help="model id in /v1/models and responses (default: the model's folder name)")
+    add("--served-model-name", action="append", default=[], metavar="NAME",
+        help="also accept NAME as a request's model (repeatable), e.g. gpt-3.5-turbo for clients that send a "
+             "fixed name; responses keep --model-id")
+    add("--chat-history", choices=protocol.CHAT_HISTORY_MODES, default="error",
+        help="a chat longer than the context: 'error' answers 400 (default); 'truncate' drops the oldest "
+             "non-system messages and caps max_tokens to what fits, saying so in an X-Chat-History header")
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument("--max-batch", type=_positive_int, default=8,
                         help="rows decoded together (slots of the compiled pool; default: 8)")
@@ -110,6 +116,9 @@ def check_args(parser, args):
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_request_rows > args.max_queue:
         parser.error(f"--max-request-rows ({args.max_request_rows}) must not exceed --max-queue ({args.max_queue})")
+    for name in args.served_model_name:
+        if not name.strip():
+            parser.error("--served-model-name must not be empty")
     for origin in args.cors_origin:
         if origin != "*" and "://" not in origin:
             parser.error(f"--cors-origin {origin!r} must be an origin like http://localhost:3000 (or '*')")
@@ -171,9 +180,9 @@ def _serve(args, api_key):
     log.info("loaded %s (compiled and read) in %.1f s", model_dir, time.perf_counter() - started)
     folder_name = os.path.basename(os.path.normpath(model_dir))
     model_id = args.model_id or folder_name
-    proto = protocol.Protocol(enc, model.hparams.n_ctx, (model_id, args.model, folder_name),
+    proto = protocol.Protocol(enc, model.hparams.n_ctx, model_names(args, model_id, folder_name),
                               n_vocab=model.hparams.n_vocab, max_tokens_limit=args.max_tokens_limit,
-                              max_request_rows=args.max_request_rows)
+                              max_request_rows=args.max_request_rows, chat_history=args.chat_history)
     allowed = None
     if args.allowed_host or (api_key is None and httpd.is_loopback(args.host)):
         allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
@@ -189,6 +198,12 @@ def _serve(args, api_key):
           f"queue {args.max_queue} rows)", flush=True)
     serve_until_signalled(server, engine, args.shutdown_grace)
     return EXIT_OK
+
+
+def model_names(args, model_id, folder_name):
+    """The names a request's `model` may use: the id first (the one reported), then --model,
+    the folder's name and each --served-model-name."""
+    return tuple(dict.fromkeys((model_id, args.model, folder_name, *args.served_model_name)))
 
 
 def serve_until_signalled(server, engine, grace):

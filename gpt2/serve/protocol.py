@@ -12,13 +12,14 @@ import dataclasses
 import math
 
 from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_seed, is_int,
-                                    row_seeds)
+                                    row_seeds, shown)
 from gpt2.serve import chat
 
 DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS_LIMIT = 2048  # --max-tokens-limit: generation may run past the context
 DEFAULT_MAX_REQUEST_ROWS = 32  # --max-request-rows: prompts x n in one request
+CHAT_HISTORY_MODES = ("error", "truncate")  # --chat-history: what a chat too long for the context gets
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 MAX_TOP_LOGPROBS = 5  # what the sampler reports per token (chat's top_logprobs up to this)
@@ -67,7 +68,8 @@ class Plan:
     rows: one Row per choice (choice i = prompt i // n, sample i % n); empty when only the prompt
     is echoed (max_tokens 0). prompt_texts, prompt_tokens: per prompt. stops: stop strings.
     logprobs: None or the number of alternatives per token (completions 0..5, chat 0..5).
-    trim: strip the choice text's surrounding whitespace (chat).
+    trim: strip the choice text's surrounding whitespace (chat). headers: extra response headers
+    (X-Chat-History when --chat-history truncate changed the request).
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Plan:
     include_usage: bool = False
     logprobs: int = None
     trim: bool = False
+    headers: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -92,7 +95,7 @@ def _fields(body, known):
         raise bad("the request body must be a JSON object")
     unknown = sorted(set(body) - set(known))
     if unknown:
-        raise bad(f"unrecognized request argument: {unknown[0]!r} (supported: {', '.join(sorted(known))})",
+        raise bad(f"unrecognized request argument: {shown(unknown[0])} (supported: {', '.join(sorted(known))})",
                   unknown[0])
 
 
@@ -104,6 +107,13 @@ def _required_string(body, name):
     return value
 
 
+def _optional_string(body, name):
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
+    return value
+
+
 def _int(body, name, default, low=None, high=None):
     value = body.get(name)
     if value is None:
@@ -112,7 +122,7 @@ def _int(body, name, default, low=None, high=None):
         value = int(value)
     if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
         rule = "an integer" + (f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else "")
-        raise bad(f"'{name}' must be {rule}, got {value!r}", name)
+        raise bad(f"'{name}' must be {rule}, got {shown(value)}", name)
     return value
 
 
@@ -121,7 +131,7 @@ def _bool(body, name):
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad(f"'{name}' must be true or false, got {value!r}", name)
+        raise bad(f"'{name}' must be true or false, got {shown(value)}", name)
     return value
 
 
@@ -153,8 +163,9 @@ def _stream_options(body, stream):
         return False
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise bad("'stream_options' must be an object with only 'include_usage'", "stream_options")
+    if (not isinstance(options, dict) or set(options) - {"include_usage"}
+            or not isinstance(options.get("include_usage", False), (bool, type(None)))):
+        raise bad("'stream_options' must be an object with only 'include_usage' (true or false)", "stream_options")
     return options.get("include_usage") is True
 
 
@@ -167,7 +178,7 @@ def _user(body):
 def _unsupported(body, name, allowed=(None,), why="is not supported by this server"):
     value = body.get(name)
     if value not in allowed:
-        raise bad(f"'{name}' {why} (got {value!r})", name, "unsupported_parameter")
+        raise bad(f"'{name}' {why} (got {shown(value)})", name, "unsupported_parameter")
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -178,11 +189,15 @@ class Protocol:
     enc: the model's Encoder; n_ctx, n_vocab: the model's context and vocabulary; model_ids: the
     names a request's `model` may use (the first is reported); max_tokens_limit: the largest
     max_tokens / length (generation may run past n_ctx: the window slides); max_request_rows:
-    prompts x n allowed in one request.
+    prompts x n allowed in one request; chat_history: "error" (a chat longer than the context is a
+    400) or "truncate" (see `_fit_chat`).
     """
 
     def __init__(self, enc, n_ctx, model_ids, n_vocab=None, max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT,
-                 max_request_rows=DEFAULT_MAX_REQUEST_ROWS):
+                 max_request_rows=DEFAULT_MAX_REQUEST_ROWS, chat_history="error"):
+        if chat_history not in CHAT_HISTORY_MODES:
+            raise ValueError(f"chat_history must be one of {CHAT_HISTORY_MODES}, got {chat_history!r}")
+        self.chat_history = chat_history
         self.enc = enc
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab or enc.vocab_size
@@ -250,8 +265,9 @@ class Protocol:
     def _model(self, body):
         model = _required_string(body, "model")
         if model not in self.model_ids:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_ids[0]!r}",
-                           "model", "model_not_found")
+            raise ApiError(404, f"the model {shown(model)} does not exist; this server serves {self.model_ids[0]!r} "
+                           "(start it with --served-model-name NAME to accept another name)", "model",
+                           "model_not_found")
 
     def _max_tokens(self, body, name, default, low=1):
         value = body.get(name)
@@ -322,7 +338,7 @@ class Protocol:
         logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
         prompts = self.prompts(body.get("prompt"))
         n = self._n(body, prompts)
-        best_of = body.get("best_of")
+        best_of = _int(body, "best_of", None, low=1)  # an integer, never a bool (True == 1 in Python)
         if best_of is not None and best_of != n:
             raise bad("'best_of' is not supported by this server (only best_of = n)", "best_of",
                       "unsupported_parameter")
@@ -353,17 +369,21 @@ class Protocol:
         generation stops at the next turn marker (see gpt2.serve.chat)."""
         _fields(body, self.CHAT_FIELDS)
         self._model(body)
-        messages = body.get("messages")
         try:
-            text = chat.render(messages)
+            turns = chat.turns(body.get("messages"))
         except ValueError as error:
             raise bad(str(error), "messages") from None
-        tokens = self.encode(text, "messages")
         if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
             raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
-        max_tokens = self._max_tokens(body, name, room)
+        headers = {}
+        if self.chat_history == "truncate":
+            text, tokens, max_tokens, headers = self._fit_chat(turns, body, name)
+        else:
+            text = chat.transcript([turn for _, turn in turns])
+            tokens = self.encode(text, "messages")
+            room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
+            max_tokens = self._max_tokens(body, name, room)
         settings = _settings(body)
         self._check_vocab(settings)
         seed = self._seed(body)
@@ -389,7 +409,60 @@ class Protocol:
                       "unsupported_parameter")
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
         return Plan("chat", rows, n, [text], [tokens], max_tokens, chat.STOPS + stops, False, stream,
-                    include_usage, logprobs, trim=True)
+                    include_usage, logprobs, trim=True, headers=headers)
+
+    def _fit_chat(self, turns, body, name):
+        """--chat-history truncate: the oldest turns that are not system turns are dropped (the
+        last message never is) until the prompt leaves room for the answer: max_tokens, but at
+        most half the context; then max_tokens is capped to what fits (and to --max-tokens-limit:
+        a larger value is capped rather than refused). Returns (text, tokens, max_tokens, headers),
+        headers saying what changed (X-Chat-History: dropped_messages=D, max_tokens=M)."""
+        requested = body.get(name)
+        if requested is not None:
+            try:
+                requested = check_length(requested, name)
+            except SettingsError as error:
+                raise bad(str(error), name) from None
+        answer = min(requested or self.n_ctx, max(self.n_ctx // 2, 1))
+        budget = self.n_ctx - answer  # tokens the prompt may take
+        separator = len(self.enc.encode(chat.SEPARATOR + chat.MARKERS["user"])) - len(
+            self.enc.encode(chat.MARKERS["user"]))
+        last = len(turns) - 1
+        keep = [is_system or i == last for i, (is_system, _) in enumerate(turns)]
+        used = len(self.enc.encode(chat.MARKERS["assistant"]))
+        used += sum(len(self.encode(text, "messages")) + separator for (_, text), kept in zip(turns, keep) if kept)
+        for i in range(last - 1, -1, -1):  # newest first; the first that does not fit ends the history
+            if keep[i]:
+                continue
+            text = turns[i][1]
+            room = budget - used - separator
+            if room <= 0 or len(text.encode("utf-8", "surrogatepass")) > room * self.max_token_bytes:
+                break  # more bytes than `room` tokens can hold: no BPE work spent on it
+            cost = len(self.enc.encode(text)) + separator
+            if used + cost > budget:
+                break
+            keep[i], used = True, used + cost
+        kept = [i for i in range(len(turns)) if keep[i]]
+        while True:
+            text = chat.transcript([turns[i][1] for i in kept])
+            try:
+                tokens = self.encode(text, "messages")
+            except ApiError:
+                tokens = None
+            optional = [i for i in kept if not turns[i][0] and i != last]
+            if tokens is not None and len(tokens) < self.n_ctx or not optional:
+                break
+            kept.remove(optional[0])  # the estimate was short (it never is for GPT-2's BPE): one more
+        if tokens is None or len(tokens) >= self.n_ctx:
+            raise self._too_long("the system messages and the last message leave no room for an answer", "messages")
+        fits = self.n_ctx - len(tokens)
+        max_tokens = min(requested or fits, fits, self.max_tokens_limit)
+        dropped = len(turns) - len(kept)
+        headers = {}
+        if dropped or (requested is not None and max_tokens < requested):
+            headers["X-Chat-History"] = f"dropped_messages={dropped}, max_tokens={max_tokens}"
+            headers["Access-Control-Expose-Headers"] = "X-Chat-History"  # browsers may read it (with CORS)
+        return text, tokens, max_tokens, headers
 
 
     # ------------------------------------------------------------------ /tokenize, /detokenize
@@ -398,6 +471,8 @@ class Protocol:
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
         tokens written out in the text (<|endoftext|>) are recognised, as Hugging Face tokenizers do."""
         _fields(body, ("prompt", "add_special_tokens", "model"))
+        _bool(body, "add_special_tokens")
+        _optional_string(body, "model")
         text = _required_string(body, "prompt")
         if len(text.encode("utf-8", "surrogatepass")) > 4 * self.max_prompt_bytes:
             raise bad(f"'prompt' is over {4 * self.max_prompt_bytes} bytes", "prompt")
@@ -406,6 +481,7 @@ class Protocol:
     def parse_detokenize(self, body):
         """vLLM's /detokenize: {"tokens", "model"?} -> token ids to decode."""
         _fields(body, ("tokens", "model"))
+        _optional_string(body, "model")
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < self.n_vocab for t in tokens):
             raise bad(f"'tokens' must be a list of token ids in [0, {self.n_vocab})", "tokens")
