@@ -46,19 +46,6 @@ def child_env(**extra):
     return env
 
 
-def run_child(script, args, what, timeout):
-    """Runs `python script args...` from the repository root and returns the last JSON line it
-    printed; RuntimeError naming `what` (with the end of its stderr) if it failed."""
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(script), *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), timeout=timeout,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return json.loads(lines[-1])
-
-
 def log_dir(script):
     """bench/.cache/logs/<script's name>/ (created): where its workers' stderr goes."""
     folder = os.path.join(CACHE_DIR, "logs", os.path.splitext(os.path.basename(script))[0])
