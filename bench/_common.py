@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: paths, the random-checkpoint cache, memory
-measurement (RSS, memory bandwidth) and markdown tables.
+"""Helpers shared by the benchmark scripts: paths, the random-checkpoint cache, the worker
+processes (one protocol for every script), memory measurement (RSS, memory bandwidth) and
+markdown tables.
 
 Nothing here imports TensorFlow: the driver processes stay small, and only their worker
 subprocesses load a framework.
@@ -8,11 +9,12 @@ subprocesses load a framework.
 import concurrent.futures
 import json
 import os
-import resource
+import selectors
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -44,17 +46,159 @@ def child_env(**extra):
     return env
 
 
-def run_child(script, args, what, timeout):
-    """Runs `python script args...` from the repository root and returns the last JSON line it
-    printed; RuntimeError naming `what` (with the end of its stderr) if it failed."""
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(script), *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), timeout=timeout,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return json.loads(lines[-1])
+def log_dir(script):
+    """bench/.cache/logs/<script's name>/ (created): where its workers' stderr goes."""
+    folder = os.path.join(CACHE_DIR, "logs", os.path.splitext(os.path.basename(script))[0])
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def log_path(script, name):
+    """log_dir(script)/<name>.log."""
+    return os.path.join(log_dir(script), name + ".log")
+
+
+# ----------------------------------------------------------------------------- workers
+# Every measurement that needs a fresh process runs in a worker: the script itself started with
+# `--_worker`, driven over a pipe by a `Worker` in the driver. The protocol, one JSON object a line:
+#   driver -> worker: the spec (any JSON object), then commands {"cmd": NAME}, last {"cmd": "exit"};
+#   worker -> driver: {"event": "ready", **info} (or "skip" with a reason, "error" with an error),
+#                     then one answer per command ({"event": NAME, **result}, or "error"),
+#                     and {"event": "bye", "peak_rss": BYTES} for "exit" (or at the end of its input).
+# The worker's own stdout is its stderr (libraries print), and its stderr goes to a log file.
+# A one-shot measurement is a worker answering one command: see run_once.
+
+class Skip(Exception):
+    """Raised by a worker's setup: the system cannot run here (package missing, option unsupported);
+    reported as "skipped", not as an error."""
+
+
+def one_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def serve_worker(setup):
+    """The worker side: reads the spec from stdin, calls `setup(spec)` -> (handlers, info) where
+    handlers maps command names to functions of no arguments returning a dict; sends "ready" with
+    info (or "skip"/"error" and returns), then answers commands until "exit" or the end of its
+    input, and says "bye" with its own peak RSS. An exception in a handler is sent as "error" (its
+    traceback goes to the log) and ends the worker."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's channel, private
+    os.dup2(2, 1)  # libraries' prints go to the log
+
+    def send(**message):
+        proto.write(json.dumps(message) + "\n")
+
+    spec = json.loads(sys.stdin.readline())
+    try:
+        handlers, info = setup(spec)
+    except Skip as why:
+        return send(event="skip", reason=str(why))
+    except Exception as error:  # noqa: BLE001 - reported by the driver
+        traceback.print_exc()
+        return send(event="error", error=one_line(error))
+    send(event="ready", **info)
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "exit":
+            break
+        try:
+            send(event=cmd, **handlers[cmd]())
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            return send(event="error", error=one_line(error))
+    send(event="bye", peak_rss=peak_rss_bytes())
+
+
+class Worker:
+    """The driver side of one worker process (`python script --_worker`, cwd the repository root,
+    child_env(**env), stderr to log_path). start(spec) -> the ready info; request(cmd) -> the
+    answer; finish() -> the worker's peak RSS (bytes, from its "bye"). Each returns None once the
+    worker is unhealthy, and then `status` says why: "skipped: ..." or "failed: ... (log: PATH)"."""
+
+    def __init__(self, script, log_path, name=None, env=None, timeout=3600):
+        self.script, self.log_path, self.name, self.env, self.timeout = script, log_path, name, env or {}, timeout
+        self.status, self.info, self.peak_rss, self.proc = None, {}, None, None
+
+    def start(self, spec):
+        """Starts the worker and waits until it is ready (its setup done)."""
+        self.log = open(self.log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(self.script), "--_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            cwd=REPO_ROOT, env=child_env(**self.env),
+        )
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self._send(spec)
+        self.info = self._receive() or {}
+        return self.info or None
+
+    def request(self, cmd):
+        """Sends one command; returns the worker's answer (a dict with "event": cmd)."""
+        if self.status:
+            return None
+        self._send({"cmd": cmd})
+        return self._receive()
+
+    def finish(self):
+        """Asks a healthy worker to exit, ends the process; returns its peak RSS (None if unknown)."""
+        if not self.status and self.proc:
+            bye = self.request("exit")
+            self.peak_rss = bye and bye["peak_rss"]
+        self.close()
+        return self.peak_rss
+
+    def close(self):
+        if self.proc is None or self.log.closed:
+            return
+        try:
+            self.proc.stdin.close()  # a healthy worker ends at the end of its input
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def _send(self, message):
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the worker is gone: _receive says so
+            pass
+
+    def _receive(self):
+        if not self.selector.select(self.timeout):
+            self.proc.kill()
+            answer = {"event": "error", "error": f"no answer within {self.timeout:.0f} s (killed)"}
+        else:
+            line = self.proc.stdout.readline()
+            answer = json.loads(line) if line else {"event": "error", "error": f"worker exited ({self.proc.wait()})"}
+        if answer["event"] == "skip":
+            self.status = "skipped: " + answer["reason"]
+        elif answer["event"] == "error":
+            self.status = f"failed: {answer['error']} (log: {self.log_path})"
+        else:
+            return answer
+        self.close()
+        return None
+
+
+def run_once(script, spec, log_path, timeout=3600):
+    """A one-shot measurement: a fresh worker of `script`, ready with `spec`, answers the command
+    "run" and exits. Returns the answer with the worker's peak RSS added ("peak_rss"); RuntimeError
+    with the worker's status (and the end of its log) if it skipped or failed."""
+    worker = Worker(script, log_path, timeout=timeout)
+    answer = worker.start(spec) and worker.request("run")
+    peak = worker.finish()
+    if worker.status:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            raise RuntimeError(f"{os.path.basename(log_path)}: {worker.status}\n{f.read()[-2000:]}")
+    return dict(answer, peak_rss=peak)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -71,12 +215,13 @@ def decode_weight_bytes(hp):
     return 4 * (param_count(hp) - hp["n_ctx"] * hp["n_embd"] + hp["n_embd"])
 
 
-def cached_checkpoint(shape, seed=0, log=print):
+def cached_checkpoint(shape, seed=0, log=print, root=CACHE_DIR):
     """Folder of a random-weight checkpoint of preset `shape` in OpenAI's layout, written once
-    with the project's own writer (`python -m gpt2.checkpoint --random`) under bench/.cache/."""
+    with the project's own writer (`python -m gpt2.checkpoint --random`) to root/<shape>
+    (default: bench/.cache/)."""
     if shape not in PRESET_SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; choose from {', '.join(PRESET_SHAPES)}")
-    model_dir = os.path.join(CACHE_DIR, shape)
+    model_dir = os.path.join(root, shape)
     if _checkpoint_complete(model_dir, PRESET_SHAPES[shape]):
         return model_dir
     log(f"writing a random {shape} checkpoint to {model_dir} (once; cached) ...")
@@ -147,8 +292,17 @@ def warm_page_cache(model_dir):
 # ----------------------------------------------------------------------------- memory
 
 def peak_rss_bytes():
-    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size so far, or since the last reset_peak_rss(): VmHWM
+    (Linux). Not getrusage's ru_maxrss: that survives exec, so a worker started by a driver that
+    once held 1 GiB would report at least 1 GiB (subprocess starts children with vfork)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss():
+    """Sets this process's peak RSS (VmHWM) back to its current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def current_rss_bytes():

@@ -7,9 +7,10 @@ beside `gpt2.sample_sequence`.
 1. `python -m gpt2.export --model DIR --output bench/.cache/export/<name> --overwrite` runs in a
    subprocess, timed as a whole (TensorFlow import, model load, tracing and writing): the time a
    user waits. Sizes: OUT/1 on disk, beside the checkpoint's weight files.
-2. For each system and batch size, a fresh worker process: `savedmodel` imports TensorFlow only,
-   loads OUT/1 with tf.saved_model.load and calls the serving_default signature (as TF Serving
-   would); `library` loads the checkpoint with gpt2.load_model and calls gpt2.sample_sequence.
+2. For each system and batch size, a fresh worker process (bench/_common.run_once): `savedmodel`
+   imports TensorFlow only, loads OUT/1 with tf.saved_model.load and calls the serving_default
+   signature (as TF Serving would); `library` loads the checkpoint with gpt2.load_model and calls
+   gpt2.sample_sequence.
    Greedy, the same random prompt tokens, exactly N new tokens (no stop token).
    - first call s: the first N-token call of the worker (tracing and XLA compilation included; the
      SavedModel compiles once per batch size; the library's persistent compile cache is off);
@@ -33,11 +34,13 @@ import _common  # noqa: E402
 EXPORT_DIR = os.path.join(_common.CACHE_DIR, "export")
 
 
-def child(system, location, config):
-    """One system at one batch size in this (fresh) process; prints one JSON line."""
+def worker_setup(spec):
+    """One system at one batch size in this fresh worker (see _common.run_once): loads it; "run"
+    makes the calls and returns the timings."""
     import numpy as np
 
-    batch, prompt_len, new_tokens = config["batch"], config["prompt_len"], config["new_tokens"]
+    system, location = spec["system"], spec["location"]
+    batch, prompt_len, new_tokens = spec["batch"], spec["prompt_len"], spec["new_tokens"]
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 50000, [batch, prompt_len]).astype(np.int32)
     if system == "savedmodel":
@@ -69,16 +72,19 @@ def child(system, location, config):
         assert out.shape == (batch, n), out.shape
         return elapsed, out
 
-    first, reference = timed(prompt, new_tokens)
-    new_prompt, _ = timed(prompt[:, 7:], new_tokens)
-    full, single = [], []
-    for _ in range(config["reps"]):
-        elapsed, out = timed(prompt, new_tokens)
-        assert (out == reference).all(), "greedy output changed between calls"
-        full.append(elapsed)
-        single.append(timed(prompt, 1)[0])
-    print(json.dumps(dict(config, system=system, first=first, new_prompt=new_prompt, full=full, single=single,
-                          tokens=reference[:, :16].tolist(), peak=_common.peak_rss_bytes())))
+    def run():
+        first, reference = timed(prompt, new_tokens)
+        new_prompt, _ = timed(prompt[:, 7:], new_tokens)
+        full, single = [], []
+        for _ in range(spec["reps"]):
+            elapsed, out = timed(prompt, new_tokens)
+            assert (out == reference).all(), "greedy output changed between calls"
+            full.append(elapsed)
+            single.append(timed(prompt, 1)[0])
+        return dict(spec, first=first, new_prompt=new_prompt, full=full, single=single,
+                    tokens=reference[:, :16].tolist())
+
+    return {"run": run}, {}
 
 
 def run_export(model_dir, output, xla):
@@ -104,10 +110,10 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed calls per measurement (default: 3)")
     parser.add_argument("--no-xla", action="store_true", help="export with --no-xla (default: XLA)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here (default: none)")
-    parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        return child(args._child[0], args._child[1], json.loads(args._child[2]))
+    if args._worker:
+        return _common.serve_worker(worker_setup)
 
     model_dir = args.model_dir or _common.cached_checkpoint(args.shape)
     # Workers compile from scratch: no persistent XLA cache (gpt2.compile_cache) for the library
@@ -124,16 +130,16 @@ def main(argv=None):
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         outputs = {}
         for system, location in (("savedmodel", export_dir), ("library", model_dir)):
-            config = dict(batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps)
+            spec = dict(system=system, location=location, batch=batch, prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, reps=args.reps)
             print(f"running {system}, batch {batch} ...", file=sys.stderr, flush=True)
-            r = _common.run_child(__file__, ["--_child", system, location, json.dumps(config)],
-                                  f"{system} batch {batch}", timeout=3600)
+            r = _common.run_once(__file__, spec, _common.log_path(__file__, f"{system}-b{batch}"))
             results.append(r)
             outputs[system] = r["tokens"]
             step_ms = (_common.median(r["full"]) - _common.median(r["single"])) / (args.new_tokens - 1) * 1000
             rows.append([system, batch, f"{r['first']:.1f}", f"{r['new_prompt']:.2f}", f"{step_ms:.1f}",
                          f"{batch * args.new_tokens / _common.median(r['full']):.0f}",
-                         f"{r['peak'] / _common.MiB:.0f}"])
+                         f"{r['peak_rss'] / _common.MiB:.0f}"])
         same = "same" if outputs["savedmodel"] == outputs["library"] else "DIFFERENT"
         rows[-1][0] += f" (greedy tokens: {same})"
     print(f"model: {model_dir}; export: {export_seconds:.1f} s (python -m gpt2.export{' --no-xla' * args.no_xla}); "

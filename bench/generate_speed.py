@@ -55,7 +55,7 @@ Method
   separately: tokens/s = batch * N / T(N) (median T(N)), prefill and call overhead included.
   "1-token call ms" is median T(1): the fixed cost per call (prefill + one step + overhead).
 
-  Memory.  Peak RSS is ru_maxrss of the worker process at the end of its run (framework
+  Memory.  Peak RSS is the worker process's own peak (VmHWM) at the end of its run (framework
   import + model + compile + all reps for that batch size): one process per system and batch
   size, so the figure is that system's own and not shared with the others. The workers of one
   batch size are alive together, so the machine needs roughly the sum of their peaks.
@@ -82,11 +82,8 @@ import importlib.util
 import inspect
 import json
 import os
-import selectors
-import subprocess
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -94,10 +91,6 @@ import _common  # noqa: E402
 PEERS = ("hf", "kerashub", "kerashub-xla", "openai")
 OURS_VARIANTS = {"default": [("ours", None)], "on": [("ours-xla", True)], "off": [("ours-noxla", False)],
                  "both": [("ours-xla", True), ("ours-noxla", False)], "none": []}
-
-
-class Skip(Exception):
-    """The system cannot run here (package missing, option unsupported): reported, not an error."""
 
 
 # ============================================================================= workers
@@ -120,10 +113,10 @@ def setup_ours(spec):
     try:
         import gpt2
     except ImportError as error:
-        raise Skip(f"cannot import gpt2 ({error})")
+        raise _common.Skip(f"cannot import gpt2 ({error})")
     for name in ("load_model", "sample_sequence"):
         if not hasattr(gpt2, name):
-            raise Skip(f"gpt2.{name} does not exist yet")
+            raise _common.Skip(f"gpt2.{name} does not exist yet")
     import tensorflow as tf
 
     threads = set_tf_threads(tf, spec["threads"])
@@ -134,7 +127,7 @@ def setup_ours(spec):
         params = inspect.signature(gpt2.sample_sequence).parameters
         option = next((p for p in ("jit_compile", "xla") if p in params), None)
         if option is None:
-            raise Skip("gpt2.sample_sequence has no jit_compile option; use --ours-xla default")
+            raise _common.Skip("gpt2.sample_sequence has no jit_compile option; use --ours-xla default")
         kwargs[option] = spec["xla"]
     rss_import = _common.current_rss_bytes()
     start = time.perf_counter()
@@ -158,7 +151,7 @@ def setup_hf(spec):
     import numpy as np
 
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
-        raise Skip("transformers/torch not installed (see bench/README.md)")
+        raise _common.Skip("transformers/torch not installed (see bench/README.md)")
     os.environ.setdefault("USE_TF", "0")
     import torch
     import transformers
@@ -195,14 +188,14 @@ def setup_kerashub(spec):
     import numpy as np
 
     if importlib.util.find_spec("keras_hub") is None:
-        raise Skip("keras-hub not installed (see bench/README.md)")
+        raise _common.Skip("keras-hub not installed (see bench/README.md)")
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import keras
     import keras_hub
     import tensorflow as tf
 
     if keras.backend.backend() != "tensorflow":
-        raise Skip(f"Keras backend is {keras.backend.backend()!r}, not tensorflow")
+        raise _common.Skip(f"Keras backend is {keras.backend.backend()!r}, not tensorflow")
     threads = set_tf_threads(tf, spec["threads"])
     hp = spec["hparams"]
     rss_import = _common.current_rss_bytes()
@@ -244,10 +237,10 @@ def setup_openai(spec):
 
     repo = spec.get("openai_repo")
     if not repo:
-        raise Skip("no --openai-repo")
+        raise _common.Skip("no --openai-repo")
     src = os.path.join(repo, "src")
     if not all(os.path.isfile(os.path.join(src, f)) for f in ("model.py", "sample.py")):
-        raise Skip(f"{src} has no model.py/sample.py")
+        raise _common.Skip(f"{src} has no model.py/sample.py")
     import tensorflow as tf
 
     threads = set_tf_threads(tf, spec["threads"])
@@ -320,36 +313,14 @@ def setup_openai(spec):
 SETUPS = {"ours": setup_ours, "hf": setup_hf, "kerashub": setup_kerashub, "openai": setup_openai}
 
 
-def one_line(error):
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def worker_main():
-    """Runs one system: reads JSON commands from stdin, answers JSON lines on the real stdout."""
-    # Libraries may print; keep the protocol channel private and send their stdout to stderr.
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-
-    def send(**message):
-        proto.write(json.dumps(message) + "\n")
-
-    spec = json.loads(sys.stdin.readline())
-    kind = spec["kind"]
-    try:
-        run, info = SETUPS[kind](spec)
-    except Skip as why:
-        send(event="skip", reason=str(why))
-        return
-    except Exception as error:
-        traceback.print_exc()
-        send(event="error", error=one_line(error))
-        return
+def worker_setup(spec):
+    """One system in this worker process (see _common.serve_worker): "first" makes the first
+    N-token and 1-token calls, "rep" one timed pair."""
+    run, info = SETUPS[spec["kind"]](spec)
     info["rss_loaded"] = _common.current_rss_bytes()
-    send(event="ready", **info)
-
     prompt_len = len(spec["prompt"][0])
     batch = len(spec["prompt"])
+    n_new = spec["new_tokens"]
     seen = {}
 
     def timed(n):
@@ -363,112 +334,34 @@ def worker_main():
             raise RuntimeError("output does not start with the prompt")
         digest = hashlib.sha1(out.astype("int64").tobytes()).hexdigest()
         if seen.setdefault(n, digest) != digest:
-            print(f"note: {kind}: greedy output for n={n} changed between calls", file=sys.stderr)
+            print(f"note: {spec['kind']}: greedy output for n={n} changed between calls", file=sys.stderr)
         return seconds
 
-    n_new = spec["new_tokens"]
-    for line in sys.stdin:
-        cmd = json.loads(line)["cmd"]
-        try:
-            if cmd == "first":
-                first = timed(n_new)
-                first_1 = timed(1)
-                send(event="first", first_s=first, first_1_s=first_1)
-            elif cmd == "rep":
-                send(event="rep", t_n=timed(n_new), t_1=timed(1))
-            elif cmd == "exit":
-                send(event="bye", peak_rss=_common.peak_rss_bytes())
-                return
-        except Exception as error:
-            traceback.print_exc()
-            send(event="error", error=one_line(error))
-            return
+    handlers = {"first": lambda: dict(first_s=timed(n_new), first_1_s=timed(1)),
+                "rep": lambda: dict(t_n=timed(n_new), t_1=timed(1))}
+    return handlers, info
 
 
 # ============================================================================= driver
-
-class Worker:
-    """One system at one batch size, in its own process."""
-
-    def __init__(self, name, spec, log_path, timeout):
-        self.name, self.timeout, self.log_path = name, timeout, log_path
-        self.status = None  # None while healthy, else "skipped: ..." / "failed: ..."
-        self.info, self.first, self.reps, self.peak_rss = {}, {}, [], None
-        env = {"KERAS_BACKEND": "tensorflow"} if spec["kind"] == "kerashub" else {}
-        if spec["kind"] == "ours":  # "first call" = a cold compile, as the peers' (see bench/startup.py)
-            env["GPT2_CACHE_DIR"] = "off"
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            cwd=_common.REPO_ROOT, env=_common.child_env(**env),
-        )
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        self._send(spec)
-
-    def _send(self, message):
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass
-
-    def _receive(self):
-        if not self.selector.select(self.timeout):
-            self.close()
-            return {"event": "error", "error": f"no answer within {self.timeout:.0f} s (killed)"}
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            return {"event": "error", "error": f"worker exited ({self.proc.returncode}); see {self.log_path}"}
-        return json.loads(line)
-
-    def request(self, cmd=None):
-        """Sends cmd (or nothing: waits for the ready message); returns the answer or None."""
-        if self.status:
-            return None
-        if cmd:
-            self._send({"cmd": cmd})
-        answer = self._receive()
-        if answer["event"] == "skip":
-            self.status = "skipped: " + answer["reason"]
-        elif answer["event"] == "error":
-            self.status = "failed: " + answer["error"]
-        else:
-            return answer
-        self.close()
-        return None
-
-    def close(self):
-        try:
-            self.proc.stdin.close()  # a healthy worker exits when its input ends
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
 
 def ms_per_step(rep, n):
     return 1000 * (rep["t_n"] - rep["t_1"]) / (n - 1)
 
 
-def run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir):
+def run_batch(systems, batch, args, model_dir, hparams, prompt):
     """Starts one worker per system, makes the first calls, runs interleaved reps. Returns workers."""
     workers = []
     for name, kind, xla, dtype in systems:
         spec = dict(kind=kind, xla=xla, dtype=dtype, model_dir=model_dir, hparams=hparams, prompt=prompt[:batch],
                     new_tokens=args.new_tokens, openai_repo=args.openai_repo, threads=args.threads)
-        log_path = os.path.join(log_dir, f"{name}-b{batch}.log")
-        worker = Worker(name, spec, log_path, args.timeout)
+        env = {"KERAS_BACKEND": "tensorflow"} if kind == "kerashub" else {}
+        if kind == "ours":  # "first call" = a cold compile, as the peers' (see bench/startup.py)
+            env["GPT2_CACHE_DIR"] = "off"
+        worker = _common.Worker(__file__, _common.log_path(__file__, f"{name}-b{batch}"), name, env, args.timeout)
+        worker.first, worker.reps = {}, []
         workers.append(worker)
-        ready = worker.request()
+        ready = worker.start(spec)
         if ready:
-            worker.info = ready
             first = worker.request("first")
             if first:
                 worker.first = first
@@ -491,10 +384,7 @@ def run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir):
             elif worker.status:
                 print(f"  {worker.name:13s} b={batch}: {worker.status}", flush=True)
     for worker in workers:
-        bye = worker.request("exit")
-        if bye:
-            worker.peak_rss = bye["peak_rss"]
-            worker.close()
+        worker.finish()
     return workers
 
 
@@ -558,7 +448,7 @@ def main(argv=None):
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        return worker_main()
+        return _common.serve_worker(worker_setup)
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -600,12 +490,11 @@ def main(argv=None):
               f"1 GiB buffer) -> batch-1 lower bound {weight_bytes / 1e6:.0f} MB of fp32 weights per step "
               f"= {bound['ms_per_step']:.1f} ms/step\n", flush=True)
 
-    log_dir = os.path.join(_common.CACHE_DIR, "logs", "generate_speed")
-    os.makedirs(log_dir, exist_ok=True)
+    log_dir = _common.log_dir(__file__)
     results, statuses, details = [], {}, {}
     for batch in batch_sizes:
         print(f"batch {batch}:", flush=True)
-        workers = run_batch(systems, batch, args, model_dir, hparams, prompt, log_dir)
+        workers = run_batch(systems, batch, args, model_dir, hparams, prompt)
         for worker in workers:
             if worker.status:
                 statuses.setdefault(worker.name, worker.status)

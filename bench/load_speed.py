@@ -6,10 +6,10 @@ For each shape the checkpoint is written once (bench/.cache/<shape>/, the projec
 with `--format hf` also converted once to a Hugging Face folder (bench/.cache/<shape>-hf/,
 `python -m gpt2.convert --to hf`: config.json + model.safetensors, read with the safetensors
 package), and its files are read once so the page cache is warm: the figures are about parsing
-and assigning the tensors, not the disk. Each rep then runs in a fresh subprocess that
+and assigning the tensors, not the disk. Each rep then runs in a fresh worker process that
   1. imports tensorflow and gpt2 and records its RSS then (the baseline: framework + Python),
   2. times `gpt2.load_model(dir)`,
-  3. reports its peak RSS (getrusage ru_maxrss, which covers the whole process lifetime).
+  3. reports its peak RSS (VmHWM, which covers the whole process lifetime).
 "load peak MiB" = peak RSS - baseline RSS: the memory the load itself needed at its worst,
 compared with the size of the fp32 weights (the checkpoint's data file, or model.safetensors).
 A ratio near 1 means the loader holds about one copy of the weights; 2 means it held two at once.
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def child(model_dir):
-    """One measurement in this (fresh) process; prints one JSON line."""
+def worker_setup(spec):
+    """One measurement in this fresh worker (see _common.run_once): imports, then "run" loads."""
     _common.use_repo_checkout()
     import gc
 
@@ -35,20 +35,21 @@ def child(model_dir):
 
     import gpt2
 
-    gc.collect()
-    baseline = _common.current_rss_bytes()
-    peak_before = _common.peak_rss_bytes()
-    start = time.perf_counter()
-    model = gpt2.load_model(model_dir)
-    seconds = time.perf_counter() - start
-    print(json.dumps(dict(
-        seconds=seconds, baseline=baseline, peak_before=peak_before, peak=_common.peak_rss_bytes(),
-        after=_common.current_rss_bytes(), params=int(model.count_params()),
-    )))
+    def run():
+        gc.collect()
+        baseline = _common.current_rss_bytes()
+        peak_before = _common.peak_rss_bytes()
+        start = time.perf_counter()
+        model = gpt2.load_model(spec["model_dir"])
+        seconds = time.perf_counter() - start
+        return dict(seconds=seconds, baseline=baseline, peak_before=peak_before, after=_common.current_rss_bytes(),
+                    params=int(model.count_params()))
+
+    return {"run": run}, {}
 
 
-def measure(model_dir, timeout):
-    return _common.run_child(__file__, ["--_child", model_dir], f"load of {model_dir}", timeout)
+def measure(model_dir, name, timeout):
+    return _common.run_once(__file__, dict(model_dir=model_dir), _common.log_path(__file__, name), timeout)
 
 
 def main(argv=None):
@@ -61,10 +62,10 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=2, help="fresh processes per shape and format")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        return child(args._child)
+    if args._worker:
+        return _common.serve_worker(worker_setup)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     unknown = [s for s in shapes if s not in _common.PRESET_SHAPES]
@@ -82,17 +83,17 @@ def main(argv=None):
             weights = _common.data_file_bytes(model_dir)
             runs = []
             for rep in range(args.reps):
-                runs.append(measure(model_dir, args.timeout))
+                runs.append(measure(model_dir, f"{shape}-{layout}-{rep + 1}", args.timeout))
                 r = runs[-1]
                 print(f"{shape} {layout} rep {rep + 1}/{args.reps}: {r['seconds']:.2f} s, "
-                      f"baseline {r['baseline'] / MiB:.0f} MiB, peak {r['peak'] / MiB:.0f} MiB, "
+                      f"baseline {r['baseline'] / MiB:.0f} MiB, peak {r['peak_rss'] / MiB:.0f} MiB, "
                       f"after load {r['after'] / MiB:.0f} MiB", flush=True)
             raw.append(dict(shape=shape, format=layout, weights_bytes=weights, runs=runs))
-            load_peak = _common.median([r["peak"] - r["baseline"] for r in runs])
+            load_peak = _common.median([r["peak_rss"] - r["baseline"] for r in runs])
             rows.append([
                 shape, layout, f"{weights / MiB:.0f}", f"{min(r['seconds'] for r in runs):.2f}",
                 f"{_common.median([r['baseline'] for r in runs]) / MiB:.0f}",
-                f"{_common.median([r['peak'] for r in runs]) / MiB:.0f}",
+                f"{_common.median([r['peak_rss'] for r in runs]) / MiB:.0f}",
                 f"{load_peak / MiB:.0f}", f"{load_peak / weights:.2f}",
                 f"{_common.median([r['after'] - r['baseline'] for r in runs]) / MiB:.0f}",
             ])

@@ -3,7 +3,7 @@
     python bench/score_speed.py [--shape 124M | --model-dir DIR] [--tokens 8192]
         [--strides 1024,512] [--batch-sizes 1,2,4] [--reps 2] [--json out.json]
 
-Each configuration runs in a fresh subprocess that loads the model, records its RSS (the
+Each configuration runs in a fresh worker process (bench/_common.run_once) that loads the model, records its RSS (the
 baseline), makes one untimed call (tracing and XLA compilation included) and then `--reps`
 timed calls. Reported per configuration:
 - tokens/s: tokens scored per second (best rep). Perplexity with stride S feeds about n_ctx / S
@@ -26,44 +26,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def child(model_dir, config):
-    """One configuration in this (fresh) process; prints one JSON line."""
+def worker_setup(spec):
+    """One configuration in this fresh worker (see _common.run_once): loads the model and records
+    its RSS (the baseline); "run" makes the untimed call and the timed reps."""
     _common.use_repo_checkout()
     import numpy as np
 
     import gpt2
 
-    model = gpt2.load_model(model_dir)
+    model = gpt2.load_model(spec["model_dir"])
     n_ctx, n_vocab = model.hparams.n_ctx, model.hparams.n_vocab
     baseline = _common.current_rss_bytes()
     rng = np.random.default_rng(0)
-    if config["kind"] == "perplexity":
-        tokens = rng.integers(0, n_vocab, config["tokens"]).astype(np.int32)
+    if spec["kind"] == "perplexity":
+        tokens = rng.integers(0, n_vocab, spec["tokens"]).astype(np.int32)
 
         def call():
-            result = gpt2.perplexity(model, tokens, stride=config["stride"], batch_size=config["batch_size"])
+            result = gpt2.perplexity(model, tokens, stride=spec["stride"], batch_size=spec["batch_size"])
             return result.tokens, result.windows * n_ctx
     else:
         rows = [rng.integers(0, n_vocab, n).tolist() for n in rng.integers(16, min(128, n_ctx) + 1, 64)]
 
         def call():
-            gpt2.score(model, rows, top_k=config["top_k"])
+            gpt2.score(model, rows, top_k=spec["top_k"])
             return sum(len(r) - 1 for r in rows), sum(len(r) for r in rows)
 
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(config["reps"]):
+    def run():
         start = time.perf_counter()
-        scored, fed = call()
-        times.append(time.perf_counter() - start)
-    print(json.dumps(dict(config, first=first, best=min(times), scored=scored, fed=fed,
-                          peak=_common.peak_rss_bytes() - baseline)))
+        call()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(spec["reps"]):
+            start = time.perf_counter()
+            scored, fed = call()
+            times.append(time.perf_counter() - start)
+        return dict(spec, first=first, best=min(times), scored=scored, fed=fed, baseline=baseline)
+
+    return {"run": run}, {}
 
 
 def measure(model_dir, config, timeout=3600):
-    return _common.run_child(__file__, ["--_child", model_dir, json.dumps(config)], str(config), timeout)
+    """One configuration in a fresh worker: its timings, baseline and peak RSS."""
+    name = "-".join(f"{k}{v}" for k, v in config.items() if k != "reps")
+    return _common.run_once(__file__, dict(config, model_dir=model_dir), _common.log_path(__file__, name), timeout)
 
 
 def main(argv=None):
@@ -77,10 +82,10 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=2, help="timed calls per configuration (default: 2)")
     parser.add_argument("--no-score", action="store_true", help="skip the gpt2.score rows (default: run them)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here (default: none)")
-    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        return child(args._child[0], json.loads(args._child[1]))
+    if args._worker:
+        return _common.serve_worker(worker_setup)
 
     model_dir = args.model_dir or _common.cached_checkpoint(args.shape)
     configs = [
@@ -97,7 +102,7 @@ def main(argv=None):
         what = (f"perplexity stride {r['stride']}, batch {r['batch_size']}" if r["kind"] == "perplexity"
                 else f"score 64 rows, top_k {r['top_k']}")
         rows.append([what, f"{r['scored'] / r['best']:.0f}", f"{r['fed'] / r['best']:.0f}",
-                     f"{r['first'] - r['best']:.1f}", f"{r['peak'] / _common.MiB:.0f}"])
+                     f"{r['first'] - r['best']:.1f}", f"{(r['peak_rss'] - r['baseline']) / _common.MiB:.0f}"])
     print(f"model: {model_dir}; load: {os.getloadavg()[0]:.1f} (1-min load average at the end)")
     print(_common.markdown_table(["configuration", "tokens/s", "fed tokens/s", "compile s", "peak MiB"], rows))
     if args.json:

@@ -22,7 +22,7 @@ pipe. Workers start one after another; each takes one step right away (tracing/c
 "first step s"). Then the timed reps run interleaved (rep 1 of every system, rep 2 of every
 system, ...), each rep `--steps` optimizer steps, so drift of the shared machine hits all alike.
 tokens/s = steps * batch * seq_len / rep time (median and best rep). Peak RSS is the worker's
-ru_maxrss at exit. The workers are alive together (at 124M, batch 4 x 256: about 5 GiB each, so
+own peak RSS (VmHWM) at exit. The workers are alive together (at 124M, batch 4 x 256: about 5 GiB each, so
 about 20 GiB with the defaults): run it on an otherwise idle machine (under a memory lock such as `flock` if it is shared).
 
 Memory mode runs one worker per (shape, option), one after another: load, `--steps` steps,
@@ -34,11 +34,8 @@ estimated need is above the memory available is skipped, not started.
 import argparse
 import json
 import os
-import selectors
-import subprocess
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -46,10 +43,6 @@ import _common  # noqa: E402
 PEERS = ("hf", "kerashub")
 OPTIONS = ("full", "recompute", "lora", "lora+recompute", "bf16")
 GiB = 1 << 30
-
-
-class Skip(Exception):
-    """The system cannot run here: reported, not an error."""
 
 
 # ============================================================================= workers
@@ -68,7 +61,7 @@ def setup_ours(spec):
         import inspect
 
         if "dtype" not in inspect.signature(gpt2.load_model).parameters:
-            raise Skip("gpt2.load_model has no dtype policies yet")
+            raise _common.Skip("gpt2.load_model has no dtype policies yet")
         load_options["dtype"] = "mixed_bfloat16"
     model = gpt2.load_model(spec["model_dir"], **load_options)
     tokens = np.random.default_rng(0).integers(0, spec["hparams"]["n_vocab"], 1 << 20)
@@ -90,7 +83,7 @@ def setup_hf(spec):
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
-        raise Skip("transformers/torch not installed (see bench/README.md)")
+        raise _common.Skip("transformers/torch not installed (see bench/README.md)")
     os.environ.setdefault("USE_TF", "0")
     import torch
     import transformers
@@ -124,7 +117,7 @@ def setup_kerashub(spec):
     import importlib.util
 
     if importlib.util.find_spec("keras_hub") is None:
-        raise Skip("keras-hub not installed (see bench/README.md)")
+        raise _common.Skip("keras-hub not installed (see bench/README.md)")
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import keras
     import keras_hub
@@ -157,103 +150,42 @@ def setup_kerashub(spec):
 SETUPS = {"ours": setup_ours, "hf": setup_hf, "kerashub": setup_kerashub}
 
 
-def worker_main():
-    """Runs one system: JSON commands on stdin, JSON answers on the real stdout."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # libraries' prints go to the log
+def worker_setup(spec):
+    """One system in this worker process (see _common.serve_worker): one step right away (tracing,
+    compiling), then "rep" takes `steps` timed steps."""
+    started = time.perf_counter()
+    step, info = SETUPS[spec["kind"]](spec)
+    info["setup_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    info["first_loss"] = step(1)
+    info["first_s"] = time.perf_counter() - started
 
-    def send(**message):
-        proto.write(json.dumps(message) + "\n")
-
-    spec = json.loads(sys.stdin.readline())
-    try:
-        started = time.perf_counter()
-        step, info = SETUPS[spec["kind"]](spec)
-        info["setup_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        info["first_loss"] = step(1)
-        info["first_s"] = time.perf_counter() - started
-    except Skip as why:
-        return send(event="skip", reason=str(why))
-    except Exception as error:  # noqa: BLE001 - reported by the driver
-        traceback.print_exc()
-        return send(event="error", error=f"{type(error).__name__}: {str(error).strip()[:300]}")
-    send(event="ready", **info)
-    for line in sys.stdin:
-        if json.loads(line)["cmd"] == "exit":
-            break
+    def rep():
         started = time.perf_counter()
         loss = step(spec["steps"])
-        send(event="rep", seconds=time.perf_counter() - started, loss=loss)
-    send(event="bye", peak_rss=_common.peak_rss_bytes())
+        return dict(seconds=time.perf_counter() - started, loss=loss)
+
+    return {"rep": rep}, info
 
 
 # ============================================================================= driver
 
-class Worker:
-    """One system in its own process."""
-
-    def __init__(self, name, spec, log_path):
-        self.name, self.log_path = name, log_path
-        self.status, self.info, self.reps, self.peak_rss = None, {}, [], None
-        self.log = open(log_path, "w")
-        env = _common.child_env(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     cwd=_common.REPO_ROOT, env=env)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        self.send(spec)
-
-    def send(self, message):
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):  # the worker is gone
-            pass
-
-    def receive(self, timeout=7200):
-        if self.status:
-            return None
-        line = self.proc.stdout.readline() if self.selector.select(timeout) else ""
-        answer = json.loads(line) if line else {"event": "error", "error": f"worker died; see {self.log_path}"}
-        if answer["event"] in ("skip", "error"):
-            self.status = ("skipped: " if answer["event"] == "skip" else "failed: ") + answer.get("reason", answer.get("error", ""))
-            self.close()
-            return None
-        return answer
-
-    def finish(self):
-        if not self.status:
-            self.send({"cmd": "exit"})
-            bye = self.receive()
-            self.peak_rss = bye and bye["peak_rss"]
-        self.close()
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start_worker(name, spec, log_name):
+    """A worker of this script for one system, started and ready (or with its status set)."""
+    worker = _common.Worker(__file__, _common.log_path(__file__, log_name), name,
+                            dict(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2"), timeout=7200)
+    worker.reps = []
+    worker.start(spec)
+    return worker
 
 
 def model_dir_for(shape, models_dir):
     """A random-weight checkpoint of `shape`: --models-dir/<shape> if given (written there if
     missing), else the benchmarks' cache."""
-    if not models_dir:
-        return _common.cached_checkpoint(shape)
-    path = os.path.join(models_dir, shape)
-    if not os.path.isfile(os.path.join(path, "checkpoint")):
-        print(f"writing a random {shape} checkpoint to {path} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "gpt2.checkpoint", "--random", shape, path], check=True,
-                       cwd=_common.REPO_ROOT, env=_common.child_env())
-    return path
+    return _common.cached_checkpoint(shape, root=models_dir or _common.CACHE_DIR)
 
 
-def speed(args, log_dir):
+def speed(args):
     hparams = _common.PRESET_SHAPES[args.shape]
     model_dir = model_dir_for(args.shape, args.models_dir)
     variants = {"fp32": ("ours", False, "full"), "xla": ("ours-xla", True, "full"), "bf16": ("ours-bf16", False, "bf16")}
@@ -265,8 +197,7 @@ def speed(args, log_dir):
     for name, xla, option in systems:
         spec = dict(kind=name if option is None else "ours", xla=xla, option=option, model_dir=model_dir, hparams=hparams, batch_size=args.batch_size,
                     seq_len=args.seq_len, steps=args.steps)
-        worker = Worker(name, spec, os.path.join(log_dir, f"speed-{name}.log"))
-        worker.info = worker.receive() or {}
+        worker = start_worker(name, spec, f"speed-{name}")
         print(f"  {name}: " + (worker.status or f"ready in {worker.info['setup_s']:.1f} s, first step "
                                                 f"{worker.info['first_s']:.1f} s"), flush=True)
         workers.append(worker)
@@ -276,8 +207,7 @@ def speed(args, log_dir):
             if worker.status:  # died in an earlier rep (e.g. killed for memory)
                 continue
             time.sleep(1.0)
-            worker.send({"cmd": "rep"})
-            answer = worker.receive()
+            answer = worker.request("rep")
             if answer:
                 worker.reps.append(answer["seconds"])
                 print(f"  rep {rep + 1} {worker.name}: {tokens / answer['seconds']:.0f} tokens/s "
@@ -321,7 +251,7 @@ def available_bytes():
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def memory(args, log_dir):
+def memory(args):
     rows, results = [], []
     print(f"# peak RSS of {args.steps} training steps, batch {args.batch_size} x seq {args.seq_len}\n", flush=True)
     for shape in args.shapes:
@@ -338,11 +268,9 @@ def memory(args, log_dir):
             model_dir = model_dir or model_dir_for(shape, args.models_dir)
             spec = dict(kind="ours", option=option, model_dir=model_dir, hparams=hparams,
                         batch_size=args.batch_size, seq_len=args.seq_len, steps=max(args.steps - 1, 1))
-            worker = Worker(f"{shape}-{option}", spec, os.path.join(log_dir, f"memory-{shape}-{option}.log"))
-            worker.info = worker.receive() or {}
+            worker = start_worker(f"{shape}-{option}", spec, f"memory-{shape}-{option}")
             if not worker.status:
-                worker.send({"cmd": "rep"})
-                answer = worker.receive()
+                answer = worker.request("rep")
                 if answer:
                     worker.reps.append(answer["seconds"] / spec["steps"])
             worker.finish()
@@ -377,7 +305,7 @@ def main(argv=None):
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        return worker_main()
+        return _common.serve_worker(worker_setup)
     args.peers = [p for p in args.peers.split(",") if p]
     args.ours = [v for v in args.ours.split(",") if v]
     args.shapes = [s for s in args.shapes.split(",") if s]
@@ -388,10 +316,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown peers, options or shapes: {unknown}")
     args.steps = args.steps or (5 if args.mode == "speed" else 2)
-    log_dir = os.path.join(_common.CACHE_DIR, "logs", "train_speed")
-    os.makedirs(log_dir, exist_ok=True)
-    results = speed(args, log_dir) if args.mode == "speed" else memory(args, log_dir)
-    print(f"\nWorker logs: {log_dir}/")
+    results = speed(args) if args.mode == "speed" else memory(args)
+    print(f"\nWorker logs: {_common.log_dir(__file__)}/")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(dict(args=vars(args), results=results), f, indent=1)

@@ -3,7 +3,7 @@ writer) and `gpt2.save_checkpoint` (a loaded model, TensorFlow's SaveV2), per pr
 
     python bench/write_speed.py [--shapes 124M,774M] [--what random,save] [--json out.json]
 
-Each measurement runs in a fresh subprocess that imports tensorflow and gpt2 (for `save` also loads
+Each measurement runs in a fresh worker process that imports tensorflow and gpt2 (for `save` also loads
 the model from bench/.cache/<shape>/, written once by the random writer), records its RSS (the
 baseline), resets the kernel's peak-RSS mark (/proc/self/clear_refs, Linux), writes the checkpoint
 into a temporary folder next to bench/.cache, and reports the time and the peak RSS since the reset
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def child(what, shape, target):
-    """One measurement in this (fresh) process; prints one JSON line."""
+def worker_setup(spec):
+    """One measurement in this fresh worker (see _common.run_once): imports (for `save`: loads the
+    model), records the baseline and resets the peak; "run" writes the checkpoint."""
     _common.use_repo_checkout()
     import gc
 
@@ -34,40 +34,32 @@ def child(what, shape, target):
 
     import gpt2
 
+    what, shape = spec["what"], spec["shape"]
     model = gpt2.load_model(_common.cached_checkpoint(shape)) if what == "save" else None
     gc.collect()
     baseline = _common.current_rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
-        f.write("5")
-    start = time.perf_counter()
-    if what == "save":
-        gpt2.save_checkpoint(model, target)
-    else:
-        gpt2.write_random_checkpoint(shape, target)
-    seconds = time.perf_counter() - start
-    print(json.dumps(dict(seconds=seconds, baseline=baseline, peak=high_water_mark())))
+    _common.reset_peak_rss()
 
+    def run():
+        start = time.perf_counter()
+        if what == "save":
+            gpt2.save_checkpoint(model, spec["target"])
+        else:
+            gpt2.write_random_checkpoint(shape, spec["target"])
+        return dict(seconds=time.perf_counter() - start, baseline=baseline)
 
-def high_water_mark():
-    """Peak RSS since the last reset (VmHWM; Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return {"run": run}, {}
 
 
 def measure(what, shape, timeout):
+    """One measurement in a fresh worker: time, baseline and peak RSS since the reset, weight bytes."""
     target = tempfile.mkdtemp(prefix=f"write-{shape}-", dir=_common.CACHE_DIR)
     try:
-        result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--_child", what, shape, target],
-            capture_output=True, text=True, cwd=_common.REPO_ROOT, env=_common.child_env(), timeout=timeout,
-        )
-        weights = _common.data_file_bytes(target) if result.returncode == 0 else 0
+        result = _common.run_once(__file__, dict(what=what, shape=shape, target=target),
+                                  _common.log_path(__file__, f"{what}-{shape}"), timeout)
+        return dict(result, weights=_common.data_file_bytes(target))
     finally:
         shutil.rmtree(target, ignore_errors=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} {shape} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return dict(json.loads(lines[-1]), weights=weights)
 
 
 def main(argv=None):
@@ -77,10 +69,10 @@ def main(argv=None):
     parser.add_argument("--what", default="random,save", help="random, save or both (default: random,save)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement (default: 3600)")
     parser.add_argument("--json", help="also write the raw results to this file (default: none)")
-    parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        return child(*args._child)
+    if args._worker:
+        return _common.serve_worker(worker_setup)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     whats = [w.strip() for w in args.what.split(",") if w.strip()]
     if any(s not in _common.PRESET_SHAPES for s in shapes) or any(w not in ("random", "save") for w in whats):
@@ -92,11 +84,11 @@ def main(argv=None):
         for what in whats:
             r = measure(what, shape, args.timeout)
             raw.append(dict(r, shape=shape, what=what))
-            peak = r["peak"] - r["baseline"]
+            peak = r["peak_rss"] - r["baseline"]
             print(f"{what} {shape}: {r['seconds']:.1f} s, baseline {r['baseline'] / MiB:.0f} MiB, "
-                  f"peak {r['peak'] / MiB:.0f} MiB", flush=True)
+                  f"peak {r['peak_rss'] / MiB:.0f} MiB", flush=True)
             rows.append([what, shape, f"{r['weights'] / MiB:.0f}", f"{r['seconds']:.1f}",
-                         f"{r['peak'] / MiB:.0f}", f"{max(peak, 0) / MiB:.0f}", f"{max(peak, 0) / r['weights']:.2f}"])
+                         f"{r['peak_rss'] / MiB:.0f}", f"{max(peak, 0) / MiB:.0f}", f"{max(peak, 0) / r['weights']:.2f}"])
     print("\n## Writing checkpoints (fresh process each)\n")
     print(_common.markdown_table(
         ["writer", "shape", "weights MiB", "seconds", "peak RSS MiB", "write peak MiB", "write peak / weights"], rows))
