@@ -6,10 +6,13 @@ slow, half-closed, vanishing and hostile clients (TensorFlow-free).
 * Reading has deadlines for the whole thing, not per recv(): `idle_timeout` to start a request on
   a kept-alive connection, `header_timeout` for the request line and headers, `body_timeout` for
   the body; writes time out after `write_timeout` without progress. A slowloris client is closed.
-* Framing is strict: one Content-Length of ASCII digits (no "+43", "4_3", duplicates), no request
-  bodies in chunked encoding, a body the endpoint does not read closes the connection (it is never
-  parsed as the next request). POST bodies must be `application/json` (UTF-8); JSON nested too
-  deeply or not UTF-8 is a 400.
+* Framing is strict: every line of the head ends with CRLF (no bare LF), no obs-fold continuation
+  lines, no control characters in header lines, one Host header (required in HTTP/1.1), one
+  Content-Length of ASCII digits (no "+43", "4_3", duplicates), no request bodies in chunked
+  encoding, a body the endpoint does not read closes the connection (it is never parsed as the
+  next request). POST bodies must be `application/json` (UTF-8); JSON nested too
+  deeply or not UTF-8 is a 400. `Expect: 100-continue` is answered only once the request passed
+  every check, so an oversize body gets its 413 at once.
 * With `App.allowed_hosts` set (the default loopback server without an API key), a `Host` header
   naming anything else gets 403: a web page cannot reach the server through DNS rebinding, and it
   cannot send a cross-site "simple" POST because JSON needs a CORS preflight, which only
@@ -46,6 +49,10 @@ log = logging.getLogger("gpt2.serve")
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+MAX_LINE = 65536  # bytes in the request line or one header line (http.client's)
+MAX_HEADERS = 100
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _BUSY_BODY = b'{"error": {"message": "too many connections", "type": "server_error", "param": null, "code": "busy"}}'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -334,16 +341,17 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self._note = ""
         self._body_left = 0
         self.command, self.path = "", ""
+        self._expect_continue = False
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
-                self.send_error(414)
+            header_block = self._read_head()
+            if header_block is None:
                 return
-            if not self.raw_requestline.endswith(b"\n"):
-                raise ClientGone("closed the connection in the middle of a request")
-            if not self.parse_request():
-                return
+            real_rfile, self.rfile = self.rfile, io.BytesIO(header_block)  # parse_request reads the checked lines
+            try:
+                if not self.parse_request():
+                    return
+            finally:
+                self.rfile = real_rfile
         except TimeoutError:
             raise ClientGone(f"did not send a whole request head within {limits.header_timeout:g} s") from None
         self.app.request_started()
@@ -355,6 +363,57 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
                 self.close_connection = True  # an unread body is never parsed as a request
             self._log_access()
         self.wfile.flush()
+
+    def _read_head(self):
+        """Reads the request line and header lines and checks them as RFC 9112 asks: every line
+        ends with CRLF (no bare LF or CR), no obs-fold continuation lines, no control characters
+        but tab, field names are tokens with no space before the colon. Returns the header lines
+        for parse_request, or None after answering 400, 414 or 431 (the connection then closes)."""
+        self.raw_requestline = line = self.rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            return self._refuse_head(414, f"the request line is over {MAX_LINE} bytes")
+        if not line.endswith(b"\n"):
+            raise ClientGone("closed the connection in the middle of a request")
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            return self._refuse_head(400, "the request line must end with CRLF (a bare LF or CR is not a line end)")
+        lines = []
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                return self._refuse_head(431, f"a header line is over {MAX_LINE} bytes")
+            if not line.endswith(b"\n"):
+                raise ClientGone("closed the connection in the middle of a request")
+            if line == b"\r\n":
+                return b"".join(lines) + line
+            if len(lines) == MAX_HEADERS:
+                return self._refuse_head(431, f"more than {MAX_HEADERS} header lines")
+            number = len(lines) + 1
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                return self._refuse_head(400, f"header line {number} does not end with CRLF (a bare LF or CR is "
+                                              "not a line end): end every line of the request head with CRLF")
+            if line[:1] in (b" ", b"\t"):
+                return self._refuse_head(400, f"header line {number} is an obs-fold continuation (starts with "
+                                              "a space or tab): send each header on one line")
+            if _FIELD_CONTROL.search(line[:-2]):
+                return self._refuse_head(400, f"header line {number} holds a control character (NUL, CR, LF...): "
+                                              "remove it")
+            name, colon, _ = line.partition(b":")
+            if not colon or not _FIELD_NAME.fullmatch(name):
+                return self._refuse_head(400, f"header line {number} is not 'Name: value' (a token, then a colon "
+                                              "with no space before it)")
+            lines.append(line)
+
+    def _refuse_head(self, status, message):
+        """An error answer for a request whose head is refused before parse_request."""
+        self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+        self.send_error(status, message)
+        return None
+
+    def handle_expect_100(self):
+        """`Expect: 100-continue` is answered in _read_body, once the request passed every check
+        (an oversize or refused request gets its error at once, never `100 Continue` first)."""
+        self._expect_continue = True
+        return True
 
     # ------------------------------------------------------------------ plumbing
 
@@ -436,6 +495,12 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes} "
                            "(--max-body-bytes)", code="request_too_large")
+        if self._expect_continue and length:
+            self._expect_continue = False
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError as error:
+                raise ClientGone(f"{type(error).__name__} while sending 100 Continue") from None
         self._reader.deadline = time.monotonic() + limits.body_timeout
         try:
             data = self.rfile.read(length)
@@ -480,7 +545,12 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         try:
             self._framing()
             hosts = self.headers.get_all("Host") or []
-            if len(hosts) > 1 or not self.app.allows_host(hosts[0] if hosts else None):
+            if len(hosts) > 1:
+                self.close_connection = True
+                raise ApiError(400, "more than one Host header", code="bad_host")
+            if not hosts and self.request_version >= "HTTP/1.1":
+                raise ApiError(400, "an HTTP/1.1 request needs a Host header (RFC 9112)", code="bad_host")
+            if not self.app.allows_host(hosts[0] if hosts else None):
                 raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start it "
                                "with --allowed-host NAME to allow that name", code="host_not_allowed")
             if path.startswith("/v1/models/"):
