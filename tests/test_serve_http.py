@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from gpt2.serve.httpd import Limits, default_allowed_hosts
+from gpt2.serve.httpd import Limits, address_key, default_allowed_hosts
 from serve_support import (GREEDY, MODEL_ID, Running, paused, post_bytes, raw_request, read_all, sse_events, statuses,
                            wait_until)
 
-LIMITS = dict(max_connections=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0, heartbeat=0.3)
+LIMITS = dict(max_connections=6, max_connections_per_address=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0, heartbeat=0.3)
 GOOD = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 20, "temperature": 0}
 
 
@@ -74,6 +74,95 @@ def test_connections_beyond_the_cap_get_a_quick_503(server):
             sock.close()
     wait_until(lambda: server.server.connections == 0, what="the connections to close")
     assert server.get("/health").json()["status"] == "ok"
+
+
+def connect_from(port, source):
+    """A connection to the server from loopback address `source` (127.0.0.0/8 is all loopback on Linux)."""
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    except OSError as error:  # e.g. macOS, where only 127.0.0.1 is configured
+        pytest.skip(f"cannot connect from {source}: {error}")
+
+
+HALF_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+def test_item3_a_flood_from_one_address_leaves_room_for_others(caplog):
+    """Issue 24 item 3: one address holding half-sent heads and silent sockets cannot lock others
+    out: it holds at most max_connections_per_address, the last reserve_for_new slots go only to
+    addresses holding none, and a new connection that sends nothing is closed after
+    first_byte_timeout (not the longer header deadline)."""
+    limits = Limits(max_connections=8, max_connections_per_address=3, reserve_for_new=2, first_byte_timeout=0.5,
+                    header_timeout=30.0, idle_timeout=30.0, body_timeout=5.0)
+    running = Running(limits=limits)
+    port, held = running.port, []
+    try:
+        def hold(source):
+            sock = connect_from(port, source)
+            sock.sendall(HALF_HEAD)
+            held.append(sock)
+            wait_until(lambda: running.server.connections == len(held), what="the connection to be counted")
+
+        for _ in range(3):
+            hold("127.0.0.2")
+        for k in range(20):  # the flood goes on: every further connection from 127.0.0.2 is refused at once
+            with connect_from(port, "127.0.0.2") as extra:
+                if k % 2:
+                    extra.sendall(HALF_HEAD)
+                reply = read_all(extra, timeout=5)
+            assert statuses(reply) == [503] and b'"busy"' in reply
+        assert running.server.connections_of(("127.0.0.2", 0)) == 3
+        for _ in range(2):
+            hold("127.0.0.3")
+        hold("127.0.0.4")  # 6 open: the last 2 are kept for addresses that hold none
+        for source in ("127.0.0.3", "127.0.0.4"):
+            with connect_from(port, source) as extra:
+                assert statuses(read_all(extra, timeout=5)) == [503]
+        for _ in range(3):  # a new address is served, one connection after another
+            with connect_from(port, "127.0.0.1") as sock:
+                sock.sendall(post_bytes("/v1/completions", GOOD, ["Connection: close"]))
+                reply = read_all(sock, timeout=30)
+            assert statuses(reply) == [200] and answer_text(reply) == GREEDY[0]["new_text"]
+            wait_until(lambda: running.server.connections == 6, what="the connection to be let go")
+        with connect_from(port, "127.0.0.5") as silent:  # takes a reserved slot, sends nothing: closed soon
+            assert closed_within(silent, 10)
+        wait_until(lambda: running.server.connections == 6, what="the silent connection to be let go")
+        assert any("limit per address" in r.getMessage() for r in caplog.records)  # the first refusal's line
+    finally:
+        for sock in held:
+            sock.close()
+        running.stop()
+    wait_until(lambda: running.server.connections == 0, what="the connections to close")
+
+
+def test_item3_limits_and_address_keys():
+    """Issue 24 item 3: the defaults (a quarter of the total per address, an eighth kept for new
+    addresses, none when one address may hold them all) and what counts as one address."""
+    assert (Limits().max_connections_per_address, Limits().reserve_for_new) == (16, 8)
+    assert (Limits(max_connections=16).max_connections_per_address, Limits(max_connections=16).reserve_for_new) \
+        == (4, 2)
+    one = Limits(max_connections=10, max_connections_per_address=10)
+    assert (one.max_connections_per_address, one.reserve_for_new) == (10, 0)
+    assert (Limits(max_connections=1).max_connections_per_address, Limits(max_connections=1).reserve_for_new) == (1, 0)
+    assert address_key(("10.1.2.3", 5000)) == "10.1.2.3" != address_key(("10.1.2.4", 5000))
+    assert address_key(("::ffff:10.1.2.3", 5000, 0, 0)) == "10.1.2.3"
+    assert address_key(("2001:db8::1", 1, 0, 0)) == address_key(("2001:db8::abcd:1", 2, 0, 0)) == "2001:db8::/64"
+    assert address_key(("2001:db8:0:1::1", 1, 0, 0)) != address_key(("2001:db8::1", 1, 0, 0))
+    assert address_key(("fe80::1%eth0", 1, 0, 2)) == "fe80::/64"
+
+
+def test_item3_command_line_options(capsys):
+    from gpt2.serve.cli import build_parser, check_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--model", "m", "--max-connections", "8", "--max-connections-per-address", "8",
+                              "--first-byte-timeout", "1.5"])
+    check_args(parser, args)
+    assert (args.max_connections_per_address, args.first_byte_timeout) == (8, 1.5)
+    args = parser.parse_args(["--model", "m", "--max-connections", "8", "--max-connections-per-address", "9"])
+    with pytest.raises(SystemExit):
+        check_args(parser, args)
+    assert "must not exceed --max-connections" in capsys.readouterr().err
 
 
 def test_slowloris_headers_hit_a_deadline_for_the_whole_head(server, caplog):

@@ -63,6 +63,14 @@ def build_parser():
                         help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
     limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,
                         help=f"open connections; more get 503 and are closed (default: {DEFAULTS.max_connections})")
+    limits.add_argument("--max-connections-per-address", type=_positive_int, default=None, metavar="N",
+                        help="open connections from one client address (IPv6: one /64); an eighth of "
+                             "--max-connections is kept for addresses holding none. Behind a reverse proxy every "
+                             "connection comes from its address: set this to --max-connections there (default: a "
+                             "quarter of --max-connections)")
+    limits.add_argument("--first-byte-timeout", type=_seconds, default=DEFAULTS.first_byte_timeout,
+                        help="seconds a new connection may wait before it sends its request "
+                             f"(default: {DEFAULTS.first_byte_timeout:g})")
     limits.add_argument("--header-timeout", type=_seconds, default=DEFAULTS.header_timeout,
                         help=f"seconds to send a request line and headers (default: {DEFAULTS.header_timeout:g})")
     limits.add_argument("--body-timeout", type=_seconds, default=DEFAULTS.body_timeout,
@@ -108,6 +116,9 @@ def check_args(parser, args):
     API key (None = no key)."""
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if (args.max_connections_per_address or 0) > args.max_connections:
+        parser.error(f"--max-connections-per-address ({args.max_connections_per_address}) must not exceed "
+                     f"--max-connections ({args.max_connections})")
     if args.max_request_rows > args.max_queue:
         parser.error(f"--max-request-rows ({args.max_request_rows}) must not exceed --max-queue ({args.max_queue})")
     for origin in args.cors_origin:
@@ -136,7 +147,9 @@ def _serve(args, api_key):
     started = time.perf_counter()
     from gpt2.serve import httpd
 
-    limits = Limits(max_connections=args.max_connections, max_body_bytes=args.max_body_bytes,
+    limits = Limits(max_connections=args.max_connections,
+                    max_connections_per_address=args.max_connections_per_address,
+                    max_body_bytes=args.max_body_bytes, first_byte_timeout=args.first_byte_timeout,
                     idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout)
     try:  # claim the address first, so a taken port fails now rather than after compiling
