@@ -284,6 +284,19 @@ def test_a_stream_client_gone_while_queued_frees_its_place(server):
     assert server.engine.stats["admitted_rows"] == before["admitted_rows"]
 
 
+def test_item8_a_stream_sends_each_token_in_its_own_chunk(server):
+    """Issue 24 item 8: streamed completions arrive one token per chunk (each chunk's logprobs
+    hold one token), not --steps-per-run tokens at a time; the text is the greedy reference."""
+    reply = server.post("/v1/completions", {**GOOD, "stream": True, "logprobs": 0}, stream=True)
+    chunks = []
+    for line in reply.iter_lines():  # read as the server sends them
+        if line.startswith(b"data: {"):
+            chunks.append(json.loads(line[len(b"data: "):])["choices"][0])
+    assert [len(c["logprobs"]["tokens"]) for c in chunks] == [1] * GOOD["max_tokens"]
+    assert "".join(c["text"] for c in chunks) == GREEDY[0]["new_text"]
+    assert server.get("/health").json()["stream_steps_per_run"] == 1
+
+
 @pytest.mark.parametrize("content_type,status", [
     ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
     (None, 415), ("application/json; charset=latin-1", 415), ("application/json; charset=UTF-8", 200),

@@ -21,7 +21,7 @@ import time
 from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, import_tensorflow,
                       number, parse, positive_int, run)
 from gpt2.serve import protocol
-from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
 
 log = logging.getLogger("gpt2.serve")
@@ -59,6 +59,9 @@ def build_parser():
     limits.add_argument("--steps-per-run", type=_positive_int, default=DEFAULT_STEPS_PER_RUN,
                         help="decode steps per compiled call; new requests join between calls "
                              f"(default: {DEFAULT_STEPS_PER_RUN})")
+    limits.add_argument("--stream-steps-per-run", type=_positive_int, default=DEFAULT_STREAM_STEPS_PER_RUN,
+                        help="decode steps per compiled call while a streamed request is running: 1 sends each "
+                             f"token as it is made (default: {DEFAULT_STREAM_STEPS_PER_RUN})")
     limits.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULTS.max_body_bytes,
                         help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
     limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,
@@ -174,7 +177,8 @@ def _serve(args, api_key):
         jit = False if args.no_xla else model.default_jit_compile
         log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
-                        jit_compile=jit, steps_per_run=args.steps_per_run)
+                        jit_compile=jit, steps_per_run=args.steps_per_run,
+                        stream_steps_per_run=args.stream_steps_per_run)
         engine.warm_up()
         release_free_memory()
         engines.append(engine)
