@@ -13,7 +13,8 @@ server (its own decode time).
 
 Servers run one at a time as subprocesses on a random-weight checkpoint (--model-dir, default a
 cached one under bench/.cache/): this checkout once per --variants entry (extra server
-arguments, ';'-separated), and with --baseline-repo also the server of another checkout (e.g. a
+arguments, ';'-separated; every client is on 127.0.0.1, so it allows 64 connections per address),
+and with --baseline-repo also the server of another checkout (e.g. a
 worktree of an older commit), started with --baseline-args. Each server gets an untimed priming
 round of the same requests first (an older server compiles shapes on demand there), then the
 timed round. Every answer is checked: 200, and max_tokens tokens unless it stopped early.
@@ -37,6 +38,7 @@ from _common import CACHE_DIR, REPO_ROOT, cached_checkpoint, markdown_table, sta
 WORDS = ("river", "engine", "garden", "market", "winter", "signal", "harbor", "letter", "silver", "forest",
          "planet", "window", "doctor", "bridge", "camera", "island")
 DEFAULT_BASELINE_ARGS = "--max-batch 8 --max-queue 256 --warmup-lengths 16,64,256 --warmup-all-sizes"
+THIS_CHECKOUT_ARGS = ["--max-connections-per-address", "64"]  # every client is on 127.0.0.1
 
 
 def prompt_of(i):
@@ -173,8 +175,8 @@ def main():
                             os.path.abspath(args.baseline_repo), model_dir, args.baseline_args.split(), work,
                             args.short_tokens, logs))
     for variant in (args.variants.split(";") if args.variants else [""]):
-        runs.append(measure("this checkout " + variant.strip(), REPO_ROOT, model_dir, variant.split(), work,
-                            args.short_tokens, logs))
+        runs.append(measure("this checkout " + variant.strip(), REPO_ROOT, model_dir,
+                            THIS_CHECKOUT_ARGS + variant.split(), work, args.short_tokens, logs))
 
     shorts = sum(1 for *_, m in work if m <= args.short_tokens)
     print()

@@ -80,6 +80,34 @@ def test_short_request_returns_while_a_long_one_decodes_and_both_equal_alone(eng
         assert short_tokens[0] == run_alone(engine, short_row)
 
 
+def events_of(job, timeout=60):
+    """Every tokens event of a one-row job until its row finishes: [(ids, finished)]."""
+    events = []
+    while not events or not events[-1][1]:
+        event = job.get(timeout)
+        assert event is not None and event[0] == "tokens", event
+        events.append((event[2], event[4]))
+    return events
+
+
+def test_item8_streamed_rows_get_each_token_as_it_is_made(engine):
+    """Issue 24 item 8: while a streamed job has rows running, the pool runs stream_steps_per_run
+    (1) iteration per call, so each token is handed out as it is made; the same row not streamed
+    comes steps_per_run (2 here) tokens at a time. Same tokens either way, sampled or greedy."""
+    assert (engine.steps_per_run, engine.stream_steps_per_run) == (2, 1)
+    for settings, seed in ((GREEDY, 0), (SAMPLED, int(row_seeds(24, 1)[0]))):
+        row = Row(prompt(40, 200), settings, seed, 15)  # ingests over 2 iterations, then decodes (and slides)
+        streamed, plain = Job([row], stream=True), Job([row])
+        engine.submit(streamed)
+        stream_events = events_of(streamed)
+        engine.submit(plain)
+        plain_events = events_of(plain)
+        assert [len(ids) for ids, _ in stream_events] == [1] * 15
+        assert max(len(ids) for ids, _ in plain_events) == 2 and len(plain_events) < 15
+        assert sum((ids for ids, _ in stream_events), []) == sum((ids for ids, _ in plain_events), [])
+        assert sum((ids for ids, _ in stream_events), []) == run_alone(engine, row)
+
+
 def test_rows_of_many_requests_at_different_positions_equal_alone(engine):
     rows = [Row(prompt(n, 50 * i), settings, 1000 + i, length)
             for i, (n, settings, length) in enumerate([(1, GREEDY, 30), (64, SAMPLED, 20), (33, SAMPLED, 70),

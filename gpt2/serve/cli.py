@@ -21,7 +21,7 @@ import time
 from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, import_tensorflow,
                       number, parse, positive_int, run)
 from gpt2.serve import protocol
-from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
 
 log = logging.getLogger("gpt2.serve")
@@ -65,10 +65,21 @@ def build_parser():
     limits.add_argument("--steps-per-run", type=_positive_int, default=DEFAULT_STEPS_PER_RUN,
                         help="decode steps per compiled call; new requests join between calls "
                              f"(default: {DEFAULT_STEPS_PER_RUN})")
+    limits.add_argument("--stream-steps-per-run", type=_positive_int, default=DEFAULT_STREAM_STEPS_PER_RUN,
+                        help="decode steps per compiled call while a streamed request is running: 1 sends each "
+                             f"token as it is made (default: {DEFAULT_STREAM_STEPS_PER_RUN})")
     limits.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULTS.max_body_bytes,
                         help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
     limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,
                         help=f"open connections; more get 503 and are closed (default: {DEFAULTS.max_connections})")
+    limits.add_argument("--max-connections-per-address", type=_positive_int, default=None, metavar="N",
+                        help="open connections from one client address (IPv6: one /64); an eighth of "
+                             "--max-connections is kept for addresses holding none. Behind a reverse proxy every "
+                             "connection comes from its address: set this to --max-connections there (default: a "
+                             "quarter of --max-connections)")
+    limits.add_argument("--first-byte-timeout", type=_seconds, default=DEFAULTS.first_byte_timeout,
+                        help="seconds a new connection may wait before it sends its request "
+                             f"(default: {DEFAULTS.first_byte_timeout:g})")
     limits.add_argument("--header-timeout", type=_seconds, default=DEFAULTS.header_timeout,
                         help=f"seconds to send a request line and headers (default: {DEFAULTS.header_timeout:g})")
     limits.add_argument("--body-timeout", type=_seconds, default=DEFAULTS.body_timeout,
@@ -114,6 +125,9 @@ def check_args(parser, args):
     API key (None = no key)."""
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if (args.max_connections_per_address or 0) > args.max_connections:
+        parser.error(f"--max-connections-per-address ({args.max_connections_per_address}) must not exceed "
+                     f"--max-connections ({args.max_connections})")
     if args.max_request_rows > args.max_queue:
         parser.error(f"--max-request-rows ({args.max_request_rows}) must not exceed --max-queue ({args.max_queue})")
     for name in args.served_model_name:
@@ -145,7 +159,9 @@ def _serve(args, api_key):
     started = time.perf_counter()
     from gpt2.serve import httpd
 
-    limits = Limits(max_connections=args.max_connections, max_body_bytes=args.max_body_bytes,
+    limits = Limits(max_connections=args.max_connections,
+                    max_connections_per_address=args.max_connections_per_address,
+                    max_body_bytes=args.max_body_bytes, first_byte_timeout=args.first_byte_timeout,
                     idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout)
     try:  # claim the address first, so a taken port fails now rather than after compiling
@@ -170,7 +186,8 @@ def _serve(args, api_key):
         jit = False if args.no_xla else model.default_jit_compile
         log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
-                        jit_compile=jit, steps_per_run=args.steps_per_run)
+                        jit_compile=jit, steps_per_run=args.steps_per_run,
+                        stream_steps_per_run=args.stream_steps_per_run)
         engine.warm_up()
         release_free_memory()
         engines.append(engine)

@@ -11,7 +11,9 @@ prompts x n make k*n rows) and wait in a queue bounded by rows, not requests. Th
    time (max_tokens x the measured time per step): shorter ones go first, but a request is never
    overtaken by ones that arrived more than its own decode time after it;
 3. run the pool for `steps_per_run` loop iterations (a new prompt is ingested 32 tokens per
-   iteration, interleaved with the other rows' decoding);
+   iteration, interleaved with the other rows' decoding), or `stream_steps_per_run` (1) while a
+   streamed request has rows running, so a stream gets each token as it is made rather than a
+   few at a time (the same program: the iteration count is an argument of the run);
 4. hand each row's new tokens (and log-probabilities when asked) to its job, and release the
    slots of finished rows at once, so their answers return at once.
 
@@ -24,7 +26,7 @@ carries on; `max_failures` failures within a minute mark the engine unhealthy (r
 Events a job receives (Job.get): ("tokens", row, ids, infos, finished) where infos is None or
 one (logprob, top ids int32 [5], top logprobs [5]) per id; or ("error", status, message, code).
 
-Shapes: B = max_batch slots, K = steps_per_run, T = 5 alternatives per token.
+Shapes: B = max_batch slots, K = steps_per_run (or stream_steps_per_run), T = 5 alternatives per token.
 """
 
 import collections
@@ -35,6 +37,7 @@ import time
 log = logging.getLogger("gpt2.serve")
 
 DEFAULT_STEPS_PER_RUN = 4
+DEFAULT_STREAM_STEPS_PER_RUN = 1
 FAILURE_WINDOW_SECONDS = 60.0
 STAT_KEYS = ("requests", "rows", "rejected_queue_full", "cancelled", "admitted_rows", "finished_rows", "runs",
              "generated_tokens", "failures", "worker_restarts", "scored_prompts")
@@ -89,16 +92,18 @@ class Engine:
 
     max_queue: rows allowed to wait for a slot (submit raises QueueFull beyond). stop_token ends
     a row (<|endoftext|>). steps_per_run: loop iterations per compiled call (new rows join and
-    finished rows leave between calls). jit_compile: XLA. max_failures: failed runs within a
-    minute before the engine reports itself unhealthy.
+    finished rows leave between calls); stream_steps_per_run: the same while a streamed job has
+    rows running (its tokens are handed out after each call). jit_compile: XLA. max_failures:
+    failed runs within a minute before the engine reports itself unhealthy.
     """
 
     def __init__(self, model, max_batch=8, max_queue=128, stop_token=50256, jit_compile=True,
-                 steps_per_run=DEFAULT_STEPS_PER_RUN, max_failures=3):
+                 steps_per_run=DEFAULT_STEPS_PER_RUN, max_failures=3,
+                 stream_steps_per_run=DEFAULT_STREAM_STEPS_PER_RUN):
         from gpt2.sampling.pool import Pool, RowRequest  # imports TensorFlow
 
-        if max_batch < 1 or max_queue < 1 or steps_per_run < 1:
-            raise ValueError("max_batch, max_queue and steps_per_run must be >= 1")
+        if max_batch < 1 or max_queue < 1 or steps_per_run < 1 or stream_steps_per_run < 1:
+            raise ValueError("max_batch, max_queue, steps_per_run and stream_steps_per_run must be >= 1")
         self._row_request = RowRequest
         self.model = model
         self.n_ctx = model.hparams.n_ctx
@@ -107,8 +112,10 @@ class Engine:
         self.stop_token = stop_token
         self.jit_compile = jit_compile
         self.steps_per_run = steps_per_run
+        self.stream_steps_per_run = stream_steps_per_run
         self.max_failures = max_failures
-        self.pool = Pool(model, max_batch, jit_compile=jit_compile, iterations=steps_per_run)
+        self.pool = Pool(model, max_batch, jit_compile=jit_compile,
+                         iterations=max(steps_per_run, stream_steps_per_run))
         self._running = {}  # slot -> (job, row index); the worker's alone
         self._waiting = collections.deque()  # jobs with rows not yet admitted
         self._waiting_rows = 0
@@ -184,8 +191,8 @@ class Engine:
 
     def health(self):
         return {"status": self.status(), "error": self.unhealthy, "max_batch": self.max_batch,
-                "steps_per_run": self.steps_per_run, "queue": self.queue_state(), "stats": dict(self.stats),
-                "compiled_programs": self.pool.tracing_count()}
+                "steps_per_run": self.steps_per_run, "stream_steps_per_run": self.stream_steps_per_run,
+                "queue": self.queue_state(), "stats": dict(self.stats), "compiled_programs": self.pool.tracing_count()}
 
     # ------------------------------------------------------------------ scoring (echo + logprobs)
 
@@ -369,7 +376,8 @@ class Engine:
 
     def _step(self):
         start = time.perf_counter()
-        outputs, done, _ = self.pool.run(self.steps_per_run)
+        streaming = any(job.stream for job, _ in self._running.values())
+        outputs, done, _ = self.pool.run(self.stream_steps_per_run if streaming else self.steps_per_run)
         tokens = outputs["tokens"]
         if tokens.shape[1]:
             self.step_seconds += 0.1 * ((time.perf_counter() - start) / tokens.shape[1] - self.step_seconds)

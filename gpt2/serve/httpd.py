@@ -1,15 +1,23 @@
 """The HTTP side of the server: a standard-library `ThreadingHTTPServer` made to hold up against
 slow, half-closed, vanishing and hostile clients (TensorFlow-free).
 
-* Connections are capped (`Limits.max_connections`): beyond the cap a connection gets a short 503
-  and is closed at once, without a thread.
-* Reading has deadlines for the whole thing, not per recv(): `idle_timeout` to start a request on
-  a kept-alive connection, `header_timeout` for the request line and headers, `body_timeout` for
-  the body; writes time out after `write_timeout` without progress. A slowloris client is closed.
-* Framing is strict: one Content-Length of ASCII digits (no "+43", "4_3", duplicates), no request
-  bodies in chunked encoding, a body the endpoint does not read closes the connection (it is never
-  parsed as the next request). POST bodies must be `application/json` (UTF-8); JSON nested too
-  deeply or not UTF-8 is a 400.
+* Connections are capped (`Limits.max_connections`), and so is what one peer address holds
+  (`max_connections_per_address`, an IPv6 peer counted by its /64); the last `reserve_for_new`
+  connections are kept for addresses that hold none yet. Beyond these a connection gets a short
+  503 and is closed at once, without a thread: one host's idle or half-sent sockets cannot lock
+  the others out.
+* Reading has deadlines for the whole thing, not per recv(): `first_byte_timeout` for a new
+  connection to start its first request (short: it holds a slot while it sends nothing),
+  `idle_timeout` to start a request on a kept-alive connection, `header_timeout` for the request
+  line and headers, `body_timeout` for the body; writes time out after `write_timeout` without
+  progress. A slowloris client is closed.
+* Framing is strict: every line of the head ends with CRLF (no bare LF), no obs-fold continuation
+  lines, no control characters in header lines, one Host header (required in HTTP/1.1), one
+  Content-Length of ASCII digits (no "+43", "4_3", duplicates), no request bodies in chunked
+  encoding, a body the endpoint does not read closes the connection (it is never parsed as the
+  next request). POST bodies must be `application/json` (UTF-8); JSON nested too
+  deeply or not UTF-8 is a 400. `Expect: 100-continue` is answered only once the request passed
+  every check, so an oversize body gets its 413 at once.
 * With `App.allowed_hosts` set (the default loopback server without an API key), a `Host` header
   naming anything else gets 403: a web page cannot reach the server through DNS rebinding, and it
   cannot send a cross-site "simple" POST because JSON needs a CORS preflight, which only
@@ -46,6 +54,10 @@ log = logging.getLogger("gpt2.serve")
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+MAX_LINE = 65536  # bytes in the request line or one header line (http.client's)
+MAX_HEADERS = 100
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _BUSY_BODY = b'{"error": {"message": "too many connections", "type": "server_error", "param": null, "code": "busy"}}'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -63,12 +75,25 @@ class Limits:
     """What one client may hold: connections, seconds for each phase of a request, body bytes."""
 
     max_connections: int = 64
+    max_connections_per_address: int = None  # one peer address (IPv6: its /64); None = a quarter of the total
+    reserve_for_new: int = None  # connections only addresses holding none may take; None = an eighth (0 when
+    #                              one address may hold them all)
     max_body_bytes: int = 1 << 20
+    first_byte_timeout: float = 3.0  # a new connection, to send the first byte of its first request
     idle_timeout: float = 15.0  # a kept-alive connection waiting for its next request
     header_timeout: float = 10.0  # the request line and headers, from their first byte
     body_timeout: float = 30.0  # the whole body
     write_timeout: float = 30.0  # one write without progress
     heartbeat: float = 2.0  # a stream with nothing to send writes a comment this often
+
+    def __post_init__(self):
+        total = self.max_connections
+        if self.max_connections_per_address is None:
+            self.max_connections_per_address = max(1, total // 4)
+        self.max_connections_per_address = min(self.max_connections_per_address, total)
+        if self.reserve_for_new is None:
+            spare = total - self.max_connections_per_address
+            self.reserve_for_new = min(max(1, total // 8), spare)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -197,8 +222,8 @@ class Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.app = app
         self.limits = limits or app.limits
-        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self.connections = 0  # open connections (each has a thread)
+        self._by_address = {}  # address_key -> its open connections
         self._count_lock = threading.Lock()
         self._refused = 0
         self._refused_logged = 0.0
@@ -209,34 +234,51 @@ class Server(ThreadingHTTPServer):
         return self.server_address[1]
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
+        key = address_key(client_address)
+        limits = self.limits
         with self._count_lock:
-            self.connections += 1
+            held = self._by_address.get(key, 0)
+            if held >= limits.max_connections_per_address:
+                why = f"{held} open from {key}, the limit per address (--max-connections-per-address)"
+            elif self.connections >= limits.max_connections - (limits.reserve_for_new if held else 0):
+                why = (f"{self.connections} open, the limit (--max-connections)" if not held else
+                       f"{self.connections} open and {key} holds {held}: the rest are kept for new addresses")
+            else:
+                why = None
+                self.connections += 1
+                self._by_address[key] = held + 1
+        if why is not None:
+            self._refuse(request, why)
+            return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release()
+            self._release(key)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            self._release(address_key(client_address))
 
-    def _release(self):
+    def _release(self, key):
         with self._count_lock:
             self.connections -= 1
-        self._slots.release()
+            held = self._by_address.pop(key) - 1
+            if held:
+                self._by_address[key] = held
 
-    def _refuse(self, request, client_address):
+    def connections_of(self, client_address):
+        """Open connections of the address (its /64 for IPv6) of `client_address`."""
+        with self._count_lock:
+            return self._by_address.get(address_key(client_address), 0)
+
+    def _refuse(self, request, why):
         self._refused += 1
         now = time.monotonic()
         if now - self._refused_logged >= 1.0:  # at most one line a second for a flood
-            log.warning("%d connection(s) refused: %d open, the limit (--max-connections)",
-                        self._refused, self.limits.max_connections)
+            log.warning("%d connection(s) refused, the last: %s", self._refused, why)
             self._refused, self._refused_logged = 0, now
         try:
             request.setblocking(False)
@@ -251,6 +293,21 @@ class Server(ThreadingHTTPServer):
 
         error = sys.exc_info()[1]
         log.warning("%s: connection ended by %s: %s", _peer(client_address), type(error).__name__, clean(error))
+
+
+def address_key(client_address):
+    """What the per-address limit counts for a peer: its IPv4 address (an IPv4-mapped IPv6 one
+    too), or the /64 network of an IPv6 address (one host or site usually holds a whole /64)."""
+    host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _peer(client_address):
@@ -296,6 +353,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self._requests = 0  # requests begun on this connection
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, 1 << 16)
         self.wfile = _Writer(self.connection, self.app.limits.write_timeout)
@@ -320,30 +378,36 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Reads one request within its deadlines and answers it."""
         limits = self.app.limits
-        self._reader.deadline = time.monotonic() + limits.idle_timeout
+        first = not self._requests
+        wait = min(limits.first_byte_timeout, limits.idle_timeout) if first else limits.idle_timeout
+        self._reader.deadline = time.monotonic() + wait
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True  # closed between requests: done
                 return
         except TimeoutError:
-            self.close_connection = True  # idle keep-alive connection
+            self.close_connection = True  # idle keep-alive connection, or a new one that sent nothing
+            if first:
+                log.debug("%s: closed: sent nothing within %g s", self.peer, wait)
             return
+        self._requests += 1
         self._started = time.monotonic()
         self._reader.deadline = self._started + limits.header_timeout
         self._status = None
         self._note = ""
         self._body_left = 0
         self.command, self.path = "", ""
+        self._expect_continue = False
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
-                self.send_error(414)
+            header_block = self._read_head()
+            if header_block is None:
                 return
-            if not self.raw_requestline.endswith(b"\n"):
-                raise ClientGone("closed the connection in the middle of a request")
-            if not self.parse_request():
-                return
+            real_rfile, self.rfile = self.rfile, io.BytesIO(header_block)  # parse_request reads the checked lines
+            try:
+                if not self.parse_request():
+                    return
+            finally:
+                self.rfile = real_rfile
         except TimeoutError:
             raise ClientGone(f"did not send a whole request head within {limits.header_timeout:g} s") from None
         self.app.request_started()
@@ -355,6 +419,57 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
                 self.close_connection = True  # an unread body is never parsed as a request
             self._log_access()
         self.wfile.flush()
+
+    def _read_head(self):
+        """Reads the request line and header lines and checks them as RFC 9112 asks: every line
+        ends with CRLF (no bare LF or CR), no obs-fold continuation lines, no control characters
+        but tab, field names are tokens with no space before the colon. Returns the header lines
+        for parse_request, or None after answering 400, 414 or 431 (the connection then closes)."""
+        self.raw_requestline = line = self.rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            return self._refuse_head(414, f"the request line is over {MAX_LINE} bytes")
+        if not line.endswith(b"\n"):
+            raise ClientGone("closed the connection in the middle of a request")
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            return self._refuse_head(400, "the request line must end with CRLF (a bare LF or CR is not a line end)")
+        lines = []
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                return self._refuse_head(431, f"a header line is over {MAX_LINE} bytes")
+            if not line.endswith(b"\n"):
+                raise ClientGone("closed the connection in the middle of a request")
+            if line == b"\r\n":
+                return b"".join(lines) + line
+            if len(lines) == MAX_HEADERS:
+                return self._refuse_head(431, f"more than {MAX_HEADERS} header lines")
+            number = len(lines) + 1
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                return self._refuse_head(400, f"header line {number} does not end with CRLF (a bare LF or CR is "
+                                              "not a line end): end every line of the request head with CRLF")
+            if line[:1] in (b" ", b"\t"):
+                return self._refuse_head(400, f"header line {number} is an obs-fold continuation (starts with "
+                                              "a space or tab): send each header on one line")
+            if _FIELD_CONTROL.search(line[:-2]):
+                return self._refuse_head(400, f"header line {number} holds a control character (NUL, CR, LF...): "
+                                              "remove it")
+            name, colon, _ = line.partition(b":")
+            if not colon or not _FIELD_NAME.fullmatch(name):
+                return self._refuse_head(400, f"header line {number} is not 'Name: value' (a token, then a colon "
+                                              "with no space before it)")
+            lines.append(line)
+
+    def _refuse_head(self, status, message):
+        """An error answer for a request whose head is refused before parse_request."""
+        self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+        self.send_error(status, message)
+        return None
+
+    def handle_expect_100(self):
+        """`Expect: 100-continue` is answered in _read_body, once the request passed every check
+        (an oversize or refused request gets its error at once, never `100 Continue` first)."""
+        self._expect_continue = True
+        return True
 
     # ------------------------------------------------------------------ plumbing
 
@@ -436,6 +551,12 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes} "
                            "(--max-body-bytes)", code="request_too_large")
+        if self._expect_continue and length:
+            self._expect_continue = False
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError as error:
+                raise ClientGone(f"{type(error).__name__} while sending 100 Continue") from None
         self._reader.deadline = time.monotonic() + limits.body_timeout
         try:
             data = self.rfile.read(length)
@@ -480,7 +601,12 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         try:
             self._framing()
             hosts = self.headers.get_all("Host") or []
-            if len(hosts) > 1 or not self.app.allows_host(hosts[0] if hosts else None):
+            if len(hosts) > 1:
+                self.close_connection = True
+                raise ApiError(400, "more than one Host header", code="bad_host")
+            if not hosts and self.request_version >= "HTTP/1.1":
+                raise ApiError(400, "an HTTP/1.1 request needs a Host header (RFC 9112)", code="bad_host")
+            if not self.app.allows_host(hosts[0] if hosts else None):
                 raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start it "
                                "with --allowed-host NAME to allow that name", code="host_not_allowed")
             if path.startswith("/v1/models/"):
