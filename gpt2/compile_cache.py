@@ -7,6 +7,9 @@ folder is a trust boundary, as ~/.ssh is for ssh:
 
 * the shared folder is used only if it is owned by the current user and not writable by group or
   others (else a one-line warning and no cache); it is created 0700;
+* entries live in a subfolder per kind of processor and TensorFlow build (`machine_key`): an
+  entry compiled for another CPU (a home folder shared between machines) is never offered to
+  TensorFlow, which would run it and could die of an illegal instruction;
 * every entry is published under a name that carries a SHA-256 of the entry's name and bytes,
   verified before TensorFlow can read it: an entry that does not match (flipped bytes, code
   replaced, cut short) is deleted, and its program compiled again;
@@ -31,7 +34,9 @@ compile. A TF_XLA_FLAGS that already names a cache folder is kept (and not check
 
 import atexit
 import hashlib
+import importlib.metadata
 import os
+import platform
 import re
 import shutil
 import stat
@@ -76,16 +81,19 @@ def enable():
             return _state["shared"]
         if FLAG in os.environ.get("TF_XLA_FLAGS", ""):
             return None
-        shared = configured_dir()
-        if shared is None:
+        root = configured_dir()
+        if root is None:
             return None
+        shared = os.path.join(root, machine_key())
         try:
-            os.makedirs(shared, mode=0o700, exist_ok=True)
-            problem = untrusted(shared)
-            if problem:
-                _warn(f"not using the compilation cache {shared}: it {problem}; run `chmod 700 {shared}` if it "
-                      f"is yours, or set {ENV} to a folder of your own ({ENV}=off: no cache)")
-                return None
+            for folder in (root, shared):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+            for folder in (root, shared):
+                problem = untrusted(folder)
+                if problem:
+                    _warn(f"not using the compilation cache {folder}: it {problem}; run `chmod 700 {folder}` if "
+                          f"it is yours, or set {ENV} to a folder of your own ({ENV}=off: no cache)")
+                    return None
             _remove_stale(shared)
             taken = verified_entries(shared)
             private = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-", dir=shared)
@@ -98,6 +106,24 @@ def enable():
         _state.update(shared=shared, private=private, taken=taken)
         atexit.register(_finish)
         return shared
+
+
+def machine_key():
+    """The subfolder for this kind of machine: its architecture and a hash of the processor's
+    model and feature flags and of the TensorFlow build, the things a compiled entry depends on."""
+    facts = [platform.machine(), platform.system()]
+    for distribution in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+        try:
+            facts.append(f"{distribution}=={importlib.metadata.version(distribution)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = {line.split(":", 1)[0].strip(): line for line in f if ":" in line}  # the last CPU's
+        facts += [lines.get(key, "") for key in ("vendor_id", "model name", "flags", "Features", "CPU part")]
+    except OSError:
+        facts.append(platform.processor())
+    return f"{platform.machine() or 'cpu'}-{hashlib.sha256(repr(facts).encode()).hexdigest()[:16]}"
 
 
 def untrusted(folder):

@@ -1,6 +1,7 @@
 """The persistent XLA compilation cache: on by default in a per-user folder, off on request,
 never a reason to fail, safe to share between processes; and one compiled program per pool."""
 
+import io
 import os
 import subprocess
 import sys
@@ -70,15 +71,16 @@ def varint(data, position):
 
 @pytest.mark.slow
 def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unreadable_entries(tmp_path):
-    cache = tmp_path / "cache"
-    first = run_sampler(cache)
+    root = tmp_path / "cache"
+    cache = root / compile_cache.machine_key()  # entries of this kind of machine
+    first = run_sampler(root)
     assert first.returncode == 0, first.stderr
     # Calls with 3-4 rows, new lengths, settings and window slides: one pool of 4 slots,
     # one XLA program (a value XLA took for a constant would have made one entry per value).
     assert len(entries(cache)) == 1
     assert not [name for name in os.listdir(cache) if name.startswith(".")]  # private folder removed
-    assert os.stat(cache).st_mode & 0o777 == 0o700
-    second = run_sampler(cache, {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_executable_persistor=1"})
+    assert os.stat(cache).st_mode & 0o777 == 0o700 and os.stat(root).st_mode & 0o777 == 0o700
+    second = run_sampler(root, {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_executable_persistor=1"})
     assert second.returncode == 0, second.stderr
     assert "Loading cached entry" in second.stderr
     assert second.stdout == first.stdout
@@ -91,7 +93,7 @@ def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unrea
     data[start + size // 4: start + 3 * size // 4] = b"\x0f\x0b" * (size // 4)
     path.write_bytes(bytes(data))
     assert compile_cache.is_complete(str(path))  # framing intact: only the checksum catches it
-    third = run_sampler(cache)
+    third = run_sampler(root)
     assert third.returncode == 0, third.stderr
     assert third.stdout == first.stdout
     assert not path.exists() and len(entries(cache)) == 1  # a new, verified entry
@@ -107,7 +109,7 @@ def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unrea
     forged = cache / f"{name}.tmp"
     forged.write_bytes(bytes(data))
     forged.rename(cache / f"{name}.sha256-{compile_cache.checksum(name, str(forged))}")
-    fourth = run_sampler(cache)
+    fourth = run_sampler(root)
     assert fourth.returncode == 0, fourth.stderr
     assert fourth.stdout == first.stdout
     warnings = [line for line in fourth.stderr.splitlines() if line.startswith("warning:")]
@@ -146,30 +148,49 @@ def run_enable(folder):
 
 
 def test_item1_folder_is_created_private_and_shared_modes_are_refused(tmp_path):
-    folder = tmp_path / "made" / "xla"
-    result = run_enable(folder)
+    root = tmp_path / "made" / "xla"
+    folder = root / compile_cache.machine_key()
+    result = run_enable(root)
     assert result.stdout.strip() == str(folder) and not result.stderr
-    assert os.stat(folder).st_mode & 0o777 == 0o700
-    for mode in (0o777, 0o770, 0o702):
-        os.chmod(folder, mode)
-        result = run_enable(folder)
-        assert result.stdout.strip() == "None"
-        (line,) = result.stderr.splitlines()  # one line: what is wrong and what to do
-        assert line.startswith(f"warning: not using the compilation cache {folder}: it is writable by")
-        assert f"chmod 700 {folder}" in line
-    os.chmod(folder, 0o700)
-    assert run_enable(folder).stdout.strip() == str(folder)
+    assert os.stat(root).st_mode & 0o777 == 0o700 and os.stat(folder).st_mode & 0o777 == 0o700
+    for path in (root, folder):
+        for mode in (0o777, 0o770, 0o702):
+            os.chmod(path, mode)
+            result = run_enable(root)
+            assert result.stdout.strip() == "None"
+            (line,) = result.stderr.splitlines()  # one line: what is wrong and what to do
+            assert line.startswith(f"warning: not using the compilation cache {path}: it is writable by")
+            assert f"chmod 700 {path}" in line
+        os.chmod(path, 0o700)
+    assert run_enable(root).stdout.strip() == str(folder)
+
+
+def test_item1_entries_of_another_kind_of_machine_are_never_offered(tmp_path, monkeypatch):
+    key = compile_cache.machine_key()
+    assert key == compile_cache.machine_key() and key.count("-") == 1
+    real_open = open
+
+    def other_cpu(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return io.StringIO("vendor_id : GenuineIntel\nmodel name : another\nflags : sse2\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", other_cpu)
+    assert compile_cache.machine_key() != key
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
 def test_item1_folder_of_another_user_is_refused(tmp_path):
     folder = tmp_path / "theirs"
-    folder.mkdir(mode=0o700)
-    os.chown(folder, 65534, 65534)
-    result = run_enable(folder)
-    assert result.stdout.strip() == "None"
-    assert "is owned by uid 65534, not you (uid 0)" in result.stderr
-    assert os.listdir(folder) == []  # nothing read, nothing written
+    (folder / compile_cache.machine_key()).mkdir(mode=0o700, parents=True)
+    folder.chmod(0o700)
+    for path in (folder, folder / compile_cache.machine_key()):
+        os.chown(path, 65534, 65534)
+        result = run_enable(folder)
+        assert result.stdout.strip() == "None"
+        assert f"compilation cache {path}: it is owned by uid 65534, not you (uid 0)" in result.stderr
+        assert os.listdir(folder / compile_cache.machine_key()) == []  # nothing read, nothing written
+        os.chown(path, 0, 0)
 
 
 def test_item2_recover_turns_the_cache_off_and_deletes_what_was_read(tmp_path, monkeypatch, capsys):
@@ -202,7 +223,8 @@ def test_off_and_unwritable_folders_mean_no_cache(tmp_path):
     kept = run_flags({"GPT2_CACHE_DIR": str(tmp_path / "c"), "TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/x"})
     assert kept.count("persistent_cache") == 1 and "=/x" in kept
     on = run_flags({"GPT2_CACHE_DIR": str(tmp_path / "c")})
-    assert f"--tf_xla_persistent_cache_directory={tmp_path / 'c'}{os.sep}.process-" in on
+    shared = tmp_path / "c" / compile_cache.machine_key()
+    assert f"--tf_xla_persistent_cache_directory={shared}{os.sep}.process-" in on
 
 
 def run_flags(env, enable=True):
