@@ -42,6 +42,7 @@ import time
 import requests
 import tqdm
 
+from encoder.encoder import OPENAI_FILES
 from gpt2.checkpoint import DOWNLOAD_MANIFEST as MANIFEST
 from gpt2.checkpoint import check_model_dir, file_sha256
 from gpt2.cli import quiet_tensorflow
@@ -62,10 +63,7 @@ FILES = (
 OPTIONAL_FILES = ("model.ckpt.meta",)
 NEEDED_FILES = ("checkpoint", "hparams.json", DATA_FILE, "model.ckpt.index")  # to load the weights
 # (size, sha256) of the files that are the same in every released model.
-KNOWN_FILES = {
-    "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-}
+KNOWN_FILES = OPENAI_FILES
 LOCK_FILE = ".download.lock"
 CHUNK_SIZE = 1 << 18
 MAX_BACKOFF = 60.0
