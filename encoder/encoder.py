@@ -9,7 +9,6 @@ words without spaces stay fast.
 """
 
 import codecs
-import functools
 import hashlib
 import heapq
 import itertools
@@ -218,20 +217,19 @@ class Encoder:
         if pending:
             yield self.encode(pending, allow_special)
 
-    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32):
-        """Encodes a UTF-8 text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``).
+    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32, encoding="utf-8"):
+        """Encodes a text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``).
 
-        Reads ``chunk_chars`` characters at a time, so memory is bounded by the chunk size (plus any
-        whitespace-free stretch, see :meth:`encode_iter`); the concatenated arrays equal ``encode(text)``
-        of the whole file.  The file is read with
-        ``newline=""``, i.e. line endings are kept as they are ("\\r\\n" stays "\\r\\n").
+        Reads ``chunk_chars`` bytes at a time (see :func:`read_text_chunks`: line endings are kept as
+        they are, a UTF-8 byte order mark at the start is not text), so memory is bounded by the chunk
+        size (plus any whitespace-free stretch, see :meth:`encode_iter`); the concatenated arrays
+        equal ``encode(text)`` of the whole file.  Bytes that are not ``encoding`` raise a one-line
+        ``ValueError`` naming the file and the byte offset.
         """
         if chunk_chars < 1:
             raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
-        with open(path, encoding="utf-8", newline="") as f:
-            chunks = iter(functools.partial(f.read, chunk_chars), "")
-            for ids in self.encode_iter(chunks, allow_special):
-                yield np.asarray(ids, dtype=dtype)
+        for ids in self.encode_iter(read_text_chunks(path, encoding, chunk_chars), allow_special):
+            yield np.asarray(ids, dtype=dtype)
 
     def decode(self, ids):
         """Returns the text of token ids (any iterable of ints, numpy ints or a 1-D integer array).
@@ -253,15 +251,21 @@ class Encoder:
             ids = list(ids)
         table = self._bytes_by_id
         try:
-            return b"".join([table[operator.index(i)] for i in ids])
+            data = b"".join([table[operator.index(i)] for i in ids])
         except (KeyError, TypeError):
             for i in ids:
                 self._check_id(i)
             raise
+        if bool in set(map(type, ids)):  # True and False are ints to Python, but never token ids
+            for i in ids:
+                self._check_id(i)
+        return data
 
     def _check_id(self, token_id):
         """Raises ``ValueError`` if ``token_id`` is not an id of this vocabulary."""
         try:
+            if isinstance(token_id, (bool, np.bool_)):
+                raise TypeError
             index = operator.index(token_id)
         except TypeError:
             kind = type(token_id).__name__
@@ -288,13 +292,57 @@ class StreamDecoder:
 
     def push(self, ids):
         """Adds token ids (an iterable or a single id) and returns the newly completed text."""
-        if isinstance(ids, (int, np.integer)):
+        if isinstance(ids, (int, np.integer, np.bool_)):
             ids = [ids]
         return self._utf8.decode(self._encoder.decode_bytes(ids))
 
     def flush(self):
         """Returns the held-back bytes (incomplete characters become U+FFFD) and resets the decoder."""
         return self._utf8.decode(b"", final=True)
+
+
+UTF8_BOM = codecs.BOM_UTF8
+ENCODING_HINT = "give the file's encoding with --encoding (e.g. --encoding latin-1)"
+
+
+def read_text_chunks(path, encoding="utf-8", chunk_bytes=1 << 20, hint=ENCODING_HINT):
+    """Yields the text of a file in pieces, read ``chunk_bytes`` bytes at a time and decoded
+    incrementally, so memory stays bounded.
+
+    Line endings are kept as they are ("\\r\\n" stays "\\r\\n").  A UTF-8 byte order mark at the
+    start of a UTF-8 file is dropped (it marks the encoding; it is not text).  Bytes that are not
+    valid ``encoding`` raise a one-line ``ValueError`` naming the file, the byte offset and ``hint``.
+    """
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}") from None
+    decoder = codecs.getincrementaldecoder(name)()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            end = not block
+            if offset == 0 and name == "utf-8":
+                while len(block) < len(UTF8_BOM) and UTF8_BOM.startswith(block):  # a short first read
+                    more = f.read(chunk_bytes)
+                    if not more:
+                        break
+                    block += more
+                if block.startswith(UTF8_BOM):
+                    block, offset = block[len(UTF8_BOM):], len(UTF8_BOM)
+            held = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=end)
+            except UnicodeDecodeError as error:
+                where = "at the end of the file" if end else f"at byte {offset - held + error.start}"
+                label = "UTF-8" if name == "utf-8" else encoding
+                raise ValueError(f"{path}: not {label} text ({error.reason} {where}); {hint}") from None
+            offset += len(block)
+            if text:
+                yield text
+            if end:
+                return
 
 
 def _read_text(path):

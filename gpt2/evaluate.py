@@ -11,8 +11,6 @@ Arguments are parsed (and --help answered) before TensorFlow is imported. Bad in
 one-line `error: ...` on stderr.
 """
 
-import codecs
-import functools
 import itertools
 import json
 import math
@@ -44,7 +42,7 @@ def build_parser(prog="python -m gpt2.evaluate"):
         ),
         epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files to score")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="text files to score (UTF-8 unless --encoding)")
     add_model_arguments(parser, role="the model to score with")
     parser.add_argument(
         "--stride", type=_positive_int, metavar="S",
@@ -58,6 +56,11 @@ def build_parser(prog="python -m gpt2.evaluate"):
              "2 for the released models)",
     )
     parser.add_argument(
+        "--encoding", default="utf-8", metavar="NAME",
+        help="the files' text encoding, any name Python knows (latin-1, cp1252, utf-16, ...); a UTF-8 "
+             "byte order mark at the start is not text (default: utf-8)",
+    )
+    parser.add_argument(
         "--json", action="store_true",
         help="print only one JSON object with the keys tokens, nll (mean, nats/token), "
              "perplexity and bits_per_byte, for all files together (default: a table)",
@@ -65,32 +68,22 @@ def build_parser(prog="python -m gpt2.evaluate"):
     return parser
 
 
-def check_text_file(path):
-    """The UTF-8 byte count of a text file; a one-line error if it is missing, unreadable, not
-    UTF-8 or empty. Reads the file in blocks."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def check_text_file(path, encoding="utf-8"):
+    """The UTF-8 byte count of a text file's text (a byte order mark is not text); a one-line
+    error if it is missing, unreadable, not `encoding` (naming the byte) or empty. Reads the
+    file in blocks."""
+    from encoder import read_text_chunks
+
     size = 0
     try:
-        with open(path, "rb") as f:
-            for block in iter(functools.partial(f.read, READ_BLOCK), b""):
-                held = len(decoder.getstate()[0])
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as error:
-                    raise ValueError(
-                        f"{path}: not UTF-8 text ({error.reason} at byte {size - held + error.start})"
-                    ) from None
-                size += len(block)
+        for text in read_text_chunks(path, encoding, READ_BLOCK):
+            size += len(text.encode("utf-8", "surrogatepass"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"{path}: is a folder, not a text file") from None
     except OSError as error:
         raise OSError(f"{path}: cannot read ({error.strerror or error})") from None
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at the end of the file)") from None
     if size == 0:
         raise ValueError(f"{path}: the file is empty, nothing to score")
     return size
@@ -103,7 +96,7 @@ def main(argv=None):
 
 
 def _run(args):
-    sizes = [check_text_file(path) for path in args.files]
+    sizes = [check_text_file(path, args.encoding) for path in args.files]
     import_tensorflow()  # quietly, before anything else imports it
     from tqdm import tqdm
 
@@ -120,7 +113,7 @@ def _run(args):
     enc = encoder_for_model_dir(model_dir)
 
     def tokens_of(path):  # <|endoftext|>, then the text's tokens chunk by chunk
-        return itertools.chain([[enc.eot_token]], enc.encode_file(path))
+        return itertools.chain([[enc.eot_token]], enc.encode_file(path, encoding=args.encoding))
 
     # A first, cheap encoding pass counts the windows, so the progress bar has a total.
     counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]

@@ -553,3 +553,47 @@ def test_item12_merges_count_is_checked_against_the_vocabulary(tmp_path):
     models_dir = write_model(tmp_path / "orphan", small_vocab("ab", "cd"), "#version: 0.2\na b\n")
     assert "1 merges, but the 259 tokens" in load_error(models_dir, ValueError)
     assert "1 tokens (e.g. 'cd') are made by no merge" in load_error(models_dir, ValueError)
+
+
+# --- issue 24 item 14: small errors that were still raw -------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [[True], [15496, False], (True,), [np.True_]])
+def test_item14_decode_refuses_bools(enc, ids):
+    with pytest.raises(ValueError, match=r"invalid token id (np.)?(True|False)_? \(bool_?\): ids must be integers"):
+        enc.decode(ids)
+    with pytest.raises(ValueError, match="ids must be integers"):
+        enc.stream_decoder().push(ids[-1])
+
+
+def test_item14_encode_file_names_the_file_offset_and_encoding(enc, tmp_path):
+    path = tmp_path / "latin.txt"
+    text = "Caf\u00e9 cr\u00e8me " * 50
+    path.write_bytes(text.encode("latin-1"))
+    for chunk_chars in (1, 7, 1 << 20):  # the offset is the file's, whatever the reads
+        with pytest.raises(ValueError) as info:
+            list(enc.encode_file(str(path), chunk_chars=chunk_chars))
+        assert str(info.value) == (
+            f"{path}: not UTF-8 text (invalid continuation byte at byte 3); give the file's encoding with "
+            "--encoding (e.g. --encoding latin-1)"
+        )
+    ids = np.concatenate(list(enc.encode_file(str(path), chunk_chars=7, encoding="latin-1"))).tolist()
+    assert ids == enc.encode(text)
+    path.write_bytes("\u00e9".encode()[:1])  # cut inside a character at the end
+    with pytest.raises(ValueError, match="at the end of the file"):
+        list(enc.encode_file(str(path)))
+    with pytest.raises(ValueError, match="unknown text encoding 'no-such'"):
+        list(enc.encode_file(str(path), encoding="no-such"))
+
+
+def test_item14_utf8_byte_order_mark_is_not_text(enc, tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello world\r\n")
+    for chunk_chars in (1, 2, 3, 4, 1 << 20):
+        ids = np.concatenate(list(enc.encode_file(str(path), chunk_chars=chunk_chars))).tolist()
+        assert ids == enc.encode("Hello world\r\n")
+    path.write_bytes(b"Hello\xef\xbb\xbf")  # elsewhere it is a character of the text (U+FEFF)
+    assert np.concatenate(list(enc.encode_file(str(path)))).tolist() == enc.encode("Hello\ufeff")
+    path.write_bytes(b"\xef\xbb\xbf\xff")
+    with pytest.raises(ValueError, match="at byte 3"):
+        list(enc.encode_file(str(path)))

@@ -323,3 +323,18 @@ def test_evaluate_help_does_not_import_tensorflow():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_item14_evaluate_reads_other_encodings_and_a_byte_order_mark(run_cli, tmp_path):
+    text = "Z\u00fcrich caf\u00e9, na\u00efve. " * 5
+    utf8 = write(tmp_path, "utf8.txt", text)
+    latin = write(tmp_path, "latin.txt", text.encode("latin-1"))
+    bom = write(tmp_path, "bom.txt", b"\xef\xbb\xbf" + text.encode("utf-8"))
+    code, out, err = run_cli("--json", latin)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.strip() == (f"error: {latin}: not UTF-8 text (invalid start byte at byte 1); give the file's "
+                           "encoding with --encoding (e.g. --encoding latin-1)")
+    results = [run_cli("--json", *args) for args in ([utf8], ["--encoding", "latin-1", latin], [bom])]
+    assert [code for code, _, _ in results] == [0, 0, 0]
+    figures = [json.loads(out) for _, out, _ in results]
+    assert figures[0] == figures[1] == figures[2]  # same text, same tokens, same UTF-8 byte count
