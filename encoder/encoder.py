@@ -405,6 +405,8 @@ def read_encoder_json(path):
         vocab = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a usable JSON file (nested too deeply)") from None
     if not isinstance(vocab, dict) or not all(
         isinstance(token, str) and type(i) is int and i >= 0 for token, i in vocab.items()
     ):

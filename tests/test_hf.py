@@ -318,3 +318,45 @@ def test_help_and_hf_module_need_neither_tensorflow_nor_safetensors():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--overwrite" in result.stdout and "default: off" in result.stdout
+
+
+# --- issue 24 item 15: hostile config.json and index files ------------------------------------------
+
+
+def test_item15_deeply_nested_or_huge_config_json_is_refused(hub_folder, tmp_path):
+    folder = tmp_path / "deep"
+    shutil.copytree(hub_folder, folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError) as error:
+        gpt2.checkpoint.read_hparams(str(folder))
+    assert str(error.value) == f"{folder / 'config.json'}: not a usable JSON file (nested too deeply)"
+    (folder / "config.json").write_text(json.dumps(HUB_CONFIG | {"padding": " " * (hf.MAX_CONFIG_BYTES)}))
+    with pytest.raises(CheckpointError) as error:
+        gpt2.load_model(str(folder))
+    too_large = "larger than 1 MiB, too large for this file; is it the right file?"
+    assert str(error.value) == f"{folder / 'config.json'}: {too_large}"
+    (folder / "config.json").write_text(json.dumps(HUB_CONFIG | {"padding": " " * (hf.MAX_CONFIG_BYTES // 2)}))
+    assert gpt2.checkpoint.read_hparams(str(folder)).n_layer == 2  # big but within the cap
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "sub/model.safetensors",
+                                   "..\\outside.safetensors", "model.bin", 7])
+def test_item15_index_shards_outside_the_folder_are_refused(tmp_path, fixture_tensors, shard):
+    folder = make_folder(tmp_path / "sharded", hub_tensors(fixture_tensors), shards=2)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError) as error:
+        gpt2.load_model(folder)
+    assert str(error.value) == (
+        f"{index_path}: shard {shard!r} is not a .safetensors file name in the folder (no paths allowed); "
+        "refusing the index"
+    )
+    with open(index_path, "w", encoding="utf-8") as f:
+        f.write('{"weight_map": ' * 50_000 + "{}" + "}" * 50_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        gpt2.load_model(folder)
