@@ -38,7 +38,8 @@ def build_parser(prog="python -m gpt2.evaluate"):
             "Score text files with GPT-2: tokens scored, mean negative log-likelihood (nats per "
             "token), perplexity and bits per byte, per file and in total. Each file is encoded "
             "with <|endoftext|> in front, so every token of its text is scored, in sliding "
-            "windows of the model's context."
+            "windows of the model's context: by default lm-evaluation-harness's rolling windows, "
+            "with --windows hf Hugging Face's documented recipe."
         ),
         epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
     )
@@ -49,6 +50,14 @@ def build_parser(prog="python -m gpt2.evaluate"):
         help="tokens between window starts, at most the model's context; after the first "
              "window each token is predicted from at least context - S + 1 tokens; S = context "
              "gives disjoint windows (default: half the context, 512 for the released models)",
+    )
+    parser.add_argument(
+        "--windows", choices=("rolling", "hf"), default="rolling",
+        help="window convention: rolling feeds a context of tokens and scores the context's worth of "
+             "tokens after them, every token but the first exactly once (lm-evaluation-harness's rolling "
+             "windows); hf is Hugging Face's documented recipe, whose windows hold the tokens they "
+             "predict (at most context - 1 per window) and weigh each window's mean by its labels "
+             "less one, to reproduce its published numbers exactly (default: rolling)",
     )
     parser.add_argument(
         "--batch-size", type=_positive_int, metavar="B",
@@ -119,11 +128,11 @@ def _run(args):
     counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]
     model = _load_model(model_dir, load_model)
     rows = []
-    with tqdm(total=sum(window_count(n, n_ctx, stride) for n in counts), desc="scoring",
+    with tqdm(total=sum(window_count(n, n_ctx, stride, args.windows) for n in counts), desc="scoring",
               unit="window", file=sys.stderr) as bar:
         for path, size in zip(args.files, sizes):
             result = perplexity(model, tokens_of(path), stride=stride, batch_size=args.batch_size,
-                                progress=bar.update)
+                                progress=bar.update, windows=args.windows)
             rows.append((path, result.tokens, result.total_nll, size))
     total = ("total", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows))
     if args.json:
