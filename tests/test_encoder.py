@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 
 import numpy as np
@@ -501,7 +502,7 @@ def copy_openai_files(tmp_path, names=("encoder.json", "vocab.bpe")):
     model_dir = tmp_path / "models" / "x"
     model_dir.mkdir(parents=True)
     for source, name in zip(("encoder.json", "vocab.bpe"), names):
-        (model_dir / name).write_bytes(open(os.path.join(PACKAGE_DIR, source), "rb").read())
+        shutil.copyfile(os.path.join(PACKAGE_DIR, source), model_dir / name)
     return model_dir
 
 

@@ -538,12 +538,14 @@ def test_item16_tampered_latest_json_is_refused(tmp_path, saved_run, edit, probl
     # Another run's state, which a path in latest.json must not reach.
     shutil.copytree(os.path.join(output, "train_state"), tmp_path / "other" / "train_state")
     path = os.path.join(output, "train_state", "latest.json")
-    record = json.load(open(path))
+    with open(path) as f:
+        record = json.load(f)
     assert record["state"] == "state-2"
     edit(record)
     with open(path, "w") as f:
         json.dump(record, f)
-    settings = json.load(open(os.path.join(output, "train_state", "settings.json")))
+    with open(os.path.join(output, "train_state", "settings.json")) as f:
+        settings = json.load(f)
     state = TrainState(output, settings, {})
     for call in (state.last_step, state.restore):
         with pytest.raises(TrainingError) as info:
