@@ -19,6 +19,7 @@ from encoder.encoder import (
     encoder_for_model_dir,
     get_encoder,
     read_encoder_json,
+    read_text_chunks,
     read_vocab_bpe,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "encoder_for_model_dir",
     "get_encoder",
     "read_encoder_json",
+    "read_text_chunks",
     "read_vocab_bpe",
 ]

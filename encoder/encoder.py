@@ -9,7 +9,7 @@ words without spaces stay fast.
 """
 
 import codecs
-import functools
+import hashlib
 import heapq
 import itertools
 import json
@@ -23,6 +23,19 @@ import numpy as np
 from encoder.pretokenizer import PRETOKEN_PATTERN, SAFE_CUT, pretokenize  # noqa: F401 (re-exported)
 
 EOT_TEXT = "<|endoftext|>"
+
+# OpenAI's GPT-2 BPE files (the copies in this package; every released model has the same two): their
+# (size, sha256), and the sha256 of their parsed content (see _content_sha256), so that a copy differing
+# only in line endings or JSON layout (e.g. checked out with CRLF line endings) is still recognised.
+OPENAI_VOCAB_SIZE = 50257
+OPENAI_FILES = {
+    "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+OPENAI_CONTENT_SHA256 = {
+    "encoder.json": "179cad62d906b7217f1c9431ece06e7a78a7721f9580960147a6c1ea0a53fc65",
+    "vocab.bpe": "04e3597d7996f292ca9b8b7285ca4d58a6ae171ac47d73fc7140ceb0c7a6bbc0",
+}
 
 
 # Pre-tokens are BPE-encoded once and cached.  The cache is bounded (cleared when full): over hundreds of
@@ -125,12 +138,21 @@ class Encoder:
 
     @classmethod
     def from_files(cls, encoder_json, vocab_bpe):
-        """Loads ``encoder.json`` and ``vocab.bpe`` (uncached; errors are one line naming the file)."""
+        """Loads ``encoder.json`` and ``vocab.bpe`` (uncached; errors are one line naming the file).
+
+        Files named as OpenAI's with OpenAI's vocabulary size must be OpenAI's files (their known size
+        and sha256, or the same content); any other pair must have one merge per token beyond the 256
+        bytes and the special tokens (``<...>`` tokens no merge makes), as BPE implies.
+        """
         vocab = read_encoder_json(encoder_json)
         merges = read_vocab_bpe(vocab_bpe)
         for line_number, (a, b) in enumerate(merges, start=2):
             if a + b not in vocab:
                 raise ValueError(f"{vocab_bpe}:{line_number}: merge result {a + b!r} is not in {encoder_json}")
+        if len(vocab) == OPENAI_VOCAB_SIZE:
+            _check_openai_file(encoder_json, "encoder.json", vocab)
+            _check_openai_file(vocab_bpe, "vocab.bpe", merges)
+        _check_merge_count(encoder_json, vocab_bpe, vocab, merges)
         return cls(vocab, merges)
 
     @property
@@ -195,20 +217,19 @@ class Encoder:
         if pending:
             yield self.encode(pending, allow_special)
 
-    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32):
-        """Encodes a UTF-8 text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``).
+    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32, encoding="utf-8"):
+        """Encodes a text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``).
 
-        Reads ``chunk_chars`` characters at a time, so memory is bounded by the chunk size (plus any
-        whitespace-free stretch, see :meth:`encode_iter`); the concatenated arrays equal ``encode(text)``
-        of the whole file.  The file is read with
-        ``newline=""``, i.e. line endings are kept as they are ("\\r\\n" stays "\\r\\n").
+        Reads ``chunk_chars`` bytes at a time (see :func:`read_text_chunks`: line endings are kept as
+        they are, a UTF-8 byte order mark at the start is not text), so memory is bounded by the chunk
+        size (plus any whitespace-free stretch, see :meth:`encode_iter`); the concatenated arrays
+        equal ``encode(text)`` of the whole file.  Bytes that are not ``encoding`` raise a one-line
+        ``ValueError`` naming the file and the byte offset.
         """
         if chunk_chars < 1:
             raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
-        with open(path, encoding="utf-8", newline="") as f:
-            chunks = iter(functools.partial(f.read, chunk_chars), "")
-            for ids in self.encode_iter(chunks, allow_special):
-                yield np.asarray(ids, dtype=dtype)
+        for ids in self.encode_iter(read_text_chunks(path, encoding, chunk_chars), allow_special):
+            yield np.asarray(ids, dtype=dtype)
 
     def decode(self, ids):
         """Returns the text of token ids (any iterable of ints, numpy ints or a 1-D integer array).
@@ -230,15 +251,21 @@ class Encoder:
             ids = list(ids)
         table = self._bytes_by_id
         try:
-            return b"".join([table[operator.index(i)] for i in ids])
+            data = b"".join([table[operator.index(i)] for i in ids])
         except (KeyError, TypeError):
             for i in ids:
                 self._check_id(i)
             raise
+        if bool in set(map(type, ids)):  # True and False are ints to Python, but never token ids
+            for i in ids:
+                self._check_id(i)
+        return data
 
     def _check_id(self, token_id):
         """Raises ``ValueError`` if ``token_id`` is not an id of this vocabulary."""
         try:
+            if isinstance(token_id, (bool, np.bool_)):
+                raise TypeError
             index = operator.index(token_id)
         except TypeError:
             kind = type(token_id).__name__
@@ -265,13 +292,57 @@ class StreamDecoder:
 
     def push(self, ids):
         """Adds token ids (an iterable or a single id) and returns the newly completed text."""
-        if isinstance(ids, (int, np.integer)):
+        if isinstance(ids, (int, np.integer, np.bool_)):
             ids = [ids]
         return self._utf8.decode(self._encoder.decode_bytes(ids))
 
     def flush(self):
         """Returns the held-back bytes (incomplete characters become U+FFFD) and resets the decoder."""
         return self._utf8.decode(b"", final=True)
+
+
+UTF8_BOM = codecs.BOM_UTF8
+ENCODING_HINT = "give the file's encoding with --encoding (e.g. --encoding latin-1)"
+
+
+def read_text_chunks(path, encoding="utf-8", chunk_bytes=1 << 20, hint=ENCODING_HINT):
+    """Yields the text of a file in pieces, read ``chunk_bytes`` bytes at a time and decoded
+    incrementally, so memory stays bounded.
+
+    Line endings are kept as they are ("\\r\\n" stays "\\r\\n").  A UTF-8 byte order mark at the
+    start of a UTF-8 file is dropped (it marks the encoding; it is not text).  Bytes that are not
+    valid ``encoding`` raise a one-line ``ValueError`` naming the file, the byte offset and ``hint``.
+    """
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}") from None
+    decoder = codecs.getincrementaldecoder(name)()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            end = not block
+            if offset == 0 and name == "utf-8":
+                while len(block) < len(UTF8_BOM) and UTF8_BOM.startswith(block):  # a short first read
+                    more = f.read(chunk_bytes)
+                    if not more:
+                        break
+                    block += more
+                if block.startswith(UTF8_BOM):
+                    block, offset = block[len(UTF8_BOM):], len(UTF8_BOM)
+            held = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=end)
+            except UnicodeDecodeError as error:
+                where = "at the end of the file" if end else f"at byte {offset - held + error.start}"
+                label = "UTF-8" if name == "utf-8" else encoding
+                raise ValueError(f"{path}: not {label} text ({error.reason} {where}); {hint}") from None
+            offset += len(block)
+            if text:
+                yield text
+            if end:
+                return
 
 
 def _read_text(path):
@@ -283,12 +354,59 @@ def _read_text(path):
         raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def _content_sha256(name, parsed):
+    """sha256 of a parsed encoder.json (sorted compact JSON) or vocab.bpe (merges, one "a b" a line)."""
+    if name == "encoder.json":
+        text = json.dumps(parsed, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = "\n".join(f"{a} {b}" for a, b in parsed)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_openai_file(path, name, parsed):
+    """Refuses a file named as OpenAI's BPE file `name` that is neither it nor the same content."""
+    if os.path.basename(path) != name:
+        return
+    known_size, known_sha256 = OPENAI_FILES[name]
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if (len(data), digest) == (known_size, known_sha256):
+        return
+    if _content_sha256(name, parsed) == OPENAI_CONTENT_SHA256[name]:
+        return
+    raise ValueError(
+        f"{path}: {len(data)} bytes (sha256 {digest[:16]}...), but OpenAI's GPT-2 {name} is {known_size} bytes "
+        f"(sha256 {known_sha256[:16]}...): the file is damaged or edited; download the model again or copy "
+        f"{os.path.join(PACKAGE_DIR, name)}"
+    )
+
+
+def _check_merge_count(encoder_json, vocab_bpe, vocab, merges):
+    """Refuses merges that are not one per token beyond the 256 bytes and the special tokens."""
+    made = {a + b for a, b in merges}
+    unmade = [token for token in vocab if token not in made and token not in UNICODE_TO_BYTE]
+    special = [token for token in unmade if len(token) > 1 and token.startswith("<") and token.endswith(">")]
+    expected = len(vocab) - len(UNICODE_TO_BYTE) - len(special)
+    if len(merges) == expected:
+        return
+    orphans = [token for token in unmade if token not in special]
+    why = f"{len(orphans)} tokens (e.g. {orphans[0]!r}) are made by no merge" if orphans else "merges repeat"
+    raise ValueError(
+        f"{vocab_bpe}: {len(merges)} merges, but the {len(vocab)} tokens of {encoder_json} imply {expected} "
+        f"(256 bytes and {len(special)} special tokens need none) and {why}: the file is truncated or belongs "
+        f"to another vocabulary"
+    )
+
+
 def read_encoder_json(path):
     """Reads ``encoder.json`` (``{token: id}``); raises a one-line ``ValueError`` naming the file."""
     try:
         vocab = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a usable JSON file (nested too deeply)") from None
     if not isinstance(vocab, dict) or not all(
         isinstance(token, str) and type(i) is int and i >= 0 for token, i in vocab.items()
     ):
@@ -328,7 +446,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # A model folder's BPE files: OpenAI's names, then Hugging Face's names for the same two files
 # (vocab.json is encoder.json, merges.txt is vocab.bpe with its #version line).
 MODEL_DIR_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
-_loaded = {}  # (real encoder.json path, real vocab.bpe path) -> Encoder
+_loaded = {}  # ((real path, size, mtime_ns) of encoder.json, of vocab.bpe) -> Encoder
 
 
 def get_encoder(model_name=None, models_dir="models"):
@@ -352,7 +470,10 @@ def get_encoder(model_name=None, models_dir="models"):
 
 
 def _cached_encoder(encoder_json, vocab_bpe):
-    key = (os.path.realpath(encoder_json), os.path.realpath(vocab_bpe))
+    # Keyed by each file's size and modification time too: a file changed since it was read is read
+    # (and checked) again.
+    key = tuple((os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                for path in (encoder_json, vocab_bpe))
     if key not in _loaded:
         _loaded[key] = Encoder.from_files(encoder_json, vocab_bpe)
     return _loaded[key]

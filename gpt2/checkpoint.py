@@ -91,14 +91,25 @@ def _checkpoint_prefix(model_dir):
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{state_file}: checkpoint state file not found; is {model_dir} a GPT-2 model folder?")
     prefix = None
-    with open(state_file, encoding="utf-8") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() == "model_checkpoint_path":
-                prefix = value.strip().strip('"')
+    with open(state_file, "rb") as f:
+        data = f.read(1 << 20)  # a state file is a few lines
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            f"{state_file}: not a checkpoint state file (binary data, not UTF-8 text at byte {error.start}); "
+            f'it should hold a line model_checkpoint_path: "model.ckpt"; download the model again'
+        ) from None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            prefix = value.strip().strip('"')
     if not prefix:
         raise CheckpointError(f"{state_file}: no model_checkpoint_path line")
     prefix = prefix if os.path.isabs(prefix) else os.path.join(model_dir, prefix)
+    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise CheckpointError(f"{path}: is a folder, not a checkpoint file; download the model again")
     if not os.path.isfile(prefix + ".index"):
         raise CheckpointError(f"{prefix}.index: checkpoint index not found; download the model again")
     if not glob.glob(glob.escape(prefix) + ".data-*"):
@@ -148,13 +159,30 @@ def _tf_prefix(prefix):
     return alias
 
 
-def check_model_dir(model_dir):
+# A TF1 training run (OpenAI's train.py forks, gpt-2-simple) saves its optimizer's state beside the
+# weights: per weight W the slots W/Adam and W/Adam_1 (or another optimizer's), and its counters.
+OPTIMIZER_SLOT_SUFFIXES = ("/Adam", "/Adam_1", "/Momentum", "/RMSProp", "/RMSProp_1", "/Adagrad")
+OPTIMIZER_COUNTERS = ("beta1_power", "beta2_power", "global_step")
+
+
+def optimizer_slots(names, weights):
+    """The names among `names` that are a training run's optimizer slots of `weights`, or its counters."""
+    return sorted(
+        name for name in names
+        if name in OPTIMIZER_COUNTERS
+        or any(name.endswith(suffix) and name[: -len(suffix)] in weights for suffix in OPTIMIZER_SLOT_SUFFIXES)
+    )
+
+
+def check_model_dir(model_dir, skip_optimizer_slots=False):
     """Checks a model folder without reading the weights; returns its HParams.
 
     hparams.json must parse, and the checkpoint index must hold exactly the variables and shapes
-    that those hparams imply (a fine-tuned model of any shape passes). Raises CheckpointError (or
-    FileNotFoundError/ValueError from hparams) with every problem listed in one line. A Hugging
-    Face folder gets the same checks of its config.json and safetensors headers.
+    that those hparams imply (a fine-tuned model of any shape passes); with `skip_optimizer_slots`
+    a training run's optimizer slots beside them (W/Adam, W/Adam_1, beta1_power, ...) are allowed
+    and ignored. Raises CheckpointError (or FileNotFoundError/ValueError from hparams) with every
+    problem listed in one line. A Hugging Face folder gets the same checks of its config.json and
+    safetensors headers.
     """
     if _is_hf_dir(model_dir):
         with open_weights(model_dir) as weights:
@@ -164,6 +192,15 @@ def check_model_dir(model_dir):
     reader = _read_index(prefix)
     found = reader.get_variable_to_shape_map()
     expected = variable_shapes(hparams)
+    slots = optimizer_slots(set(found) - set(expected), expected)
+    if slots and not skip_optimizer_slots:
+        example = next((name for name in slots if "/" in name), slots[0])
+        raise CheckpointError(
+            f"{prefix}: holds {len(slots)} optimizer slots of a training run besides the weights (e.g. "
+            f"{example!r}); load it with skip_optimizer_slots=True, or write a copy without them: "
+            f"python -m gpt2.convert --to openai --skip-optimizer-slots {model_dir} NEW_FOLDER"
+        )
+    found = {name: shape for name, shape in found.items() if name not in slots}
     misshaped = [
         f"{name} {list(found[name])} (expected {expected[name]})"
         for name in sorted(set(expected) & set(found))
@@ -172,7 +209,8 @@ def check_model_dir(model_dir):
     problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
     if problems:
         raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
-    _check_data_size(prefix, expected, reader.get_variable_to_dtype_map())
+    dtypes = reader.get_variable_to_dtype_map()
+    _check_data_size(prefix, expected, {name: dtype for name, dtype in dtypes.items() if name in found})
     return hparams
 
 
@@ -268,7 +306,8 @@ def _physical_memory():
 DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
 
 
-def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None):
+def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None,
+               skip_optimizer_slots=False):
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.hf).
 
@@ -277,7 +316,8 @@ def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, b
     gpt2.GPT2. dropout: the rate used when called with training=True.
     before_weights(model): called with the model built but no weight read yet, e.g. to compile
     the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
-    again before the weights need theirs.
+    again before the weights need theirs. skip_optimizer_slots: load a checkpoint that a TF1
+    training run saved with its optimizer's slots (W/Adam, ...), ignoring them (else refused).
 
     Returns a `gpt2.GPT2` with the folder's weights. The variables start uninitialised (their
     memory untouched) and each tensor is read and handed to its variable one at a time:
@@ -292,7 +332,7 @@ def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, b
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
-    with open_weights(model_dir) as weights:
+    with open_weights(model_dir, skip_optimizer_slots) as weights:
         _check_fits_in_memory(weights.hparams, model_dir, 2 if dtype == "bfloat16" else 4)
         model = GPT2(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
         if before_weights is not None:
@@ -320,23 +360,24 @@ def _as_tensor(value):
     return tf.convert_to_tensor(value)
 
 
-def open_weights(model_dir):
+def open_weights(model_dir, skip_optimizer_slots=False):
     """The weights of a model folder in either layout, checked but not yet read: an object with
     `hparams`, `read(name)` (OpenAI variable name -> float32 tensor of its variable_shapes shape)
-    and `close()`; a context manager. A Hugging Face folder needs the safetensors package."""
+    and `close()`; a context manager. A Hugging Face folder needs the safetensors package.
+    skip_optimizer_slots: see check_model_dir."""
     if _is_hf_dir(model_dir):
         from gpt2.hf import HFTensors
 
         return HFTensors(model_dir)
-    return _OpenAIWeights(model_dir)
+    return _OpenAIWeights(model_dir, skip_optimizer_slots)
 
 
 class _OpenAIWeights:
     """OpenAI's checkpoint as a tensor source (see open_weights): each read restores one tensor
     straight into TensorFlow memory."""
 
-    def __init__(self, model_dir):
-        self.hparams = check_model_dir(model_dir)
+    def __init__(self, model_dir, skip_optimizer_slots=False):
+        self.hparams = check_model_dir(model_dir, skip_optimizer_slots)
         self._prefix = _checkpoint_prefix(model_dir)
         self._dtypes = _read_index(self._prefix).get_variable_to_dtype_map()
 

@@ -20,10 +20,11 @@ from gpt2.cli import quiet_tensorflow
 FORMATS = ("hf", "openai")
 
 
-def convert(src, dst, to, overwrite=False, models_dir="models"):
+def convert(src, dst, to, overwrite=False, models_dir="models", skip_optimizer_slots=False):
     """Writes the model of `src` (a folder in either layout, or a name under `models_dir`) to the
     new folder `dst` in layout `to` ("hf" or "openai"), with its BPE files. `dst` must not exist
-    or be empty, unless `overwrite`. Returns the HParams written."""
+    or be empty, unless `overwrite`. skip_optimizer_slots: copy the weights of a checkpoint that
+    a TF1 training run saved with its optimizer's slots, leaving those out. Returns the HParams written."""
     from encoder import encoder_files_for_model_dir
     from gpt2.checkpoint import open_weights, resolve_model_dir, write_checkpoint
 
@@ -35,7 +36,7 @@ def convert(src, dst, to, overwrite=False, models_dir="models"):
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.converting-", dir=parent)
     try:
-        with open_weights(src_dir) as weights:
+        with open_weights(src_dir, skip_optimizer_slots) as weights:
             hparams = weights.hparams
             if to == "hf":
                 from gpt2.hf import write_hf_weights
@@ -109,6 +110,9 @@ def build_parser():
                         help="replace a non-empty DST (default: off: refuse)")
     parser.add_argument("--models-dir", default="models", metavar="DIR",
                         help="where a model name SRC is looked up (default: models)")
+    parser.add_argument("--skip-optimizer-slots", action="store_true",
+                        help="SRC is a checkpoint a TF1 training run saved with its optimizer's slots (W/Adam, "
+                             "W/Adam_1, beta1_power, ...): copy the weights alone (default: off: refuse it)")
     return parser
 
 
@@ -123,7 +127,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     quiet_tensorflow()  # before TensorFlow is first imported
     try:
-        hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir)
+        hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir,
+                          skip_optimizer_slots=args.skip_optimizer_slots)
     except _user_errors() as error:
         sys.exit(f"error: {error}")
     layout = "Hugging Face" if args.to == "hf" else "OpenAI"

@@ -20,7 +20,9 @@ A sidecar `.download.json` records the size, sha256, modification time and the s
 Last-Modified of each file once it is complete. Later runs compare each file's size and mtime
 with it (re-hashing when they changed) and fetch again what changed on disk; a file fetched again
 from the same server version (same ETag) must have the recorded sha256. A folder from an older
-downloader without the sidecar is checked with the per-file checks above and then recorded.
+downloader without the sidecar (or any file this tool did not fetch) must also match the server:
+GPT-2's BPE files by their sha256, the others by the size and MD5 (Content-MD5) a HEAD request
+announces; a file that does not, or that the server gives no MD5 for, is fetched again.
 
 An interrupted `.part` is resumed only with `If-Range` and the validator (a strong ETag, else
 Last-Modified) recorded when it was started, so a server whose file changed meanwhile answers 200
@@ -31,7 +33,10 @@ name that does not resolve fails at once, and a failed download leaves no empty 
 """
 
 import argparse
+import base64
+import binascii
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -42,6 +47,7 @@ import time
 import requests
 import tqdm
 
+from encoder.encoder import OPENAI_FILES
 from gpt2.checkpoint import DOWNLOAD_MANIFEST as MANIFEST
 from gpt2.checkpoint import check_model_dir, file_sha256
 from gpt2.cli import quiet_tensorflow
@@ -62,10 +68,7 @@ FILES = (
 OPTIONAL_FILES = ("model.ckpt.meta",)
 NEEDED_FILES = ("checkpoint", "hparams.json", DATA_FILE, "model.ckpt.index")  # to load the weights
 # (size, sha256) of the files that are the same in every released model.
-KNOWN_FILES = {
-    "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-}
+KNOWN_FILES = OPENAI_FILES
 LOCK_FILE = ".download.lock"
 CHUNK_SIZE = 1 << 18
 MAX_BACKOFF = 60.0
@@ -177,6 +180,14 @@ def _ensure_file(session, manifest, model_dir, filename, url, **options):
     previous = manifest.files.get(filename)
     if os.path.isfile(path):
         problem = _check_present(path, filename, previous, manifest)
+        if problem is None and previous is None:  # plausible, but not fetched by this tool: ask the server
+            problem = _compare_with_server(session, manifest, path, filename, url, options["timeout"])
+            if problem is None:
+                return
+            # Kept until the fetched file has passed every check (os.replace), then replaced.
+            print(f"warning: {path}: {problem}; fetching it again", file=sys.stderr, flush=True)
+            _download_file(session, manifest, url, path, previous=previous, **options)
+            return
         if problem is None:
             return
         print(f"warning: {path}: {problem}; fetching it again", file=sys.stderr, flush=True)
@@ -197,10 +208,54 @@ def _check_present(path, filename, record, manifest):
             return "changed since it was downloaded (sha256 differs)"
         manifest.record(filename, path, record["sha256"], record)
         return None
-    problem = _content_problem(filename, path)
-    if problem is None:  # e.g. downloaded by an older version without the sidecar
+    return _content_problem(filename, path)
+
+
+def _compare_with_server(session, manifest, path, filename, url, timeout):
+    """None once a file this tool did not fetch (e.g. left by an older downloader, or put there by
+    hand) is shown to be the server's, and recorded; else why it is not.
+
+    GPT-2's BPE files are known by their sha256. Any other file must have the size the server
+    announces to a HEAD request and the MD5 it gives (`Content-MD5`, as Azure Blob Storage sends,
+    or `x-goog-hash: md5=`); a server that gives no MD5 cannot vouch for it, so it is fetched again.
+    """
+    if filename in KNOWN_FILES:  # _content_problem compared its sha256 with GPT-2's
         manifest.record(filename, path, file_sha256(path), {})
-    return problem
+        return None
+    try:
+        response = session.head(url, headers={"Accept-Encoding": "identity"}, timeout=timeout, allow_redirects=True)
+    except requests.RequestException:
+        return "not fetched by this tool, and the server could not be asked for its size"
+    if response.status_code != 200:
+        return f"not fetched by this tool, and the server answered HTTP {response.status_code} when asked for its size"
+    length, size = response.headers.get("Content-Length", ""), os.path.getsize(path)
+    if not length.isdigit() or int(length) != size:
+        return f"not fetched by this tool: {size} bytes, but the server's file has {length or 'an unknown size'}"
+    md5 = _server_md5(response.headers)
+    if md5 is None:
+        return "not fetched by this tool, and the server gives no checksum (Content-MD5) to compare it with"
+    md5_digest, sha256_digest = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5_digest.update(block)
+            sha256_digest.update(block)
+    if md5_digest.digest() != md5:
+        return "not fetched by this tool, and its MD5 differs from the server's"
+    validators = {"etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified")}
+    manifest.record(filename, path, sha256_digest.hexdigest(), dict(validators, url=url))
+    return None
+
+
+def _server_md5(headers):
+    """The 16-byte MD5 a server states for a file (Content-MD5, or x-goog-hash md5=), else None."""
+    values = [headers.get("Content-MD5", "")]
+    values += [part.strip()[4:] for part in headers.get("x-goog-hash", "").split(",") if part.strip()[:4] == "md5="]
+    for value in values:
+        with contextlib.suppress(ValueError, binascii.Error):
+            digest = base64.b64decode(value.strip(), validate=True)
+            if len(digest) == 16:
+                return digest
+    return None
 
 
 def _content_problem(filename, path):

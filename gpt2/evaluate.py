@@ -11,8 +11,6 @@ Arguments are parsed (and --help answered) before TensorFlow is imported. Bad in
 one-line `error: ...` on stderr.
 """
 
-import codecs
-import functools
 import itertools
 import json
 import math
@@ -40,11 +38,12 @@ def build_parser(prog="python -m gpt2.evaluate"):
             "Score text files with GPT-2: tokens scored, mean negative log-likelihood (nats per "
             "token), perplexity and bits per byte, per file and in total. Each file is encoded "
             "with <|endoftext|> in front, so every token of its text is scored, in sliding "
-            "windows of the model's context."
+            "windows of the model's context: by default lm-evaluation-harness's rolling windows, "
+            "with --windows hf Hugging Face's documented recipe."
         ),
         epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files to score")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="text files to score (UTF-8 unless --encoding)")
     add_model_arguments(parser, role="the model to score with")
     parser.add_argument(
         "--stride", type=_positive_int, metavar="S",
@@ -53,9 +52,22 @@ def build_parser(prog="python -m gpt2.evaluate"):
              "gives disjoint windows (default: half the context, 512 for the released models)",
     )
     parser.add_argument(
+        "--windows", choices=("rolling", "hf"), default="rolling",
+        help="window convention: rolling feeds a context of tokens and scores the context's worth of "
+             "tokens after them, every token but the first exactly once (lm-evaluation-harness's rolling "
+             "windows); hf is Hugging Face's documented recipe, whose windows hold the tokens they "
+             "predict (at most context - 1 per window) and weigh each window's mean by its labels "
+             "less one, to reproduce its published numbers exactly (default: rolling)",
+    )
+    parser.add_argument(
         "--batch-size", type=_positive_int, metavar="B",
         help="windows per compiled call (default: as many as keep the logits near 512 MiB, "
              "2 for the released models)",
+    )
+    parser.add_argument(
+        "--encoding", default="utf-8", metavar="NAME",
+        help="the files' text encoding, any name Python knows (latin-1, cp1252, utf-16, ...); a UTF-8 "
+             "byte order mark at the start is not text (default: utf-8)",
     )
     parser.add_argument(
         "--json", action="store_true",
@@ -65,32 +77,22 @@ def build_parser(prog="python -m gpt2.evaluate"):
     return parser
 
 
-def check_text_file(path):
-    """The UTF-8 byte count of a text file; a one-line error if it is missing, unreadable, not
-    UTF-8 or empty. Reads the file in blocks."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def check_text_file(path, encoding="utf-8"):
+    """The UTF-8 byte count of a text file's text (a byte order mark is not text); a one-line
+    error if it is missing, unreadable, not `encoding` (naming the byte) or empty. Reads the
+    file in blocks."""
+    from encoder import read_text_chunks
+
     size = 0
     try:
-        with open(path, "rb") as f:
-            for block in iter(functools.partial(f.read, READ_BLOCK), b""):
-                held = len(decoder.getstate()[0])
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as error:
-                    raise ValueError(
-                        f"{path}: not UTF-8 text ({error.reason} at byte {size - held + error.start})"
-                    ) from None
-                size += len(block)
+        for text in read_text_chunks(path, encoding, READ_BLOCK):
+            size += len(text.encode("utf-8", "surrogatepass"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"{path}: is a folder, not a text file") from None
     except OSError as error:
         raise OSError(f"{path}: cannot read ({error.strerror or error})") from None
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at the end of the file)") from None
     if size == 0:
         raise ValueError(f"{path}: the file is empty, nothing to score")
     return size
@@ -103,7 +105,7 @@ def main(argv=None):
 
 
 def _run(args):
-    sizes = [check_text_file(path) for path in args.files]
+    sizes = [check_text_file(path, args.encoding) for path in args.files]
     import_tensorflow()  # quietly, before anything else imports it
     from tqdm import tqdm
 
@@ -120,17 +122,17 @@ def _run(args):
     enc = encoder_for_model_dir(model_dir)
 
     def tokens_of(path):  # <|endoftext|>, then the text's tokens chunk by chunk
-        return itertools.chain([[enc.eot_token]], enc.encode_file(path))
+        return itertools.chain([[enc.eot_token]], enc.encode_file(path, encoding=args.encoding))
 
     # A first, cheap encoding pass counts the windows, so the progress bar has a total.
     counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]
     model = _load_model(model_dir, load_model)
     rows = []
-    with tqdm(total=sum(window_count(n, n_ctx, stride) for n in counts), desc="scoring",
+    with tqdm(total=sum(window_count(n, n_ctx, stride, args.windows) for n in counts), desc="scoring",
               unit="window", file=sys.stderr) as bar:
         for path, size in zip(args.files, sizes):
             result = perplexity(model, tokens_of(path), stride=stride, batch_size=args.batch_size,
-                                progress=bar.update)
+                                progress=bar.update, windows=args.windows)
             rows.append((path, result.tokens, result.total_nll, size))
     total = ("total", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows))
     if args.json:

@@ -320,6 +320,9 @@ def _prompt_source(args):
     if args.prompt_file is not None:
         return "prompt", _read_prompt_file(args.prompt_file)
     if args.interactive:
+        if sys.stdin is None or getattr(sys.stdin, "closed", False):  # e.g. started with <&- or by a service
+            raise ValueError("--interactive reads prompts from standard input, which is closed; "
+                             "give --prompt, --prompt-file or --unconditional instead")
         return "interactive", None
     if args.unconditional:
         return "unconditional", None

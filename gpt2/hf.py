@@ -45,6 +45,11 @@ ALIGNMENT = 64
 
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+# What an index may name as a shard: a plain file name (no separator or drive) ending .safetensors.
+_SHARD_NAME = re.compile(r"[^/\\:\x00]+\.safetensors")
+# config.json of the hub's models is about 1 KB; an index lists a few hundred tensors.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_INDEX_BYTES = 16 << 20
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Weights in other formats that this reader refuses, with the reason.
 _OTHER_FORMATS = {
@@ -88,16 +93,28 @@ def hf_shape(shape):
     return shape[1:] if len(shape) == 3 else shape
 
 
+def _read_json(path, limit):
+    """A JSON file's value; CheckpointError (one line) for a file over `limit` bytes, invalid
+    JSON or JSON nested too deeply for Python's parser. FileNotFoundError passes through."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: larger than {limit >> 20} MiB, too large for this file; is it the right file?")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a usable JSON file (nested too deeply)") from None
+
+
 def read_config(model_dir):
     """The config.json of a Hugging Face folder as a dict; one-line errors for a bad file."""
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = _read_json(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; is {model_dir} a Hugging Face model folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -131,20 +148,26 @@ def hparams_from_config(config, source=CONFIG_FILE):
         raise CheckpointError(f"{source}: {str(error).removeprefix('hparams: ')}") from None
 
 
+# The transformers release whose `save_pretrained` layout config_from_hparams reproduces (it
+# writes `dtype`; releases before 4.56 wrote the same value as `torch_dtype`).
+TRANSFORMERS_VERSION = "4.57.1"
+
+
 def config_from_hparams(hparams):
-    """The config.json that transformers' `save_pretrained` writes for a GPT-2 of this shape
-    (less `transformers_version`, since transformers did not write it)."""
+    """The config.json that transformers' `save_pretrained` writes for the hub's GPT-2 at this
+    shape: every key GPT2Config serialises (its own settings, and the base keys whose values
+    differ from PretrainedConfig's defaults), with the hub config's `n_ctx` and
+    `task_specific_params`, which tools such as llama.cpp's convert_hf_to_gguf.py read."""
     return {
-        "activation_function": "gelu_new", "add_cross_attention": False,
-        "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": EOT_ID,
-        "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": EOT_ID, "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_embd": hparams.n_embd,
-        "n_head": hparams.n_head, "n_inner": None, "n_layer": hparams.n_layer,
-        "n_positions": hparams.n_ctx, "pad_token_id": None, "reorder_and_upcast_attn": False,
-        "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
-        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True,
-        "use_cache": True, "vocab_size": hparams.n_vocab,
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "bos_token_id": EOT_ID, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": EOT_ID,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": hparams.n_ctx,
+        "n_embd": hparams.n_embd, "n_head": hparams.n_head, "n_inner": None, "n_layer": hparams.n_layer,
+        "n_positions": hparams.n_ctx, "reorder_and_upcast_attn": False, "resid_pdrop": 0.1,
+        "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True, "summary_activation": None,
+        "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+        "summary_use_proj": True, "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+        "transformers_version": TRANSFORMERS_VERSION, "use_cache": True, "vocab_size": hparams.n_vocab,
     }
 
 
@@ -181,11 +204,17 @@ def weight_files(model_dir):
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            shards = list(_read_json(index, MAX_INDEX_BYTES)["weight_map"].values())
+        except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        for shard in shards:
+            # A shard is a file of this folder: no path (../.., /etc/...), only a safetensors file name.
+            if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+                raise CheckpointError(
+                    f"{index}: shard {shard!r} is not a .safetensors file name in the folder (no paths allowed); "
+                    "refusing the index"
+                )
+        shards = sorted(set(shards))
         paths = [os.path.join(model_dir, shard) for shard in shards]
         missing = [shard for shard, path in zip(shards, paths) if not os.path.isfile(path)]
         if missing:
@@ -335,7 +364,8 @@ def write_hf_weights(hparams, value_of, model_dir):
     save_file(tensors, os.path.join(model_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     _write_json(os.path.join(model_dir, CONFIG_FILE), config_from_hparams(hparams))
     _write_json(os.path.join(model_dir, GENERATION_CONFIG_FILE),
-                {"_from_model_config": True, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+                {"_from_model_config": True, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
+                 "transformers_version": TRANSFORMERS_VERSION})
 
 
 def _write_json(path, value):

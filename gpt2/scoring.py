@@ -308,11 +308,17 @@ def _score_rows(model, rows, top_k, batch_size, jit_compile):
 
 # ----------------------------------------------------------------------------- perplexity
 
-def window_count(n_tokens, n_ctx, stride):
+# The window conventions of `perplexity`: "rolling" feeds n_ctx tokens and scores the n_ctx tokens after
+# them (lm-evaluation-harness's rolling windows); "hf" is Hugging Face's documented recipe
+# ("Perplexity of fixed-length models"), whose windows of n_ctx tokens hold their own targets.
+WINDOWS = ("rolling", "hf")
+
+
+def window_count(n_tokens, n_ctx, stride, windows="rolling"):
     """How many windows `perplexity` runs over n_tokens tokens (for progress bars)."""
     if n_tokens < 2:
         return 0
-    return 1 + max(-(-(n_tokens - 1 - n_ctx) // stride), 0)
+    return 1 + max(-(-(n_tokens - (1 if windows == "rolling" else 0) - n_ctx) // stride), 0)
 
 
 def _token_chunks(tokens, n_vocab):
@@ -342,7 +348,7 @@ def _windows(chunks, n_ctx, stride):
 
     Window w feeds tokens [w * stride, w * stride + n_ctx) and predicts the token after each, so
     it can score tokens up to w * stride + n_ctx; it scores those no earlier window scored.
-    Yields (inputs int32 [l], targets int32 [l], first): targets[first:] are scored.
+    Yields (inputs int32 [l], targets int32 [l], first, None): targets[first:] are scored.
     """
     chunks = iter(chunks)
     buffer, offset = np.zeros([0], np.int32), 0  # buffer[0] is token number `offset`
@@ -363,7 +369,7 @@ def _windows(chunks, n_ctx, stride):
         if end <= next_unscored:  # every token is scored (or there are fewer than 2)
             return
         window = buffer[start - offset : end - offset]
-        yield window[:-1], window[1:], next_unscored - start - 1
+        yield window[:-1], window[1:], next_unscored - start - 1, None
         next_unscored = end
         if ended and end == held:
             return
@@ -371,14 +377,57 @@ def _windows(chunks, n_ctx, stride):
         buffer, offset = buffer[start - offset :], start
 
 
-def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None):
+def _hf_windows(chunks, n_ctx, stride):
+    """Hugging Face's windows over a token stream (its recipe, step for step): for begin = 0,
+    stride, 2 stride, ... the model is fed tokens [begin, end), end = min(begin + n_ctx, N), with
+    labels masked up to the previous window's end, until a window reaches the end. A window
+    predicts only inside itself (at most n_ctx - 1 tokens); it scores the tokens after the previous
+    window's end, and its mean NLL is weighted by (end - previous end) - 1, the recipe's
+    `num_loss_tokens` (valid labels less one for the shift).
+    Yields (inputs int32 [l], targets int32 [l], first, weight): targets[first:] are scored.
+    """
+    chunks = iter(chunks)
+    buffer, offset = np.zeros([0], np.int32), 0  # buffer[0] is token number `offset`
+    ended = False
+    begin, previous_end = 0, 0
+    while True:
+        needed = begin + n_ctx
+        pieces = [buffer]
+        held = offset + len(buffer)
+        while not ended and held < needed:
+            try:
+                pieces.append(next(chunks))
+                held += len(pieces[-1])
+            except StopIteration:
+                ended = True
+        buffer = np.concatenate(pieces) if len(pieces) > 1 else buffer
+        end = min(needed, held)
+        if end - begin < 2 or end <= previous_end:  # fewer than 2 tokens, or the last window was the end
+            return
+        window = buffer[begin - offset : end - offset]
+        yield window[:-1], window[1:], max(previous_end - begin - 1, 0), end - previous_end - 1
+        if ended and end == held:
+            return
+        previous_end = end
+        begin += stride
+        buffer, offset = buffer[begin - offset :], begin
+
+
+def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None, windows="rolling"):
     """Negative log-likelihood of a token sequence of any length, with sliding windows.
 
-    Windows of n_ctx tokens start every `stride` tokens (default n_ctx // 2; stride = n_ctx gives
-    disjoint windows). Each token after the first is scored exactly once, in the first window that
-    can predict it (window w feeds tokens [w * stride, w * stride + n_ctx) and so predicts up to
-    token w * stride + n_ctx), from all the left context that window gives: after the first
-    window, every token has at least n_ctx - stride + 1 tokens of context.
+    windows="rolling" (default; lm-evaluation-harness's rolling windows): windows of n_ctx tokens
+    start every `stride` tokens (default n_ctx // 2; stride = n_ctx gives disjoint windows). Each
+    token after the first is scored exactly once, in the first window that can predict it (window
+    w feeds tokens [w * stride, w * stride + n_ctx) and so predicts up to token w * stride + n_ctx),
+    from all the left context that window gives: after the first window, every token has at least
+    n_ctx - stride + 1 tokens of context.
+
+    windows="hf": Hugging Face's documented recipe ("Perplexity of fixed-length models"), to
+    reproduce its numbers exactly: a window holds n_ctx tokens including the ones it predicts, so it
+    scores at most n_ctx - 1 (with stride = n_ctx one token per window is never scored), and each
+    window's mean NLL counts as many times as its labels less one. total_nll and tokens are then
+    that recipe's `nll_sum` and `n_tokens`, whose ratio is its `avg_nll`.
 
     tokens: a 1-D sequence of token ids (list, array, tensor), or an iterable of ids and/or 1-D
     chunks of ids (e.g. `encoder.encode_file(path)`), read as the windows need it, so a large
@@ -389,6 +438,9 @@ def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_c
     Returns a `PerplexityResult`: total_nll (nats), tokens scored (len - 1), windows, and the
     mean_nll and perplexity properties.
     """
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {', '.join(map(repr, WINDOWS))}, got {windows!r}")
+    make_windows = _windows if windows == "rolling" else _hf_windows
     hparams = model.hparams
     n_ctx = hparams.n_ctx
     stride = n_ctx // 2 if stride is None else _check_positive_int(stride, "stride")
@@ -398,36 +450,41 @@ def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_c
         batch_size = default_batch_size(n_ctx, hparams.n_vocab)
     batch_size = _check_positive_int(batch_size, "batch_size")
     scorer = compiled_scorer(model, jit_compile)
-    total_nll, scored, windows = 0.0, 0, 0
+    total_nll, scored, windows_run = 0.0, 0, 0
     # The first full batch fixes the shape [batch_size, n_ctx]; later batches, the last one
     # included, are padded to it (cheaper than compiling another shape). A stream that ends
     # before a batch fills gets the bucketed shape of what it holds.
     full_shape = False
 
     def run(batch):
-        nonlocal total_nll, scored, windows
+        nonlocal total_nll, scored, windows_run
         if full_shape:
             n_rows, length = batch_size, n_ctx
         else:
             n_rows = _rows_bucket(len(batch), batch_size)
-            length = length_bucket(max(len(inputs) for inputs, _, _ in batch), n_ctx)
+            length = length_bucket(max(len(inputs) for inputs, _, _, _ in batch), n_ctx)
         logprobs, _, _ = scorer(
             _pad([w[0] for w in batch], n_rows, length), _pad([w[1] for w in batch], n_rows, length), 0
         )
-        for row, (inputs, _, first) in zip(logprobs, batch):
+        for row, (inputs, _, first, weight) in zip(logprobs, batch):
             kept = row[first : len(inputs)]
-            total_nll -= float(np.sum(kept, dtype=np.float64))
-            scored += len(kept)
-        windows += len(batch)
+            nll = -float(np.sum(kept, dtype=np.float64))
+            if weight is None:  # rolling: the sum over the tokens scored
+                total_nll += nll
+                scored += len(kept)
+            else:  # hf: the window's mean, `weight` times
+                total_nll += nll / len(kept) * weight
+                scored += weight
+        windows_run += len(batch)
         if progress is not None:
             progress(len(batch))
 
     batch = []
-    for window in _windows(_token_chunks(tokens, hparams.n_vocab), n_ctx, stride):
+    for window in make_windows(_token_chunks(tokens, hparams.n_vocab), n_ctx, stride):
         batch.append(window)
         if len(batch) == batch_size:
             run(batch)
             batch, full_shape = [], True
     if batch:
         run(batch)
-    return PerplexityResult(total_nll=total_nll, tokens=scored, windows=windows)
+    return PerplexityResult(total_nll=total_nll, tokens=scored, windows=windows_run)

@@ -318,3 +318,57 @@ def test_random_writer_holds_one_tensor_at_a_time(tmp_path):
     assert peak < 4 * largest < weights / 6
     model = gpt2.load_model(str(tmp_path / "random"))
     assert 0.015 < np.std(model.wte.numpy()) < 0.025 and np.all(model.ln_f.g.numpy() == 1)
+
+
+# --- issue 24 item 14: small errors that were still raw -------------------------------------------
+
+
+def test_item14_binary_checkpoint_state_file_is_a_one_line_error(model_copy):
+    (model_copy / "checkpoint").write_bytes(b"\x80\x93\xff binary")
+    with pytest.raises(CheckpointError) as info:
+        gpt2.load_model(str(model_copy))
+    assert str(info.value) == (
+        f"{model_copy / 'checkpoint'}: not a checkpoint state file (binary data, not UTF-8 text at byte 0); "
+        'it should hold a line model_checkpoint_path: "model.ckpt"; download the model again'
+    )
+
+
+def test_item14_data_file_that_is_a_folder_is_named_as_one(model_copy):
+    (model_copy / DATA_FILE).unlink()
+    (model_copy / DATA_FILE).mkdir()
+    with pytest.raises(CheckpointError) as info:
+        gpt2.checkpoint.check_model_dir(str(model_copy))
+    assert str(info.value) == f"{model_copy / DATA_FILE}: is a folder, not a checkpoint file; download the model again"
+
+
+def test_item14_optimizer_slots_are_named_and_skipped_on_request(model_copy, tmp_path, tiny_model):
+    def add_adam(values):  # what a TF1 training run (gpt-2-simple) saves beside the weights
+        for name in [n for n in values if n.startswith("model/")]:
+            values[name + "/Adam"] = np.zeros_like(values[name])
+            values[name + "/Adam_1"] = np.ones_like(values[name])
+        values["beta1_power"] = np.float32(0.9)
+        values["beta2_power"] = np.float32(0.999)
+
+    rewrite_variables(model_copy, add_adam)
+    slots = 2 * len(gpt2.checkpoint.model_variables(tiny_model)) + 2
+    with pytest.raises(CheckpointError) as info:
+        gpt2.load_model(str(model_copy))
+    assert str(info.value) == (
+        f"{model_copy / 'model.ckpt'}: holds {slots} optimizer slots of a training run besides the weights "
+        f"(e.g. 'model/h0/attn/c_attn/b/Adam'); load it with skip_optimizer_slots=True, or write a copy "
+        f"without them: python -m gpt2.convert --to openai --skip-optimizer-slots {model_copy} NEW_FOLDER"
+    )
+    loaded = gpt2.load_model(str(model_copy), skip_optimizer_slots=True)
+    for a, b in zip(tiny_model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    from gpt2.convert import main as convert_main
+
+    assert convert_main(["--to", "openai", "--skip-optimizer-slots", str(model_copy), str(tmp_path / "clean")]) == 0
+    clean = tf.train.load_checkpoint(str(tmp_path / "clean" / "model.ckpt"))
+    assert set(clean.get_variable_to_shape_map()) == set(gpt2.checkpoint.model_variables(tiny_model))
+
+    # Anything else unexpected is still refused, slots skipped or not.
+    rewrite_variables(model_copy, lambda values: values.update(other=np.float32(1)))
+    with pytest.raises(CheckpointError, match=r"unexpected \['other'\]"):
+        gpt2.checkpoint.check_model_dir(str(model_copy), skip_optimizer_slots=True)

@@ -4,6 +4,7 @@ The mirror serves the tiny-model fixture under the name "124M", like a mirror th
 hosts a fine-tuned variant whose shapes differ from the 124M preset.
 """
 
+import base64
 import hashlib
 import http.server
 import itertools
@@ -47,17 +48,22 @@ class Mirror:
     headers of those requests.
     """
 
-    def __init__(self, ranges=True, files=None, if_range=True, etags=True, last_modified=None):
+    def __init__(self, ranges=True, files=None, if_range=True, etags=True, last_modified=None, content_md5=True):
         self.ranges, self.if_range, self.etags, self.last_modified = ranges, if_range, etags, last_modified
+        self.content_md5 = content_md5
         self.files = files or {name: (FIXTURE / name).read_bytes() for name in download.FILES}
         self.plan = {}
         self.requests = []
         self.if_ranges = []
+        self.heads = []
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 mirror.handle(self)
+
+            def do_HEAD(self):
+                mirror.head(self)
 
             def log_message(self, *args):
                 pass
@@ -68,6 +74,22 @@ class Mirror:
 
     def etag(self, name):
         return '"' + hashlib.sha256(self.files[name]).hexdigest()[:16] + '"'
+
+    def head(self, request):
+        """HEAD: the file's size, validators and (content_md5) its Content-MD5, as Azure Blob Storage answers."""
+        prefix, _, name = request.path.rpartition("/")
+        self.heads.append(name)
+        if prefix != "/124M" or name not in self.files:
+            request.send_error(404)
+            return
+        data = self.files[name]
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(data)))
+        if self.etags:
+            request.send_header("ETag", self.etag(name))
+        if self.content_md5:
+            request.send_header("Content-MD5", base64.b64encode(hashlib.md5(data).digest()).decode())
+        request.end_headers()
 
     def handle(self, request):
         prefix, _, name = request.path.rpartition("/")
@@ -557,3 +579,39 @@ def test_cli_without_tensorflow_says_how_to_install_it(mirror, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("error: TensorFlow is not installed; install this project with its TensorFlow build: "
                           "pip install '.[cpu]'") and err.count("\n") == 1
+
+
+def test_item13_files_not_fetched_by_the_downloader_are_compared_with_the_server(tmp_path, capsys):
+    import gpt2
+
+    # A random checkpoint put in the folder by hand: plausible files (hparams, state file and index
+    # fit together), so only the server can tell they are not its files.
+    model_dir = tmp_path / "124M"
+    gpt2.write_random_checkpoint(gpt2.HParams.from_json(str(FIXTURE / "hparams.json")), str(model_dir), seed=3)
+    assert (model_dir / BIG).read_bytes() != (FIXTURE / BIG).read_bytes()
+    for content_md5 in (True, False):  # the server's MD5 differs; a server without one cannot vouch for it
+        server = Mirror(content_md5=content_md5)
+        try:
+            assert_same_as_fixture(fetch(server.url, tmp_path))
+            assert BIG in server.heads and (BIG, None) in server.requests
+        finally:
+            server.close()
+        err = capsys.readouterr().err
+        assert ("its MD5 differs from the server's" if content_md5 else "server gives no checksum") in err
+        manifest = json.loads((model_dir / ".download.json").read_text())
+        assert manifest["files"][BIG]["url"].endswith("/124M/" + BIG)
+        gpt2.write_random_checkpoint(gpt2.HParams.from_json(str(FIXTURE / "hparams.json")), str(model_dir), seed=4)
+        assert not (model_dir / ".download.json").exists()  # writing a checkpoint drops the record
+
+    # The server's own files, copied in by hand, are accepted on its size and MD5 without a download.
+    for name in download.FILES:
+        (model_dir / name).write_bytes((FIXTURE / name).read_bytes())
+    server = Mirror()
+    try:
+        assert_same_as_fixture(fetch(server.url, tmp_path))
+        assert server.requests == [] and BIG in server.heads
+    finally:
+        server.close()
+    manifest = json.loads((model_dir / ".download.json").read_text())
+    assert manifest["files"][BIG]["etag"] == server.etag(BIG) and manifest["files"][BIG]["url"] is not None
+    assert manifest["files"]["vocab.bpe"]["url"] is None  # GPT-2's BPE files are known by their sha256

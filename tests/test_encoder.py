@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 
 import numpy as np
@@ -490,3 +491,110 @@ def test_newly_assigned_characters_match_tiktoken(enc):
     chars = probes + differing[::13] + ["a", "1", " ", "'"]
     for text in ["\U00018FA9'd", *text_around(random.Random(22), chars, 4000)]:
         assert enc.encode(text) == reference.encode_ordinary(text), repr(text)
+
+
+# --- issue 24 item 12: damaged BPE files are refused ------------------------------------------------------
+
+
+def copy_openai_files(tmp_path, names=("encoder.json", "vocab.bpe")):
+    from encoder.encoder import PACKAGE_DIR
+
+    model_dir = tmp_path / "models" / "x"
+    model_dir.mkdir(parents=True)
+    for source, name in zip(("encoder.json", "vocab.bpe"), names):
+        shutil.copyfile(os.path.join(PACKAGE_DIR, source), model_dir / name)
+    return model_dir
+
+
+def test_item12_short_vocab_bpe_is_refused(tmp_path):
+    model_dir = copy_openai_files(tmp_path)
+    data = (model_dir / "vocab.bpe").read_bytes()
+    (model_dir / "vocab.bpe").write_bytes(data[:-109])  # the issue's file: 109 bytes short
+    message = load_error(str(tmp_path / "models"), ValueError)
+    assert message.startswith(f"{model_dir / 'vocab.bpe'}: 456209 bytes (sha256 ")
+    assert "but OpenAI's GPT-2 vocab.bpe is 456318 bytes (sha256 1ce1664773c50f3e...)" in message
+    # One edited merge (same size) is refused too; so is an edited encoder.json.
+    (model_dir / "vocab.bpe").write_bytes(data.replace(b"\nh e\n", b"\ne h\n", 1))
+    assert "OpenAI's GPT-2 vocab.bpe is 456318 bytes" in load_error(str(tmp_path / "models"), ValueError)
+    (model_dir / "vocab.bpe").write_bytes(data)
+    vocab = json.loads((model_dir / "encoder.json").read_text(encoding="utf-8"))
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]
+    (model_dir / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
+    assert "OpenAI's GPT-2 encoder.json is 1042301 bytes" in load_error(str(tmp_path / "models"), ValueError)
+
+
+def test_item12_openai_files_with_other_line_endings_or_layout_load(tmp_path, enc):
+    model_dir = copy_openai_files(tmp_path)
+    crlf = (model_dir / "vocab.bpe").read_bytes().replace(b"\n", b"\r\n")
+    (model_dir / "vocab.bpe").write_bytes(crlf)  # e.g. checked out on Windows with autocrlf
+    vocab = json.loads((model_dir / "encoder.json").read_text(encoding="utf-8"))
+    (model_dir / "encoder.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
+    loaded = get_encoder("x", str(tmp_path / "models"))
+    assert loaded.bpe_ranks == enc.bpe_ranks and loaded.encoder == enc.encoder
+
+
+def test_item12_merges_count_is_checked_against_the_vocabulary(tmp_path):
+    from encoder import encoder_for_model_dir
+
+    # Hugging Face's names are not OpenAI's files: the count of merges is checked instead.
+    model_dir = copy_openai_files(tmp_path, names=("vocab.json", "merges.txt"))
+    assert encoder_for_model_dir(str(model_dir)).encode("Hello world") == [15496, 995]
+    lines = (model_dir / "merges.txt").read_bytes().split(b"\n")
+    (model_dir / "merges.txt").write_bytes(b"\n".join(lines[:-11] + [b""]))  # the last 10 merges lost
+    with pytest.raises(ValueError) as info:
+        encoder_for_model_dir(str(model_dir))
+    assert str(info.value) == (
+        f"{model_dir / 'merges.txt'}: 49990 merges, but the 50257 tokens of {model_dir / 'vocab.json'} imply 50000 "
+        f"(256 bytes and 1 special tokens need none) and 10 tokens (e.g. 'Commission') are made by no merge: "
+        f"the file is truncated or belongs to another vocabulary"
+    )
+    # Small vocabularies: special tokens (<...> tokens no merge makes) need no merge; other tokens do.
+    models_dir = write_model(tmp_path / "small", small_vocab("ab", "<pad>"), "#version: 0.2\na b\n")
+    assert get_encoder("x", models_dir).encode("ab") == [256]
+    models_dir = write_model(tmp_path / "orphan", small_vocab("ab", "cd"), "#version: 0.2\na b\n")
+    assert "1 merges, but the 259 tokens" in load_error(models_dir, ValueError)
+    assert "1 tokens (e.g. 'cd') are made by no merge" in load_error(models_dir, ValueError)
+
+
+# --- issue 24 item 14: small errors that were still raw -------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [[True], [15496, False], (True,), [np.True_]])
+def test_item14_decode_refuses_bools(enc, ids):
+    with pytest.raises(ValueError, match=r"invalid token id (np.)?(True|False)_? \(bool_?\): ids must be integers"):
+        enc.decode(ids)
+    with pytest.raises(ValueError, match="ids must be integers"):
+        enc.stream_decoder().push(ids[-1])
+
+
+def test_item14_encode_file_names_the_file_offset_and_encoding(enc, tmp_path):
+    path = tmp_path / "latin.txt"
+    text = "Caf\u00e9 cr\u00e8me " * 50
+    path.write_bytes(text.encode("latin-1"))
+    for chunk_chars in (1, 7, 1 << 20):  # the offset is the file's, whatever the reads
+        with pytest.raises(ValueError) as info:
+            list(enc.encode_file(str(path), chunk_chars=chunk_chars))
+        assert str(info.value) == (
+            f"{path}: not UTF-8 text (invalid continuation byte at byte 3); give the file's encoding with "
+            "--encoding (e.g. --encoding latin-1)"
+        )
+    ids = np.concatenate(list(enc.encode_file(str(path), chunk_chars=7, encoding="latin-1"))).tolist()
+    assert ids == enc.encode(text)
+    path.write_bytes("\u00e9".encode()[:1])  # cut inside a character at the end
+    with pytest.raises(ValueError, match="at the end of the file"):
+        list(enc.encode_file(str(path)))
+    with pytest.raises(ValueError, match="unknown text encoding 'no-such'"):
+        list(enc.encode_file(str(path), encoding="no-such"))
+
+
+def test_item14_utf8_byte_order_mark_is_not_text(enc, tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello world\r\n")
+    for chunk_chars in (1, 2, 3, 4, 1 << 20):
+        ids = np.concatenate(list(enc.encode_file(str(path), chunk_chars=chunk_chars))).tolist()
+        assert ids == enc.encode("Hello world\r\n")
+    path.write_bytes(b"Hello\xef\xbb\xbf")  # elsewhere it is a character of the text (U+FEFF)
+    assert np.concatenate(list(enc.encode_file(str(path)))).tolist() == enc.encode("Hello\ufeff")
+    path.write_bytes(b"\xef\xbb\xbf\xff")
+    with pytest.raises(ValueError, match="at byte 3"):
+        list(enc.encode_file(str(path)))

@@ -464,3 +464,13 @@ def test_importing_tensorflow_prints_no_cuda_or_onednn_lines():
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip()
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("stdin", ["none", "closed"])
+def test_item14_interactive_with_stdin_closed_is_a_one_line_error(capsys, monkeypatch, stdin):
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", None if stdin == "none" else closed)  # `generate.py --interactive <&-`
+    code, out, err = run(capsys, monkeypatch, "--model", TINY, "--interactive")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, "--interactive reads prompts from standard input, which is closed", "--prompt")

@@ -318,3 +318,102 @@ def test_help_and_hf_module_need_neither_tensorflow_nor_safetensors():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--overwrite" in result.stdout and "default: off" in result.stdout
+
+
+# --- issue 24 item 15: hostile config.json and index files ------------------------------------------
+
+
+def test_item15_deeply_nested_or_huge_config_json_is_refused(hub_folder, tmp_path):
+    folder = tmp_path / "deep"
+    shutil.copytree(hub_folder, folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError) as error:
+        gpt2.checkpoint.read_hparams(str(folder))
+    assert str(error.value) == f"{folder / 'config.json'}: not a usable JSON file (nested too deeply)"
+    (folder / "config.json").write_text(json.dumps(HUB_CONFIG | {"padding": " " * (hf.MAX_CONFIG_BYTES)}))
+    with pytest.raises(CheckpointError) as error:
+        gpt2.load_model(str(folder))
+    too_large = "larger than 1 MiB, too large for this file; is it the right file?"
+    assert str(error.value) == f"{folder / 'config.json'}: {too_large}"
+    (folder / "config.json").write_text(json.dumps(HUB_CONFIG | {"padding": " " * (hf.MAX_CONFIG_BYTES // 2)}))
+    assert gpt2.checkpoint.read_hparams(str(folder)).n_layer == 2  # big but within the cap
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "sub/model.safetensors",
+                                   "..\\outside.safetensors", "model.bin", 7])
+def test_item15_index_shards_outside_the_folder_are_refused(tmp_path, fixture_tensors, shard):
+    folder = make_folder(tmp_path / "sharded", hub_tensors(fixture_tensors), shards=2)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError) as error:
+        gpt2.load_model(folder)
+    assert str(error.value) == (
+        f"{index_path}: shard {shard!r} is not a .safetensors file name in the folder (no paths allowed); "
+        "refusing the index"
+    )
+    with open(index_path, "w", encoding="utf-8") as f:
+        f.write('{"weight_map": ' * 50_000 + "{}" + "}" * 50_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        gpt2.load_model(folder)
+
+
+# --- issue 24 item 19: config.json as transformers writes it --------------------------------------
+
+# What `GPT2LMHeadModel.from_pretrained("gpt2").save_pretrained(DIR)` writes as config.json
+# (transformers 4.57: GPT2Config.to_diff_dict(), i.e. every GPT2Config setting, the base keys whose
+# values differ from PretrainedConfig's defaults, and the hub config's n_ctx and
+# task_specific_params). Written down here from transformers' GPT2Config defaults and the hub's
+# gpt2 config.json, not by running transformers (not a dependency of this project).
+TRANSFORMERS_124M_CONFIG = {
+    "activation_function": "gelu_new",
+    "architectures": ["GPT2LMHeadModel"],
+    "attn_pdrop": 0.1,
+    "bos_token_id": 50256,
+    "dtype": "float32",
+    "embd_pdrop": 0.1,
+    "eos_token_id": 50256,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "gpt2",
+    "n_ctx": 1024,
+    "n_embd": 768,
+    "n_head": 12,
+    "n_inner": None,
+    "n_layer": 12,
+    "n_positions": 1024,
+    "reorder_and_upcast_attn": False,
+    "resid_pdrop": 0.1,
+    "scale_attn_by_inverse_layer_idx": False,
+    "scale_attn_weights": True,
+    "summary_activation": None,
+    "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True,
+    "summary_type": "cls_index",
+    "summary_use_proj": True,
+    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+    "transformers_version": "4.57.1",
+    "use_cache": True,
+    "vocab_size": 50257,
+}
+
+
+def test_item19_config_json_holds_every_key_transformers_writes(tmp_path):
+    config = hf.config_from_hparams(gpt2.PRESETS["124M"])
+    assert sorted(config) == sorted(TRANSFORMERS_124M_CONFIG)
+    assert config == TRANSFORMERS_124M_CONFIG
+    assert json.dumps(config, sort_keys=True) == json.dumps(TRANSFORMERS_124M_CONFIG, sort_keys=True)  # types too
+
+    # What the converter writes: the same keys, at the folder's shape, n_ctx included
+    # (llama.cpp's convert_hf_to_gguf.py reads hparams["n_ctx"] for GPT-2).
+    hf_dir = str(tmp_path / "hf")
+    assert convert.main(["--to", "hf", TINY_MODEL, hf_dir]) == 0
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+        written = json.load(f)
+    shape = {"n_ctx": 64, "n_positions": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
+    assert written == TRANSFORMERS_124M_CONFIG | shape
+    assert hf.read_hparams(hf_dir) == gpt2.HParams.from_json(os.path.join(TINY_MODEL, "hparams.json"))

@@ -323,3 +323,96 @@ def test_evaluate_help_does_not_import_tensorflow():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_item14_evaluate_reads_other_encodings_and_a_byte_order_mark(run_cli, tmp_path):
+    text = "Z\u00fcrich caf\u00e9, na\u00efve. " * 5
+    utf8 = write(tmp_path, "utf8.txt", text)
+    latin = write(tmp_path, "latin.txt", text.encode("latin-1"))
+    bom = write(tmp_path, "bom.txt", b"\xef\xbb\xbf" + text.encode("utf-8"))
+    code, out, err = run_cli("--json", latin)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.strip() == (f"error: {latin}: not UTF-8 text (invalid start byte at byte 1); give the file's "
+                           "encoding with --encoding (e.g. --encoding latin-1)")
+    results = [run_cli("--json", *args) for args in ([utf8], ["--encoding", "latin-1", latin], [bom])]
+    assert [code for code, _, _ in results] == [0, 0, 0]
+    figures = [json.loads(out) for _, out, _ in results]
+    assert figures[0] == figures[1] == figures[2]  # same text, same tokens, same UTF-8 byte count
+
+
+# ----------------------------------------------------------------------------- issue 24 item 21
+
+
+def naive_hf_perplexity(model, tokens, stride):
+    """(nll_sum, n_tokens) of Hugging Face's documented recipe ("Perplexity of fixed-length
+    models"), transcribed line for line with NumPy in place of torch: labels masked with -100, the
+    loss a mean over the shifted valid labels, weighted by num_valid_tokens - batch_size."""
+    encodings = np.array([list(tokens)])
+    max_length, seq_len = N_CTX, encodings.shape[1]
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.copy()
+        target_ids[:, :-trg_len] = -100
+        logits = model(input_ids)["logits"].numpy().astype(np.float64)
+        shift_logits, shift_labels = logits[:, :-1], target_ids[:, 1:]  # what the model's loss does
+        valid = shift_labels != -100
+        logprobs = log_softmax(shift_logits)
+        picked = np.take_along_axis(logprobs, np.where(valid, shift_labels, 0)[..., None], -1)[..., 0]
+        neg_log_likelihood = -picked[valid].mean()
+        num_valid_tokens = int((target_ids != -100).sum())
+        batch_size = target_ids.shape[0]
+        num_loss_tokens = num_valid_tokens - batch_size
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum, n_tokens
+
+
+@pytest.mark.parametrize("stride, batch_size", [(64, 4), (32, None), (16, 4), (24, 4), (5, 4)])
+def test_item21_hf_windows_equal_hugging_faces_recipe(tiny_model, long_tokens, stride, batch_size):
+    expected_nll, expected_tokens = naive_hf_perplexity(tiny_model, long_tokens, stride)
+    windows = []
+    result = gpt2.perplexity(tiny_model, long_tokens, stride=stride, batch_size=batch_size,
+                             progress=windows.append, windows="hf")
+    assert result.tokens == expected_tokens
+    assert result.total_nll == pytest.approx(expected_nll, rel=1e-6)
+    assert sum(windows) == result.windows == gpt2.scoring.window_count(150, N_CTX, stride, "hf")
+    assert result.windows == len(range(0, 150 - N_CTX + stride, stride))  # the recipe's loop, to its break
+    # The two conventions differ (other contexts, other weights), and the default is rolling.
+    rolling_nll, rolling_tokens = naive_perplexity(tiny_model, long_tokens, stride)
+    assert gpt2.perplexity(tiny_model, long_tokens, stride=stride).total_nll == pytest.approx(rolling_nll, rel=1e-6)
+    assert rolling_tokens == 149 and result.mean_nll != pytest.approx(rolling_nll / rolling_tokens, rel=1e-9)
+
+
+def test_item21_hf_windows_read_a_stream_and_short_inputs(tiny_model, long_tokens):
+    tokens = np.tile(long_tokens, 3)[:400]
+    whole = gpt2.perplexity(tiny_model, tokens, stride=64, batch_size=4, windows="hf")
+    streamed = gpt2.perplexity(tiny_model, (tokens[i:i + 16] for i in range(0, 400, 16)), stride=64,
+                               batch_size=4, windows="hf")
+    assert (streamed.tokens, streamed.windows) == (whole.tokens, whole.windows) == (400 - 7, 7)  # 63 per window
+    assert streamed.total_nll == pytest.approx(whole.total_nll, rel=1e-9)
+    assert gpt2.perplexity(tiny_model, [EOT], windows="hf").windows == 0
+    nll, count = naive_hf_perplexity(tiny_model, long_tokens[:10], 32)
+    short = gpt2.perplexity(tiny_model, long_tokens[:10], windows="hf")
+    assert (short.tokens, short.total_nll) == (count, pytest.approx(nll, rel=1e-6)) and count == 9
+    with pytest.raises(ValueError, match="windows must be one of 'rolling', 'hf', got 'lm'"):
+        gpt2.perplexity(tiny_model, long_tokens, windows="lm")
+
+
+def test_item21_evaluate_windows_option(run_cli, tiny_model, tmp_path, capsys):
+    path = write(tmp_path, "in.txt", TEXTS[0])
+    ids = [EOT] + get_encoder().encode(TEXTS[0])
+    code, out, err = run_cli("--json", "--windows", "hf", "--stride", "16", path)
+    assert code == 0, err
+    nll, count = naive_hf_perplexity(tiny_model, ids, 16)
+    figures = json.loads(out)
+    assert figures["tokens"] == count and figures["nll"] == pytest.approx(nll / count, rel=1e-6)
+    with pytest.raises(SystemExit):
+        evaluate.build_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "lm-evaluation-harness's rolling" in help_text and "Hugging Face's documented recipe" in help_text

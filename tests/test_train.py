@@ -505,3 +505,51 @@ def test_learning_rate_schedule_and_weight_decay_exclusions():
     decayed = {name for name, v in model_variables(model).items() if optimizer._use_weight_decay(v)}
     assert decayed == {"model/wte", "model/wpe"} | {
         f"model/h{i}/{path}/w" for i in range(2) for path in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")}
+
+
+# --- issue 24 item 16: a tampered train_state/latest.json ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, small):
+    """An output folder after 2 steps, saved at step 2."""
+    output = str(tmp_path_factory.mktemp("saved-run") / "run")
+    finetune(gpt2.load_model(small), random_tokens(), output, steps=2, batch_size=2, seq_len=16, save_every=2,
+             progress=False)
+    return output
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r.pop("model_sha256"), 'expected a JSON object with exactly the keys "step", "state"'),
+    (lambda r: r.update(step="2"), "\"step\" must be an integer >= 0, got '2'"),
+    (lambda r: r.update(step=True), '"step" must be an integer >= 0, got True'),
+    (lambda r: r.update(state="../../other/train_state/state-2"),
+     "\"state\" must be \"state-2\", the state files of that step in "),
+    (lambda r: r.update(state="/tmp/state-2"), "got '/tmp/state-2'"),
+    (lambda r: r.update(state="state-3"), "got 'state-3'"),
+    (lambda r: r.update(state=["state-2"]), "got ['state-2']"),
+    (lambda r: r.update(model_sha256=None), '"model_sha256" must be 64 hex digits, got None'),
+])
+def test_item16_tampered_latest_json_is_refused(tmp_path, saved_run, edit, problem):
+    from gpt2.train.state import TrainState
+
+    output = str(tmp_path / "run")
+    shutil.copytree(saved_run, output)
+    # Another run's state, which a path in latest.json must not reach.
+    shutil.copytree(os.path.join(output, "train_state"), tmp_path / "other" / "train_state")
+    path = os.path.join(output, "train_state", "latest.json")
+    with open(path) as f:
+        record = json.load(f)
+    assert record["state"] == "state-2"
+    edit(record)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with open(os.path.join(output, "train_state", "settings.json")) as f:
+        settings = json.load(f)
+    state = TrainState(output, settings, {})
+    for call in (state.last_step, state.restore):
+        with pytest.raises(TrainingError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"--resume: {path} is not a valid training state record (") and "\n" not in message
+        assert problem in message and message.endswith("it was edited or damaged; start over with --overwrite")

@@ -178,21 +178,21 @@ def _progress_bar(files, progress):
 
 def _text_chunks(path, bar=None):
     """The text of a UTF-8 file in chunks; DatasetError for unreadable, binary or non-UTF-8 files."""
+    from encoder import read_text_chunks
+
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            while True:
-                chunk = f.read(TEXT_CHUNK_CHARS)
-                if not chunk:
-                    return
-                if "\x00" in chunk:
-                    raise DatasetError(f"{path}: binary file (it holds NUL bytes); --dataset takes UTF-8 "
-                                       "text files or .npy/.npz token files")
-                if bar is not None:
-                    bar.update(len(chunk.encode("utf-8")))
-                yield chunk
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error.reason}); --dataset takes UTF-8 text files "
-                           "or .npy/.npz token files") from None
+        hint = "--dataset takes UTF-8 text files or .npy/.npz token files"
+        for chunk in read_text_chunks(path, "utf-8", TEXT_CHUNK_CHARS, hint=hint):
+            if "\x00" in chunk:
+                raise DatasetError(f"{path}: binary file (it holds NUL bytes); --dataset takes UTF-8 "
+                                   "text files or .npy/.npz token files")
+            if bar is not None:
+                bar.update(len(chunk.encode("utf-8")))
+            yield chunk
+    except DatasetError:
+        raise
+    except ValueError as error:  # not UTF-8: the message names the file and the byte
+        raise DatasetError(str(error)) from None
     except OSError as error:
         raise DatasetError(f"{path}: cannot read ({error.strerror or error})") from None
 

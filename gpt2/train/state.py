@@ -19,6 +19,7 @@ TensorFlow is imported only where the state is written or read.
 import filecmp
 import json
 import os
+import re
 import shutil
 
 from gpt2.checkpoint import file_sha256
@@ -77,12 +78,43 @@ def read_json(path):
             return json.load(f)
     except (OSError, ValueError) as error:
         raise TrainingError(f"{path}: unreadable ({error}); start without --resume") from None
+    except RecursionError:
+        raise TrainingError(f"{path}: unreadable (JSON nested too deeply); start without --resume") from None
+
+
+# latest.json names its state files by this pattern only, inside train_state/: never a path.
+_STATE_NAME = re.compile(r"state-(0|[1-9][0-9]{0,17})")
+
+
+def read_latest(state_dir):
+    """The record of the last save, `latest.json`, checked: {"step": int >= 0, "state":
+    "state-<step>" (a name inside `state_dir`, never a path), "model_sha256": 64 hex digits}."""
+    path = os.path.join(state_dir, LATEST_FILE)
+    latest = read_json(path)
+    problem = None
+    if not isinstance(latest, dict) or set(latest) != {"step", "state", "model_sha256"}:
+        problem = 'expected a JSON object with exactly the keys "step", "state" and "model_sha256"'
+    elif type(latest["step"]) is not int or latest["step"] < 0:
+        problem = f'"step" must be an integer >= 0, got {_short(latest["step"])}'
+    elif not isinstance(latest["state"], str) or not _STATE_NAME.fullmatch(latest["state"]) \
+            or latest["state"] != f"state-{latest['step']}":
+        problem = f'"state" must be "state-{latest["step"]}", the state files of that step in {state_dir}, ' \
+                  f"got {_short(latest['state'])}"
+    elif not isinstance(latest["model_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", latest["model_sha256"]):
+        problem = f'"model_sha256" must be 64 hex digits, got {_short(latest["model_sha256"])}'
+    if problem:
+        raise TrainingError(f"--resume: {path} is not a valid training state record ({problem}); it was edited "
+                            "or damaged; start over with --overwrite")
+    return latest
 
 
 def check_settings(output, settings):
     """--resume: the saved settings must equal `settings` (a JSON-able dict)."""
     path = os.path.join(output, STATE_DIR, SETTINGS_FILE)
     saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise TrainingError(f"--resume: {path} is not a settings record (a JSON object); it was edited or "
+                            "damaged; start over with --overwrite")
     changed = [f"{key} {_short(saved.get(key))} there, {_short(settings.get(key))} now"
                for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
     if changed:
@@ -133,13 +165,13 @@ class TrainState:
     def last_step(self):
         """The step of the last save (None if there is none)."""
         path = os.path.join(self.dir, LATEST_FILE)
-        return read_json(path)["step"] if os.path.isfile(path) else None
+        return read_latest(self.dir)["step"] if os.path.isfile(path) else None
 
     def restore(self):
         """Restores the state of the last save; returns its step. The model folder must be the
         one that save wrote (its weights are read by the caller)."""
         check_settings(self.output, self.settings)
-        latest = read_json(os.path.join(self.dir, LATEST_FILE))
+        latest = read_latest(self.dir)
         if os.path.isfile(os.path.join(self.output, "model.ckpt.index")):
             found = model_fingerprint(self.output)
         else:
