@@ -522,7 +522,8 @@ def test_item17_ctrl_c_while_compiling_the_sampler_exits_with_one_line(tmp_path)
     says it is compiling; nothing is printed on stdout (no sample: the run stopped in the load)."""
     import signal
 
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    # No TF_XLA_FLAGS: this process's compilation cache names its own folder there.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS")}
     env.update(GPT2_CACHE_DIR=str(tmp_path / "cache"), GPT2_DIRECT_TOKENS="0")
     process = _start_with_sigint_restored([sys.executable, "generate.py", *greedy("--prompt", "hi")], env)
     try:
