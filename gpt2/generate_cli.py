@@ -19,7 +19,7 @@ import textwrap
 import threading
 
 from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
-                      import_tensorflow)
+                      import_tensorflow, quiet_tensorflow, say_compiling)
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import positive_int as _positive_int
@@ -255,12 +255,14 @@ def main(argv=None):
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    import_tensorflow()  # quietly, before anything else imports it
+    quiet_tensorflow()  # before anything imports it
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS
     from gpt2.sampling import settings as settings_lib
 
+    # The model folder, its settings and the prompt are checked before TensorFlow is imported
+    # (seconds), so a mistyped name is answered at once.
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = read_hparams(model_dir)
     enc = encoder_for_model_dir(model_dir)
@@ -545,8 +547,7 @@ class _Sampler:
     @staticmethod
     def _say_compiling():
         """Tells the user why the first sample of a batch size takes a while."""
-        print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
-              flush=True)
+        say_compiling("sampler")
 
     def _stream_one(self, steps, out):
         """Writes one row's text as its tokens arrive (complete characters only)."""
