@@ -126,3 +126,20 @@ def test_item18_evaluate_says_it_is_compiling_the_scorer(tmp_path):
     assert bars[0].startswith("compiling:") and bars[-1].startswith("scoring: 100%"), bars
     assert '"perplexity"' in done.stdout
 
+
+def test_item20_readme_says_what_to_do_offline_without_random_weights_under_a_released_name():
+    """The README's first commands need the network; the section gives the ways on without it,
+    and every random checkpoint it suggests goes to a folder of its own name."""
+    import re
+
+    from gpt2.hparams import OLD_NAMES, PRESETS
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Install and two commands", 1)[1].split("\n## ", 1)[0]
+    for step in ("does not resolve", "--base-url", "$GPT2_BASE_URL", "--model path/to/124M",
+                 "python -m gpt2.checkpoint --random 124M models/random-124M", "gibberish"):
+        assert step in section, step
+    released = set(PRESETS) | set(OLD_NAMES)
+    targets = re.findall(r"gpt2\.checkpoint --random \S+ (\S+)", readme)
+    assert targets and all(os.path.basename(target.rstrip("/")) not in released for target in targets), targets
