@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 
 from gpt2 import compile_cache
-from gpt2.cli import quiet_tensorflow
+from gpt2.cli import current_umask, quiet_tensorflow
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams, summarize
 
 CHECKPOINT_PREFIX = "model.ckpt"
@@ -600,6 +600,7 @@ def _write_state(model_dir, prefix):
         f.flush()
         os.fsync(f.fileno())
     try:
+        os.chmod(f.name, 0o666 & ~current_umask())  # tempfile's 0600 -> the mode of the other files
         os.replace(f.name, path)
     except BaseException:
         os.remove(f.name)

@@ -126,6 +126,13 @@ def machine_key():
     return f"{platform.machine() or 'cpu'}-{hashlib.sha256(repr(facts).encode()).hexdigest()[:16]}"
 
 
+def holds_entries():
+    """Whether this process found verified entries in the shared folder (TensorFlow may load its
+    program from one of them rather than compile it; entries are named by hashes, so which
+    program each holds is not known)."""
+    return bool(_state["taken"])
+
+
 def untrusted(folder):
     """Why `folder` may not hold programs this process runs ("is owned by uid 0, not you (uid
     1000)", "is writable by group and others (mode 0777)"), or None if it may. POSIX only: on

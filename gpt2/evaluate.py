@@ -22,6 +22,8 @@ from gpt2.cli import (
     add_model_arguments,
     EXIT_OK,
     import_tensorflow,
+    quiet_tensorflow,
+    say_compiling,
 )
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import number as _number
@@ -106,14 +108,14 @@ def main(argv=None):
 
 def _run(args):
     sizes = [check_text_file(path, args.encoding) for path in args.files]
-    import_tensorflow()  # quietly, before anything else imports it
+    quiet_tensorflow()  # before anything imports it
     from tqdm import tqdm
 
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, resolve_model_dir
     from gpt2.hparams import HParams
-    from gpt2.scoring import perplexity, window_count
 
+    # The files and the model folder are checked before TensorFlow is imported (seconds).
     model_dir = resolve_model_dir(args.model, args.models_dir)
     n_ctx = HParams.from_json(os.path.join(model_dir, "hparams.json")).n_ctx
     stride = n_ctx // 2 if args.stride is None else args.stride
@@ -126,13 +128,23 @@ def _run(args):
 
     # A first, cheap encoding pass counts the windows, so the progress bar has a total.
     counts = [sum(len(chunk) for chunk in tokens_of(path)) for path in args.files]
+    import_tensorflow()
+    from gpt2.scoring import perplexity, window_count
+
     model = _load_model(model_dir, load_model)
     rows = []
-    with tqdm(total=sum(window_count(n, n_ctx, stride, args.windows) for n in counts), desc="scoring",
+    say_compiling("scorer")  # the first call compiles it: the bar says "compiling" until then
+    with tqdm(total=sum(window_count(n, n_ctx, stride, args.windows) for n in counts), desc="compiling",
               unit="window", file=sys.stderr) as bar:
+
+        def progress(windows):
+            if bar.n == 0:
+                bar.set_description("scoring", refresh=False)
+            bar.update(windows)
+
         for path, size in zip(args.files, sizes):
             result = perplexity(model, tokens_of(path), stride=stride, batch_size=args.batch_size,
-                                progress=bar.update, windows=args.windows)
+                                progress=progress, windows=args.windows)
             rows.append((path, result.tokens, result.total_nll, size))
     total = ("total", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows))
     if args.json:

@@ -42,7 +42,7 @@ def _batch_sizes(text):
 
 
 def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models_dir=DEFAULT_MODELS_DIR,
-                 jit_compile=True, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_sizes=None):
+                 jit_compile=True, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_sizes=None, progress=None):
     """Writes the SavedModel of `model` (a model folder, or a name under `models_dir`) to
     `output/<version>` and returns that path.
 
@@ -51,6 +51,8 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     `--xla_cpu_compilation_enabled=true`). max_new_tokens: the most new tokens a request may ask for.
     batch_sizes: the batch sizes the decode loop is built (and compiled) for; a request's rows are
     padded to the smallest that holds them (default: gpt2.savedmodel.default_batch_sizes).
+    progress(step, steps, message): called as each step starts (loading, building each signature,
+    writing); building the generation signature takes longest (minutes for the larger models).
     """
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError(f"version must be an integer >= 0, got {version!r}")
@@ -59,6 +61,13 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     from gpt2.checkpoint import resolve_model_dir
 
     model_dir = resolve_model_dir(model, models_dir)
+    steps = 5
+
+    def say(step, message):
+        if progress is not None:
+            progress(step, steps, message)
+
+    say(1, f"loading {model_dir}")
     import_tensorflow()  # quietly, before anything else imports it
     import tensorflow as tf
 
@@ -78,6 +87,16 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
             assets.append(os.path.join(bpe_dir, name))
             shutil.copyfile(source, assets[-1])
         module = ServingModule(loaded, max_new_tokens, assets, jit_compile=jit_compile, batch_sizes=batch_sizes)
+        # Each signature is traced (its graph built) here, one by one, so that progress can be
+        # shown; tf.saved_model.save then reuses the traces.
+        sizes = ", ".join(map(str, module.batch_sizes))
+        say(2, f"compiling serving_default (the generation loop for batch sizes {sizes})")
+        module.generate.get_concrete_function()
+        say(3, "compiling logits")
+        module.logits.get_concrete_function()
+        say(4, "compiling score")
+        module.score.get_concrete_function()
+        say(5, f"writing {target}")
         saved = os.path.join(staging, "saved")
         tf.saved_model.save(module, saved, signatures=module.signatures())
         move_into_place(saved, target)
@@ -142,8 +161,13 @@ def main(argv=None):
 
 def _run(args):
     start = time.perf_counter()
+
+    def progress(step, steps, message):  # on stderr: stdout has the result line only
+        print(f"[{step}/{steps}, {time.perf_counter() - start:.0f} s] {message}...", file=sys.stderr, flush=True)
+
     target = export_model(args.model, args.output, args.version, args.overwrite, args.models_dir,
-                          jit_compile=args.xla, max_new_tokens=args.max_new_tokens, batch_sizes=args.batch_sizes)
+                          jit_compile=args.xla, max_new_tokens=args.max_new_tokens, batch_sizes=args.batch_sizes,
+                          progress=progress)
     print(f"wrote {target} ({folder_bytes(target) / (1 << 20):.0f} MiB, {time.perf_counter() - start:.0f} s); "
           "signatures: serving_default (generate), logits, score")
     return EXIT_OK

@@ -16,9 +16,10 @@ import concurrent.futures
 import os
 import sys
 import textwrap
+import threading
 
 from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
-                      import_tensorflow)
+                      import_tensorflow, quiet_tensorflow, say_compiling)
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import positive_int as _positive_int
@@ -229,8 +230,11 @@ def main(argv=None):
     sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as interrupt:
+        code = _fail("interrupted", EXIT_INTERRUPTED)
+        if isinstance(interrupt, _Abandoned):
+            _exit_now(code)
+        return code
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
@@ -251,12 +255,14 @@ def main(argv=None):
 
 def _run(args):
     mode, prompt_text = _prompt_source(args)
-    import_tensorflow()  # quietly, before anything else imports it
+    quiet_tensorflow()  # before anything imports it
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.hparams import OLD_NAMES, PRESETS
     from gpt2.sampling import settings as settings_lib
 
+    # The model folder, its settings and the prompt are checked before TensorFlow is imported
+    # (seconds), so a mistyped name is answered at once.
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = read_hparams(model_dir)
     enc = encoder_for_model_dir(model_dir)
@@ -272,6 +278,7 @@ def _run(args):
         return _interactive(sampler)
     prompt_ids = sampler.check_prompt([enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text))
     # After the checks: loading takes a while. The sampler compiles before the weights are read.
+    sampler.abandon_compiles = True  # Ctrl-C ends the run: a compile need not be waited for
     sampler.load(model_dir, load_model)
     sampler.print_samples(prompt_ids, prompt_number=0)
     return EXIT_OK
@@ -280,6 +287,54 @@ def _run(args):
 def _load_model(model_dir, load_model, **options):
     """Loads the model; a seam for tests, which reuse one loaded model across many runs."""
     return load_model(model_dir, **options)
+
+
+class _Abandoned(KeyboardInterrupt):
+    """Ctrl-C while a worker thread was inside TensorFlow (compiling, reading weights): the
+    process must end at once, see _exit_now."""
+
+
+def _in_thread(function, *args):
+    """Starts function(*args) in a daemon thread; returns a Future of its result. (Not a
+    ThreadPoolExecutor: the interpreter waits for those at exit, and a compile can take minutes.)"""
+    future = concurrent.futures.Future()
+
+    def work():
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(error)
+
+    threading.Thread(target=work, name="gpt2-generate-worker", daemon=True).start()
+    return future
+
+
+def _wait_for(future):
+    """The future's result. TensorFlow's compiles and weight reads are long calls into C++ that
+    Ctrl-C cannot stop, so they run in a worker thread (_in_thread) and the main thread waits here,
+    where Ctrl-C arrives at once: it abandons the worker by raising _Abandoned."""
+    try:
+        while True:
+            try:
+                return future.result(timeout=0.2)  # short waits: Ctrl-C arrives on Windows too
+            except concurrent.futures.TimeoutError:
+                continue
+    except KeyboardInterrupt:
+        raise _Abandoned from None
+
+
+def _exit_now(code):
+    """Ends the process with `code` without the interpreter's shutdown, which would wait for
+    the abandoned worker thread or abort inside TensorFlow's C++ while that thread still runs
+    ("terminate called ...", exit 134). atexit functions are skipped: the compilation cache's
+    new entries are not published (the interrupted compile made none), and its private folder is
+    removed by the next run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
@@ -409,16 +464,28 @@ class _Sampler:
         self.stop_token = stop_token
         self.stream = stream
         self.jit_compile = False if args.no_xla else None  # None: the model's default
+        # Ctrl-C during a compile abandons it (ending the run), rather than waiting for it to end
+        # (an interactive session goes on after Ctrl-C, so it waits: see _interactive).
+        self.abandon_compiles = False
 
     def load(self, model_dir, load_model):
-        """Loads the model with the sampler made ready beside it (see load_options)."""
+        """Loads the model with the sampler made ready beside it (see load_options), in a worker
+        thread that Ctrl-C abandons (see _wait_for). TensorFlow is imported first, here: its import
+        catches file descriptor 2 for a moment (gpt2.cli), which must not hide the message of a
+        Ctrl-C."""
+        import_tensorflow()
         self._tracing = None
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-4)  # the reading thread gets the GIL back at once between ops
-        try:
-            self.model = _load_model(model_dir, load_model, **self.load_options())
+
+        def load_and_trace():
+            model = _load_model(model_dir, load_model, **self.load_options())
             if self._tracing is not None:
                 self._tracing.result()  # raises what tracing raised
+            return model
+
+        try:
+            self.model = _wait_for(_in_thread(load_and_trace))
         finally:
             sys.setswitchinterval(interval)
 
@@ -436,9 +503,7 @@ class _Sampler:
                 self._say_compiling()
                 api.prepare(model, rows, self.jit_compile)
             else:  # trace the uncompiled sampler while the weights are read
-                tracer = concurrent.futures.ThreadPoolExecutor(1)
-                self._tracing = tracer.submit(direct.prepare, model)
-                tracer.shutdown(wait=False)  # the trace goes on while load_model reads the weights
+                self._tracing = _in_thread(direct.prepare, model)
 
         return dict(dtype=self.args.dtype, before_weights=compile_sampler)
 
@@ -466,6 +531,8 @@ class _Sampler:
                            stop_token=self.stop_token, jit_compile=self.jit_compile)
             if api.will_compile(self.model, count, len(prompt_ids), args.length, self.jit_compile):
                 self._say_compiling()
+                if self.abandon_compiles:
+                    _wait_for(_in_thread(api.prepare, self.model, count, self.jit_compile))
             if self.stream and count == 1:
                 _print_header(out, first + 1)
                 self._stream_one(api.stream_rows(self.model, [prompt_ids], args.length, **options), out)
@@ -483,8 +550,7 @@ class _Sampler:
     @staticmethod
     def _say_compiling():
         """Tells the user why the first sample of a batch size takes a while."""
-        print("compiling the sampler (saved in the compilation cache for the next run)...", file=sys.stderr,
-              flush=True)
+        say_compiling("sampler")
 
     def _stream_one(self, steps, out):
         """Writes one row's text as its tokens arrive (complete characters only)."""

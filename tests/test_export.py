@@ -5,6 +5,8 @@ OUT/1 and runs its signatures, and this process compares what it got with the fi
 reference outputs (computed with OpenAI's code), `gpt2.score` and `gpt2.sample_sequence`.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -59,8 +61,21 @@ def exported(tmp_path_factory):
     """OUT of the tiny model exported with the command line (in this process). One batch size (4,
     as the library's pool for 3 rows) keeps tracing and compiling short."""
     out = str(tmp_path_factory.mktemp("export") / "tiny")
-    assert export.main(["--model", TINY_MODEL, "--output", out, "--batch-sizes", "4"]) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert export.main(["--model", TINY_MODEL, "--output", out, "--batch-sizes", "4"]) == 0
+    EXPORT_STDERR.append(err.getvalue())
     return out
+
+
+EXPORT_STDERR = []  # what the `exported` fixture's run printed on stderr
+
+
+def test_item18_export_says_each_step_as_it_starts(exported):
+    """Export is silent for minutes no more: a numbered line as each step starts, on stderr."""
+    steps = [line.split("] ", 1)[1] for line in EXPORT_STDERR[0].splitlines()]
+    assert steps == [f"loading {TINY_MODEL}...", "compiling serving_default (the generation loop for batch sizes 4)...",
+                     "compiling logits...", "compiling score...", f"writing {os.path.join(exported, '1')}..."]
+    assert [line.split(",")[0] for line in EXPORT_STDERR[0].splitlines()] == [f"[{n}/5" for n in range(1, 6)]
 
 
 @pytest.fixture(scope="module")

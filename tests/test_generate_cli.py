@@ -474,3 +474,74 @@ def test_item14_interactive_with_stdin_closed_is_a_one_line_error(capsys, monkey
     code, out, err = run(capsys, monkeypatch, "--model", TINY, "--interactive")
     assert code == 1 and out == ""
     assert_one_line_error(err, "--interactive reads prompts from standard input, which is closed", "--prompt")
+
+
+def _start_with_sigint_restored(args, env, **kwargs):
+    """Popen with SIGINT at its default, as from a terminal: a suite started in the background
+    inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    import signal
+
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None, **kwargs,
+    )
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_item17_ctrl_c_while_loading_exits_at_once():
+    """SIGINT while the model loads: a compile or a weight read is one long call into TensorFlow's
+    C++ that Ctrl-C cannot stop, so it runs in a worker thread that the main thread abandons: exit
+    130 with one line, without waiting for the call. Here the load is a TensorFlow loop that never
+    ends (standing for a long compile): the run must end anyway, with no traceback or abort."""
+    import signal
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from gpt2 import generate_cli
+
+        def endless_load(model_dir, load_model, **options):
+            import tensorflow as tf
+
+            loop = tf.function(lambda: tf.while_loop(lambda i: tf.constant(True), lambda i: i + 1, [0]))
+            print("loading", file=sys.stderr, flush=True)
+            loop()  # never returns
+
+        generate_cli._load_model = endless_load
+        sys.exit(generate_cli.main({["--model", TINY, "--prompt", "hi"]!r}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    process = _start_with_sigint_restored([sys.executable, "-c", script], env)
+    try:
+        assert process.stderr.readline() == "loading\n"
+        import time
+
+        time.sleep(0.5)  # inside the loop's C++ call
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, out, err) == (130, "", "error: interrupted\n")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_item17_ctrl_c_while_compiling_the_sampler_exits_with_one_line(tmp_path):
+    """The same with the real compile, from an empty compilation cache: SIGINT once generate.py
+    says it is compiling; nothing is printed on stdout (no sample: the run stopped in the load)."""
+    import signal
+
+    # No TF_XLA_FLAGS: this process's compilation cache names its own folder there.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS")}
+    env.update(GPT2_CACHE_DIR=str(tmp_path / "cache"), GPT2_DIRECT_TOKENS="0")
+    process = _start_with_sigint_restored([sys.executable, "generate.py", *greedy("--prompt", "hi")], env)
+    try:
+        assert process.stderr.readline().startswith("compiling the sampler")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, out, err) == (130, "", "error: interrupted\n")

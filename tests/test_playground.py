@@ -67,3 +67,27 @@ def test_typing_a_prompt_and_pressing_generate_streams_text(browser):
             browser.save_screenshot(os.environ["GPT2_PLAYGROUND_SCREENSHOT"])
     finally:
         server.stop()
+
+
+def test_item18_a_refused_request_shows_the_error_instead_of_waiting(browser):
+    """A request the server answers with 400 (here max_tokens past the context): the page shows
+    the server's message with the status, and no longer says "waiting…"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = Running()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "tiny-model" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "prompt").send_keys("Hello")
+        element = browser.find_element(By.ID, "max_tokens")
+        element.clear()
+        element.send_keys("100000")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled() and d.find_element(By.ID, "error").text)
+        error = browser.find_element(By.ID, "error").text
+        assert error.startswith("HTTP 400: ") and "max_tokens" in error, error
+        assert browser.find_element(By.ID, "stats").text == "failed"
+    finally:
+        server.stop()

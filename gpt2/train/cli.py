@@ -177,16 +177,23 @@ def _user_errors():
 
 
 def _run(args, output):
+    from gpt2.checkpoint import resolve_model_dir
+    from gpt2.train.data import expand_paths
     from gpt2.train.state import TrainingError, check_output
 
-    check_output(output, args.resume, args.overwrite)  # before anything slow
-    import_tensorflow()  # quietly, before anything else imports it
-    from gpt2.checkpoint import load_model, resolve_model_dir
-    from gpt2.train.trainer import finetune
-
+    # Paths first: a mistyped name is answered before TensorFlow is imported (seconds).
+    check_output(output, args.resume, args.overwrite)
     source_dir = resolve_model_dir(args.model, args.models_dir)
     if args.lora_rank and os.path.realpath(source_dir) == os.path.realpath(output):
         raise TrainingError("with --lora-rank, --output must differ from --model (its weights are the base)")
+    for dataset in (args.dataset, args.val_dataset or []):
+        expand_paths(dataset)
+    if args.resume:
+        _say_resuming(output)
+    import_tensorflow()  # quietly, before anything else imports it
+    from gpt2.checkpoint import load_model
+    from gpt2.train.trainer import finetune
+
     strategy = _strategy(args.strategy)
     load_options = {"dropout": args.dropout}
     if args.compute_dtype == "bfloat16":
@@ -209,6 +216,16 @@ def _run(args, output):
     print(f"step {result.step}{loss}; the model is in {output}: python generate.py --model {output}",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+def _say_resuming(output):
+    """--resume: says the step of the last save (the trainer checks the record in full)."""
+    from gpt2.train.state import LATEST_FILE, STATE_DIR, read_json
+
+    record = read_json(os.path.join(output, STATE_DIR, LATEST_FILE))
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, int) and not isinstance(step, bool):
+        print(f"resuming from step {step} (the last save in {output})", file=sys.stderr, flush=True)
 
 
 def _strategy(name):
