@@ -341,7 +341,7 @@ def _download_file(session, manifest, url, path, *, previous, label, progress, r
                 host = requests.utils.urlparse(url).hostname
                 raise DownloadError(
                     f"cannot download {url}: the host name {host} does not resolve; check the network "
-                    "connection or --base-url"
+                    "connection or --base-url (offline: see the README's \"Without network\")"
                 ) from None
             failures = 0 if _size(part) > before else failures + 1
             reason = _reason(error, timeout)

@@ -533,7 +533,8 @@ def test_unresolvable_host_fails_at_once_and_leaves_no_folder(tmp_path, monkeypa
     with pytest.raises(DownloadError) as info:
         fetch("http://mirror.invalid", models, retries=5, backoff=30)
     assert str(info.value) == ("cannot download http://mirror.invalid/124M/checkpoint: the host name "
-                               "mirror.invalid does not resolve; check the network connection or --base-url")
+                               "mirror.invalid does not resolve; check the network connection or --base-url "
+                               "(offline: see the README's \"Without network\")")
     assert lookups == ["mirror.invalid"]
     assert not models.exists()
 
