@@ -1,6 +1,5 @@
 """The application (TensorFlow-free): `App.handle(Request) -> Response` answers one request of the
-API. gpt2.serve.httpd carries requests to it and its responses back; called directly, it needs no
-socket.
+API; gpt2.serve.httpd carries requests to it and its responses back (tests call it directly).
 
 Each route in App.ROUTES names a `_<name>(request)` method. Requests are parsed by the Protocol
 into plans, generation goes through the engine (a Job per request), and the answers are put
@@ -29,8 +28,6 @@ from gpt2.serve.protocol import ApiError
 log = logging.getLogger("gpt2.serve")
 
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
-JSON_TYPE = "application/json; charset=utf-8"
-KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def clean(text, limit=300):
@@ -113,7 +110,7 @@ class Response:
 
 
 def json_response(status, payload, headers=None):
-    return Response(status, dict(headers or {}), json_bytes(payload), JSON_TYPE)
+    return Response(status, dict(headers or {}), json_bytes(payload), "application/json; charset=utf-8")
 
 
 def error_response(error):
@@ -126,12 +123,6 @@ def _sse(payload):
     return b"data: " + (payload if isinstance(payload, bytes) else json_bytes(payload)) + b"\n\n"
 
 
-def _playground_html():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html")
-    with open(path, "rb") as f:
-        return f.read()
-
-
 class App:
     """The endpoints of one model: its engine and Protocol, `model_id` (the name reported).
 
@@ -139,17 +130,10 @@ class App:
     comment. draining: set while the server stops (/health says so; httpd refuses new work).
     """
 
-    ROUTES = {
-        "/": ("GET", "playground"),
-        "/health": ("GET", "health"),
-        "/v1/models": ("GET", "models"),
-        "/generate": ("POST", "generate"),
-        "/v1/completions": ("POST", "completions"),
-        "/v1/chat/completions": ("POST", "chat"),
-        "/tokenize": ("POST", "tokenize"),
-        "/detokenize": ("POST", "detokenize"),
-        "/tokenizer_info": ("GET", "tokenizer_info"),
-    }
+    ROUTES = {"/": ("GET", "playground"), "/health": ("GET", "health"), "/v1/models": ("GET", "models"),
+              "/generate": ("POST", "generate"), "/v1/completions": ("POST", "completions"),
+              "/v1/chat/completions": ("POST", "chat"), "/tokenize": ("POST", "tokenize"),
+              "/detokenize": ("POST", "detokenize"), "/tokenizer_info": ("GET", "tokenizer_info")}
     OPEN = ("playground", "health")  # answered without the API key
 
     def __init__(self, engine, protocol, model_id, playground=True, heartbeat=2.0):
@@ -157,7 +141,10 @@ class App:
         self.protocol = protocol
         self.enc = protocol.enc
         self.model_id = model_id
-        self.playground = _playground_html() if playground else None
+        self.playground = None
+        if playground:
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html"), "rb") as f:
+                self.playground = f.read()
         self.heartbeat = heartbeat
         self.created = int(time.time())
         self.draining = False
@@ -274,12 +261,6 @@ class App:
         self._noted(request, plan, answer)
         return answer
 
-    def _prompt_scores(self, plan):
-        """echo + logprobs: each prompt's scores (first token null), or None."""
-        if not (plan.echo and plan.logprobs is not None):
-            return None
-        return self.engine.score(plan.prompt_tokens)
-
     def _generate(self, request):
         plan = self.protocol.parse_generate(request.json())
         return json_response(200, {"generated_text": "".join(self._complete(request, plan).texts[0])})
@@ -288,7 +269,8 @@ class App:
         plan = self.protocol.parse_completions(request.json())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_id}
-        scores = self._prompt_scores(plan)
+        # echo + logprobs: each prompt's scores (first token null)
+        scores = self.engine.score(plan.prompt_tokens) if plan.echo and plan.logprobs is not None else None
         if plan.stream:
             return self._stream(request, plan, head, scores)
         answer = self._complete(request, plan) if plan.rows else None
@@ -332,12 +314,10 @@ class App:
 
     def _events(self, request, plan, head, scores, job):
         """Server-sent events: one `data:` JSON chunk per piece of text, `data: [DONE]` at the end."""
-        chat = plan.kind == "chat"
-        rows = len(plan.prompt_tokens) * plan.n
+        chat, rows, choices = plan.kind == "chat", len(plan.prompt_tokens) * plan.n, []
         offsets = [len(plan.prompt_texts[i // plan.n]) for i in range(rows)]  # text_offset of each choice's next token
-        choices = []
 
-        def chunk(index, text, finish_reason=None, ids=(), infos=()):
+        def chunk(index, text, finish_reason, ids, infos):
             if chat:
                 logprobs = answers.chat_logprobs(self.enc, plan, ids, infos) if plan.logprobs is not None and ids \
                     else None
@@ -370,12 +350,12 @@ class App:
                     answer = answers.Answer(plan, self.enc)
                     for piece in answer.follow(job, self.heartbeat):
                         if piece is None:
-                            yield KEEP_ALIVE
+                            yield b": keep-alive\n\n"
                             continue
                         index, text, ids, infos = piece
-                        choice = answer.choices[index]
-                        if text or choice.finished or (plan.logprobs is not None and ids):
-                            yield chunk(index, text, choice.finish_reason, ids, infos)
+                        reason = answer.choices[index].finish_reason
+                        if text or reason or (plan.logprobs is not None and ids):
+                            yield chunk(index, text, reason, ids, infos)
                     choices = answer.choices
                     self._noted(request, plan, answer)
                     request.note += ", streamed"

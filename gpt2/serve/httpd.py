@@ -28,9 +28,8 @@ slow, half-closed, vanishing and hostile clients (TensorFlow-free).
   client is one log line; log lines escape control characters.
 * Uses no select.poll (works on Windows, macOS and Linux).
 
-The endpoints are gpt2.serve.api's App: each request that passes the access rules is handed to
-`App.handle` as an api.Request, and its api.Response is written by `Handler._respond`, the one place
-that writes a status line and headers (with CORS's).
+A request that passes the access rules goes to gpt2.serve.api's `App.handle`; the Response comes back
+to `Handler._respond`, the one writer of status lines and headers (CORS's merged there).
 """
 
 import contextlib
@@ -307,10 +306,6 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gpt2-serve"
 
-    @property
-    def app(self):
-        return self.server.app
-
     # ------------------------------------------------------------------ connection
 
     def setup(self):
@@ -482,24 +477,19 @@ class Handler(BaseHTTPRequestHandler):
         chunked = events is not None and self.request_version != "HTTP/1.0"  # else: the close ends the body
         if events is not None and not chunked:
             self.close_connection = True
+        first, last = {}, {}
+        if events is not None:
+            first = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                     "X-Accel-Buffering": "no"}
+        elif response.body is not None:
+            first = {"Content-Type": response.content_type, "Content-Length": str(len(response.body))}
+        if chunked or (first and self.close_connection):
+            last = {"Transfer-Encoding": "chunked"} if chunked else {"Connection": "close"}
         try:
             try:
                 self.send_response(response.status)
-                if events is not None:
-                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                    self.send_header("Cache-Control", "no-cache")
-                    self.send_header("X-Accel-Buffering", "no")
-                elif response.body is not None:
-                    self.send_header("Content-Type", response.content_type)
-                    self.send_header("Content-Length", str(len(response.body)))
-                for name, value in {**self._cors(), **response.headers}.items():
+                for name, value in [*first.items(), *{**self._cors(), **response.headers}.items(), *last.items()]:
                     self.send_header(name, value)
-                if chunked:
-                    self.send_header("Transfer-Encoding", "chunked")
-                elif events is not None:
-                    self.send_header("Connection", "close")
-                elif response.body is not None and self.close_connection:
-                    self.send_header("Connection", "close")
                 self.end_headers()
             except (OSError, ValueError) as error:
                 raise ClientGone(f"{type(error).__name__} while sending the answer") from None
@@ -581,13 +571,13 @@ class Handler(BaseHTTPRequestHandler):
                 if not self.server.allows_host(hosts[0] if hosts else None):
                     raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start "
                                    "it with --allowed-host NAME to allow that name", code="host_not_allowed")
-                name, _ = self.app.endpoint(self.command, path)
-                if self.command != "OPTIONS" and name not in self.app.OPEN:
+                name, _ = self.server.app.endpoint(self.command, path)
+                if self.command != "OPTIONS" and name not in self.server.app.OPEN:
                     self._check_auth()
-                    if self.app.draining:
+                    if self.server.app.draining:
                         self.close_connection = True
                         raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error")
-                response = self.app.handle(self._request)
+                response = self.server.app.handle(self._request)
                 if self.command == "OPTIONS":
                     response.headers.update(self._preflight(response.headers["Allow"]))
             except ApiError as error:
