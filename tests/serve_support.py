@@ -62,14 +62,17 @@ def make_protocol(**options):
 
 
 class Running:
-    """An in-process server on a free port of 127.0.0.1: .url, .port, .app, .engine."""
+    """An in-process server on a free port of 127.0.0.1: .url, .port, .app, .engine. server_options:
+    httpd.Server's (limits, api_key, cors_origins, allowed_hosts)."""
 
-    def __init__(self, engine=None, protocol=None, **app_options):
-        from gpt2.serve.httpd import App, Server, start_in_thread
+    def __init__(self, engine=None, protocol=None, limits=None, **server_options):
+        from gpt2.serve.api import App
+        from gpt2.serve.httpd import Limits, Server, start_in_thread
 
+        limits = limits or Limits()
         self.engine = engine or shared_engine()
-        self.app = App(self.engine, protocol or make_protocol(), MODEL_ID, **app_options)
-        self.server = Server(self.app, "127.0.0.1", 0)
+        self.app = App(self.engine, protocol or make_protocol(), MODEL_ID, heartbeat=limits.heartbeat)
+        self.server = Server(self.app, "127.0.0.1", 0, limits=limits, **server_options)
         self.thread = start_in_thread(self.server)
         self.port = self.server.port
         self.url = f"http://127.0.0.1:{self.port}"

@@ -4,8 +4,8 @@
     chat.py      the plain-text chat template (no TensorFlow)
     engine.py    continuous batching over one pool of decoding slots (TensorFlow when built)
     answers.py   choice text from the engine's tokens, OpenAI's logprobs and usage (no TensorFlow)
-    api.py       the endpoints (no TensorFlow)
-    httpd.py     the HTTP server: connections, deadlines, framing, access rules (no TensorFlow)
+    api.py       the application: App.handle(Request) -> Response or event stream, the endpoints (no TensorFlow)
+    httpd.py     the HTTP server: connections, deadlines, framing, access rules, writing answers (no TensorFlow)
     cli.py       `python -m gpt2.serve` / `gpt2-serve`
     static/      the playground page served at /
 """

@@ -1,9 +1,9 @@
 """What the answers are made of (TensorFlow-free): a job's token events turned into each choice's
 text, and OpenAI's `logprobs` and `usage` objects.
 
-`follow(job, plan, enc, emit)` reads an engine job's events into one ChoiceText per row and hands
-each piece of final text to `emit` as it becomes final; the rest are pure functions of a Plan
-(gpt2.serve.protocol) and what `follow` collected.
+`Answer(plan, enc).follow(job)` reads an engine job's events into one ChoiceText per row and
+yields each piece of final text as it becomes final; the rest are pure functions of a Plan
+(gpt2.serve.protocol) and what an Answer collected.
 
 Shapes: T = 5 alternatives per token (the sampler's and the scorer's).
 
@@ -24,44 +24,46 @@ def finite_logprob(value):
     return value if math.isfinite(value) else UNLIKELY_LOGPROB
 
 
-def follow(job, plan, enc, emit, on_abort, heartbeat=None, wait=1.0):
-    """Feeds the job's events to one ChoiceText per row until every choice is finished.
+class Answer:
+    """What a job's events make, row by row: a ChoiceText (`choices`), the pieces of final text
+    (`texts`) and, when the plan asks for logprobs, each token's (logprob, top ids [T], top
+    logprobs [T]) (`infos`)."""
 
-    emit(index, text, choice, row infos) gets each piece of final text; heartbeat() is called
-    after `wait` seconds without an event; on_abort() when anything raises (e.g. the client went
-    away), before re-raising. An engine error event raises ApiError. Returns (choices, infos),
-    infos[i] holding row i's (logprob, top ids [T], top logprobs [T]) per token when the plan
-    asked for logprobs."""
-    choices = [ChoiceText(enc, plan.max_tokens, plan.stops, plan.trim) for _ in plan.rows]
-    infos = [[] for _ in plan.rows]
-    unfinished = len(choices)
-    try:
+    def __init__(self, plan, enc):
+        self.choices = [ChoiceText(enc, plan.max_tokens, plan.stops, plan.trim) for _ in plan.rows]
+        self.texts = [[] for _ in plan.rows]
+        self.infos = [[] for _ in plan.rows]
+
+    def follow(self, job, wait=1.0):
+        """Reads the job's events until every choice is finished. Yields (index, text, ids, infos)
+        as row `index` gets final text or tokens (`ids` the tokens consumed since its last piece,
+        `infos` theirs), and None after `wait` seconds without an event. An engine error event
+        raises ApiError."""
+        sent = [0] * len(self.choices)  # tokens of each row already yielded
+        unfinished = len(self.choices)
         while unfinished:
             event = job.get(timeout=wait)
             if event is None:
-                if heartbeat:
-                    heartbeat()
+                yield None
                 continue
             if event[0] == "error":
                 _, status, message, code = event
                 raise ApiError(status, message, code=code, type_="server_error")
             _, index, ids, row_infos, row_done = event
-            choice = choices[index]
+            choice = self.choices[index]
             if choice.finished:
                 continue
             if row_infos:
-                infos[index] += row_infos
+                self.infos[index] += row_infos
             text = choice.feed(ids)
             if row_done and not choice.finished:
                 text += choice.end()
             if choice.finished:
                 job.mark_unneeded(index)
                 unfinished -= 1
-            emit(index, text, choice, infos[index])
-    except BaseException:
-        on_abort()
-        raise
-    return choices, infos
+            self.texts[index].append(text)
+            start, sent[index] = sent[index], choice.tokens
+            yield index, text, choice.ids[start:], self.infos[index][start:choice.tokens]
 
 
 def usage(plan, choices):

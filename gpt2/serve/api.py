@@ -1,16 +1,21 @@
-"""The API's endpoints (TensorFlow-free): a mixin of gpt2.serve.httpd.Handler, which supplies the
-HTTP plumbing (`_read_json`, `_send_json`, `_cors`, the connection's files and state).
+"""The application (TensorFlow-free): `App.handle(Request) -> Response` answers one request of the
+API; gpt2.serve.httpd carries requests to it and its responses back (tests call it directly).
 
-Each route in ROUTES names a `_<name>(path)` method here. Requests are parsed by the App's
-Protocol into plans, generation goes through the engine (a Job per request), and the answers are
-put together by gpt2.serve.answers. Streams are server-sent events: their headers go out as soon
-as the request is queued, then one `data:` JSON chunk per piece of text, comments while nothing
-comes, and `data: [DONE]`.
+Each route in App.ROUTES names a `_<name>(request)` method. Requests are parsed by the Protocol
+into plans, generation goes through the engine (a Job per request), and the answers are put
+together by gpt2.serve.answers. Streams are server-sent events, a Response whose `events` yield
+each event's bytes: one `data:` JSON chunk per piece of text, a comment after `heartbeat` seconds
+without one, and `data: [DONE]`. Their job is queued before the Response is returned (the HTTP
+layer sends the head at once); closing the events early (the client went away) cancels it.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
+import re
 import time
 import urllib.parse
 import uuid
@@ -22,9 +27,13 @@ from gpt2.serve.protocol import ApiError
 
 log = logging.getLogger("gpt2.serve")
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 
-class ClientGone(Exception):
-    """The client went away (or was too slow); the message says how."""
+
+def clean(text, limit=300):
+    """`text` for a log line or an error message: control characters escaped, at most `limit` characters."""
+    text = str(text).translate(_CONTROL)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def json_bytes(payload):
@@ -50,226 +59,308 @@ def _finite(value):
     return value
 
 
-class Endpoints:
-    """The endpoints; see ROUTES."""
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
 
-    ROUTES = {
-        "/": ("GET", "playground"),
-        "/health": ("GET", "health"),
-        "/v1/models": ("GET", "models"),
-        "/generate": ("POST", "generate"),
-        "/v1/completions": ("POST", "completions"),
-        "/v1/chat/completions": ("POST", "chat"),
-        "/tokenize": ("POST", "tokenize"),
-        "/detokenize": ("POST", "detokenize"),
-        "/tokenizer_info": ("GET", "tokenizer_info"),
-    }
+
+@dataclasses.dataclass
+class Request:
+    """A request as the application sees it. path: without the query and a trailing slash.
+    headers: a mapping (http.server's ignores case; a dict needs the canonical spelling). body:
+    its bytes, or a callable reading them (the HTTP layer's, with its size limit and deadline).
+    connections: the server's open connections (for /health). note: what the application adds to
+    the request's access log line."""
+
+    method: str
+    path: str
+    headers: object = dataclasses.field(default_factory=dict)
+    body: object = b""
+    connections: int = None
+    note: str = ""
+
+    def json(self):
+        """The body parsed as JSON (ApiError 415 unless sent as UTF-8 JSON, 400 if not valid)."""
+        media, _, params = (self.headers.get("Content-Type") or "").partition(";")
+        charset = re.search(r"charset\s*=\s*\"?([^\s;\"]+)", params, re.IGNORECASE)
+        utf8 = charset is None or charset.group(1).lower() in ("utf-8", "utf8")
+        if media.strip().lower() != "application/json" or not utf8:
+            raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+        data = self.body() if callable(self.body) else self.body
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not valid UTF-8", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+        except ValueError as error:
+            raise ApiError(400, f"invalid JSON body: {clean(error, 200)}", code="invalid_json") from None
+
+
+@dataclasses.dataclass
+class Response:
+    """An answer: status and headers, then a `body` (bytes of `content_type`; None: no body), or
+    `events`, an iterator of server-sent events' bytes that the HTTP layer closes when it stops."""
+
+    status: int
+    headers: dict = dataclasses.field(default_factory=dict)
+    body: bytes = None
+    content_type: str = None
+    events: object = None
+
+
+def json_response(status, payload, headers=None):
+    return Response(status, dict(headers or {}), json_bytes(payload), "application/json; charset=utf-8")
+
+
+def error_response(error):
+    """An ApiError's answer: {"error": {message, type, param, code}} with its status and headers."""
+    return json_response(error.status, error.body(), error.headers)
+
+
+def _sse(payload):
+    """One server-sent `data:` event of `payload` (JSON, or bytes as they are)."""
+    return b"data: " + (payload if isinstance(payload, bytes) else json_bytes(payload)) + b"\n\n"
+
+
+class App:
+    """The endpoints of one model: its engine and Protocol, `model_id` (the name reported).
+
+    playground: serve the page at /. heartbeat: seconds a stream waits for text before it sends a
+    comment. draining: set while the server stops (/health says so; httpd refuses new work).
+    """
+
+    ROUTES = {"/": ("GET", "playground"), "/health": ("GET", "health"), "/v1/models": ("GET", "models"),
+              "/generate": ("POST", "generate"), "/v1/completions": ("POST", "completions"),
+              "/v1/chat/completions": ("POST", "chat"), "/tokenize": ("POST", "tokenize"),
+              "/detokenize": ("POST", "detokenize"), "/tokenizer_info": ("GET", "tokenizer_info")}
     OPEN = ("playground", "health")  # answered without the API key
+
+    def __init__(self, engine, protocol, model_id, playground=True, heartbeat=2.0):
+        self.engine = engine
+        self.protocol = protocol
+        self.enc = protocol.enc
+        self.model_id = model_id
+        self.playground = None
+        if playground:
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html"), "rb") as f:
+                self.playground = f.read()
+        self.heartbeat = heartbeat
+        self.created = int(time.time())
+        self.draining = False
+
+    def model_card(self):
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
+                "context_length": self.protocol.n_ctx, "max_tokens_limit": self.protocol.max_tokens_limit}
+
+    def health(self, connections=None):
+        engine = self.engine.health()
+        status = "stopping" if self.draining else engine.pop("status")
+        return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx,
+                "connections": connections, **engine}
+
+    def endpoint(self, method, path):
+        """(name, method) of the endpoint at `path`, which `method` (or OPTIONS) may call; ApiError 404 or 405."""
+        if path.startswith("/v1/models/"):
+            allowed, name = "GET", "model"
+        elif path in self.ROUTES:
+            allowed, name = self.ROUTES[path]
+        else:
+            raise ApiError(404, f"no such endpoint: {clean(method, 20)} {clean(path, 100)}", code="not_found")
+        if method not in (allowed, "OPTIONS"):
+            raise ApiError(405, f"{path} accepts {allowed}, not {clean(method, 20)}",
+                           code="method_not_allowed", headers={"Allow": f"{allowed}, OPTIONS"})
+        return name, allowed
+
+    def handle(self, request):
+        """The Response to `request`; an ApiError is answered as JSON (OPTIONS: 204, what is allowed)."""
+        try:
+            name, allowed = self.endpoint(request.method, request.path)
+            if request.method == "OPTIONS":
+                return Response(204, {"Allow": f"{allowed}, OPTIONS"})
+            return getattr(self, "_" + name)(request)
+        except ApiError as error:
+            return error_response(error)
 
     # ------------------------------------------------------------------ simple endpoints
 
-    def _playground(self, path):
-        if self.app.playground is None:
+    def _playground(self, request):
+        if self.playground is None:
             raise ApiError(404, "the playground is off (--no-playground)", code="not_found")
-        self._send(200, self.app.playground, "text/html; charset=utf-8", {
+        return Response(200, {
             "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                                        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
             "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Cache-Control": "no-cache",
-        })
+        }, self.playground, "text/html; charset=utf-8")
 
-    def _health(self, path):
-        health = self.app.health(self.server.connections)
-        self._send_json(200 if health["status"] == "ok" else 503, health)
+    def _health(self, request):
+        health = self.health(request.connections)
+        return json_response(200 if health["status"] == "ok" else 503, health)
 
-    def _models(self, path):
-        self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
+    def _models(self, request):
+        return json_response(200, {"object": "list", "data": [self.model_card()]})
 
-    def _model(self, path):
-        name = urllib.parse.unquote(path[len("/v1/models/"):])
-        if name not in self.app.protocol.model_ids:
+    def _model(self, request):
+        name = urllib.parse.unquote(request.path[len("/v1/models/"):])
+        if name not in self.protocol.model_ids:
             raise ApiError(404, f"the model {shown(name)} does not exist", "model", "model_not_found")
-        self._send_json(200, self.app.model_card())
+        return json_response(200, self.model_card())
 
     # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)
 
-    def _tokenize(self, path):
-        tokens = self.app.protocol.parse_tokenize(self._read_json())
-        self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.app.protocol.n_ctx})
+    def _tokenize(self, request):
+        tokens = self.protocol.parse_tokenize(request.json())
+        return json_response(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.protocol.n_ctx})
 
-    def _detokenize(self, path):
-        tokens = self.app.protocol.parse_detokenize(self._read_json())
-        self._send_json(200, {"prompt": self.app.enc.decode(tokens)})
+    def _detokenize(self, request):
+        tokens = self.protocol.parse_detokenize(request.json())
+        return json_response(200, {"prompt": self.enc.decode(tokens)})
 
-    def _tokenizer_info(self, path):
-        eot = self.app.enc.decode([self.app.enc.eot_token])
-        self._send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
-                              "unk_token": eot, "pad_token": None, "model_max_length": self.app.protocol.n_ctx,
-                              "vocab_size": self.app.protocol.n_vocab})
+    def _tokenizer_info(self, request):
+        eot = self.enc.decode([self.enc.eot_token])
+        return json_response(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
+                                   "unk_token": eot, "pad_token": None, "model_max_length": self.protocol.n_ctx,
+                                   "vocab_size": self.protocol.n_vocab})
 
     # ------------------------------------------------------------------ generation
 
-    def _submit(self, plan):
+    def _submit(self, request, plan):
         job = Job(plan.rows, stream=plan.stream)
         try:
-            self.app.engine.submit(job)
+            self.engine.submit(job)
         except QueueFull as error:
             raise ApiError(503, str(error), code="queue_full", type_="server_error",
                            headers={"Retry-After": "1"}) from None
         except Unavailable as error:
             raise ApiError(503, str(error), code=error.code, type_="server_error") from None
-        self._note = f" {len(plan.rows)} rows"
+        request.note = f" {len(plan.rows)} rows"
         return job
 
-    def _generate(self, path):
-        plan = self.app.protocol.parse_generate(self._read_json())
-        texts = [[] for _ in plan.rows]
-        self._follow(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
-        self._send_json(200, {"generated_text": "".join(texts[0])})
+    @contextlib.contextmanager
+    def _cancelling(self, job):
+        """Cancels `job` (if any) when the block fails or is left early (a stream's events closed)."""
+        try:
+            yield
+        except BaseException:
+            if job is not None:
+                self.engine.cancel(job)
+            raise
 
-    def _follow(self, plan, job, emit, heartbeat=None):
-        """answers.follow for this request (cancels the job if anything fails)."""
-        choices, infos = answers.follow(job, plan, self.app.enc, emit, lambda: self.app.engine.cancel(job),
-                                        heartbeat, self.app.limits.heartbeat if heartbeat else 1.0)
-        self._note = f" {len(plan.rows)} rows, {sum(c.tokens for c in choices)} tokens"
+    def _noted(self, request, plan, answer):
+        request.note = f" {len(plan.rows)} rows, {sum(c.tokens for c in answer.choices)} tokens"
         if "X-Chat-History" in plan.headers:
-            self._note += f" (chat history: {plan.headers['X-Chat-History']})"
-        return choices, infos
+            request.note += f" (chat history: {plan.headers['X-Chat-History']})"
 
-    def _prompt_scores(self, plan):
-        """echo + logprobs: each prompt's scores (first token null), or None."""
-        if not (plan.echo and plan.logprobs is not None):
-            return None
-        return self.app.engine.score(plan.prompt_tokens)
+    def _complete(self, request, plan):
+        """Submits the plan's rows and reads their whole answer (an answers.Answer)."""
+        job = self._submit(request, plan)
+        answer = answers.Answer(plan, self.enc)
+        with self._cancelling(job):
+            for _ in answer.follow(job):
+                pass
+        self._noted(request, plan, answer)
+        return answer
 
-    def _completions(self, path):
-        plan = self.app.protocol.parse_completions(self._read_json())
+    def _generate(self, request):
+        plan = self.protocol.parse_generate(request.json())
+        return json_response(200, {"generated_text": "".join(self._complete(request, plan).texts[0])})
+
+    def _completions(self, request):
+        plan = self.protocol.parse_completions(request.json())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.app.model_id}
-        scores = self._prompt_scores(plan)
-        rows = len(plan.prompt_tokens) * plan.n
+                "model": self.model_id}
+        # echo + logprobs: each prompt's scores (first token null)
+        scores = self.engine.score(plan.prompt_tokens) if plan.echo and plan.logprobs is not None else None
         if plan.stream:
-            self._stream(plan, head, scores)
-            return
-        texts = [[] for _ in range(rows)]
-        choices, infos = [], []
-        if plan.rows:
-            choices, infos = self._follow(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
+            return self._stream(request, plan, head, scores)
+        answer = self._complete(request, plan) if plan.rows else None
         out = []
-        for i in range(rows):
+        for i in range(len(plan.prompt_tokens) * plan.n):
             prompt = i // plan.n
-            echo = plan.prompt_texts[prompt] if plan.echo else ""
-            text = echo + "".join(texts[i])
+            text, ids, infos, finish_reason = "", [], [], "length"
+            if answer:
+                text, ids, infos = "".join(answer.texts[i]), answer.choices[i].ids, answer.infos[i]
+                finish_reason = answer.choices[i].finish_reason
             logprobs = None
             if plan.logprobs is not None:
-                logprobs = answers.completion_logprobs(self.app.enc, plan, prompt, choices[i].ids if choices else [],
-                                                       infos[i] if infos else [], scores)
-            out.append({"text": text, "index": i, "logprobs": logprobs,
-                        "finish_reason": choices[i].finish_reason if choices else "length"})
-        self._send_json(200, {**head, "choices": out, "usage": answers.usage(plan, choices)})
+                logprobs = answers.completion_logprobs(self.enc, plan, prompt, ids, infos, scores)
+            out.append({"text": (plan.prompt_texts[prompt] if plan.echo else "") + text, "index": i,
+                        "logprobs": logprobs, "finish_reason": finish_reason})
+        return json_response(200, {**head, "choices": out, "usage": answers.usage(plan, answer.choices if answer
+                                                                                   else [])})
 
-    def _chat(self, path):
-        plan = self.app.protocol.parse_chat(self._read_json())
+    def _chat(self, request):
+        plan = self.protocol.parse_chat(request.json())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.app.model_id, "system_fingerprint": None}
+                "model": self.model_id, "system_fingerprint": None}
         if plan.stream:
-            self._stream(plan, {**head, "object": "chat.completion.chunk"}, None)
-            return
-        texts = [[] for _ in plan.rows]
-        choices, infos = self._follow(plan, self._submit(plan), lambda i, text, *_: texts[i].append(text))
-        self._send_json(200, {**head, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-             "logprobs": answers.chat_logprobs(self.app.enc, plan, c.ids, infos[i]) if plan.logprobs is not None
+            return self._stream(request, plan, {**head, "object": "chat.completion.chunk"}, None)
+        answer = self._complete(request, plan)
+        return json_response(200, {**head, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": "".join(answer.texts[i])},
+             "logprobs": answers.chat_logprobs(self.enc, plan, c.ids, answer.infos[i]) if plan.logprobs is not None
              else None,
              "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)], "usage": answers.usage(plan, choices)}, plan.headers)
+            for i, c in enumerate(answer.choices)], "usage": answers.usage(plan, answer.choices)}, plan.headers)
 
     # ------------------------------------------------------------------ streams
 
-    def _stream(self, plan, head, scores):
-        """Server-sent events: one `data:` JSON chunk per piece of text, `data: [DONE]` at the end.
-        Headers go out as soon as the request is queued; comments keep the line alive."""
-        chat = plan.kind == "chat"
-        job = self._submit(plan) if plan.rows else None
-        chunked = self.request_version != "HTTP/1.0"  # else: no length, the close ends the body
-        if not chunked:
-            self.close_connection = True
-        self._status = 200
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("X-Accel-Buffering", "no")
-            for name, value in {**self._cors(), **plan.headers}.items():
-                self.send_header(name, value)
-            self.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
-            self.end_headers()
-        except OSError as error:
-            if job is not None:
-                self.app.engine.cancel(job)
-            raise ClientGone(f"{type(error).__name__} while sending the answer") from None
+    def _stream(self, request, plan, head, scores):
+        """The Response of a stream; its job is queued first (a full queue is still a plain 503)."""
+        job = self._submit(request, plan) if plan.rows else None
+        events = self._events(request, plan, head, scores, job)
+        next(events)  # to its first yield, inside _cancelling: from now on closing the events cancels the job
+        return Response(200, dict(plan.headers), events=events)
 
-        def write(data):
-            try:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            except OSError as error:
-                raise ClientGone(f"{type(error).__name__} while streaming") from None
+    def _events(self, request, plan, head, scores, job):
+        """Server-sent events: one `data:` JSON chunk per piece of text, `data: [DONE]` at the end."""
+        chat, rows, choices = plan.kind == "chat", len(plan.prompt_tokens) * plan.n, []
+        offsets = [len(plan.prompt_texts[i // plan.n]) for i in range(rows)]  # text_offset of each choice's next token
 
-        def send(payload):
-            write(b"data: " + (payload if isinstance(payload, bytes) else json_bytes(payload)) + b"\n\n")
-
-        rows = len(plan.prompt_tokens) * plan.n
-        sent = [0] * rows  # tokens of each choice already sent (with their logprobs)
-        offsets = [None] * rows  # text_offset of each choice's next token
-        choices = []
-
-        def chunk(index, text, finish_reason=None, ids=(), infos=()):
+        def chunk(index, text, finish_reason, ids, infos):
             if chat:
-                logprobs = answers.chat_logprobs(self.app.enc, plan, ids, infos) if plan.logprobs is not None and ids else None
-                send({**head, "choices": [{"index": index, "delta": {"content": text} if text else {},
-                                           "logprobs": logprobs, "finish_reason": finish_reason}]})
-                return
+                logprobs = answers.chat_logprobs(self.enc, plan, ids, infos) if plan.logprobs is not None and ids \
+                    else None
+                return _sse({**head, "choices": [{"index": index, "delta": {"content": text} if text else {},
+                                                  "logprobs": logprobs, "finish_reason": finish_reason}]})
             logprobs = None
             if plan.logprobs is not None:
-                logprobs = answers.completion_logprobs(self.app.enc, plan, index // plan.n, ids, infos,
+                logprobs = answers.completion_logprobs(self.enc, plan, index // plan.n, ids, infos,
                                                        offset=offsets[index])
                 if logprobs["tokens"]:
                     offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            send({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs,
-                                       "finish_reason": finish_reason}]})
-
-        def emit(index, text, choice, row_infos):
-            ids = choice.ids[sent[index]:]
-            infos = row_infos[sent[index]:sent[index] + len(ids)]
-            sent[index] += len(ids)
-            if text or choice.finished or (plan.logprobs is not None and ids):
-                chunk(index, text, choice.finish_reason, ids, infos)
+            return _sse({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs,
+                                              "finish_reason": finish_reason}]})
 
         try:
-            for i in range(rows):
-                prompt = i // plan.n
-                offsets[i] = len(plan.prompt_texts[prompt])
-                if chat:
-                    send({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-                elif plan.echo:
-                    logprobs = (answers.completion_logprobs(self.app.enc, plan, prompt, [], [], scores)
-                                if scores is not None else None)
-                    send({**head, "choices": [{"text": plan.prompt_texts[prompt], "index": i, "logprobs": logprobs,
-                                               "finish_reason": None if plan.rows else "length"}]})
-            if job is not None:
-                choices, _ = self._follow(plan, job, emit, heartbeat=lambda: write(b": keep-alive\n\n"))
-                self._note += ", streamed"
-        except ApiError as error:  # the status line is gone: report in the stream
-            send(error.body())
-        except BaseException:
-            if job is not None:
-                self.app.engine.cancel(job)
-            raise
+            with self._cancelling(job):
+                yield b""  # taken by _stream
+                for i in range(rows):
+                    prompt = i // plan.n
+                    if chat:
+                        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                         "logprobs": None, "finish_reason": None}]})
+                    elif plan.echo:
+                        logprobs = (answers.completion_logprobs(self.enc, plan, prompt, [], [], scores)
+                                    if scores is not None else None)
+                        yield _sse({**head, "choices": [{"text": plan.prompt_texts[prompt], "index": i,
+                                                         "logprobs": logprobs,
+                                                         "finish_reason": None if plan.rows else "length"}]})
+                if job is not None:
+                    answer = answers.Answer(plan, self.enc)
+                    for piece in answer.follow(job, self.heartbeat):
+                        if piece is None:
+                            yield b": keep-alive\n\n"
+                            continue
+                        index, text, ids, infos = piece
+                        reason = answer.choices[index].finish_reason
+                        if text or reason or (plan.logprobs is not None and ids):
+                            yield chunk(index, text, reason, ids, infos)
+                    choices = answer.choices
+                    self._noted(request, plan, answer)
+                    request.note += ", streamed"
+        except ApiError as error:  # the head is gone: report in the stream
+            yield _sse(error.body())
         if plan.include_usage:
-            send({**head, "choices": [], "usage": answers.usage(plan, choices)})
-        send(b"[DONE]")
-        if chunked:
-            try:
-                self.wfile.write(b"0\r\n\r\n")  # the last chunk
-            except OSError as error:
-                raise ClientGone(f"{type(error).__name__} while streaming") from None
+            yield _sse({**head, "choices": [], "usage": answers.usage(plan, choices)})
+        yield _sse(b"[DONE]")

@@ -157,15 +157,19 @@ def main(argv=None):
 
 def _serve(args, api_key):
     started = time.perf_counter()
-    from gpt2.serve import httpd
+    from gpt2.serve import api, httpd
 
     limits = Limits(max_connections=args.max_connections,
                     max_connections_per_address=args.max_connections_per_address,
                     max_body_bytes=args.max_body_bytes, first_byte_timeout=args.first_byte_timeout,
                     idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout)
+    allowed = None
+    if args.allowed_host or (api_key is None and httpd.is_loopback(args.host)):
+        allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
     try:  # claim the address first, so a taken port fails now rather than after compiling
-        server = httpd.Server(None, args.host, args.port, bind_and_activate=False, limits=limits)
+        server = httpd.Server(None, args.host, args.port, bind_and_activate=False, limits=limits, api_key=api_key,
+                              cors_origins=args.cors_origin, allowed_hosts=allowed)
         server.server_bind()
     except (OSError, OverflowError) as error:
         return fail(f"cannot listen on {args.host}:{args.port}: {error}", EXIT_ERROR)
@@ -200,11 +204,7 @@ def _serve(args, api_key):
     proto = protocol.Protocol(enc, model.hparams.n_ctx, model_names(args, model_id, folder_name),
                               n_vocab=model.hparams.n_vocab, max_tokens_limit=args.max_tokens_limit,
                               max_request_rows=args.max_request_rows, chat_history=args.chat_history)
-    allowed = None
-    if args.allowed_host or (api_key is None and httpd.is_loopback(args.host)):
-        allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
-    server.app = httpd.App(engine, proto, model_id, api_key=api_key, limits=limits, cors_origins=args.cors_origin,
-                           allowed_hosts=allowed, playground=not args.no_playground)
+    server.app = api.App(engine, proto, model_id, playground=not args.no_playground, heartbeat=limits.heartbeat)
     engine.start()
     server.server_activate()
     if not httpd.is_loopback(args.host) and api_key is None:
@@ -244,6 +244,6 @@ def serve_until_signalled(server, engine, grace):
     server.app.draining = True
     server.shutdown()
     engine.shutdown(grace)
-    server.app.wait_idle(10)
+    server.wait_idle(10)
     server.server_close()
     log.info("stopped")

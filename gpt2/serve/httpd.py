@@ -18,7 +18,7 @@ slow, half-closed, vanishing and hostile clients (TensorFlow-free).
   next request). POST bodies must be `application/json` (UTF-8); JSON nested too
   deeply or not UTF-8 is a 400. `Expect: 100-continue` is answered only once the request passed
   every check, so an oversize body gets its 413 at once.
-* With `App.allowed_hosts` set (the default loopback server without an API key), a `Host` header
+* With `allowed_hosts` set (the default loopback server without an API key), a `Host` header
   naming anything else gets 403: a web page cannot reach the server through DNS rebinding, and it
   cannot send a cross-site "simple" POST because JSON needs a CORS preflight, which only
   `cors_origins` pass.
@@ -28,17 +28,17 @@ slow, half-closed, vanishing and hostile clients (TensorFlow-free).
   client is one log line; log lines escape control characters.
 * Uses no select.poll (works on Windows, macOS and Linux).
 
-The endpoints are gpt2.serve.api's (a mixin of Handler); this module is the HTTP plumbing.
+A request that passes the access rules goes to gpt2.serve.api's `App.handle`; the Response comes back
+to `Handler._respond`, the one writer of status lines and headers (CORS's merged there).
 """
 
+import contextlib
 import dataclasses
 import hmac
 import io
 import ipaddress
-import json
 import logging
 import math
-import os
 import re
 import socket
 import threading
@@ -46,12 +46,11 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from gpt2.serve.api import ClientGone, Endpoints, json_bytes
+from gpt2.serve.api import Request, clean, error_response
 from gpt2.serve.protocol import ApiError
 
 log = logging.getLogger("gpt2.serve")
 
-_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 _FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -64,10 +63,8 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-def clean(text, limit=300):
-    """`text` for a log line: control characters escaped, at most `limit` characters."""
-    text = str(text).translate(_CONTROL)
-    return text if len(text) <= limit else text[:limit] + "..."
+class ClientGone(Exception):
+    """The client went away (or was too slow); the message says how."""
 
 
 @dataclasses.dataclass
@@ -130,60 +127,6 @@ class _Writer(io.RawIOBase):
         return len(data)
 
 
-class App:
-    """What the request handlers share: the engine, the protocol, limits and access rules.
-
-    allowed_hosts: None (no Host check) or names the Host header may carry (ports ignored).
-    cors_origins: origins answered with CORS headers ("*" = any). api_key: None or the bearer key.
-    """
-
-    def __init__(self, engine, protocol, model_id, api_key=None, limits=None, cors_origins=(),
-                 allowed_hosts=None, playground=True):
-        self.engine = engine
-        self.protocol = protocol
-        self.enc = protocol.enc
-        self.model_id = model_id
-        self.api_key = api_key
-        self.limits = limits or Limits()
-        self.cors_origins = tuple(cors_origins)
-        self.allowed_hosts = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
-        self.playground = _playground_html() if playground else None
-        self.created = int(time.time())
-        self.draining = False
-        self._busy = 0  # requests being answered
-        self._busy_lock = threading.Condition()
-
-    def model_card(self):
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
-                "context_length": self.protocol.n_ctx, "max_tokens_limit": self.protocol.max_tokens_limit}
-
-    def health(self, connections=None):
-        engine = self.engine.health()
-        status = "stopping" if self.draining else engine.pop("status")
-        return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx,
-                "connections": connections, **engine}
-
-    def allows_origin(self, origin):
-        return "*" in self.cors_origins or origin in self.cors_origins
-
-    def allows_host(self, host):
-        return self.allowed_hosts is None or host is None or _host_name(host) in self.allowed_hosts
-
-    def request_started(self):
-        with self._busy_lock:
-            self._busy += 1
-
-    def request_ended(self):
-        with self._busy_lock:
-            self._busy -= 1
-            self._busy_lock.notify_all()
-
-    def wait_idle(self, timeout):
-        """Waits until no request is being answered (or `timeout` seconds); True if idle."""
-        with self._busy_lock:
-            return self._busy_lock.wait_for(lambda: self._busy == 0, timeout)
-
-
 def _host_name(host):
     """The name part of a Host header or of an --allowed-host value, lowercased."""
     host = host.strip().lower()
@@ -204,30 +147,58 @@ def is_loopback(host):
         return host.lower() == "localhost"
 
 
-def _playground_html():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html")
-    with open(path, "rb") as f:
-        return f.read()
-
-
 class Server(ThreadingHTTPServer):
-    """The HTTP server for `app` (an App; may be set later, before serving). limits: the App's by
-    default. `Server(app, host, port, bind_and_activate=False)` binds later (see cli)."""
+    """The HTTP server for `app` (a gpt2.serve.api.App; may be set later, before serving), with its
+    limits (Limits() by default) and access rules. `Server(app, host, port, bind_and_activate=False)`
+    binds later (see cli).
+
+    api_key: None or the bearer key. cors_origins: origins answered with CORS headers ("*" = any).
+    allowed_hosts: None (no Host check) or names the Host header may carry (ports ignored).
+    """
 
     daemon_threads = True
     request_queue_size = 128  # listen backlog
 
-    def __init__(self, app, host="127.0.0.1", port=5000, bind_and_activate=True, limits=None):
+    def __init__(self, app, host="127.0.0.1", port=5000, bind_and_activate=True, limits=None, api_key=None,
+                 cors_origins=(), allowed_hosts=None):
         if _is_ipv6(host):
             self.address_family = socket.AF_INET6
         self.app = app
-        self.limits = limits or app.limits
+        self.limits = limits or Limits()
+        self.api_key = api_key
+        self.cors_origins = tuple(cors_origins)
+        self.allowed_hosts = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
         self.connections = 0  # open connections (each has a thread)
         self._by_address = {}  # address_key -> its open connections
         self._count_lock = threading.Lock()
         self._refused = 0
         self._refused_logged = 0.0
+        self._busy = 0  # requests being answered
+        self._busy_lock = threading.Condition()
         super().__init__((host, port), Handler, bind_and_activate)
+
+    def allows_origin(self, origin):
+        return "*" in self.cors_origins or origin in self.cors_origins
+
+    def allows_host(self, host):
+        return self.allowed_hosts is None or host is None or _host_name(host) in self.allowed_hosts
+
+    @contextlib.contextmanager
+    def busy(self):
+        """The block answers a request (see wait_idle)."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                self._busy_lock.notify_all()
+
+    def wait_idle(self, timeout):
+        """Waits until no request is being answered (or `timeout` seconds); True if idle."""
+        with self._busy_lock:
+            return self._busy_lock.wait_for(lambda: self._busy == 0, timeout)
 
     @property
     def port(self):
@@ -329,20 +300,11 @@ def start_in_thread(server):
     return thread
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class Handler(Endpoints, BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     """One connection: requests one after another (keep-alive), each answered in full."""
 
     protocol_version = "HTTP/1.1"
     server_version = "gpt2-serve"
-
-
-    @property
-    def app(self):
-        return self.server.app
 
     # ------------------------------------------------------------------ connection
 
@@ -356,7 +318,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self._requests = 0  # requests begun on this connection
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, 1 << 16)
-        self.wfile = _Writer(self.connection, self.app.limits.write_timeout)
+        self.wfile = _Writer(self.connection, self.server.limits.write_timeout)
 
     def finish(self):
         try:
@@ -377,7 +339,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         """Reads one request within its deadlines and answers it."""
-        limits = self.app.limits
+        limits = self.server.limits
         first = not self._requests
         wait = min(limits.first_byte_timeout, limits.idle_timeout) if first else limits.idle_timeout
         self._reader.deadline = time.monotonic() + wait
@@ -394,7 +356,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._reader.deadline = self._started + limits.header_timeout
         self._status = None
-        self._note = ""
+        self._request = None  # the api.Request, once the head is read
         self._body_left = 0
         self.command, self.path = "", ""
         self._expect_continue = False
@@ -410,11 +372,10 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
                 self.rfile = real_rfile
         except TimeoutError:
             raise ClientGone(f"did not send a whole request head within {limits.header_timeout:g} s") from None
-        self.app.request_started()
         try:
-            self._answer()
+            with self.server.busy():
+                self._answer()
         finally:
-            self.app.request_ended()
             if self._body_left:
                 self.close_connection = True  # an unread body is never parsed as a request
             self._log_access()
@@ -487,42 +448,60 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             return
         level = logging.DEBUG if self.path == "/health" and self._status == 200 else logging.INFO
         log.log(level, '%s "%s %s" %s%s %.3f s', self.peer, clean(self.command, 20), clean(self.path, 200),
-                self._status, self._note, time.monotonic() - self._started)
+                self._status, self._request.note if self._request else "", time.monotonic() - self._started)
 
     def send_error(self, code, message=None, explain=None):
         """Errors raised by http.server itself (malformed request line, 431...) as JSON too."""
         self.close_connection = True
-        error = ApiError(code, message or self.responses.get(code, ("error",))[0],
-                         type_="invalid_request_error" if code < 500 else "server_error")
-        try:
-            self._send_json(code, error.body())
-        except OSError:
-            pass
+        self._respond(error_response(ApiError(code, message or self.responses.get(code, ("error",))[0],
+                                              type_="invalid_request_error" if code < 500 else "server_error")))
 
     def _cors(self):
         origin = self.headers.get("Origin") if hasattr(self, "headers") and self.headers else None
-        if origin and self.app.allows_origin(origin):
-            return {"Access-Control-Allow-Origin": "*" if "*" in self.app.cors_origins else origin, "Vary": "Origin"}
+        if origin and self.server.allows_origin(origin):
+            return {"Access-Control-Allow-Origin": "*" if "*" in self.server.cors_origins else origin, "Vary": "Origin"}
         return {}
 
-    def _send(self, status, data, content_type, headers=None):
-        self._status = status
+    def _write(self, data, doing="sending the answer"):
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in {**self._cors(), **(headers or {})}.items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            self.wfile.write(data)
         except (OSError, ValueError) as error:
-            raise ClientGone(f"{type(error).__name__} while sending the answer") from None
+            raise ClientGone(f"{type(error).__name__} while {doing}") from None
 
-    def _send_json(self, status, payload, headers=None):
-        self._send(status, json_bytes(payload), "application/json; charset=utf-8", headers)
+    def _respond(self, response):
+        """Writes an api.Response: the status line and headers (CORS's, then the response's), then its
+        body, or its events as they come (chunked; close-delimited for HTTP/1.0). The events are closed
+        however this ends (early: the client went away)."""
+        self._status = response.status
+        events = response.events
+        chunked = events is not None and self.request_version != "HTTP/1.0"  # else: the close ends the body
+        if events is not None and not chunked:
+            self.close_connection = True
+        first, last = {}, {}
+        if events is not None:
+            first = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                     "X-Accel-Buffering": "no"}
+        elif response.body is not None:
+            first = {"Content-Type": response.content_type, "Content-Length": str(len(response.body))}
+        if chunked or (first and self.close_connection):
+            last = {"Transfer-Encoding": "chunked"} if chunked else {"Connection": "close"}
+        try:
+            try:
+                self.send_response(response.status)
+                for name, value in [*first.items(), *{**self._cors(), **response.headers}.items(), *last.items()]:
+                    self.send_header(name, value)
+                self.end_headers()
+            except (OSError, ValueError) as error:
+                raise ClientGone(f"{type(error).__name__} while sending the answer") from None
+            if response.body is not None and self.command != "HEAD":
+                self._write(response.body)
+            for data in events or ():
+                self._write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data, "streaming")
+            if chunked:
+                self._write(b"0\r\n\r\n", "streaming")  # the last chunk
+        finally:
+            if events is not None:
+                events.close()
 
     # ------------------------------------------------------------------ request checks
 
@@ -543,7 +522,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self._body_left = int(lengths[0]) if lengths else 0
 
     def _read_body(self):
-        limits = self.app.limits
+        limits = self.server.limits
         length = self._body_left
         if self.headers.get("Content-Length") is None:
             raise ApiError(411, "a JSON body with Content-Length is required", code="length_required")
@@ -553,10 +532,7 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
                            "(--max-body-bytes)", code="request_too_large")
         if self._expect_continue and length:
             self._expect_continue = False
-            try:
-                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            except OSError as error:
-                raise ClientGone(f"{type(error).__name__} while sending 100 Continue") from None
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n", "sending 100 Continue")
         self._reader.deadline = time.monotonic() + limits.body_timeout
         try:
             data = self.rfile.read(length)
@@ -567,24 +543,8 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self._body_left = 0
         return data
 
-    def _read_json(self):
-        media, _, params = (self.headers.get("Content-Type") or "").partition(";")
-        charset = re.search(r"charset\s*=\s*\"?([^\s;\"]+)", params, re.IGNORECASE)
-        if media.strip().lower() != "application/json" or (charset and charset.group(1).lower() not in ("utf-8", "utf8")):
-            raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'",
-                           code="unsupported_media_type")
-        data = self._read_body()
-        try:
-            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except UnicodeDecodeError:
-            raise ApiError(400, "the body is not valid UTF-8", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError(400, "the JSON body is nested too deeply", code="invalid_json") from None
-        except ValueError as error:
-            raise ApiError(400, f"invalid JSON body: {clean(error, 200)}", code="invalid_json") from None
-
     def _check_auth(self):
-        key = self.app.api_key
+        key = self.server.api_key
         if key is None:
             return
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
@@ -598,39 +558,31 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
 
     def _answer(self):
         path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+        self._request = Request(self.command, path, self.headers, self._read_body, self.server.connections)
         try:
-            self._framing()
-            hosts = self.headers.get_all("Host") or []
-            if len(hosts) > 1:
-                self.close_connection = True
-                raise ApiError(400, "more than one Host header", code="bad_host")
-            if not hosts and self.request_version >= "HTTP/1.1":
-                raise ApiError(400, "an HTTP/1.1 request needs a Host header (RFC 9112)", code="bad_host")
-            if not self.app.allows_host(hosts[0] if hosts else None):
-                raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start it "
-                               "with --allowed-host NAME to allow that name", code="host_not_allowed")
-            if path.startswith("/v1/models/"):
-                method, name = "GET", "model"
-            elif path in self.ROUTES:
-                method, name = self.ROUTES[path]
-            else:
-                raise ApiError(404, f"no such endpoint: {clean(self.command, 20)} {clean(path, 100)}", code="not_found")
-            if self.command == "OPTIONS":
-                self._options(method)
-                return
-            if self.command != method:
-                raise ApiError(405, f"{path} accepts {method}, not {clean(self.command, 20)}",
-                               code="method_not_allowed", headers={"Allow": f"{method}, OPTIONS"})
-            if name not in self.OPEN:
-                self._check_auth()
-                if self.app.draining:
+            try:
+                self._framing()
+                hosts = self.headers.get_all("Host") or []
+                if len(hosts) > 1:
                     self.close_connection = True
-                    raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error")
-            getattr(self, "_" + name)(path)
-        except ApiError as error:
-            if self._status is not None:  # already answering (a stream): nothing more to say here
-                raise ClientGone(f"failed after the answer began: {error.message}") from None
-            self._send_json(error.status, error.body(), error.headers)
+                    raise ApiError(400, "more than one Host header", code="bad_host")
+                if not hosts and self.request_version >= "HTTP/1.1":
+                    raise ApiError(400, "an HTTP/1.1 request needs a Host header (RFC 9112)", code="bad_host")
+                if not self.server.allows_host(hosts[0] if hosts else None):
+                    raise ApiError(403, f"this server does not answer to Host {clean(', '.join(hosts), 80)!r}; start "
+                                   "it with --allowed-host NAME to allow that name", code="host_not_allowed")
+                name, _ = self.server.app.endpoint(self.command, path)
+                if self.command != "OPTIONS" and name not in self.server.app.OPEN:
+                    self._check_auth()
+                    if self.server.app.draining:
+                        self.close_connection = True
+                        raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error")
+                response = self.server.app.handle(self._request)
+                if self.command == "OPTIONS":
+                    response.headers.update(self._preflight(response.headers["Allow"]))
+            except ApiError as error:
+                response = error_response(error)
+            self._respond(response)
         except ClientGone:
             self.close_connection = True
             raise
@@ -638,25 +590,15 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             log.exception("%s: error answering %s %s", self.peer, clean(self.command, 20), clean(path, 100))
             self.close_connection = True
             if self._status is None:
-                self._send_json(500, ApiError(500, "internal server error", type_="server_error").body())
+                self._respond(error_response(ApiError(500, "internal server error", type_="server_error")))
 
-    def _options(self, method):
-        """CORS preflight (for allowed origins) or a plain OPTIONS: 204 with what is allowed."""
-        headers = {"Allow": f"{method}, OPTIONS"}
+    def _preflight(self, allowed):
+        """A CORS preflight's headers (for allowed origins): `allowed` methods and the headers asked for."""
         origin = self.headers.get("Origin")
-        if origin and self.headers.get("Access-Control-Request-Method") and self.app.allows_origin(origin):
-            requested = self.headers.get("Access-Control-Request-Headers", "")
-            headers.update({
-                "Access-Control-Allow-Methods": f"{method}, OPTIONS",
+        if not (origin and self.headers.get("Access-Control-Request-Method") and self.server.allows_origin(origin)):
+            return {}
+        requested = self.headers.get("Access-Control-Request-Headers", "")
+        return {"Access-Control-Allow-Methods": allowed,
                 "Access-Control-Allow-Headers": requested if _TOKEN_LIST.fullmatch(requested)
                 else "Authorization, Content-Type",
-                "Access-Control-Max-Age": "600",
-            })
-        self._status = 204
-        try:
-            self.send_response(204)
-            for name, value in {**self._cors(), **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-        except OSError as error:
-            raise ClientGone(f"{type(error).__name__} while sending the answer") from None
+                "Access-Control-Max-Age": "600"}
