@@ -111,6 +111,18 @@ def test_options_and_simple_endpoints(app):
     assert health.status == 200 and json.loads(health.body)["connections"] == 3
 
 
+def test_health_says_stopping_while_the_server_drains():
+    class Healthy(FakeEngine):
+        def health(self):
+            return {"status": "ok", "queue": 0}
+
+    app = App(Healthy(), make_protocol(), MODEL_ID, playground=False)
+    assert json.loads(app.handle(Request("GET", "/health")).body)["status"] == "ok"
+    app.draining = True
+    response = app.handle(Request("GET", "/health"))
+    assert response.status == 503 and json.loads(response.body)["status"] == "stopping"
+
+
 class FakeEngine:
     """Answers each job with `script` (events put at once), or raises `refuse` on submit."""
 

@@ -155,7 +155,8 @@ class App:
 
     def health(self, connections=None):
         engine = self.engine.health()
-        status = "stopping" if self.draining else engine.pop("status")
+        status = engine.pop("status")  # popped either way: the engine's own word must not overwrite "stopping"
+        status = "stopping" if self.draining else status
         return {"status": status, "model": self.model_id, "context_length": self.protocol.n_ctx,
                 "connections": connections, **engine}
 
