@@ -274,11 +274,12 @@ class Block(keras.layers.Layer):
         self.built = True
 
     def layer_weights(self):
-        """The weights in `block`'s order for Keras' call: the variables, with each projection's
-        Conv1D layer in place of its kernel (its call keeps a LoRA adapter separate for training)."""
+        """The weights in `block`'s order for Keras' call: the variables, with the attention's
+        Conv1D layers in place of their kernels (whose call keeps a LoRA adapter separate for
+        training) and the MLP's kernels with any adapter merged in (as BENCHMARKS.md's LoRA runs)."""
         attn, mlp_ = self.attn, self.mlp
         return (self.ln_1.g, self.ln_1.b, attn.c_attn, attn.c_attn.b, attn.c_proj, attn.c_proj.b,
-                self.ln_2.g, self.ln_2.b, mlp_.c_fc, mlp_.c_fc.b, mlp_.c_proj, mlp_.c_proj.b)
+                self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b)
 
     def inference_weights(self):
         """The block's weights as tensors in `block`'s order (any LoRA adapter merged in), as the
