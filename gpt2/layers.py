@@ -1,7 +1,6 @@
-"""The building blocks of GPT-2 with OpenAI's exact numerics: `block`, the one per-layer step
-every driver runs (GPT2.call, the compiled loop, the uncompiled sampler), with the attention over
-a cache as its parameter (`cached_attention`, `blocked_attention`, or a driver's own use of
-`attend`); and the Keras layers that hold the weights and call it.
+"""GPT-2's building blocks, OpenAI's numerics: `block`, the one per-layer step every driver runs
+(GPT2.call, the compiled loop, the uncompiled sampler) with the attention over its cache as a
+parameter, and the Keras layers that hold the weights.
 
 Shapes: b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
 h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
@@ -50,9 +49,7 @@ def _cast(x, dtype):
     return x if x.dtype == dtype else tf.cast(x, dtype)
 
 
-# The math of each layer as plain functions of tensors. `block` is the one step every driver runs:
-# the Keras layers below (GPT2.call), the compiled loop (gpt2.sampling.decoder) and the uncompiled
-# sampler (gpt2.sampling.direct); each passes the attention over the cache it keeps.
+# The math as plain functions of tensors; the Keras layers below call `block` with their weights.
 
 def layer_norm(x, g, b, epsilon=1e-5):
     """float32 (x - mean) / sqrt(var + epsilon) * g + b over the last axis."""
@@ -77,9 +74,7 @@ def matmul(a, b, transpose_b=False):
 def split_heads(qkv, batch, n_head):
     """c_attn's output [b * s, 3 e] -> q, k, v, each [b, h, s, d]."""
     e = qkv.shape[-1] // 3
-    qkv = tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head])
-    q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
-    return q, k, v
+    return tf.unstack(tf.transpose(tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head]), [2, 0, 3, 1, 4]))
 
 
 def merge_heads(a):
@@ -88,14 +83,11 @@ def merge_heads(a):
 
 
 def block(x, weights, batch, n_head, dtype, attention, dropout=None):
-    """One pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), with mlp = c_proj(gelu(c_fc(.))).
-
-    x: float32 [b * s, e]; weights: `Block.inference_weights()` (or, for Keras' call,
-    `Block.layer_weights()`: Conv1D layers in place of kernels, each adding its LoRA adapter);
-    matmuls in `dtype`; attention(q, k, v) -> (a float32 [b, h, s, d], k, v as its cache holds
-    them): this call's queries (q, k, v float32 [b, h, s, d]) attend over the cache and these
-    keys (`cached_attention`, `blocked_attention`); dropout: callables applied to the attention's
-    and the MLP's output (training), or None. Returns (x float32 [b * s, e], k, v)."""
+    """One pre-LN block: x + attn(ln_1(x)), then x + c_proj(gelu(c_fc(ln_2(x)))). x: float32
+    [b * s, e]; weights: `Block.inference_weights()` (or `layer_weights()`); matmuls in `dtype`;
+    attention(q, k, v) -> (a float32 [b, h, s, d], k, v as its cache holds them) attends this
+    call's queries over the cache and these keys (q, k, v float32 [b, h, s, d]); dropout: two
+    callables for the attention's and the MLP's output, or None. Returns (x, k, v)."""
     ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
     attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
 
@@ -110,10 +102,9 @@ def block(x, weights, batch, n_head, dtype, attention, dropout=None):
 
 
 def cached_attention(past, dtype):
-    """GPT2.call's attention for `block`: one masked softmax over the keys and values of `past`
-    [b, 2, h, t_past, d] (or None) and then this call's, with OpenAI's causal mask counted from
-    the lower right (query i of s sees key j of t when i >= j - t + s). Keys and values are
-    rounded to `dtype` as a cache of that dtype holds them; they are returned rounded."""
+    """GPT2.call's attention for `block`: one masked softmax over `past` [b, 2, h, t_past, d] (or
+    None) and this call's keys, OpenAI's causal mask from the lower right (query i of s sees key j
+    of t when i >= j - t + s). Keys and values are rounded to `dtype`, as its cache holds them."""
 
     def attention(q, k, v):
         if tf.as_dtype(dtype) != tf.float32:
@@ -129,13 +120,10 @@ def cached_attention(past, dtype):
 
 
 def blocked_attention(keys, values, first_row, cached, num_blocks, xla=True):
-    """The compiled loop's attention for `block` (the same softmax, computed online in blocks):
-    queries q [b, h, s, d] at the positions after each row's `cached` [b] slots of the cache
-    keys, values [B, h, M, d] (rows first_row..first_row+b-1) attend over those slots, read in
-    num_blocks blocks of BLOCK (keys past `cached` masked), then over this call's own keys
-    (query i sees own keys 0..i). float32 throughout (a bfloat16 cache is widened block by block).
-    xla: slice with XLA's dynamic slice (see `dynamic_slice`). Returns this call's k, v in the
-    cache's dtype."""
+    """The compiled loop's attention for `block`, the same softmax computed online: queries after
+    each row's `cached` [b] slots of the cache keys, values [B, h, M, d] (rows first_row..) attend
+    over those slots in num_blocks blocks of BLOCK, then over this call's keys (query i sees 0..i).
+    float32 throughout (a bfloat16 cache is widened block by block); xla: see `dynamic_slice`."""
 
     def attention(q, k, v):
         b, h, s, d = q.shape
@@ -233,8 +221,7 @@ class Conv1D(keras.layers.Layer):
 
 
 class _Projections(keras.layers.Layer):
-    """Weights only: the Conv1D projections SHAPES ({name: (n_in, n_out) in units of n_embd}) and
-    the dropout after them, created in this layer's name scope (the math is `block`'s)."""
+    """Weights only: Conv1D projections SHAPES {name: (n_in, n_out) in n_embd} and a dropout."""
 
     SHAPES = {}
 
@@ -274,16 +261,14 @@ class Block(keras.layers.Layer):
         self.built = True
 
     def layer_weights(self):
-        """The weights in `block`'s order for Keras' call: the variables, with the attention's
-        Conv1D layers in place of their kernels (whose call keeps a LoRA adapter separate for
-        training) and the MLP's kernels with any adapter merged in (as BENCHMARKS.md's LoRA runs)."""
+        """`block`'s weights for Keras' call: the attention's Conv1D layers (whose call keeps a LoRA
+        adapter separate), the MLP's kernels with any adapter merged in (as BENCHMARKS' LoRA runs)."""
         attn, mlp_ = self.attn, self.mlp
         return (self.ln_1.g, self.ln_1.b, attn.c_attn, attn.c_attn.b, attn.c_proj, attn.c_proj.b,
                 self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b)
 
     def inference_weights(self):
-        """The block's weights as tensors in `block`'s order (any LoRA adapter merged in), as the
-        samplers pass them."""
+        """The weights as tensors in `block`'s order (LoRA adapters merged in), for the samplers."""
         return tuple(tf.convert_to_tensor(w.kernel() if isinstance(w, Conv1D) else w) for w in self.layer_weights())
 
     def call(self, x, batch, past=None, training=None):

@@ -137,9 +137,7 @@ class Decoder:
     # carries all the weights.
 
     def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
-        """One block (`layers.block` with the blocked attention over its cache keys, values),
-        traced once per shape and called per block. Returns (x, this call's keys and values
-        [batch, H, s, D] in the cache's dtype)."""
+        """`layers.block` over this layer's cache keys, values (traced once, called per block)."""
         attention = layers.blocked_attention(keys, values, first_row, cached, num_blocks, self.xla)
         return layers.block(x, weights, batch, self.n_head, self.cache_dtype, attention)
 
@@ -331,6 +329,26 @@ class Decoder:
         count, state, outputs = tf.while_loop(busy, body, (tf.constant(0), state, outputs),
                                               maximum_iterations=iterations)
         return state, outputs, count
+
+    def run_to_end(self, state, tokens):
+        """Ingests and decodes until every active row is done (or an iteration did nothing: a bug the
+        caller checks). tokens: int32 [B, n >= max_new] of padding; returns (state, tokens with
+        each row's new tokens from column 0)."""
+        rows = tf.range(_batch(state))
+
+        def busy(moved, state, tokens):
+            return moved & tf.reduce_any(state["active"] & ~state["done"])
+
+        def body(moved, before, tokens):
+            state, new, *_ = self.decode(self.ingest(before))
+            at = tf.stack([rows, tf.minimum(before["generated"], tokens.shape[1] - 1)], 1)
+            tokens = tf.tensor_scatter_nd_update(tokens, at, tf.where(new >= 0, new, tf.gather_nd(tokens, at)))
+            moved = tf.reduce_any(tf.not_equal(state["generated"], before["generated"])
+                                  | tf.not_equal(state["cached"], before["cached"]))
+            return moved, state, tokens
+
+        _, state, tokens = tf.while_loop(busy, body, (tf.constant(True), state, tokens))
+        return state, tokens
 
 
 def _batch(state):
