@@ -16,8 +16,9 @@ program, compiled once per pool size: it serves every prompt length, output leng
 Attention reads only the filled part of the cache, in blocks of BLOCK slots (online softmax,
 `gpt2.layers.blocked_attention`).
 
-The state is a dict of tensors (see `Decoder.initial_state`); `iterate` maps state -> state, and
-`run` loops it. `gpt2.sampling.pool` keeps the state in variables between calls.
+The state is a dict of tensors (see `Decoder.initial_state`); `ingest` and `decode` map state ->
+state, `run` loops them (`gpt2.sampling.pool` keeps the state in variables between calls) and
+`run_to_end` loops them until every row is done (the export).
 
 Shapes: B = slots, H = n_head, D = head_dim, E = n_embd, V = n_vocab, N = n_ctx, S = CHUNK,
 M = cache slots (N + S rounded up to BLOCK), W = window buffer (N + S), K = iterations recorded
@@ -307,7 +308,7 @@ class Decoder:
     # ------------------------------------------------------------------ loop
 
     def run(self, state, max_iterations, iterations):
-        """Loops `iterate` while some row is unfinished, at most max_iterations (int32 scalar,
+        """Ingests and decodes while some row is unfinished, at most max_iterations (int32 scalar,
         <= iterations, a Python int sizing the outputs). Returns (state, outputs, count run)."""
         batch = _batch(state)
         outputs = {name: tf.zeros([batch, *shape[1:]], dtype)
