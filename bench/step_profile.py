@@ -79,7 +79,7 @@ def main(argv=None):
                 _, _, attn_w, attn_b, proj_w, proj_b, _, _, fc_w, fc_b, out_w, out_b = block.inference_weights()
                 qkv = layers.dense(x, attn_w, attn_b, compute)
                 x = x + layers.dense(qkv[:, :n_embd], proj_w, proj_b, compute)
-                x = x + layers.mlp(x, fc_w, fc_b, out_w, out_b, compute)
+                x = x + layers.dense(layers.gelu(layers.dense(x, fc_w, fc_b, compute)), out_w, out_b, compute)
             return model.logits(x)
 
         @tf.function(autograph=False)

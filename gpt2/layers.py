@@ -1,4 +1,6 @@
-"""The building blocks of GPT-2, each a small Keras layer with OpenAI's exact numerics.
+"""GPT-2's building blocks, OpenAI's numerics: `block`, the one per-layer step every driver runs
+(GPT2.call, the compiled loop, the uncompiled sampler) with the attention over its cache as a
+parameter, and the Keras layers that hold the weights.
 
 Shapes: b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
 h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
@@ -6,20 +8,24 @@ h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
 matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
 matmuls). Whatever the policy, the residual stream, LayerNorm statistics and the attention
-softmax are float32. Composite layers invoke their sublayers' `call` directly (Keras' per-call
+softmax are float32. Layers invoke their sublayers' `call` directly (Keras' per-call
 bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
 
 Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`): composite layers
 create their children inside their own name scope.
 """
 
+import functools
 import math
 
 import keras
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 # OpenAI masks attention scores to -1e10 (not -inf), so a fully masked row stays finite.
 MASKED_SCORE = -1e10
+NEG_INF = float("-inf")  # the blocked form's mask: every row there sees at least its own key
+BLOCK = 128  # cache slots `blocked_attention` reads per step
 
 
 def gelu(x):
@@ -28,7 +34,7 @@ def gelu(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention, float32.
+    """Scaled dot-product attention, float32: one masked softmax over the given keys.
 
     q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
     query may see a key. Returns float32 [b, h, s, d].
@@ -39,22 +45,11 @@ def attend(q, k, v, mask):
     return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
 
 
-def causal_mask(query_len, key_len):
-    """OpenAI's causal mask counted from the lower right: query i sees key j when
-    i >= j - key_len + query_len, so queries are the last `query_len` of `key_len` positions.
-    Returns bool [1, 1, query_len, key_len]."""
-    i = tf.range(query_len)[:, None]
-    j = tf.range(key_len)[None, :]
-    return (i >= j - key_len + query_len)[None, None]
-
-
 def _cast(x, dtype):
     return x if x.dtype == dtype else tf.cast(x, dtype)
 
 
-# The math of each layer as plain functions of tensors: the Keras layers below call them with
-# their weights, and the compiled decoder (gpt2.sampling.decoder) calls them with weights it
-# passes in explicitly, so that one traced function serves every block.
+# The math as plain functions of tensors; the Keras layers below call `block` with their weights.
 
 def layer_norm(x, g, b, epsilon=1e-5):
     """float32 (x - mean) / sqrt(var + epsilon) * g + b over the last axis."""
@@ -79,9 +74,7 @@ def matmul(a, b, transpose_b=False):
 def split_heads(qkv, batch, n_head):
     """c_attn's output [b * s, 3 e] -> q, k, v, each [b, h, s, d]."""
     e = qkv.shape[-1] // 3
-    qkv = tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head])
-    q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
-    return q, k, v
+    return tf.unstack(tf.transpose(tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head]), [2, 0, 3, 1, 4]))
 
 
 def merge_heads(a):
@@ -89,20 +82,91 @@ def merge_heads(a):
     return tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
 
 
-def mlp(x, fc_w, fc_b, proj_w, proj_b, dtype):
-    """c_fc, GELU, c_proj: [n, e] -> float32 [n, e]."""
-    return dense(gelu(dense(x, fc_w, fc_b, dtype)), proj_w, proj_b, dtype)
-
-
-def block(x, weights, batch, n_head, dtype, attention):
-    """One pre-LN block at inference as a pure function, for samplers that keep their own cache:
-    x float32 [b * s, e]; weights: `Block.inference_weights()`; matmuls in `dtype`;
-    attention(q, k, v) -> float32 [b, h, s, d] attends this call's queries (q, k, v float32
-    [b, h, s, d]) over the cache and these keys. Returns (x float32 [b * s, e], k, v)."""
+def block(x, weights, batch, n_head, dtype, attention, dropout=None):
+    """One pre-LN block: x + attn(ln_1(x)), then x + c_proj(gelu(c_fc(ln_2(x)))). x: float32
+    [b * s, e]; weights: `Block.inference_weights()` (or `layer_weights()`); matmuls in `dtype`;
+    attention(q, k, v) -> (a float32 [b, h, s, d], k, v as its cache holds them) attends this
+    call's queries over the cache and these keys (q, k, v float32 [b, h, s, d]); dropout: two
+    callables for the attention's and the MLP's output, or None. Returns (x, k, v)."""
     ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
-    q, k, v = split_heads(dense(layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype), batch, n_head)
-    x = x + dense(merge_heads(attention(q, k, v)), proj_w, proj_b, dtype)
-    return x + mlp(layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, out_w, out_b, dtype), k, v
+    attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
+
+    def linear(x, w, b):
+        return w.call(x) if isinstance(w, Conv1D) else dense(x, w, b, dtype)
+
+    q, k, v = split_heads(linear(layer_norm(x, ln1_g, ln1_b), attn_w, attn_b), batch, n_head)
+    a, k, v = attention(q, k, v)
+    x = x + attn_dropout(linear(merge_heads(a), proj_w, proj_b))
+    h = linear(gelu(linear(layer_norm(x, ln2_g, ln2_b), fc_w, fc_b)), out_w, out_b)
+    return x + mlp_dropout(h), k, v
+
+
+def cached_attention(past, dtype):
+    """GPT2.call's attention for `block`: one masked softmax over `past` [b, 2, h, t_past, d] (or
+    None) and this call's keys, OpenAI's causal mask from the lower right (query i of s sees key j
+    of t when i >= j - t + s). Keys and values are rounded to `dtype`, as its cache holds them."""
+
+    def attention(q, k, v):
+        if tf.as_dtype(dtype) != tf.float32:
+            k, v = (tf.cast(tf.cast(t, dtype), tf.float32) for t in (k, v))
+        keys, values = k, v
+        if past is not None:
+            keys = tf.concat([_cast(past[:, 0], k.dtype), k], axis=-2)
+            values = tf.concat([_cast(past[:, 1], v.dtype), v], axis=-2)
+        s, t = tf.shape(q)[2], tf.shape(keys)[2]
+        return attend(q, keys, values, (tf.range(s)[:, None] >= tf.range(t)[None, :] - t + s)[None, None]), k, v
+
+    return attention
+
+
+def blocked_attention(keys, values, first_row, cached, num_blocks, xla=True):
+    """The compiled loop's attention for `block`, the same softmax computed online: queries after
+    each row's `cached` [b] slots of the cache keys, values [B, h, M, d] (rows first_row..) attend
+    over those slots in num_blocks blocks of BLOCK, then over this call's keys (query i sees 0..i).
+    float32 throughout (a bfloat16 cache is widened block by block); xla: see `dynamic_slice`."""
+
+    def attention(q, k, v):
+        b, h, s, d = q.shape
+        size = [-1 if b is None else b, h, BLOCK, d]
+        scale = 1.0 / math.sqrt(d)
+
+        def accumulate(scores, v, best, total, acc):
+            new_best = tf.maximum(best, tf.reduce_max(scores, axis=-1))
+            weights = tf.exp(scores - new_best[..., None])
+            rescale = tf.exp(best - new_best)
+            total = total * rescale + tf.reduce_sum(weights, axis=-1)
+            return new_best, total, acc * rescale[..., None] + tf.matmul(weights, v)
+
+        def step(j, best, total, acc):
+            begin = [first_row, 0, j * BLOCK, 0]
+            block_keys = tf.cast(dynamic_slice(keys, begin, size, xla), tf.float32)
+            scores = tf.matmul(q, block_keys, transpose_b=True) * scale
+            visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < cached[:, None, None, None]
+            scores = tf.where(visible, scores, NEG_INF)
+            block_values = tf.cast(dynamic_slice(values, begin, size, xla), tf.float32)
+            return (j + 1, *accumulate(scores, block_values, best, total, acc))
+
+        start = (tf.constant(0), tf.fill(tf.shape(q)[:3], tf.constant(-1e30, tf.float32)),
+                 tf.zeros(tf.shape(q)[:3], tf.float32), tf.zeros(tf.shape(q), tf.float32))
+        _, best, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, step, start,
+                                            maximum_iterations=keys.shape[2] // BLOCK)
+        own = tf.matmul(q, k, transpose_b=True) * scale
+        own = tf.where(tf.range(s)[:, None] >= tf.range(s)[None, :], own, NEG_INF)
+        _, total, acc = accumulate(own, v, best, total, acc)
+        return acc / total[..., None], tf.cast(k, keys.dtype), tf.cast(v, keys.dtype)
+
+    return attention
+
+
+def dynamic_slice(tensor, begin, size, xla=True):
+    """tensor[begin : begin + size] with `begin` known only at run time (size[0] may be -1: all
+    rows). Under XLA an XLA dynamic-slice (tf.slice and x[i] make XLA treat a non-constant begin
+    as a compile-time constant: one compile per value); otherwise tf.slice."""
+    if size[0] == -1:
+        size = [tf.shape(tensor)[0], *size[1:]]
+    if xla:
+        return tfxla.dynamic_slice(tensor, begin, size)
+    return tf.slice(tensor, tf.stack(begin), tf.stack(size))
 
 
 class LayerNorm(keras.layers.Layer):
@@ -156,57 +220,31 @@ class Conv1D(keras.layers.Layer):
         return y
 
 
-class Attention(keras.layers.Layer):
-    """Masked multi-head self-attention: c_attn (q|k|v column blocks), then c_proj."""
+class _Projections(keras.layers.Layer):
+    """Weights only: Conv1D projections SHAPES {name: (n_in, n_out) in n_embd} and a dropout."""
 
-    def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
-        super().__init__(**kwargs)
-        self.n_head = n_head
-        with keras.name_scope(self.name):
-            self.c_attn = Conv1D(n_embd, 3 * n_embd, kernel_initializer, name="c_attn", dtype=self.dtype_policy)
-            self.c_proj = Conv1D(n_embd, n_embd, kernel_initializer, name="c_proj", dtype=self.dtype_policy)
-            self.dropout = keras.layers.Dropout(dropout)
-        self.built = True
-
-    def qkv(self, x, batch):
-        """x: [b * s, e] -> q, k, v, each float32 [b, h, s, d]."""
-        return split_heads(self.c_attn.call(x), batch, self.n_head)
-
-    def project(self, a, training=None):
-        """a: [b, h, s, d] -> float32 [b * s, e] (merge heads, c_proj, dropout)."""
-        return self.dropout.call(self.c_proj.call(merge_heads(a)), training=training)
-
-    def call(self, x, batch, past=None, training=None):
-        """OpenAI's semantics. x: [b * s, e]; past: [b, 2, h, t_past, d] or None.
-
-        Returns (output float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values).
-        """
-        q, k, v = self.qkv(x, batch)
-        if self.compute_dtype != "float32":  # keys and values as a bfloat16 cache holds them
-            k, v = (tf.cast(tf.cast(t, self.compute_dtype), tf.float32) for t in (k, v))
-        present = tf.stack([k, v], axis=1)
-        if past is not None:
-            k = tf.concat([_cast(past[:, 0], k.dtype), k], axis=-2)
-            v = tf.concat([_cast(past[:, 1], v.dtype), v], axis=-2)
-        a = attend(q, k, v, causal_mask(tf.shape(q)[2], tf.shape(k)[2]))
-        return self.project(a, training), present
-
-
-class MLP(keras.layers.Layer):
-    """c_fc (n_embd -> 4 n_embd), GELU, c_proj back to n_embd."""
+    SHAPES = {}
 
     def __init__(self, n_embd, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
         with keras.name_scope(self.name):
-            self.c_fc = Conv1D(n_embd, 4 * n_embd, kernel_initializer, name="c_fc", dtype=self.dtype_policy)
-            self.c_proj = Conv1D(4 * n_embd, n_embd, kernel_initializer, name="c_proj", dtype=self.dtype_policy)
+            for name, (n_in, n_out) in self.SHAPES.items():
+                setattr(self, name, Conv1D(n_in * n_embd, n_out * n_embd, kernel_initializer, name=name,
+                                           dtype=self.dtype_policy))
             self.dropout = keras.layers.Dropout(dropout)
         self.built = True
 
-    def call(self, x, training=None):
-        """x: [n, e] -> float32 [n, e]."""
-        out = mlp(x, self.c_fc.kernel(), self.c_fc.b, self.c_proj.kernel(), self.c_proj.b, self.compute_dtype)
-        return self.dropout.call(out, training=training)
+
+class Attention(_Projections):
+    """Masked multi-head self-attention's weights: c_attn (q|k|v column blocks), c_proj."""
+
+    SHAPES = {"c_attn": (1, 3), "c_proj": (1, 1)}
+
+
+class MLP(_Projections):
+    """The MLP's weights: c_fc (n_embd -> 4 n_embd), GELU, c_proj back to n_embd."""
+
+    SHAPES = {"c_fc": (1, 4), "c_proj": (4, 1)}
 
 
 class Block(keras.layers.Layer):
@@ -214,23 +252,29 @@ class Block(keras.layers.Layer):
 
     def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
+        self.n_head = n_head
         with keras.name_scope(self.name):
             self.ln_1 = LayerNorm(n_embd, name="ln_1", dtype=self.dtype_policy)
-            self.attn = Attention(n_embd, n_head, dropout, kernel_initializer, name="attn", dtype=self.dtype_policy)
+            self.attn = Attention(n_embd, dropout, kernel_initializer, name="attn", dtype=self.dtype_policy)
             self.ln_2 = LayerNorm(n_embd, name="ln_2", dtype=self.dtype_policy)
             self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp", dtype=self.dtype_policy)
         self.built = True
 
-    def inference_weights(self):
-        """The block's weights as tensors, in the order `gpt2.sampling.decoder` takes them."""
+    def layer_weights(self):
+        """`block`'s weights for Keras' call: the attention's Conv1D layers (whose call keeps a LoRA
+        adapter separate), the MLP's kernels with any adapter merged in (as BENCHMARKS' LoRA runs)."""
         attn, mlp_ = self.attn, self.mlp
-        return tuple(tf.convert_to_tensor(w) for w in (
-            self.ln_1.g, self.ln_1.b, attn.c_attn.kernel(), attn.c_attn.b, attn.c_proj.kernel(), attn.c_proj.b,
-            self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b))
+        return (self.ln_1.g, self.ln_1.b, attn.c_attn, attn.c_attn.b, attn.c_proj, attn.c_proj.b,
+                self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b)
+
+    def inference_weights(self):
+        """The weights as tensors in `block`'s order (LoRA adapters merged in), for the samplers."""
+        return tuple(tf.convert_to_tensor(w.kernel() if isinstance(w, Conv1D) else w) for w in self.layer_weights())
 
     def call(self, x, batch, past=None, training=None):
         """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->
-        (x float32 [b * s, e], present [b, 2, h, s, d])."""
-        a, present = self.attn.call(self.ln_1.call(x), batch, past=past, training=training)
-        x = x + a
-        return x + self.mlp.call(self.ln_2.call(x), training=training), present
+        (x float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values)."""
+        dropout = [functools.partial(layer.dropout.call, training=training) for layer in (self.attn, self.mlp)]
+        x, k, v = block(x, self.layer_weights(), batch, self.n_head, self.compute_dtype,
+                        cached_attention(past, self.compute_dtype), dropout)
+        return x, tf.stack([k, v], axis=1)

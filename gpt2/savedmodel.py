@@ -15,11 +15,11 @@ format works):
   `gpt2.score` gives it, 0 where t + 1 >= the row's length.
 
 Generation pads the request's rows to one of a few batch sizes B (`batch_sizes`; groups of the
-largest when there are more rows) and runs a graph loop (not compiled) that calls `decode_chunk`
-until every row is done; `decode_chunk` runs up to CHUNK_ITERATIONS iterations of the decoder,
-compiled with XLA by default. It is traced for each B with static shapes (a trace with an unknown
-batch axis compiled into a program about 3x slower), and its shapes depend only on B, so XLA
-compiles it once per batch size, whatever the prompt lengths, lengths asked for and settings.
+largest when there are more rows) and calls `decode`: the decoder's loop run until every row is
+done (`Decoder.run_to_end`), compiled with XLA by default. It is traced for each B with static
+shapes (a trace with an unknown batch axis compiled into a program about 3x slower), and its
+shapes depend only on B, so XLA compiles it once per batch size, whatever the prompt lengths,
+lengths asked for and settings.
 `logits` and `score` are not compiled with XLA (they would compile once per input shape).
 
 Inputs are checked in the graph (batch axes agree, prompt widths within the context, lengths in
@@ -27,7 +27,7 @@ range, token ids in the vocabulary, settings in range): a bad request fails with
 InvalidArgumentError "assertion failed: [<what is wrong>]" and the server stays up.
 
 Shapes: b = batch, B = a batch size of the decode loop, P = prompt width, n = max(max_new_tokens),
-s = sequence, V = n_vocab, K = CHUNK_ITERATIONS.
+N = the export's max_new_tokens, s = sequence, V = n_vocab.
 """
 
 import functools
@@ -36,11 +36,9 @@ import tensorflow as tf
 
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.api import POOL_SIZES, pool_size_for
-from gpt2.sampling.pool import FIXED_IN_RUN  # state a run never changes: not returned by the chunk
 from gpt2.sampling.settings import default_window_keep
 from gpt2.scoring import target_logprobs
 
-CHUNK_ITERATIONS = 64  # decoder iterations per compiled call
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
 
 GENERATE_SIGNATURE = [
@@ -81,7 +79,7 @@ class ServingModule(tf.Module):
         self.assets = [tf.saved_model.Asset(path) for path in encoder_files]
         # A plain object: the model is used, not tracked.
         self._decoder = decoder_lib.Decoder(model, xla=jit_compile)
-        self.decode_chunk = tf.function(self._decode_chunk, jit_compile=jit_compile, autograph=False)
+        self.decode = tf.function(self._decode, jit_compile=jit_compile, autograph=False)
         self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
         self.score = tf.function(self._score, input_signature=SCORE_SIGNATURE, autograph=False)
@@ -96,11 +94,11 @@ class ServingModule(tf.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def _decode_chunk(self, state):
-        """Up to CHUNK_ITERATIONS decoder iterations. Returns (the state entries that change,
-        tokens int32 [B, K]: each iteration's new token per row, -1 where a row made none)."""
-        state, outputs, _ = self._decoder.run(state, CHUNK_ITERATIONS, CHUNK_ITERATIONS)
-        return {name: value for name, value in state.items() if name not in FIXED_IN_RUN}, outputs["tokens"]
+    def _decode(self, state, tokens):
+        """The decoder's loop to the end; tokens: int32 [B, N] of PAD_TOKEN. Returns (tokens with
+        each row's new tokens first, num_tokens int32 [B], whether every row finished)."""
+        state, tokens = self._decoder.run_to_end(state, tokens)
+        return tokens, state["generated"], tf.reduce_all(state["done"] | ~state["active"])
 
     def _generate(self, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
         batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
@@ -160,21 +158,10 @@ class ServingModule(tf.Module):
         spec = self._decoder.state_spec(slots)
         state = {name: tf.ensure_shape(value, spec[name][0]) for name, value in state.items()}
         state["active"] = tf.range(slots) < size  # padding rows never run
-
-        def unfinished(state, new_tokens):
-            return tf.reduce_any(state["active"] & ~state["done"])
-
-        def chunk(state, new_tokens):
-            changed, chunk_tokens = self.decode_chunk(state)
-            # Every chunk ingests or decodes something; a loop that stalled would never end.
-            progressed = tf.reduce_any(tf.not_equal(changed["generated"], state["generated"])
-                                       | tf.not_equal(changed["cached"], state["cached"]))
-            with tf.control_dependencies([_check(progressed, "the decoder made no progress; this is a bug")]):
-                new_tokens = _append(new_tokens, state["generated"], chunk_tokens)
-            return {**state, **changed}, new_tokens
-
-        state, new_tokens = tf.while_loop(unfinished, chunk, (state, tf.fill([slots, width], PAD_TOKEN)))
-        return new_tokens, state["generated"]
+        new_tokens, num_tokens, finished = self.decode(state, tf.fill([slots, self.max_new_tokens], PAD_TOKEN))
+        # Every iteration ingests or decodes something; the loop stops early only if one did not.
+        with tf.control_dependencies([_check(finished, "the decoder made no progress; this is a bug")]):
+            return new_tokens[:, :width], tf.identity(num_tokens)
 
     # ------------------------------------------------------------------ logits and score
 
@@ -213,16 +200,6 @@ def default_batch_sizes(model):
     """The library's pool sizes (gpt2.sampling.api): 1, 2, 4, 8, and 16 to 64 while their
     key/value cache stays within 1 GiB (124M: up to 8)."""
     return sorted({pool_size_for(model, rows) for rows in POOL_SIZES})
-
-
-def _append(new_tokens, before, chunk_tokens):
-    """Writes each row's tokens of one chunk (chunk_tokens [b, K], -1 = none) after the `before`
-    [b] tokens it had already made, into new_tokens [b, n]."""
-    produced = chunk_tokens >= 0
-    column = before[:, None] + tf.cumsum(tf.cast(produced, tf.int32), axis=1) - 1
-    where = tf.where(produced)  # [m, 2] (row, iteration), int64
-    index = tf.stack([where[:, 0], tf.cast(tf.gather_nd(column, where), tf.int64)], axis=1)
-    return tf.tensor_scatter_nd_update(new_tokens, index, tf.gather_nd(chunk_tokens, where))
 
 
 def _all(condition):

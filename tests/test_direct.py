@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpt2
+from gpt2 import reference as reference_path
 from gpt2.sampling import api, choose, direct
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +39,25 @@ def test_greedy_equals_the_reference_and_the_compiled_loop(direct_budget, fresh_
         compiled = gpt2.sample_sequence(fresh_model, [prompt], len(expected) - len(prompt), temperature=0,
                                         jit_compile=True)
         np.testing.assert_array_equal(compiled[0], expected)
+
+
+def test_the_fast_paths_equal_the_reference_path(direct_budget, fresh_model, reference):
+    """gpt2/reference.py (a full forward pass per token, no cache) is the oracle: the uncompiled
+    sampler and the compiled loop, with and without XLA, make its greedy tokens exactly, with
+    and without penalties; its own seeded draws repeat with the seed and keep to top-k."""
+    prompts = [case["prompt_ids"] for case in reference["greedy"]["cases"]]  # three lengths
+    settings = [gpt2.SamplingSettings(temperature=0),
+                gpt2.SamplingSettings(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, logit_bias={13: 2})]
+    expected = [reference_path.generate(fresh_model, prompt, 12, rule) for rule in settings for prompt in prompts]
+    runs = [{}, {"jit_compile": True}, {"jit_compile": False}]  # uncompiled first: no pool exists yet
+    for options in runs:
+        got = [api.sample_rows(fresh_model, [prompt], 12, settings=[rule], **options)[0].tolist()
+               for rule in settings for prompt in prompts]
+        assert got == expected, options
+        assert bool(api.pools_of(fresh_model)) == bool(options)
+    drawn = reference_path.generate(fresh_model, prompts[0], 12, gpt2.SamplingSettings(top_k=3), rng=5)
+    assert drawn == reference_path.generate(fresh_model, prompts[0], 12, gpt2.SamplingSettings(top_k=3), rng=5)
+    assert reference_path.generate(fresh_model, prompts[0], 12, gpt2.SamplingSettings(top_k=1), rng=5) == expected[0]
 
 
 def test_seeded_sampling_equals_the_compiled_loop_with_every_setting(direct_budget, fresh_model, reference):

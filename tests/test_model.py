@@ -137,3 +137,21 @@ def test_more_positions_than_the_context_is_one_line(tiny_model):
 def test_variable_paths_are_openai_names(tiny_model):
     names = set(gpt2.checkpoint.model_variables(tiny_model))
     assert {v.path for v in tiny_model.weights} == names
+
+
+def test_every_driver_runs_the_one_block_step(tiny_model, reference, monkeypatch):
+    """The model's forward pass, the compiled loop (with or without XLA) and the uncompiled
+    sampler all run `layers.block`, so a block variant is written once (issue 25, one step)."""
+    from gpt2 import layers
+    from gpt2.sampling.direct import DirectSampler
+    from gpt2.sampling.pool import Pool
+
+    real, calls = layers.block, []
+    monkeypatch.setattr(layers, "block", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    tiny_model(np.array(reference["inputs"]["len7"]))
+    assert len(calls) == tiny_model.hparams.n_layer
+    for trace in (lambda: Pool(tiny_model, 1, jit_compile=False), lambda: Pool(tiny_model, 1, jit_compile=True),
+                  lambda: DirectSampler(tiny_model).step.get_concrete_function()):
+        calls.clear()
+        trace()  # traced, not run
+        assert calls, trace

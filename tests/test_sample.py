@@ -5,6 +5,7 @@ import pytest
 
 import gpt2
 from encoder import get_encoder
+from gpt2 import reference as reference_path
 from gpt2.sampling.api import pools_of, sample_rows
 
 EOT = 50256
@@ -95,12 +96,9 @@ def test_top_k_never_leaves_the_k_largest(tiny_model, reference):
 
 
 def nucleus(logits, p):
-    """OpenAI's top-p set: sorted tokens until the cumulative probability passes p."""
-    order = np.argsort(-logits)
-    probs = np.exp(logits[order] - logits.max())
-    cumulative = np.cumsum(probs / probs.sum())
-    keep = max(int(np.sum(cumulative <= p)), 1)
-    return set(order[:keep].tolist())
+    """OpenAI's top-p set (gpt2.reference.process): sorted tokens until the cumulative probability passes p."""
+    kept = reference_path.process(logits, gpt2.SamplingSettings(top_p=p), [], [])
+    return set(np.flatnonzero(np.isfinite(kept)).tolist())
 
 
 def test_top_p_never_leaves_the_nucleus(tiny_model, reference):
@@ -240,35 +238,11 @@ def test_invalid_prompts_are_clear_errors(tiny_model):
 
 # ----------------------------------------------------------------------------- past the context
 
-def naive_greedy(model, prompt, length, keep, settings=None):
-    """The window rule computed the slow, obvious way: a full forward pass over the window for
-    every token; when appending makes the window longer than n_ctx it becomes its last `keep`
-    tokens. `settings` (a dict) applies penalties / logit bias with `numpy_penalties`."""
-    n_ctx = model.hparams.n_ctx
-    window, out = list(prompt), []
-    for _ in range(length):
-        logits = model(np.array([window]))["logits"].numpy()[0, -1].astype(np.float64)
-        if settings:
-            logits = numpy_penalties(logits, prompt, out, **settings)
-        token = int(np.argmax(logits))
-        out.append(token)
-        window.append(token)
-        if len(window) > n_ctx:
-            window = window[-keep:]
-    return out
-
-
-def numpy_penalties(logits, prompt, generated, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
-    """The documented formulas: repetition (CTRL/HF) over prompt + generated, then OpenAI's
-    presence/frequency over generated tokens, then logit_bias."""
-    logits = logits.copy()
-    for token in set(prompt) | set(generated):
-        logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
-    for token in set(generated):
-        logits[token] -= presence + frequency * generated.count(token)
-    for token, value in (bias or {}).items():
-        logits[token] += value
-    return logits
+def naive_greedy(model, prompt, length, keep, **settings):
+    """The oracle: gpt2.reference.generate, greedy with a full forward pass over the window for
+    every token (past n_ctx the window becomes its last `keep` tokens); `settings`: penalties and
+    logit bias as SamplingSettings takes them."""
+    return reference_path.generate(model, prompt, length, gpt2.SamplingSettings(temperature=0, **settings), None, keep)
 
 
 @pytest.mark.parametrize("keep", [None, 10])
@@ -302,16 +276,14 @@ def test_stop_token_past_the_context(tiny_model, reference):
 # ----------------------------------------------------------------------------- repetition control
 
 @pytest.mark.parametrize("settings", [
-    dict(presence=1.5), dict(frequency=0.8), dict(repetition=1.3), dict(repetition=0.7),
-    dict(presence=0.5, frequency=-0.5, repetition=1.2, bias={13: 2.5, 7: -1.0}),
+    dict(presence_penalty=1.5), dict(frequency_penalty=0.8), dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.7),
+    dict(presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={13: 2.5, 7: -1.0}),
 ])
 def test_penalties_equal_their_numpy_formulas(tiny_model, reference, settings):
     prompt = reference["inputs"]["len7"][0]
-    expected = naive_greedy(tiny_model, prompt, 30, 32, settings)
-    out = gpt2.sample_sequence(
-        tiny_model, [prompt], 30, temperature=0, presence_penalty=settings.get("presence", 0.0),
-        frequency_penalty=settings.get("frequency", 0.0), repetition_penalty=settings.get("repetition", 1.0),
-        logit_bias=settings.get("bias"))
+    expected = naive_greedy(tiny_model, prompt, 30, 32, **settings)
+    out = gpt2.sample_sequence(tiny_model, [prompt], 30, temperature=0, **settings)
     assert out[0, len(prompt):].tolist() == expected
     assert expected != naive_greedy(tiny_model, prompt, 30, 32)  # the settings changed something
 
@@ -330,7 +302,7 @@ def test_settings_object_and_per_row_settings(tiny_model, reference):
     rows = [gpt2.SamplingSettings(temperature=0), gpt2.SamplingSettings(temperature=0, repetition_penalty=1.3)]
     out = sample_rows(tiny_model, [prompt, prompt], 30, settings=rows)
     assert out[0].tolist() == naive_greedy(tiny_model, prompt, 30, 32)
-    assert out[1].tolist() == naive_greedy(tiny_model, prompt, 30, 32, dict(repetition=1.3))
+    assert out[1].tolist() == naive_greedy(tiny_model, prompt, 30, 32, repetition_penalty=1.3)
 
 
 # ----------------------------------------------------------------------------- the generator

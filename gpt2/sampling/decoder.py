@@ -13,28 +13,26 @@ One loop iteration does two things, each only if some row needs it:
 
 So prompt ingestion, the slide past n_ctx and decoding of rows at different positions are one
 program, compiled once per pool size: it serves every prompt length, output length and setting.
-Attention reads only the filled part of the cache, in blocks of BLOCK slots (online softmax).
+Attention reads only the filled part of the cache, in blocks of BLOCK slots (online softmax,
+`gpt2.layers.blocked_attention`).
 
-The state is a dict of tensors (see `Decoder.initial_state`); `iterate` maps state -> state, and
-`run` loops it. `gpt2.sampling.pool` keeps the state in variables between calls.
+The state is a dict of tensors (see `Decoder.initial_state`); `ingest` and `decode` map state ->
+state, `run` loops them (`gpt2.sampling.pool` keeps the state in variables between calls) and
+`run_to_end` loops them until every row is done (the export).
 
 Shapes: B = slots, H = n_head, D = head_dim, E = n_embd, V = n_vocab, N = n_ctx, S = CHUNK,
 M = cache slots (N + S rounded up to BLOCK), W = window buffer (N + S), K = iterations recorded
 per run, T = TOP_LOGPROBS.
 """
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 from gpt2 import layers
-from gpt2.sampling import choose, processors
+from gpt2.sampling import choose
 
 CHUNK = 32  # prompt tokens one row ingests per loop iteration
-BLOCK = 128  # cache slots attended per step of the attention loop
 
 # Per-row values that stay fixed while a row runs (set when it is admitted).
 SETTING_FIELDS = {
@@ -66,7 +64,7 @@ class Decoder:
         self.n_head = hp.n_head
         self.head_dim = hp.head_dim
         self.n_embd = hp.n_embd
-        self.cache_slots = _round_up(hp.n_ctx + CHUNK, BLOCK)
+        self.cache_slots = _round_up(hp.n_ctx + CHUNK, layers.BLOCK)
         self.window_slots = hp.n_ctx + CHUNK
         self.cache_dtype = tf.as_dtype(model.compute_dtype)
         self._layer_function = layer_function(self._layer, xla)
@@ -139,59 +137,16 @@ class Decoder:
     # (which XLA updates in place) made the program twice as slow to lower, since every loop
     # carries all the weights.
 
-    def _attention(self, q, k, v, keys, values, first_row, cached, num_blocks):
-        """Attention of queries q [b, H, s, D] at the positions after each row's `cached` [b]
-        slots of the cache keys, values [B, H, M, D] (rows first_row..first_row+b-1) over those
-        slots, in num_blocks blocks of BLOCK (online softmax), then over this call's own keys and
-        values k, v [b, H, s, D] (query i sees own keys 0..i). float32 throughout (a bfloat16
-        cache is widened block by block). Returns float32 [b, H, s, D]."""
-        b, h, s, d = q.shape
-        size = [-1 if b is None else b, h, BLOCK, d]
-        scale = 1.0 / math.sqrt(d)
-
-        def accumulate(scores, v, best, total, acc):
-            new_best = tf.maximum(best, tf.reduce_max(scores, axis=-1))
-            weights = tf.exp(scores - new_best[..., None])
-            rescale = tf.exp(best - new_best)
-            total = total * rescale + tf.reduce_sum(weights, axis=-1)
-            return new_best, total, acc * rescale[..., None] + tf.matmul(weights, v)
-
-        def block(j, best, total, acc):
-            begin = [first_row, 0, j * BLOCK, 0]
-            block_keys = tf.cast(_dynamic_slice(keys, begin, size, self.xla), tf.float32)
-            scores = tf.matmul(q, block_keys, transpose_b=True) * scale
-            visible = (j * BLOCK + tf.range(BLOCK))[None, None, None, :] < cached[:, None, None, None]
-            scores = tf.where(visible, scores, processors.NEG_INF)
-            block_values = tf.cast(_dynamic_slice(values, begin, size, self.xla), tf.float32)
-            return (j + 1, *accumulate(scores, block_values, best, total, acc))
-
-        start = (
-            tf.constant(0),
-            tf.fill(tf.shape(q)[:3], tf.constant(-1e30, tf.float32)),
-            tf.zeros(tf.shape(q)[:3], tf.float32),
-            tf.zeros(tf.shape(q), tf.float32),
-        )
-        _, best, total, acc = tf.while_loop(lambda j, *_: j < num_blocks, block, start,
-                                            maximum_iterations=self.cache_slots // BLOCK)
-        own = tf.matmul(q, k, transpose_b=True) * scale
-        own = tf.where(tf.range(s)[:, None] >= tf.range(s)[None, :], own, processors.NEG_INF)
-        _, total, acc = accumulate(own, v, best, total, acc)
-        return acc / total[..., None]
-
     def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
-        """One block, a pure function of its inputs (traced once per shape, called per block):
-        x float32 [batch * s, E]; weights: `Block.inference_weights()`; keys, values: its cache.
-        Returns (x, this call's keys and values [batch, H, s, D])."""
-        x, k, v = layers.block(
-            x, weights, batch, self.n_head, self.cache_dtype,
-            lambda q, k, v: self._attention(q, k, v, keys, values, first_row, cached, num_blocks))
-        return x, tf.cast(k, self.cache_dtype), tf.cast(v, self.cache_dtype)
+        """`layers.block` over this layer's cache keys, values (traced once, called per block)."""
+        attention = layers.blocked_attention(keys, values, first_row, cached, num_blocks, self.xla)
+        return layers.block(x, weights, batch, self.n_head, self.cache_dtype, attention)
 
     def _forward(self, x, state, batch, first_row, cached):
         """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.
         Returns (hidden states after ln_f [batch * s, E], [(keys, values) per layer, each
         [batch, H, s, D]]) without writing the cache."""
-        num_blocks = (tf.reduce_max(cached) + BLOCK - 1) // BLOCK
+        num_blocks = (tf.reduce_max(cached) + layers.BLOCK - 1) // layers.BLOCK
         new = []
         for layer, block in enumerate(self.model.blocks):
             x, k, v = self._layer_function(x, block.inference_weights(), state[f"k{layer}"], state[f"v{layer}"],
@@ -222,7 +177,7 @@ class Decoder:
         count = tf.minimum(CHUNK, tf.gather(state["filled"], row) - start)
 
         def compute():
-            tokens = _dynamic_slice(state["window"], [row, start], [1, CHUNK], self.xla)[0]
+            tokens = layers.dynamic_slice(state["window"], [row, start], [1, CHUNK], self.xla)[0]
             x = self.model.embed(tokens, tf.minimum(start + tf.range(CHUNK), self.n_ctx - 1))
             h, new = self._forward(x, state, 1, row, start[None])
             return self.model.logits(tf.gather(h, [tf.maximum(count, 1) - 1])), new
@@ -353,7 +308,7 @@ class Decoder:
     # ------------------------------------------------------------------ loop
 
     def run(self, state, max_iterations, iterations):
-        """Loops `iterate` while some row is unfinished, at most max_iterations (int32 scalar,
+        """Ingests and decodes while some row is unfinished, at most max_iterations (int32 scalar,
         <= iterations, a Python int sizing the outputs). Returns (state, outputs, count run)."""
         batch = _batch(state)
         outputs = {name: tf.zeros([batch, *shape[1:]], dtype)
@@ -375,6 +330,26 @@ class Decoder:
         count, state, outputs = tf.while_loop(busy, body, (tf.constant(0), state, outputs),
                                               maximum_iterations=iterations)
         return state, outputs, count
+
+    def run_to_end(self, state, tokens):
+        """Ingests and decodes until every active row is done (or an iteration did nothing: a bug the
+        caller checks). tokens: int32 [B, n >= max_new] of padding; returns (state, tokens with
+        each row's new tokens from column 0)."""
+        rows = tf.range(_batch(state))
+
+        def busy(moved, state, tokens):
+            return moved & tf.reduce_any(state["active"] & ~state["done"])
+
+        def body(moved, before, tokens):
+            state, new, *_ = self.decode(self.ingest(before))
+            at = tf.stack([rows, tf.minimum(before["generated"], tokens.shape[1] - 1)], 1)
+            tokens = tf.tensor_scatter_nd_update(tokens, at, tf.where(new >= 0, new, tf.gather_nd(tokens, at)))
+            moved = tf.reduce_any(tf.not_equal(state["generated"], before["generated"])
+                                  | tf.not_equal(state["cached"], before["cached"]))
+            return moved, state, tokens
+
+        _, state, tokens = tf.while_loop(busy, body, (tf.constant(True), state, tokens))
+        return state, tokens
 
 
 def _batch(state):
@@ -398,17 +373,6 @@ def layer_function(layer, xla):
     batch 1, 248 MiB at batch 8; the uncompiled sampler: 11-15 MiB). Under XLA the attribute is
     left off: compiled programs, and the compilation cache's keys, stay as they were."""
     return tf.function(layer, autograph=False, experimental_attributes=None if xla else {"_noinline": True})
-
-
-def _dynamic_slice(tensor, begin, size, xla=True):
-    """tensor[begin : begin + size] with `begin` known only at run time (size[0] may be -1: all
-    rows). Under XLA an XLA dynamic-slice (tf.slice and x[i] make XLA treat a non-constant begin
-    as a compile-time constant: one compile per value); otherwise tf.slice."""
-    if size[0] == -1:
-        size = [tf.shape(tensor)[0], *size[1:]]
-    if xla:
-        return tfxla.dynamic_slice(tensor, begin, size)
-    return tf.slice(tensor, tf.stack(begin), tf.stack(size))
 
 
 def _update_slice(tensor, update, begin, xla=True):

@@ -11,9 +11,9 @@ it is also the faster per step, so they keep using it. It serves up to 8 rows wh
 one length and whose text fits in n_ctx (no sliding window): what generate.py and most library
 calls ask for.
 
-It shares the compiled loop's math: the block as `layers.block` (attention here is one masked
-softmax over the cache slots filled so far) and the choice as `choose.next_tokens` with the same
-per-row streams, so both give the same tokens.
+It shares the compiled loop's math: the block as `layers.block` (attention here is
+`layers.attend`, one masked softmax over the cache slots filled so far) and the choice as
+`choose.next_tokens` with the same per-row streams, so both give the same tokens.
 
 The cache: per layer, keys and values of the job in two resource variables of [b * H * M, D]
 rows (M = prompt + new tokens; row (r * H + h) * M + p holds row r, head h, position p), written
@@ -98,7 +98,7 @@ class DirectSampler:
                 with tf.control_dependencies([update]):
                     rows_read = tf.raw_ops.ResourceGather(resource=handle, indices=read, dtype=dtype)
                 prefix.append(tf.reshape(rows_read, [batch, hp.n_head, attended, hp.head_dim]))
-            return layers.attend(q, *prefix, visible)
+            return layers.attend(q, *prefix, visible), k, v
 
         return layers.block(x, weights, batch, hp.n_head, dtype, attention)[0]
 
