@@ -59,8 +59,7 @@ def read_hparams(model_dir):
 
 
 def check_model_dir(model_dir, skip_optimizer_slots=False):
-    """Checks a model folder in any format without reading the weights; returns its HParams.
-    Raises CheckpointError (or FileNotFoundError/ValueError) with every problem in one line; see
+    """Checks a model folder in any format without reading the weights; returns its HParams. See
     gpt2.formats.openai.check_model_dir (skip_optimizer_slots too) and gpt2.formats.hf.HFTensors."""
     with open_weights(model_dir, skip_optimizer_slots) as weights:
         return weights.hparams

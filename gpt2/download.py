@@ -49,13 +49,12 @@ import tqdm
 
 from encoder.encoder import OPENAI_FILES
 from gpt2.formats.base import file_sha256
+from gpt2.formats.openai import DATA_FILE, check_model_dir
 from gpt2.formats.openai import DOWNLOAD_MANIFEST as MANIFEST
-from gpt2.formats.openai import check_model_dir
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_BASE_URL"
-DATA_FILE = "model.ckpt.data-00000-of-00001"
 FILES = (
     "checkpoint",
     "encoder.json",

@@ -220,7 +220,6 @@ def main(argv=None):
 
 
 def _checked_run(args):
-    """_run with stdout's write errors told apart from the rest (see cli.run for those)."""
     if args.stream and min(args.batch_size, args.nsamples) > 1:
         raise cli.UsageError("--stream prints one sample at a time: use it with --batch-size 1")
     if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything

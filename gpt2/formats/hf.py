@@ -77,8 +77,7 @@ def claims(model_dir):
 
 
 def open_weights(model_dir, skip_optimizer_slots=False):
-    """The checked weights of a Hugging Face folder (HFTensors; see gpt2.formats). A training
-    run's optimizer slots are never saved in one, so skip_optimizer_slots changes nothing."""
+    """The checked weights of a Hugging Face folder (see gpt2.formats); it holds no optimizer slots."""
     return HFTensors(model_dir)
 
 
