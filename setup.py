@@ -27,7 +27,7 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu>=2.16; {CPU_ONLY_BUILD}", f"tensorflow>=2.16; {OTHER_PLATFORMS}"],
         "gpu": ["tensorflow[and-cuda]>=2.16; sys_platform == 'linux'", "tensorflow>=2.16; sys_platform != 'linux'"],
-        # hf: Hugging Face folders (gpt2.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
+        # hf: Hugging Face folders (gpt2.formats.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
         "hf": ["safetensors>=0.4.5"],
         "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium", "tiktoken"],
     },

@@ -32,7 +32,7 @@ def main(argv=None):
     def mark(what):
         marks.append((what, time.perf_counter()))
 
-    from gpt2.cli import import_tensorflow
+    from gpt2.runtime import import_tensorflow
 
     import_tensorflow()
     mark("import tensorflow (Keras included)")

@@ -36,7 +36,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bfloat16,float32")
     args = parser.parse_args(argv)
     model_dir = _common.cached_checkpoint(args.shape)
-    from gpt2.cli import import_tensorflow
+    from gpt2.runtime import import_tensorflow
 
     import_tensorflow()
     import tensorflow as tf

@@ -1,13 +1,9 @@
 """What the command-line tools share (TensorFlow-free): exit codes, argparse with one-line
-usage errors, number types, one-line error reports, and quieting TensorFlow's start-up logs."""
+usage errors, number types, and one helper (main_of) that runs a command's body with every error
+reported in one line. Library code does not import this module (see gpt2.runtime)."""
 
 import argparse
-import contextlib
-import importlib
-import os
 import sys
-
-from gpt2 import compile_cache
 
 DEFAULT_MODEL = "124M"
 DEFAULT_MODELS_DIR = "models"
@@ -67,14 +63,6 @@ def user_errors():
     return tuple(kinds)
 
 
-def current_umask():
-    """The process's umask (reading it means setting it: it is set back at once), so that a file
-    made by tempfile (mode 0600) can get the mode a plain open() would give: 0o666 & ~umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def add_model_arguments(parser, required=False, role="the model"):
     """--model and --models-dir, worded alike by every tool (`parser` may be an argument group).
     required: no default model (the server names what it serves)."""
@@ -89,96 +77,6 @@ def add_model_arguments(parser, required=False, role="the model"):
         "--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
         help=f"folder holding downloaded models, one subfolder per size (default: {DEFAULT_MODELS_DIR})",
     )
-
-
-def quiet_tensorflow():
-    """Keeps TensorFlow's start-up chatter off the screen, unless the user set their own
-    TF_CPP_MIN_LOG_LEVEL. Must run before TensorFlow is imported; the import itself may come
-    later, anywhere (a tool checks its paths first, and imports TensorFlow only when it needs it).
-
-    TensorFlow logs at error level what is not an error for a user (every hit of the XLA
-    compilation cache, missing CUDA drivers on a CPU machine): the level keeps only fatal ones.
-    TensorFlow 2.21 also prints a few lines while it is imported whatever the level (oneDNN and
-    CUDA lines, logged before absl::InitializeLog, tensorflow/tensorflow#102212): the first import
-    of `tensorflow` after this call runs with file descriptor 2 caught, and what it caught is shown
-    only if the import fails."""
-    if any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
-        return  # already set up, the import has not happened yet
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ and "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, _QuietImport())
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def import_tensorflow():
-    """quiet_tensorflow(), turns on the compilation cache (gpt2.compile_cache), then imports
-    TensorFlow, for tools that need it at once."""
-    quiet_tensorflow()
-    compile_cache.enable()
-    importlib.import_module("tensorflow")
-
-
-class _QuietImport:
-    """A sys.meta_path finder that runs the import of the `tensorflow` package (the module and
-    everything it imports) with file descriptor 2 caught; it removes itself once that ran."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        for finder in [finder for finder in sys.meta_path if finder is not self]:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(name, path, target) if find_spec is not None else None
-            if spec is not None:
-                break
-        else:
-            return None  # not installed: the import fails as it would without this finder
-        exec_module = getattr(spec.loader, "exec_module", None)
-        if exec_module is None:
-            return spec
-        remove = self._remove
-
-        def quiet_exec_module(module):
-            remove()
-            with _stderr_caught():
-                exec_module(module)
-
-        spec.loader.exec_module = quiet_exec_module
-        return spec
-
-    def _remove(self):
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-
-
-@contextlib.contextmanager
-def _stderr_caught():
-    """Runs the block with file descriptor 2 pointed at a temporary file, whose content is written
-    to stderr if the block raises an exception (not for Ctrl-C). Without a real descriptor 2
-    (embedded interpreters) the block runs plainly."""
-    try:
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile() as caught:
-            os.dup2(caught.fileno(), 2)
-            try:
-                yield
-            except Exception:
-                os.dup2(saved, 2)
-                caught.seek(0)
-                sys.stderr.write(caught.read().decode(errors="replace"))
-                raise
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
 
 
 def say_compiling(what):
@@ -199,21 +97,40 @@ def say_compiling(what):
     print(message, file=sys.stderr, flush=True)
 
 
-def parse(parser, argv):
-    """(args, None), or (None, exit code) for --help or a usage error (already printed)."""
+class UsageError(Exception):
+    """Options that do not go together, found after parsing: `error: ...` and exit 2."""
+
+
+def main_of(parser, argv, body, interrupted="interrupted", errors=None):
+    """A command's main: parses `argv` (--help and usage errors print and give their exit code),
+    then returns body(args), the exit code, through run. interrupted: the Ctrl-C message, or a
+    function of args that gives it."""
     try:
-        return parser.parse_args(argv), None
-    except SystemExit as exit_:
-        return None, exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    return run(lambda: body(args), interrupted(args) if callable(interrupted) else interrupted, errors)
 
 
 def run(body, interrupted="interrupted", errors=None):
-    """body() -> exit code; Ctrl-C and bad input (user_errors(), or `errors`) become one line."""
+    """body() -> exit code; each failure is one line: Ctrl-C (exit 130), a UsageError (2), bad
+    input (user_errors(), or `errors`: a tuple of kinds, or a function returning one: 1) and a
+    missing TensorFlow (1). A parser.error() that body called (already printed) gives its exit code."""
     try:
         return body()
     except KeyboardInterrupt:
         return fail(interrupted, EXIT_INTERRUPTED)
+    except UsageError as error:
+        return fail(error, EXIT_USAGE)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, int):
+            return exit_.code
+        raise
     except Exception as error:  # noqa: BLE001 - only the kinds bad input raises are caught
-        if isinstance(error, errors or user_errors()):
+        if isinstance(error, (errors() if callable(errors) else errors) or user_errors()):
             return fail(error, EXIT_ERROR)
+        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+
+        if is_tensorflow_missing(error):
+            return fail(TENSORFLOW_MISSING, EXIT_ERROR)
         raise

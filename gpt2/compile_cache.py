@@ -27,7 +27,7 @@ folder is a trust boundary, as ~/.ssh is for ssh:
                                   users need their own
     GPT2_CACHE_DIR=off            no cache (also: 0, false, no, none)
 
-Nothing is turned on by importing `gpt2`: the command-line tools (`gpt2.cli.import_tensorflow`)
+Nothing is turned on by importing `gpt2`: the command-line tools (`gpt2.runtime.import_tensorflow`)
 and the compiled samplers call `enable()`, which must come before the process's first XLA
 compile. A TF_XLA_FLAGS that already names a cache folder is kept (and not checked).
 """

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 
-from gpt2.cli import quiet_tensorflow
+from gpt2.runtime import current_umask
 
 FORMATS = ("hf", "openai")
 
@@ -39,7 +39,7 @@ def convert(src, dst, to, overwrite=False, models_dir="models", skip_optimizer_s
         with open_weights(src_dir, skip_optimizer_slots) as weights:
             hparams = weights.hparams
             if to == "hf":
-                from gpt2.hf import write_hf_weights
+                from gpt2.formats.hf import write_hf_weights
 
                 write_hf_weights(hparams, weights.read, staging)
             else:
@@ -69,8 +69,7 @@ def _check_destination(src_dir, dst, overwrite):
 
 def _set_default_permissions(folder):
     """The modes a plain mkdir/open would give (mkdtemp and some writers use owner-only modes)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for name in os.listdir(folder):
         os.chmod(os.path.join(folder, name), 0o666 & ~umask)
@@ -116,24 +115,19 @@ def build_parser():
     return parser
 
 
-def _user_errors():
-    """What bad input raises: ValueError (CheckpointError is one), OSError (missing, existing or
-    unwritable folders), MemoryError, and TensorFlow's OpError when TensorFlow was needed."""
-    tf = sys.modules.get("tensorflow")
-    return (ValueError, OSError, MemoryError) + ((tf.errors.OpError,) if tf is not None and hasattr(tf, "errors") else ())
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    quiet_tensorflow()  # before TensorFlow is first imported
-    try:
+    from gpt2 import cli
+    from gpt2.runtime import quiet_tensorflow
+
+    def body(args):
+        quiet_tensorflow()  # before TensorFlow is first imported
         hparams = convert(args.src, args.dst, args.to, overwrite=args.overwrite, models_dir=args.models_dir,
                           skip_optimizer_slots=args.skip_optimizer_slots)
-    except _user_errors() as error:
-        sys.exit(f"error: {error}")
-    layout = "Hugging Face" if args.to == "hf" else "OpenAI"
-    print(f"wrote {args.dst} ({layout} layout, n_layer {hparams.n_layer}, n_embd {hparams.n_embd})")
-    return 0
+        layout = "Hugging Face" if args.to == "hf" else "OpenAI"
+        print(f"wrote {args.dst} ({layout} layout, n_layer {hparams.n_layer}, n_embd {hparams.n_embd})")
+        return cli.EXIT_OK
+
+    return cli.main_of(build_parser(), argv, body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ fetched again. The checks, per file:
   `model.ckpt.meta`: parses as a TensorFlow MetaGraphDef. The `.meta` is optional: a server
   without it (404) is fine, since nothing here reads it;
 - then the whole folder: the index holds exactly the variables and shapes of hparams.json, and
-  the data file is large enough for them (gpt2.checkpoint.check_model_dir).
+  the data file is large enough for them (gpt2.formats.openai.check_model_dir).
 
 A sidecar `.download.json` records the size, sha256, modification time and the server's ETag /
 Last-Modified of each file once it is complete. Later runs compare each file's size and mtime
@@ -48,14 +48,13 @@ import requests
 import tqdm
 
 from encoder.encoder import OPENAI_FILES
-from gpt2.checkpoint import DOWNLOAD_MANIFEST as MANIFEST
-from gpt2.checkpoint import check_model_dir, file_sha256
-from gpt2.cli import quiet_tensorflow
+from gpt2.formats.base import file_sha256
+from gpt2.formats.openai import DATA_FILE, check_model_dir
+from gpt2.formats.openai import DOWNLOAD_MANIFEST as MANIFEST
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_BASE_URL"
-DATA_FILE = "model.ckpt.data-00000-of-00001"
 FILES = (
     "checkpoint",
     "encoder.json",
@@ -616,6 +615,9 @@ def _verify_model_dir(model_dir):
 
 def main(argv=None):
     """CLI: `download_model.py 124M [355M ...]`. Returns the exit code (0 ok, 1 error)."""
+    from gpt2 import cli
+    from gpt2.runtime import quiet_tensorflow
+
     parser = argparse.ArgumentParser(
         prog="download_model.py",
         description=(
@@ -635,26 +637,15 @@ def main(argv=None):
         help=f"server holding <name>/<file>, e.g. a mirror (default: ${BASE_URL_ENV} if set, else OpenAI's)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars (default: shown)")
-    args = parser.parse_args(argv)
-    quiet_tensorflow()  # before TensorFlow is first imported
-    try:
+
+    def body(args):
+        quiet_tensorflow()  # before TensorFlow is first imported
         names = list(dict.fromkeys(resolve_name(name) for name in args.names))
         for name in names:
             model_dir = download_model(
                 name, models_dir=args.models_dir, base_url=args.base_url, progress=not args.no_progress
             )
             print(f"{name}: ready in {model_dir}")
-    except (DownloadError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as error:
-        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
+        return cli.EXIT_OK
 
-        if not is_tensorflow_missing(error):
-            raise
-        print(f"error: {TENSORFLOW_MISSING}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+    return cli.main_of(parser, argv, body, "interrupted; run the same command again to resume")

@@ -18,17 +18,11 @@ import os
 import sys
 
 from gpt2 import cli
-from gpt2.cli import (
-    add_model_arguments,
-    EXIT_OK,
-    import_tensorflow,
-    quiet_tensorflow,
-    say_compiling,
-)
+from gpt2.cli import EXIT_OK, add_model_arguments, say_compiling
 from gpt2.cli import Parser as _Parser
-from gpt2.cli import number as _number
+from gpt2.cli import positive_int as _positive_int
+from gpt2.runtime import import_tensorflow, quiet_tensorflow
 
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 READ_BLOCK = 1 << 20
 
 
@@ -102,8 +96,7 @@ def check_text_file(path, encoding="utf-8"):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    args, code = cli.parse(build_parser(), argv)
-    return code if args is None else cli.run(lambda: _run(args))
+    return cli.main_of(build_parser(), argv, _run)
 
 
 def _run(args):

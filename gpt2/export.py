@@ -23,10 +23,11 @@ import tempfile
 import time
 
 from gpt2 import cli
-from gpt2.cli import DEFAULT_MODELS_DIR, EXIT_OK, add_model_arguments, import_tensorflow
+from gpt2.cli import DEFAULT_MODELS_DIR, EXIT_OK, add_model_arguments
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import non_negative_int as _non_negative_int
 from gpt2.cli import positive_int as _positive_int
+from gpt2.runtime import import_tensorflow
 
 DEFAULT_VERSION = 1
 DEFAULT_MAX_NEW_TOKENS = 4096
@@ -155,8 +156,7 @@ def build_parser(prog="python -m gpt2.export"):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    args, code = cli.parse(build_parser(), argv)
-    return code if args is None else cli.run(lambda: _run(args))
+    return cli.main_of(build_parser(), argv, _run)
 
 
 def _run(args):

@@ -18,12 +18,12 @@ import sys
 import textwrap
 import threading
 
-from gpt2.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments,
-                      import_tensorflow, quiet_tensorflow, say_compiling)
+from gpt2 import cli
+from gpt2.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, add_model_arguments, say_compiling
 from gpt2.cli import Parser as _Parser
 from gpt2.cli import fail as _fail
 from gpt2.cli import positive_int as _positive_int
-from gpt2.cli import user_errors as _user_errors
+from gpt2.runtime import import_tensorflow, quiet_tensorflow
 
 DEFAULT_LENGTH = 128
 DEFAULT_TOP_K = 40
@@ -216,13 +216,12 @@ def main(argv=None):
     Parsing comes first and imports nothing heavy, so `--help` and usage errors do not wait for
     TensorFlow (as long as importing the `gpt2` package itself does not import it).
     """
-    parser = build_parser(prog=None if argv is None else "generate.py")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error, already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    return cli.main_of(build_parser(prog=None if argv is None else "generate.py"), argv, _checked_run)
+
+
+def _checked_run(args):
     if args.stream and min(args.batch_size, args.nsamples) > 1:
-        return _fail("--stream prints one sample at a time: use it with --batch-size 1", EXIT_USAGE)
+        raise cli.UsageError("--stream prints one sample at a time: use it with --batch-size 1")
     if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
         return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
@@ -230,25 +229,14 @@ def main(argv=None):
     sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
-    except KeyboardInterrupt as interrupt:
-        code = _fail("interrupted", EXIT_INTERRUPTED)
-        if isinstance(interrupt, _Abandoned):
-            _exit_now(code)
-        return code
+    except _Abandoned:
+        _exit_now(_fail("interrupted", EXIT_INTERRUPTED))
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
     except _OutputError as error:  # e.g. the disk holding a redirected stdout is full
         _silence_stdout()
         return _fail(error, EXIT_ERROR)
-    except Exception as error:  # noqa: BLE001 - only the kinds bad input raises, see _user_errors
-        if isinstance(error, _user_errors()):
-            return _fail(error, EXIT_ERROR)
-        from gpt2 import TENSORFLOW_MISSING, is_tensorflow_missing
-
-        if is_tensorflow_missing(error):
-            return _fail(TENSORFLOW_MISSING, EXIT_ERROR)
-        raise
     finally:
         sys.stdout = stdout
 

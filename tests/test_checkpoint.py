@@ -13,7 +13,9 @@ import tensorflow as tf
 
 import gpt2
 from conftest import TINY_MODEL
-from gpt2.checkpoint import DATA_FILE, CheckpointError
+from gpt2.formats import base
+from gpt2.formats.base import CheckpointError
+from gpt2.formats.openai import DATA_FILE
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def rewrite_variables(model_dir, edit):
 
 def test_loaded_weights_equal_checkpoint_tensors(tiny_model):
     reader = tf.train.load_checkpoint(TINY_MODEL)
-    variables = gpt2.checkpoint.model_variables(tiny_model)
+    variables = base.model_variables(tiny_model)
     assert set(variables) == set(reader.get_variable_to_shape_map())
     for name, variable in variables.items():
         np.testing.assert_array_equal(variable.numpy(), reader.get_tensor(name).reshape(variable.shape))
@@ -170,7 +172,7 @@ def test_index_missing_many_variables_is_summarized(model_copy):
 
 
 def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, monkeypatch):
-    monkeypatch.setattr(gpt2.checkpoint, "_physical_memory", lambda: 1 << 20)
+    monkeypatch.setattr(base, "physical_memory", lambda: 1 << 20)
     with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
         gpt2.load_model(str(model_copy))
 
@@ -190,7 +192,7 @@ def test_half_precision_checkpoints_are_read_as_float32(model_copy, reference, d
         {name: tf.cast(value, dtype) for name, value in values.items()}))
     model = gpt2.load_model(str(model_copy))
     reader = tf.train.load_checkpoint(TINY_MODEL)
-    for name, variable in gpt2.checkpoint.model_variables(model).items():
+    for name, variable in base.model_variables(model).items():
         expected = tf.cast(tf.cast(reader.get_tensor(name), dtype), tf.float32).numpy()
         np.testing.assert_array_equal(variable.numpy(), expected.reshape(variable.shape))
     logits = model(np.array([reference["inputs"]["len7"][0]]))["logits"][0, -1].numpy()
@@ -350,7 +352,7 @@ def test_item14_optimizer_slots_are_named_and_skipped_on_request(model_copy, tmp
         values["beta2_power"] = np.float32(0.999)
 
     rewrite_variables(model_copy, add_adam)
-    slots = 2 * len(gpt2.checkpoint.model_variables(tiny_model)) + 2
+    slots = 2 * len(base.model_variables(tiny_model)) + 2
     with pytest.raises(CheckpointError) as info:
         gpt2.load_model(str(model_copy))
     assert str(info.value) == (
@@ -366,7 +368,7 @@ def test_item14_optimizer_slots_are_named_and_skipped_on_request(model_copy, tmp
 
     assert convert_main(["--to", "openai", "--skip-optimizer-slots", str(model_copy), str(tmp_path / "clean")]) == 0
     clean = tf.train.load_checkpoint(str(tmp_path / "clean" / "model.ckpt"))
-    assert set(clean.get_variable_to_shape_map()) == set(gpt2.checkpoint.model_variables(tiny_model))
+    assert set(clean.get_variable_to_shape_map()) == set(base.model_variables(tiny_model))
 
     # Anything else unexpected is still refused, slots skipped or not.
     rewrite_variables(model_copy, lambda values: values.update(other=np.float32(1)))

@@ -457,9 +457,9 @@ def test_missing_tensorflow_is_one_line(capsys, monkeypatch):
 
 def test_importing_tensorflow_prints_no_cuda_or_onednn_lines():
     """TensorFlow 2.21 prints oneDNN and CUDA-driver lines on import whatever TF_CPP_MIN_LOG_LEVEL
-    says; the tools import it through gpt2.cli.import_tensorflow, which keeps them off the screen."""
+    says; the tools import it through gpt2.runtime.import_tensorflow, which keeps them off the screen."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    code = "from gpt2.cli import import_tensorflow; import_tensorflow(); import tensorflow as tf; print(tf.__version__)"
+    code = "from gpt2.runtime import import_tensorflow; import_tensorflow(); import tensorflow as tf; print(tf.__version__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip()

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import gpt2
 from conftest import TINY_MODEL
+from gpt2.formats import base
 
 ATOL = 1e-4
 
@@ -111,7 +112,7 @@ def test_loss_survives_keras_compile():
 )
 def test_preset_parameter_counts(name, params):
     hp = gpt2.PRESETS[name]
-    count = sum(int(np.prod(shape)) for shape in gpt2.checkpoint.variable_shapes(hp).values())
+    count = sum(int(np.prod(shape)) for shape in base.variable_shapes(hp).values())
     assert count == params
 
 
@@ -135,7 +136,7 @@ def test_more_positions_than_the_context_is_one_line(tiny_model):
 
 
 def test_variable_paths_are_openai_names(tiny_model):
-    names = set(gpt2.checkpoint.model_variables(tiny_model))
+    names = set(base.model_variables(tiny_model))
     assert {v.path for v in tiny_model.weights} == names
 
 

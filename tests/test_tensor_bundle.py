@@ -1,11 +1,11 @@
-"""gpt2.tensor_bundle: the streaming checkpoint writer, checked by TensorFlow reading what it wrote
+"""gpt2.formats.bundle: the streaming checkpoint writer, checked by TensorFlow reading what it wrote
 (TensorFlow verifies every block and tensor CRC) and its CRC32C against a slow byte-by-byte one."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.tensor_bundle import BundleWriter, crc32c
+from gpt2.formats.bundle import BundleWriter, crc32c
 
 
 def slow_crc32c(data):

@@ -2,7 +2,7 @@
 the tiny model the way a user runs them: without TF_CPP_MIN_LOG_LEVEL (the tools set their own).
 
 TensorFlow prints oneDNN/CUDA lines on import whatever its log level; the tools keep them off the
-screen (gpt2.cli.quiet_tensorflow), check their paths before importing it, and say what takes
+screen (gpt2.runtime.quiet_tensorflow), check their paths before importing it, and say what takes
 long (compiling, loading from the compilation cache, resuming).
 """
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 import gpt2
 from conftest import TINY_MODEL
 from encoder import get_encoder
-from gpt2.checkpoint import model_variables, variable_shapes
+from gpt2.formats.base import model_variables, variable_shapes
 from gpt2.train import data as data_lib
 from gpt2.train import lora
 from gpt2.train.cli import main
@@ -276,7 +276,7 @@ def test_mirrored_strategy_on_two_cpus_equals_one_device(small):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import numpy as np, gpt2
-        from gpt2.checkpoint import model_variables
+        from gpt2.formats.base import model_variables
         tokens = np.random.default_rng(0).integers(0, 512, 3000)
         runs = []
         for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):

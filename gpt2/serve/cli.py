@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 
-from gpt2.cli import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, add_model_arguments, fail, import_tensorflow,
-                      number, parse, positive_int, run)
+from gpt2.cli import EXIT_ERROR, EXIT_OK, Parser, add_model_arguments, fail, main_of, number, positive_int
+from gpt2.runtime import import_tensorflow
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
 from gpt2.serve.httpd import Limits
@@ -143,16 +143,14 @@ def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
     exit code."""
     parser = build_parser()
-    args, code = parse(parser, argv)
-    if args is None:
-        return code
-    try:
-        api_key = check_args(parser, args)
-    except SystemExit as exit_:  # a usage error, already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    return run(lambda: _serve(args, api_key))
+
+    def body(args):
+        api_key = check_args(parser, args)  # a usage error: printed, exit 2
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                            stream=sys.stderr)
+        return _serve(args, api_key)
+
+    return main_of(parser, argv, body)
 
 
 def _serve(args, api_key):

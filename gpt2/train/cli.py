@@ -14,10 +14,12 @@ import sys
 import textwrap
 
 from gpt2 import cli
-from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_model_arguments, import_tensorflow
+from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, add_model_arguments
 from gpt2.cli import Parser as _Parser
-from gpt2.cli import fail as _fail
+from gpt2.cli import non_negative_int as _non_negative_int
 from gpt2.cli import number as _number
+from gpt2.cli import positive_int as _positive_int
+from gpt2.runtime import import_tensorflow
 
 DEFAULTS = dict(
     model="124M", models_dir="models", run_name="run1", steps=1000, batch_size=1, accumulate=1,
@@ -27,8 +29,6 @@ DEFAULTS = dict(
 )
 STRATEGIES = ("none", "mirrored", "multi-worker")
 
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
 _non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 _fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -159,17 +159,22 @@ def build_parser(prog=None):
 
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code."""
-    args, code = cli.parse(build_parser(prog=None if argv is None else "train.py"), argv)
-    if args is None:
-        return code
+    return cli.main_of(build_parser(prog=None if argv is None else "train.py"), argv, _checked_run,
+                       lambda args: f"interrupted; the last save in {_output(args)} is intact", _user_errors)
+
+
+def _output(args):
+    return args.output or os.path.join(args.models_dir, args.run_name)
+
+
+def _checked_run(args):
     if args.lora_alpha is not None and not args.lora_rank:
-        return _fail("--lora-alpha needs --lora-rank", EXIT_USAGE)
-    output = args.output or os.path.join(args.models_dir, args.run_name)
-    return cli.run(lambda: _run(args, output), f"interrupted; the last save in {output} is intact", _user_errors())
+        raise cli.UsageError("--lora-alpha needs --lora-rank")
+    return _run(args, _output(args))
 
 
 def _user_errors():
-    from gpt2.checkpoint import CheckpointError
+    from gpt2.formats.base import CheckpointError
     from gpt2.train.data import DatasetError
     from gpt2.train.state import TrainingError
 

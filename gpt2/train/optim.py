@@ -6,7 +6,7 @@ import math
 import keras
 import tensorflow as tf
 
-from gpt2.checkpoint import model_variables
+from gpt2.formats.base import model_variables
 
 SCHEDULES = ("constant", "cosine")
 

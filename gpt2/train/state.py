@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 
-from gpt2.checkpoint import file_sha256
+from gpt2.formats.base import file_sha256
 
 STATE_DIR = "train_state"
 CACHE_DIR = "token_cache"

@@ -26,7 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt2.checkpoint import model_variables, save_checkpoint, variable_shapes
+from gpt2.checkpoint import save_checkpoint
+from gpt2.formats.base import model_variables, variable_shapes
 from gpt2.train import data as data_lib
 from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog

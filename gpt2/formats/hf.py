@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from gpt2.checkpoint import CheckpointError, mismatch_problems, variable_shapes
+from gpt2.formats.base import CheckpointError, Weights, first_line, mismatch_problems, variable_shapes
 from gpt2.hparams import HParams
 
 CONFIG_FILE = "config.json"
@@ -69,11 +69,16 @@ _DEFAULTS = {
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def is_hf_dir(model_dir):
+def claims(model_dir):
     """True for a folder in Hugging Face's layout: a config.json and no OpenAI hparams.json."""
     return os.path.isfile(os.path.join(model_dir, CONFIG_FILE)) and not os.path.isfile(
         os.path.join(model_dir, "hparams.json")
     )
+
+
+def open_weights(model_dir, skip_optimizer_slots=False):
+    """The checked weights of a Hugging Face folder (see gpt2.formats); it holds no optimizer slots."""
+    return HFTensors(model_dir)
 
 
 def hf_names(hparams):
@@ -231,7 +236,7 @@ def weight_files(model_dir):
     raise CheckpointError(f"{single}: not found; is {model_dir} a Hugging Face GPT-2 folder?")
 
 
-class HFTensors:
+class HFTensors(Weights):
     """The weights of a Hugging Face GPT-2 folder, read one tensor at a time.
 
     Opening checks config.json and every tensor's name, shape and dtype from the files' headers
@@ -261,7 +266,7 @@ class HFTensors:
                 handle = _safe_open(safetensors, path)
             except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ...: one line
                 raise CheckpointError(
-                    f"{path}: unreadable safetensors file ({_first_line(error)}); download it again") from None
+                    f"{path}: unreadable safetensors file ({first_line(error)}); download it again") from None
             self._files[path] = handle
             for key in handle.keys():
                 self._where.setdefault(key, handle)
@@ -308,7 +313,7 @@ class HFTensors:
             return self._where[key].get_tensor(key)
         except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
             raise CheckpointError(
-                f"{self.model_dir}: cannot read {key} ({_first_line(error)}); download it again") from None
+                f"{self.model_dir}: cannot read {key} ({first_line(error)}); download it again") from None
 
     def read(self, name):
         """OpenAI variable `name` as a new float32 array of OpenAI's shape whose data starts on an
@@ -326,17 +331,6 @@ class HFTensors:
                 exit_(None, None, None)
         self._files.clear()
         self._where.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def aligned_empty(shape):
