@@ -47,7 +47,7 @@ def main(argv=None):
     from gpt2 import layers
     from gpt2.checkpoint import load_model
     from gpt2.sampling import direct
-    from gpt2.sampling.pool import RowRequest
+    from gpt2.sampling.settings import Row
     from gpt2.sampling.settings import SamplingSettings
 
     print(f"| dtype | what (batch {args.batch}, {args.shape}) | ms |\n|:--|:--|--:|")
@@ -55,7 +55,7 @@ def main(argv=None):
         model = load_model(model_dir, dtype=dtype)
 
         def step_ms(new, measured=MEASURED):
-            requests = [RowRequest(list(range(100 + i, 100 + i + PROMPT)), SamplingSettings(temperature=0.0), i, new)
+            requests = [Row(list(range(100 + i, 100 + i + PROMPT)), SamplingSettings(temperature=0.0), i, new)
                         for i in range(args.batch)]
             steps = direct.decode_rows(model, requests)
             for _ in range(4):

@@ -12,7 +12,7 @@ import pytest
 
 from gpt2.sampling.settings import SamplingSettings, row_seeds
 from gpt2.serve.engine import Engine, Job, QueueFull, Unavailable
-from gpt2.serve.protocol import Row
+from gpt2.sampling.settings import Row
 from serve_support import REPO, model_and_encoder, shared_engine, wait_until
 
 GREEDY = SamplingSettings(temperature=0)
@@ -145,7 +145,7 @@ def test_n_rows_share_their_prompt_and_a_freed_slot_does_not_disturb_them(engine
 def test_pool_slot_reuse_keeps_a_sharing_neighbour_intact(small_engine):
     """The pool itself (regression): rows admitted with one prompt share its cache; a row later
     admitted into the source row's slot must not copy its prompt into the neighbour."""
-    from gpt2.sampling.pool import RowRequest
+    from gpt2.sampling.settings import Row
 
     pool = alone_pool = small_engine.pool
 
@@ -157,15 +157,15 @@ def test_pool_slot_reuse_keeps_a_sharing_neighbour_intact(small_engine):
             pool.release([s for s in range(pool.slots) if done[s] and pool.active[s]])
         return out
 
-    neighbour = RowRequest([5, 6, 7], GREEDY, 0, 12, -1)
-    pool.admit([0, 1], [RowRequest([5, 6, 7], GREEDY, 0, 2, -1), neighbour])
+    neighbour = Row([5, 6, 7], GREEDY, 0, 12)
+    pool.admit([0, 1], [Row([5, 6, 7], GREEDY, 0, 2), neighbour])
     outputs, _, _ = pool.run()
     got = [t for t in outputs["tokens"][1] if t >= 0]
     pool.release([0])
-    pool.admit([0], [RowRequest([9, 9, 9, 9, 9], GREEDY, 0, 4, -1)])
+    pool.admit([0], [Row([9, 9, 9, 9, 9], GREEDY, 0, 4)])
     got += drain(pool, 1)
     pool.release_all()
-    alone_pool.admit([0], [RowRequest([5, 6, 7], GREEDY, 0, 12, -1)])
+    alone_pool.admit([0], [Row([5, 6, 7], GREEDY, 0, 12)])
     assert got == drain(alone_pool, 0)
 
 
@@ -292,7 +292,7 @@ def test_xla_compiles_the_decode_program_once_whatever_the_requests(tmp_path):
         from serve_support import model_and_encoder
         from test_serve_engine import collect, prompt, GREEDY, SAMPLED
         from gpt2.serve.engine import Engine, Job
-        from gpt2.serve.protocol import Row
+        from gpt2.sampling.settings import Row
         model, enc = model_and_encoder()
         engine = Engine(model, max_batch=4, stop_token=enc.eot_token, jit_compile=True, steps_per_run=2)
         engine.warm_up(log_fn=lambda m: None)

@@ -1,7 +1,7 @@
 """Sampling from GPT-2: settings (TensorFlow-free), logit processors, token choice, the compiled
 decode loop over a pool of slots, and the public functions.
 
-    settings.py    SamplingSettings, SettingsError, row seeds, context checks (no TensorFlow)
+    settings.py    SamplingSettings, SettingsError, Row (one request row), row seeds, context checks (no TensorFlow)
     processors.py  penalties, logit bias, temperature, top-k / top-p
     choose.py      greedy or one exact draw per row from its own random stream; log-probabilities
     decoder.py     the compiled loop: prompt ingestion, decoding, the window sliding past n_ctx
@@ -18,6 +18,7 @@ _LAZY = {
     "SamplingSettings": "gpt2.sampling.settings",
     "SettingsError": "gpt2.sampling.settings",
     "row_seeds": "gpt2.sampling.settings",
+    "Row": "gpt2.sampling.settings",
     "sample_sequence": "gpt2.sampling.api",
     "sample_rows": "gpt2.sampling.api",
     "stream": "gpt2.sampling.api",

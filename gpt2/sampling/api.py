@@ -24,9 +24,8 @@ import numpy as np
 
 from gpt2.sampling import direct
 from gpt2.sampling.decoder import Decoder
-from gpt2.sampling.pool import RUN_ITERATIONS, Pool, RowRequest
-from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_prompt,
-                                    check_window_keep, row_seeds)
+from gpt2.sampling.pool import RUN_ITERATIONS, Pool
+from gpt2.sampling.settings import SETTING_NAMES, Row, SamplingSettings, SettingsError, row_seeds
 
 POOL_SIZES = (1, 2, 4, 8, 16, 32, 64)
 ALWAYS_ALLOWED_SLOTS = 8  # larger pools only while their key/value cache fits LARGE_POOL_BYTES
@@ -141,7 +140,7 @@ class _Lease:
 
 
 def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
-    """Runs RowRequests to the end. A generator: after each loop iteration that produced tokens,
+    """Runs Rows to the end. A generator: after each loop iteration that produced tokens,
     yields a list of (request index, token, logprob info or None); info is (token logprob,
     top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
     generator stops the decode.
@@ -216,12 +215,6 @@ class _IterationBudget:
         self.iterations = int(min(max(CALL_SECONDS / max(per_iteration, 1e-6), 1), RUN_ITERATIONS))
 
 
-def _as_settings(value):
-    if isinstance(value, SamplingSettings):
-        return value
-    raise TypeError(f"settings must be a gpt2.SamplingSettings, got {type(value).__name__}")
-
-
 def _per_row(value, rows, name):
     if isinstance(value, (list, tuple, np.ndarray)):
         values = list(value)
@@ -232,42 +225,45 @@ def _per_row(value, rows, name):
 
 
 def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options):
-    """Validated RowRequests; every setting may be one value or a list with one per prompt."""
+    """Rows, validated; `settings` (one SamplingSettings or one per row) or `options` (the
+    SamplingSettings fields as keywords, each one value or one per row), and length and seeds,
+    may each be given per row."""
+    unknown = sorted(set(options) - set(SETTING_NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} (sampling settings: {', '.join(SETTING_NAMES)})")
+    if settings is not None and options:
+        raise SettingsError("settings", f"pass settings= or the separate settings ({', '.join(sorted(options))}), "
+                                        "not both")
     hparams = model.hparams
     if hasattr(prompts, "numpy"):
         prompts = prompts.numpy()
-    prompts = [check_prompt(list(p), hparams.n_vocab, hparams.n_ctx, field=f"prompt {i}")
-               for i, p in enumerate(prompts)]
     rows = len(prompts)
     if not rows:
         raise SettingsError("context", "no prompts given")
-    lengths = [check_length(n) for n in _per_row(length, rows, "length")]
     if settings is not None:
-        per_row = [_as_settings(value) for value in _per_row(settings, rows, "settings")]
+        per_row = _per_row(settings, rows, "settings")
     else:
         columns = {name: _per_row(value, rows, name) for name, value in options.items()}
         per_row = [SamplingSettings(**{name: column[i] for name, column in columns.items()}) for i in range(rows)]
     seeds = row_seeds(None, rows) if seeds is None else _per_row(seeds, rows, "seeds")
-    window_keep = check_window_keep(window_keep, hparams.n_ctx)
-    stop = -1 if stop_token is None else int(stop_token)
-    return [RowRequest(prompt, setting.check_vocab(hparams.n_vocab), int(np.int32(seed)), n, stop, window_keep)
-            for prompt, setting, seed, n in zip(prompts, per_row, seeds, lengths)]
+    return [Row.checked(list(prompt), setting, np.int32(seed), n, hparams.n_vocab, hparams.n_ctx, stop_token,
+                        window_keep, field=f"prompt {i}")
+            for i, (prompt, setting, seed, n) in enumerate(zip(prompts, per_row, seeds,
+                                                                _per_row(length, rows, "length")))]
 
 
-def sample_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
-                callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
-                frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
+def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback=None, jit_compile=None,
+                settings=None, window_keep=None, **options):
     """The sampler behind `sample_sequence`, with every setting either one value or one per row.
 
-    prompts: list of token lists (any lengths up to n_ctx). length, temperature, top_k, top_p,
-    the penalties and logit_bias: a value or a list with one per prompt; or `settings`: one
-    SamplingSettings or a list of them. seeds: int32 per row (see `row_seeds`); None = fresh.
-    Returns a list with each row's new tokens (int32 arrays): `length` of them, or fewer ending
-    with stop_token. callback(step, tokens [b]) is called with each step's tokens (see `stream`).
+    prompts: list of token lists (any lengths up to n_ctx). length and the sampling settings
+    (keywords named as `SamplingSettings`' fields: temperature, top_k, top_p, presence_penalty,
+    frequency_penalty, repetition_penalty, logit_bias): a value or a list with one per prompt; or
+    `settings`: one SamplingSettings or a list of them. seeds: int32 per row (see `row_seeds`);
+    None = fresh. Returns a list with each row's new tokens (int32 arrays): `length` of them, or
+    fewer ending with stop_token. callback(step, tokens [b]) is called with each step's tokens
+    (see `stream`).
     """
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                   logit_bias=logit_bias)
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
     rows = [[] for _ in requests]
     if callback is not None:
@@ -290,13 +286,9 @@ def _cut(tokens, request):
     return tokens
 
 
-def stream_rows(model, prompts, length, temperature=1.0, top_k=0, top_p=1.0, seeds=None, stop_token=None,
-                jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
-                repetition_penalty=1.0, logit_bias=None):
+def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_compile=None, settings=None,
+                window_keep=None, **options):
     """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                   logit_bias=logit_bias)
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
     yield from _lockstep(model, requests, jit_compile, stop_token)
 
@@ -332,38 +324,33 @@ def _lockstep(model, requests, jit_compile, stop_token):
     yield from ready_steps(step, final=True)
 
 
-def stream(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-           jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0, frequency_penalty=0.0,
-           repetition_penalty=1.0, logit_bias=None):
+def stream(model, context, length, *, seed=None, **options):
     """Yields each step's new tokens, int32 [b], as they are made: step i holds token i of every
     row; rows that have stopped (at stop_token) repeat stop_token. Takes the arguments of
-    `sample_sequence`. Stop iterating (break, or close the generator) to stop the decode.
+    `sample_sequence` (but callback). Stop iterating (break, or close the generator) to stop the decode.
 
         for tokens in gpt2.stream(model, [enc.encode("Hello")], 100, top_k=40):
             print(enc.decode(tokens[:1]), end="", flush=True)
     """
     prompts = context.numpy() if hasattr(context, "numpy") else context
-    yield from stream_rows(model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)),
-                           stop_token, jit_compile, settings, window_keep, presence_penalty, frequency_penalty,
-                           repetition_penalty, logit_bias)
+    yield from stream_rows(model, prompts, length, seeds=row_seeds(seed, len(prompts)), **options)
 
 
-def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_token=None,
-                    callback=None, jit_compile=None, settings=None, window_keep=None, presence_penalty=0.0,
-                    frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
+def sample_sequence(model, context, length, *, seed=None, stop_token=None, **options):
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
     context: int [batch, context_len], or a list of token lists of different lengths (each row
     gives what it would alone). length: any number of new tokens; past the model's context the
     window slides (it keeps its last `window_keep` tokens, default n_ctx // 2, recomputed at
-    positions 0..window_keep-1). temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off.
-    presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({token id: bias}):
-    see `gpt2.SamplingSettings`, or pass `settings=` one of those instead of the separate values.
-    seed: an int makes the output reproducible (each row draws from its own stream); None draws
-    a fresh one. stop_token (e.g. 50256): a row stops after producing it. callback(step, tokens):
-    called with each step's tokens (int32 [batch]) as they are produced (see `stream`).
-    jit_compile: compile with XLA; None (default) = XLA for float32 models, not for bfloat16
-    ones (oneDNN's bfloat16 matmuls are faster than XLA's on CPU; see BENCHMARKS.md).
+    positions 0..window_keep-1). The sampling settings are keywords named as
+    `gpt2.SamplingSettings`' fields (temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off;
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias {token id: bias}), or
+    `settings=` one SamplingSettings instead. seed: an int makes the output reproducible (each
+    row draws from its own stream); None draws a fresh one. stop_token (e.g. 50256): a row stops
+    after producing it. callback(step, tokens): called with each step's tokens (int32 [batch])
+    as they are produced (see `stream`). jit_compile: compile with XLA; None (default) = XLA for
+    float32 models, not for bfloat16 ones (oneDNN's bfloat16 matmuls are faster than XLA's on
+    CPU; see BENCHMARKS.md). window_keep: see above.
 
     Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
     that stopped early are filled with stop_token); for prompts of different lengths, a list of
@@ -371,10 +358,8 @@ def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0,
     """
     prompts = context.numpy() if hasattr(context, "numpy") else context
     prompts = [list(row) for row in prompts]
-    new_tokens = sample_rows(
-        model, prompts, length, temperature, top_k, top_p, row_seeds(seed, len(prompts)), stop_token, callback,
-        jit_compile, settings, window_keep, presence_penalty, frequency_penalty, repetition_penalty, logit_bias,
-    )
+    new_tokens = sample_rows(model, prompts, length, seeds=row_seeds(seed, len(prompts)), stop_token=stop_token,
+                             **options)
     outputs = [np.concatenate([np.asarray(p, np.int32), n]) for p, n in zip(prompts, new_tokens)]
     if len({len(p) for p in prompts}) > 1:
         return outputs
@@ -383,8 +368,7 @@ def sample_sequence(model, context, length, temperature=1.0, top_k=0, top_p=1.0,
     return np.stack([np.pad(row, (0, width - len(row)), constant_values=fill) for row in outputs])
 
 
-def generate(model, enc, prompts, length=64, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=True,
-             **options):
+def generate(model, enc, prompts, length=64, *, seed=None, stop_at_eot=True, **options):
     """Text in, text out: returns the continuation (without the prompt) of each prompt.
 
     prompts: a string or a list of strings; an empty string samples unconditionally. With
@@ -395,6 +379,5 @@ def generate(model, enc, prompts, length=64, temperature=1.0, top_k=0, top_p=1.0
         prompts = [prompts]
     rows = [enc.encode(p) if p else [enc.eot_token] for p in prompts]
     eot = enc.eot_token if stop_at_eot else None
-    new_tokens = sample_rows(model, rows, length, temperature, top_k, top_p, row_seeds(seed, len(rows)),
-                             stop_token=eot, **options)
+    new_tokens = sample_rows(model, rows, length, seeds=row_seeds(seed, len(rows)), stop_token=eot, **options)
     return [enc.decode([t for t in row if t != eot] if eot is not None else row) for row in new_tokens]

@@ -141,7 +141,7 @@ def sampler_for(model):
 
 
 def decode_rows(model, requests):
-    """Runs `gpt2.sampling.pool.RowRequest`s (prompts of one length; prompt + max_new <= n_ctx;
+    """Runs `gpt2.sampling.settings.Row`s (prompts of one length; prompt + max_new <= n_ctx;
     no logprobs) to the end, as `api.decode_rows` does: a generator yielding, per step, a list
     of (request index, token, None) for the rows still running."""
     sampler = sampler_for(model)

@@ -10,7 +10,6 @@ Shapes: B = slots, V = n_vocab, K = iterations recorded per run call, T = TOP_LO
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import threading
@@ -20,7 +19,7 @@ import tensorflow as tf
 
 from gpt2 import compile_cache
 from gpt2.sampling import decoder as decoder_lib
-from gpt2.sampling.settings import check_prompt, check_window_keep, pack_rows
+from gpt2.sampling.settings import check_window_keep, pack_rows
 
 RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
 
@@ -28,24 +27,8 @@ RUN_ITERATIONS = 64  # iterations one run call records (it may stop earlier)
 FIXED_IN_RUN = {*decoder_lib.SETTING_FIELDS, "logit_bias", "prompt_seen", "active"}
 
 
-@dataclasses.dataclass
-class RowRequest:
-    """One row to decode. prompt: token ids (1..n_ctx of them); settings: SamplingSettings;
-    seed: int32 (the row's random stream); max_new: tokens to generate; stop_token: ends the row
-    (-1 or None = never); window_keep: tokens kept when the window slides (None = n_ctx // 2);
-    logprobs: report the token's log-probability and the top alternatives."""
-
-    prompt: list
-    settings: object
-    seed: int
-    max_new: int
-    stop_token: int = -1
-    window_keep: int = None
-    logprobs: bool = False
-
-
 def sampling_rows(rows, n_vocab):
-    """What the token choice reads of RowRequests `rows` before their first token
+    """What the token choice reads of Rows `rows` before their first token
     (`choose.NEXT_TOKEN_FIELDS`), as NumPy arrays: the packed settings, seed, prompt_seen,
     counts 0 and generated 0."""
     seen = np.zeros([len(rows), n_vocab], bool)
@@ -161,11 +144,9 @@ class Pool:
         return [int(i) for i in np.flatnonzero(~self.active)]
 
     def admit(self, slots, rows):
-        """Starts each RowRequest of `rows` in the matching free slot of `slots`."""
+        """Starts each Row of `rows` (validated where they were made) in the matching free slot of `slots`."""
         if not rows:
             return
-        for row in rows:
-            row.prompt = check_prompt(row.prompt, self.n_vocab, self.n_ctx)
         count = len(rows)
         window = np.zeros([count, self.decoder.window_slots], np.int32)
         for i, row in enumerate(rows):
@@ -173,7 +154,7 @@ class Pool:
         values = {
             **sampling_rows(rows, self.n_vocab),
             "max_new": np.array([row.max_new for row in rows], np.int32),
-            "stop_token": np.array([-1 if row.stop_token is None else row.stop_token for row in rows], np.int32),
+            "stop_token": np.array([row.stop_token for row in rows], np.int32),
             "window_keep": np.array([check_window_keep(row.window_keep, self.n_ctx) for row in rows], np.int32),
             "want_logprobs": np.array([bool(row.logprobs) for row in rows]),
             "active": np.ones(count, bool),

@@ -230,6 +230,39 @@ def check_window_keep(window_keep, n_ctx, field="window_keep"):
     return value
 
 
+@dataclasses.dataclass
+class Row:
+    """One row to decode: the one type from where a request is made (the library's functions,
+    the server's protocol) to a slot of the pool. `Row.checked` validates every field once, where
+    the row is made; whoever builds a Row directly has validated its parts already.
+
+    prompt: token ids (1..n_ctx); settings: SamplingSettings (checked against the vocabulary);
+    seed: int32 (the row's random stream); max_new: tokens to make; stop_token: ends the row
+    (-1 = never); window_keep: tokens kept when the window slides (None = n_ctx // 2); logprobs:
+    report each token's log-probability and the top alternatives."""
+
+    prompt: list
+    settings: SamplingSettings
+    seed: int
+    max_new: int
+    stop_token: int = -1
+    window_keep: int = None
+    logprobs: bool = False
+
+    @classmethod
+    def checked(cls, prompt, settings, seed, max_new, n_vocab, n_ctx, stop_token=None, window_keep=None,
+                logprobs=False, field="prompt"):
+        if not isinstance(settings, SamplingSettings):
+            raise TypeError(f"settings must be a gpt2.SamplingSettings, got {type(settings).__name__}")
+        return cls(check_prompt(prompt, n_vocab, n_ctx, field), settings.check_vocab(n_vocab), int(seed),
+                   check_length(max_new), -1 if stop_token is None else int(stop_token),
+                   check_window_keep(window_keep, n_ctx), bool(logprobs))
+
+
+# The per-row settings the library's functions take as keywords (one value, or one per row).
+SETTING_NAMES = tuple(field.name for field in dataclasses.fields(SamplingSettings))
+
+
 def pack_rows(settings, n_vocab):
     """Per-row settings as NumPy arrays for the compiled sampler (one rule for turning a
     SamplingSettings into numbers; e.g. top_k >= n_vocab becomes 0 = off).

@@ -30,9 +30,12 @@ Shapes: B = max_batch slots, K = steps_per_run (or stream_steps_per_run), T = 5 
 """
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
+
+from gpt2.sampling.settings import Row, SamplingSettings
 
 log = logging.getLogger("gpt2.serve")
 
@@ -100,11 +103,10 @@ class Engine:
     def __init__(self, model, max_batch=8, max_queue=128, stop_token=50256, jit_compile=True,
                  steps_per_run=DEFAULT_STEPS_PER_RUN, max_failures=3,
                  stream_steps_per_run=DEFAULT_STREAM_STEPS_PER_RUN):
-        from gpt2.sampling.pool import Pool, RowRequest  # imports TensorFlow
+        from gpt2.sampling.pool import Pool  # imports TensorFlow
 
         if max_batch < 1 or max_queue < 1 or steps_per_run < 1 or stream_steps_per_run < 1:
             raise ValueError("max_batch, max_queue, steps_per_run and stream_steps_per_run must be >= 1")
-        self._row_request = RowRequest
         self.model = model
         self.n_ctx = model.hparams.n_ctx
         self.max_batch = max_batch
@@ -216,15 +218,13 @@ class Engine:
     def warm_up(self, log_fn=log.info):
         """Compiles everything requests use, before serving: the pool's program (run through
         admissions while other rows run, as serving does) and the scoring programs."""
-        from gpt2.sampling.settings import SamplingSettings
-
         start = time.perf_counter()
         pool = self.pool
         greedy = SamplingSettings(temperature=0.0)
-        pool.admit([0], [self._row_request([self.stop_token], greedy, 0, 2 * self.steps_per_run, -1)])
+        pool.admit([0], [Row([self.stop_token], greedy, 0, 2 * self.steps_per_run)])
         pool.run()
         if self.max_batch > 1:  # a row joining a running one, with logprobs
-            pool.admit([1], [self._row_request([self.stop_token] * 2, greedy, 0, 2, -1, logprobs=True)])
+            pool.admit([1], [Row([self.stop_token] * 2, greedy, 0, 2, logprobs=True)])
         while pool.active.any():
             _, done, _ = pool.run()
             pool.release([slot for slot in range(self.max_batch) if done[slot] and pool.active[slot]])
@@ -358,10 +358,8 @@ class Engine:
 
     def _admit(self, picks):
         slots = [slot for slot in range(self.max_batch) if slot not in self._running][: len(picks)]
-        requests = [self._row_request(row.prompt, row.settings, row.seed, row.max_new, self.stop_token,
-                                      logprobs=row.logprobs)
-                    for row in (job.rows[i] for job, i in picks)]
-        self.pool.admit(slots, requests)
+        rows = [dataclasses.replace(job.rows[i], stop_token=self.stop_token) for job, i in picks]
+        self.pool.admit(slots, rows)
         self._running.update(zip(slots, picks))
         self.stats["admitted_rows"] += len(picks)
 

@@ -11,7 +11,7 @@ how to answer) or raise `ApiError` naming the offending field. Every row's sampl
 import dataclasses
 import math
 
-from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_seed, is_int,
+from gpt2.sampling.settings import (Row, SamplingSettings, SettingsError, check_length, check_seed, is_int,
                                     row_seeds, shown)
 from gpt2.serve import chat
 
@@ -50,22 +50,10 @@ def bad(message, param=None, code=None):
 
 
 @dataclasses.dataclass
-class Row:
-    """One completion to decode: prompt token ids, SamplingSettings, int32 seed, tokens to make
-    (max_new), and whether to report log-probabilities."""
-
-    prompt: list
-    settings: SamplingSettings
-    seed: int
-    max_new: int
-    logprobs: bool = False
-
-
-@dataclasses.dataclass
 class Plan:
     """What to run for one request and how to answer it.
 
-    rows: one Row per choice (choice i = prompt i // n, sample i % n); empty when only the prompt
+    rows: one gpt2.sampling.settings.Row per choice (choice i = prompt i // n, sample i % n); empty when only the prompt
     is echoed (max_tokens 0). prompt_texts, prompt_tokens: per prompt. stops: stop strings.
     logprobs: None or the number of alternatives per token (completions 0..5, chat 0..5).
     trim: strip the choice text's surrounding whitespace (chat). headers: extra response headers
@@ -291,7 +279,7 @@ class Protocol:
         if max_tokens == 0:
             return []
         seeds = row_seeds(seed, len(prompts) * n)
-        return [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs)
+        return [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs=logprobs)
                 for p, (_, tokens) in enumerate(prompts) for j in range(n)]
 
     @staticmethod
