@@ -28,15 +28,19 @@ def gumbel_noise(seed, counter, ids):
     (seed, counter, token id), so a row gets the same noise alone or in any batch, and a token
     the same noise among 256 candidates or the whole vocabulary.
 
-    Two 32-bit hashes of (row key, token) make a uniform v with 64 bits below 1/2^32 (so the
-    noise's upper tail is exact to -log(2^-64) = 44, beyond any logit gap a float32 softmax
-    resolves), and 1 - v is computed from the complemented bits, so neither tail rounds to 0 or 1;
-    then -log(-log(1 - v))."""
+    Two 32-bit hashes of (row key, token) make a uniform with 64 bits (`gumbel_of_bits`), so the
+    upper tail, where a token far below the best one wins, is exact up to 45: beyond any logit
+    gap whose probability float32 resolves (e^-45 = 3e-20)."""
     key = row_keys(seed, counter)[:, None]
     mixed = _lowbias32(tf.bitcast(ids, tf.uint32) * tf.constant(0x85EBCA6B, tf.uint32) + key)
     high = _lowbias32(mixed ^ key)
-    low = _lowbias32(mixed + tf.constant(0x2C1B3C6D, tf.uint32))
-    # v = (high + (low + 1/2) / 2^32) / 2^32 and 1 - v from the complements: in (0, 1), exactly.
+    return gumbel_of_bits(high, _lowbias32(mixed + tf.constant(0x2C1B3C6D, tf.uint32)))
+
+
+def gumbel_of_bits(high, low):
+    """-log(-log(1 - v)) for v = (high + (low + 1/2) / 2^32) / 2^32 (uint32 high, low): v and
+    1 - v (from the complemented bits) are both exact in (0, 1), so the noise is finite and
+    correct in both tails, from -log(45.05) to 45.05."""
     v = tf.cast(high, tf.float32) * 2.0**-32 + (tf.cast(low, tf.float32) + 0.5) * 2.0**-64
     w = tf.cast(~high, tf.float32) * 2.0**-32 + (tf.cast(~low, tf.float32) + 0.5) * 2.0**-64
     exponential = tf.where(v < 0.5, -tf.math.log1p(-v), -tf.math.log(w))
