@@ -1,6 +1,7 @@
 """Token choice: greedy, or one exact draw per row (Gumbel-max) from its own random stream.
 
-Shapes: b = batch rows, V = n_vocab, C = candidates, N = top log-probabilities reported.
+Shapes: b = batch rows, V = n_vocab, C = candidates, n = tokens a draw considers, N = top log-probabilities
+reported.
 """
 
 import tensorflow as tf
