@@ -191,14 +191,8 @@ def test_a_bad_budget_is_one_line(monkeypatch, fresh_model):
         gpt2.sample_sequence(fresh_model, [[1, 2]], 2)
 
 
-def test_row_uniforms_are_the_same_under_xla_and_numpy():
-    import tensorflow as tf
-
-    seed = np.array([0, 1, -1, 2**31 - 1, -(2**31), 12345], np.int32)
-    counter = np.array([0, 1, 2, 3, 1000, 2**31 - 1], np.int32)
-    plain = choose.row_uniforms(tf.constant(seed), tf.constant(counter)).numpy()
-    compiled = tf.function(choose.row_uniforms, jit_compile=True)(tf.constant(seed), tf.constant(counter)).numpy()
-
+def numpy_gumbel_noise(seed, counter, ids):
+    """choose.gumbel_noise in Python integers and float64: seed, counter int32 [b]; ids [b, n]."""
     def lowbias32(x):
         x = x ^ (x >> 16)
         x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -206,17 +200,42 @@ def test_row_uniforms_are_the_same_under_xla_and_numpy():
         x = (x * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    expected = []
-    for s, c in zip(seed.view(np.uint32).tolist(), counter.view(np.uint32).tolist()):
-        bits = lowbias32((lowbias32(s ^ 0x5BD1E995) + c * 0x9E3779B9) & 0xFFFFFFFF)
-        expected.append((bits >> 8) / 2.0**24)
-    np.testing.assert_array_equal(plain, np.float32(expected))
-    np.testing.assert_array_equal(compiled, plain)
-    # One stream is uniform: mean, variance and the deciles of 100,000 draws.
-    draws = choose.row_uniforms(tf.fill([100000], 7), tf.range(100000)).numpy()
-    assert abs(draws.mean() - 0.5) < 0.005 and abs(draws.var() - 1 / 12) < 0.002
-    counts = np.histogram(draws, bins=10, range=(0, 1))[0]
-    assert np.abs(counts - 10000).max() < 500
+    out = np.zeros(np.shape(ids))
+    for r, (s, c) in enumerate(zip(np.asarray(seed, np.int32).view(np.uint32).tolist(),
+                                   np.asarray(counter, np.int32).view(np.uint32).tolist())):
+        key = lowbias32((lowbias32(s ^ 0x5BD1E995) + c * 0x9E3779B9) & 0xFFFFFFFF)
+        for j, token in enumerate(np.asarray(ids[r], np.int32).view(np.uint32).tolist()):
+            mixed = lowbias32((token * 0x85EBCA6B + key) & 0xFFFFFFFF)
+            high, low = lowbias32(mixed ^ key), lowbias32((mixed + 0x2C1B3C6D) & 0xFFFFFFFF)
+            v = (high + (low + 0.5) / 2**32) / 2**32
+            out[r, j] = -np.log(-np.log1p(-v))
+    return out
+
+
+def test_gumbel_noise_is_the_same_under_xla_and_numpy():
+    import tensorflow as tf
+
+    seed = np.array([0, 1, -1, 2**31 - 1, -(2**31), 12345], np.int32)
+    counter = np.array([0, 1, 2, 3, 1000, 2**31 - 1], np.int32)
+    ids = np.array([[0, 1, 2, 50256, -1, -197]] * 6, np.int32)
+    plain = choose.gumbel_noise(tf.constant(seed), tf.constant(counter), tf.constant(ids)).numpy()
+    compiled = tf.function(choose.gumbel_noise, jit_compile=True)(tf.constant(seed), tf.constant(counter),
+                                                                  tf.constant(ids)).numpy()
+    expected = numpy_gumbel_noise(seed, counter, ids)
+    np.testing.assert_allclose(plain, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(compiled, expected, rtol=1e-6, atol=1e-6)
+    # One row's noise over 50257 tokens is standard Gumbel: mean (Euler's gamma), variance
+    # (pi^2 / 6) and the deciles of its CDF exp(-exp(-g)).
+    noise = choose.gumbel_noise(tf.constant([7]), tf.constant([3]), tf.range(50257)[None]).numpy()[0]
+    assert abs(noise.mean() - 0.5772) < 0.02 and abs(noise.var() - np.pi**2 / 6) < 0.05
+    counts = np.histogram(np.exp(-np.exp(-noise)), bins=10, range=(0, 1))[0]
+    assert np.abs(counts - 5025.7).max() < 300
+    # Both tails are finite and exact: the extreme bits give -log(-log(1 - v)) of v = 2^-65 and 1 - 2^-65.
+    extremes = tf.constant([0, 0, 2**32 - 1, 2**31], tf.uint32), tf.constant([0, 1, 2**32 - 1, 0], tf.uint32)
+    v = np.array([0.5, 1.5, 2**64 - 0.5, 2**63 + 0.5]) / 2**64
+    exact = -np.log(np.array([-np.log1p(-v[0]), -np.log1p(-v[1]), 65 * np.log(2), -np.log1p(-v[3])]))
+    for function in (choose.gumbel_of_bits, tf.function(choose.gumbel_of_bits, jit_compile=True)):
+        np.testing.assert_allclose(function(*extremes).numpy(), exact, rtol=1e-6)
 
 
 def test_a_short_generate_run_compiles_nothing(tmp_path):

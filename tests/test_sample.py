@@ -141,6 +141,41 @@ def test_plain_sampling_follows_the_softmax(tiny_model, reference):
     assert chi_square < 27.88, (chi_square, observed, expected)  # df 9, p = 0.001
 
 
+def test_block_then_token_draws_follow_a_peaked_softmax():
+    """choose.vocabulary_choice (a block by mass, then a token) on logits with a long tail, a
+    partial last block and a block of -inf: chi-square over ~20 bins against the softmax, on both
+    the plain graph and XLA; removed tokens never come."""
+    import tensorflow as tf
+
+    from gpt2.sampling import choose
+
+    logits = np.random.RandomState(0).standard_normal(1000) * 3.0  # 3 blocks of 256 and one of 232
+    logits[512:768] = -np.inf
+    logits[900] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    bin_of_token = np.empty(len(probs), int)
+    bin_of_token[order] = np.minimum((np.cumsum(probs[order]) - probs[order] / 2) * 20, 19).astype(int)
+    _, bin_of_token = np.unique(bin_of_token, return_inverse=True)  # the bins a heavy token left empty go
+    expected = np.bincount(bin_of_token, weights=probs)
+    df = len(expected) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3  # p = 0.001 (Wilson-Hilferty)
+    rows = 20000
+    batch = tf.constant(np.tile(logits.astype(np.float32), (rows, 1)))
+
+    def draw(batch, seed, counter):
+        return choose.vocabulary_choice(batch, lambda ids: choose.gumbel_noise(seed, counter, ids))
+
+    seeds, counters = tf.range(rows) // 7, tf.range(rows) % 7
+    for function in (tf.function(draw), tf.function(draw, jit_compile=True)):
+        draws = function(batch, seeds, counters).numpy()
+        assert np.all(np.isfinite(logits[draws]))
+        observed = np.bincount(bin_of_token[draws], minlength=len(expected))
+        chi_square = float(np.sum((observed - expected * rows) ** 2 / (expected * rows)))
+        assert chi_square < critical, (chi_square, critical, observed, expected * rows)
+
+
 def test_same_seed_same_output_and_fresh_seeds_differ(tiny_model):
     prompt = [[464, 3139, 286]] * 2
     a = gpt2.sample_sequence(tiny_model, prompt, 15, seed=123, top_k=40)

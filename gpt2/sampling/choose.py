@@ -1,6 +1,7 @@
-"""Token choice: greedy, or one exact multinomial draw per row from its own random stream.
+"""Token choice: greedy, or one exact draw per row (Gumbel-max) from its own random stream.
 
-Shapes: b = batch rows, V = n_vocab, C = candidates, N = top log-probabilities reported.
+Shapes: b = batch rows, V = n_vocab, C = candidates, n = tokens a draw considers, N = top log-probabilities
+reported.
 """
 
 import tensorflow as tf
@@ -8,20 +9,43 @@ import tensorflow as tf
 from gpt2.sampling import processors
 
 TOP_LOGPROBS = 5  # most alternatives the sampler can report per token (OpenAI's limit)
+BLOCK = 256  # a draw over the whole vocabulary picks a block of this many tokens, then a token
+NEG_INF = float("-inf")
 
 
-def row_uniforms(seed, counter):
-    """One uniform number in [0, 1) per row, from the row's own stream: draw `counter` of the
-    stream `seed`. seed, counter: int32 [b] -> float32 [b]. A row's numbers depend on nothing
-    else, so a seeded row draws the same tokens alone or in any batch.
-
-    The stream is a counter-based hash in 32-bit integer arithmetic (a Weyl sequence started at
-    a hash of the seed, each value mixed by Wellons' `lowbias32`; 24 bits per draw), so XLA, plain
-    graphs and NumPy give the same numbers. (TensorFlow's stateless random ops draw different
-    numbers under XLA than without it, even with the algorithm named.)"""
+def row_keys(seed, counter):
+    """The key of draw `counter` of the row stream `seed`: int32 seed, counter [b] -> uint32 [b].
+    A counter-based hash in 32-bit integer arithmetic (a Weyl sequence started at a hash of the
+    seed, each value mixed by Wellons' `lowbias32`), so XLA, plain graphs and NumPy give the same
+    keys. (TensorFlow's stateless random ops draw different numbers under XLA than without it,
+    even with the algorithm named.)"""
     start = _lowbias32(tf.bitcast(seed, tf.uint32) ^ tf.constant(0x5BD1E995, tf.uint32))
-    bits = _lowbias32(start + tf.bitcast(counter, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32))
-    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
+    return _lowbias32(start + tf.bitcast(counter, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32))
+
+
+def gumbel_noise(seed, counter, ids):
+    """Standard Gumbel noise per row and token: seed, counter int32 [b] (the row's stream and
+    draw); ids int32 [b, n] or [1, n] (token ids) -> float32 [b, n]. Each value depends only on
+    (seed, counter, token id), so a row gets the same noise alone or in any batch, and a token
+    the same noise among 256 candidates or the whole vocabulary.
+
+    Two 32-bit hashes of (row key, token) make a uniform with 64 bits (`gumbel_of_bits`), so the
+    upper tail, where a token far below the best one wins, is exact up to 45: beyond any logit
+    gap whose probability float32 resolves (e^-45 = 3e-20)."""
+    key = row_keys(seed, counter)[:, None]
+    mixed = _lowbias32(tf.bitcast(ids, tf.uint32) * tf.constant(0x85EBCA6B, tf.uint32) + key)
+    high = _lowbias32(mixed ^ key)
+    return gumbel_of_bits(high, _lowbias32(mixed + tf.constant(0x2C1B3C6D, tf.uint32)))
+
+
+def gumbel_of_bits(high, low):
+    """-log(-log(1 - v)) for v = (high + (low + 1/2) / 2^32) / 2^32 (uint32 high, low): v and
+    1 - v (from the complemented bits) are both exact in (0, 1), so the noise is finite and
+    correct in both tails, from -log(45.05) to 45.05."""
+    v = tf.cast(high, tf.float32) * 2.0**-32 + (tf.cast(low, tf.float32) + 0.5) * 2.0**-64
+    w = tf.cast(~high, tf.float32) * 2.0**-32 + (tf.cast(~low, tf.float32) + 0.5) * 2.0**-64
+    exponential = tf.where(v < 0.5, -tf.math.log1p(-v), -tf.math.log(w))
+    return -tf.math.log(exponential)
 
 
 def _lowbias32(x):
@@ -33,36 +57,42 @@ def _lowbias32(x):
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
 
 
-def invert_cdf(logits, uniform):
-    """Index of the draw from softmax(logits) [b, n] at uniform [b]: an exact multinomial draw.
+def gumbel_choice(logits, ids, noise):
+    """The draw from softmax(logits) [b, n] (-inf: never) over the tokens `ids` int32 [b, n] or
+    [1, n]: the token with the largest logit + Gumbel noise (the Gumbel-max trick, an exact draw).
+    noise(ids) -> float32 noise of those tokens. Returns int32 [b] (token ids)."""
+    best = tf.argmax(logits + noise(ids), axis=-1, output_type=tf.int32)
+    return tf.gather(tf.broadcast_to(ids, tf.shape(logits)), best, axis=-1, batch_dims=1)
 
-    The CDF is walked in blocks of 256 (block totals, then one block), not as one n-long cumsum.
-    """
+
+def vocabulary_choice(logits, noise):
+    """The draw from softmax(logits) [b, V] over token ids 0..V-1, in two Gumbel-max steps: a
+    block of BLOCK tokens by the blocks' log-masses (noise of ids -1, -2, ...), then a token of
+    that block (noise of its ids). P(block) x P(token | block) is the softmax exactly, and the
+    noise is drawn for about V / BLOCK + BLOCK values per row, not V. Returns int32 [b].
+
+    Not the inverse of a float32 CDF: there, logits that differ in their last bits between two
+    batch shapes move every one of the V boundaries, and a uniform lying within that difference
+    of any of them picks a neighbour (1 draw in 700 on the test model at temperature 1). Here a
+    draw changes only when a step's two best scores lie within the logits' difference (~1e-6)."""
     n = logits.shape[-1]
-    blocks = -(-n // 256)
-    probs = tf.nn.softmax(logits, axis=-1)
-    # A uniform that rounds past the last token with probability > 0 must not land after it.
-    last_kept = (n - 1) - tf.argmax(tf.cast(tf.reverse(probs > 0.0, [-1]), tf.int32), axis=-1,
-                                       output_type=tf.int32)
-    probs = tf.pad(probs, [[0, 0], [0, blocks * 256 - n]])
-    probs = tf.reshape(probs, [-1, blocks, 256])
-    block_cdf = tf.cumsum(tf.reduce_sum(probs, axis=-1), axis=-1)
-    target = uniform * block_cdf[:, -1]
-    block = tf.minimum(tf.reduce_sum(tf.cast(block_cdf <= target[:, None], tf.int32), axis=-1), blocks - 1)
-    before = tf.gather(block_cdf, tf.maximum(block - 1, 0), axis=-1, batch_dims=1)
-    within_cdf = tf.cumsum(tf.gather(probs, block, axis=1, batch_dims=1), axis=-1)
-    within = tf.where(block > 0, before, 0.0)[:, None] + within_cdf
-    index = block * 256 + tf.reduce_sum(tf.cast(within <= target[:, None], tf.int32), axis=-1)
-    return tf.minimum(index, last_kept)
+    blocks = -(-n // BLOCK)
+    padded = tf.pad(logits, [[0, 0], [0, blocks * BLOCK - n]], constant_values=NEG_INF)
+    padded = tf.reshape(padded, [-1, blocks, BLOCK])
+    block = -1 - gumbel_choice(tf.reduce_logsumexp(padded, axis=-1), -1 - tf.range(blocks)[None], noise)
+    within = tf.gather(padded, block, axis=1, batch_dims=1)
+    return gumbel_choice(within, block[:, None] * BLOCK + tf.range(BLOCK)[None], noise)
 
 
-def choose_tokens(logits, temperature, top_k, top_p, uniform):
+def choose_tokens(logits, temperature, top_k, top_p, noise):
     """Picks each row's next token. logits: float32 [b, V] (penalties applied); temperature,
-    top_p: float32 [b]; top_k: int32 [b]; uniform: float32 [b] (the row's draw). Returns int32 [b].
+    top_p: float32 [b]; top_k: int32 [b]; noise(ids int32 [b, n] or [1, n]) -> float32 [b, n]:
+    the row's Gumbel noise for those tokens (`gumbel_noise`). Returns int32 [b].
 
     Temperature 0 is greedy. Otherwise OpenAI's order: scale by the temperature, top-k, top-p,
     draw. Rows whose kept set lies among the largest CANDIDATES logits (the usual case) draw from
-    those; the others filter and draw over the whole vocabulary.
+    those (`gumbel_choice`); the others filter and draw over the whole vocabulary
+    (`vocabulary_choice`). Which of the two a row takes depends only on the row.
     """
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     sampling = temperature > 0.0
@@ -73,8 +103,7 @@ def choose_tokens(logits, temperature, top_k, top_p, uniform):
 
         def candidates():
             values, ids, exact = processors.filter_candidates(scaled, top_k, top_p)
-            drawn = tf.gather(ids, invert_cdf(values, uniform), axis=-1, batch_dims=1)
-            return drawn, exact
+            return gumbel_choice(values, ids, noise), exact
 
         from_candidates, exact = tf.cond(
             tf.reduce_any(filtering & sampling), candidates, lambda: (greedy, tf.zeros_like(filtering))
@@ -86,7 +115,7 @@ def choose_tokens(logits, temperature, top_k, top_p, uniform):
                 lambda: processors.filter_logits(scaled, top_k, top_p),
                 lambda: scaled,
             )
-            return invert_cdf(filtered, uniform)
+            return vocabulary_choice(filtered, noise)
 
         drawn = tf.cond(tf.reduce_all(exact | ~sampling), lambda: from_candidates, from_vocabulary)
         return tf.where(sampling, tf.where(exact, from_candidates, drawn), greedy)
@@ -120,11 +149,11 @@ def next_tokens(logits, rows, ready):
             rows["frequency_penalty"], rows["repetition_penalty"], rows["logit_bias"]),
         lambda: logits + rows["logit_bias"],
     )
-    sampling = rows["temperature"] > 0.0
-    uniform = tf.cond(tf.reduce_any(ready & sampling),
-                      lambda: row_uniforms(rows["seed"], rows["generated"]),
-                      lambda: tf.zeros(tf.shape(sampling), tf.float32))
-    return logits, choose_tokens(logits, rows["temperature"], rows["top_k"], rows["top_p"], uniform)
+
+    def noise(ids):
+        return gumbel_noise(rows["seed"], rows["generated"], ids)
+
+    return logits, choose_tokens(logits, rows["temperature"], rows["top_k"], rows["top_p"], noise)
 
 
 def logprobs_of(logits, tokens):

@@ -184,7 +184,8 @@ def check_seed(seed, field="seed"):
 
 def row_seeds(seed, count):
     """`count` int32 row seeds from one seed (None: fresh entropy). Row i's seed depends only on
-    `seed` and i, so a seeded row draws the same tokens whatever it is batched with."""
+    `seed` and i, so a seeded row draws the same tokens whatever it is batched with (but for the
+    rare near-tie that README's Sampling section describes)."""
     return np.random.SeedSequence(check_seed(seed)).generate_state(count).view(np.int32)
 
 
