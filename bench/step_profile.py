@@ -39,16 +39,14 @@ def main(argv=None):
     from gpt2.runtime import import_tensorflow
 
     import_tensorflow()
-    import tensorflow as tf
-
     import numpy as np
+    import tensorflow as tf
 
     import gpt2
     from gpt2 import layers
     from gpt2.checkpoint import load_model
     from gpt2.sampling import direct
-    from gpt2.sampling.settings import Row
-    from gpt2.sampling.settings import SamplingSettings
+    from gpt2.sampling.settings import Row, SamplingSettings
 
     print(f"| dtype | what (batch {args.batch}, {args.shape}) | ms |\n|:--|:--|--:|")
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:

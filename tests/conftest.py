@@ -1,3 +1,6 @@
+"""Shared by the suite, laid out like the packages (tests/sampling/, tests/serve/, ...): the
+environment every test runs in, and the tiny model's fixtures."""
+
 import atexit
 import json
 import os
@@ -16,8 +19,7 @@ if "GPT2_CACHE_DIR" not in os.environ:
 # uncompiled sampler that short jobs start on has its own tests (test_direct.py), which turn it on.
 os.environ.setdefault("GPT2_DIRECT_TOKENS", "0")
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-TINY_MODEL = os.path.join(DATA, "tiny-model")
+from paths import TINY_MODEL  # noqa: E402 - tests/paths.py, next to this file
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,16 @@ how to answer) or raise `ApiError` naming the offending field. Every row's sampl
 import dataclasses
 import math
 
-from gpt2.sampling.settings import (Row, SamplingSettings, SettingsError, check_length, check_seed, is_int,
-                                    row_seeds, shown)
+from gpt2.sampling.settings import (
+    Row,
+    SamplingSettings,
+    SettingsError,
+    check_length,
+    check_seed,
+    is_int,
+    row_seeds,
+    shown,
+)
 from gpt2.serve import chat
 
 DEFAULT_GENERATE_LENGTH = 64  # /generate "length" when omitted

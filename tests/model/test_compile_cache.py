@@ -10,7 +10,9 @@ import pytest
 
 from gpt2 import compile_cache
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import paths  # tests/paths.py: the folders the tests read
+
+HERE = paths.TESTS
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, "data", "tiny-model")
 

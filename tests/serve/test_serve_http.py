@@ -12,8 +12,19 @@ import time
 import pytest
 
 from gpt2.serve.httpd import Limits, address_key, default_allowed_hosts
-from serve_support import (GREEDY, MODEL_ID, Running, paused, post_bytes, raw_request, read_all, sse_events, statuses,
-                           wait_until)
+
+from serve_support import (
+    GREEDY,
+    MODEL_ID,
+    Running,
+    paused,
+    post_bytes,
+    raw_request,
+    read_all,
+    sse_events,
+    statuses,
+    wait_until,
+)
 
 LIMITS = dict(max_connections=6, max_connections_per_address=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0, heartbeat=0.3)
 GOOD = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 20, "temperature": 0}

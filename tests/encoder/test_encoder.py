@@ -14,7 +14,9 @@ import regex
 from encoder import EOT_TEXT, PRETOKEN_PATTERN, Encoder, bpe_merge, bytes_to_unicode, get_encoder, pretokenizer
 from encoder.pretokenizer import SAFE_CUT, pretokenize
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+import paths  # tests/paths.py: the folders the tests read
+
+DATA_DIR = os.path.join(paths.TESTS, "data")
 CASES_PATH = os.path.join(DATA_DIR, "bpe", "cases.jsonl")
 EOT_AS_TEXT = [27, 91, 437, 1659, 5239, 91, 29]
 WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2007\u2009\u200a\u2028\u2029\u202f\u205f\u3000"

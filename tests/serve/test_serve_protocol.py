@@ -11,7 +11,9 @@ from encoder import get_encoder
 from gpt2.serve import chat
 from gpt2.serve.protocol import ApiError, ChoiceText, Protocol
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths  # tests/paths.py: the folders the tests read
+
+REPO = paths.ROOT
 N_CTX = 64
 
 

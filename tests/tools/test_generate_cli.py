@@ -19,7 +19,9 @@ import pytest
 from gpt2 import generate_cli
 from gpt2.generate_cli import build_parser, main
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+import paths  # tests/paths.py: the folders the tests read
+
+TESTS = paths.TESTS
 ROOT = os.path.dirname(TESTS)
 TINY = os.path.join(TESTS, "data", "tiny-model")
 PROMPT = "Model prompt >>> "

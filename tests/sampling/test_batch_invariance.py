@@ -15,7 +15,9 @@ import gpt2
 from gpt2.sampling import api
 from gpt2.sampling.api import sample_rows
 
-TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny-model")
+import paths  # tests/paths.py: the folders the tests read
+
+TINY_MODEL = os.path.join(paths.TESTS, "data", "tiny-model")
 LENGTH = 60  # the 40-token prompts slide past the 64-token context
 SETTINGS = (dict(temperature=1.0), dict(temperature=0.8, top_k=40))
 

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpt2.sampling.settings import SamplingSettings, row_seeds
+from gpt2.sampling.settings import Row, SamplingSettings, row_seeds
 from gpt2.serve.engine import Engine, Job, QueueFull, Unavailable
-from gpt2.sampling.settings import Row
+
 from serve_support import REPO, model_and_encoder, shared_engine, wait_until
 
 GREEDY = SamplingSettings(temperature=0)
@@ -288,7 +288,7 @@ def test_xla_compiles_the_decode_program_once_whatever_the_requests(tmp_path):
     code = textwrap.dedent(f"""
         import glob, sys
         import numpy as np
-        sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+        sys.path.insert(0, {os.path.join(REPO, 'tests', 'serve')!r})
         from serve_support import model_and_encoder
         from test_serve_engine import collect, prompt, GREEDY, SAMPLED
         from gpt2.serve.engine import Engine, Job

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from conftest import TINY_MODEL
 from gpt2.formats import base
+
+from paths import TINY_MODEL
 
 ATOL = 1e-4
 

@@ -22,7 +22,9 @@ import pytest
 from gpt2 import download
 from gpt2.download import DownloadError, download_model, main
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-model"
+import paths  # tests/paths.py: the folders the tests read
+
+FIXTURE = Path(paths.TESTS) / "data" / "tiny-model"
 BIG = "model.ckpt.data-00000-of-00001"
 # Where a cut connection stops inside BIG (6.5 MB). The client may drop the last
 # incomplete chunk it was reading, so CUT exceeds download.CHUNK_SIZE to leave a partial file.

@@ -10,6 +10,7 @@ from gpt2.serve import chat
 from gpt2.serve.api import App, Request
 from gpt2.serve.engine import QueueFull
 from gpt2.serve.protocol import ChoiceText
+
 from serve_support import GREEDY, JSON, MODEL_ID, make_protocol, model_and_encoder, shared_engine, wait_until
 
 MESSAGES = [{"role": "user", "content": "Hello, my name is"}]

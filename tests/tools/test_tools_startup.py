@@ -15,7 +15,9 @@ import pytest
 
 from gpt2 import compile_cache
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+import paths  # tests/paths.py: the folders the tests read
+
+TESTS = paths.TESTS
 ROOT = os.path.dirname(TESTS)
 TINY = os.path.join(TESTS, "data", "tiny-model")
 

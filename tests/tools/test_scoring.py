@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 import gpt2
-from conftest import TINY_MODEL
 from encoder import get_encoder
 from gpt2 import evaluate
 from gpt2.scoring import compiled_scorer, echo_logprobs
+
+import paths  # tests/paths.py: the folders the tests read
+from paths import TINY_MODEL
 
 ATOL = 1e-4
 N_CTX = 64
@@ -321,7 +323,7 @@ def test_evaluate_help_does_not_import_tensorflow():
         "assert '--stride' in out.getvalue() and 'default' in out.getvalue()\n"
         "assert 'tensorflow' not in sys.modules\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = paths.ROOT
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 

@@ -13,7 +13,9 @@ import socket
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import paths  # tests/paths.py: the folders the tests read
+
+HERE = paths.TESTS
 REPO = os.path.dirname(HERE)
 MODEL_DIR = os.path.join(HERE, "data", "tiny-model")
 with open(os.path.join(MODEL_DIR, "reference.json"), encoding="utf-8") as _f:

@@ -12,7 +12,9 @@ import gpt2
 from gpt2 import reference as reference_path
 from gpt2.sampling import api, choose, direct
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+import paths  # tests/paths.py: the folders the tests read
+
+TESTS = paths.TESTS
 REPO = os.path.dirname(TESTS)
 TINY_MODEL = os.path.join(TESTS, "data", "tiny-model")
 

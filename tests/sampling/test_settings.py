@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from gpt2.sampling import settings as settings_lib
-from gpt2.sampling.settings import (SamplingSettings, SettingsError, check_length, check_prompt, check_seed,
-                                    check_window_keep, pack_rows, row_seeds)
+from gpt2.sampling.settings import (
+    SamplingSettings,
+    SettingsError,
+    check_length,
+    check_prompt,
+    check_seed,
+    check_window_keep,
+    pack_rows,
+    row_seeds,
+)
 
 
 def test_defaults_are_off():

@@ -12,10 +12,11 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from conftest import TINY_MODEL
 from gpt2.formats import base
 from gpt2.formats.base import CheckpointError
 from gpt2.formats.openai import DATA_FILE
+
+from paths import TINY_MODEL
 
 
 @pytest.fixture

@@ -20,10 +20,12 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from conftest import TINY_MODEL
 from gpt2 import export
 from gpt2 import reference as reference_path
 from gpt2.sampling.settings import row_seeds
+
+import paths  # tests/paths.py: the folders the tests read
+from paths import TINY_MODEL
 
 ATOL = 1e-4
 EOT = 50256
@@ -243,7 +245,7 @@ def test_logits_and_score_refuse_bad_input(loaded):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "gpt2.export", *args], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=paths.ROOT)
 
 
 def test_cli_refuses_an_existing_version(exported):

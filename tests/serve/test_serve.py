@@ -13,8 +13,22 @@ import pytest
 
 from gpt2.serve import chat
 from gpt2.serve.protocol import ChoiceText
-from serve_support import (GREEDY, JSON, MODEL_ID, Running, in_threads, join, model_and_encoder, paused,
-                           post_bytes, raw_request, sse_events, statuses, wait_until)
+
+from serve_support import (
+    GREEDY,
+    JSON,
+    MODEL_ID,
+    Running,
+    in_threads,
+    join,
+    model_and_encoder,
+    paused,
+    post_bytes,
+    raw_request,
+    sse_events,
+    statuses,
+    wait_until,
+)
 
 openai = pytest.importorskip("openai")  # the official client: in the `test` extra
 

@@ -16,16 +16,18 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from conftest import TINY_MODEL
 from gpt2 import convert
 from gpt2.formats import base, hf
 from gpt2.formats.base import CheckpointError
+
+import paths  # tests/paths.py: the folders the tests read
+from paths import TINY_MODEL
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 ATOL = 1e-4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.ROOT
 HUB_CONFIG = {  # the keys of the hub's original gpt2 config.json, at the fixture's shape
     "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
     "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,

@@ -16,7 +16,6 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from conftest import TINY_MODEL
 from encoder import get_encoder
 from gpt2.formats.base import model_variables, variable_shapes
 from gpt2.train import data as data_lib
@@ -25,7 +24,10 @@ from gpt2.train.cli import main
 from gpt2.train.state import TrainingError
 from gpt2.train.trainer import TrainConfig, Trainer, finetune
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths  # tests/paths.py: the folders the tests read
+from paths import TINY_MODEL
+
+ROOT = paths.ROOT
 SENTENCE = "A cat sat on the mat today. "  # 8 tokens: no fixed phase against 15-token strides
 OPENAI_FILES = {"checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
                 "encoder.json", "vocab.bpe"}

@@ -6,7 +6,8 @@ import pytest
 
 import gpt2
 from gpt2.sampling import api
-from conftest import TINY_MODEL
+
+from paths import TINY_MODEL
 
 # On the fixture (random weights of std 0.3-0.4, larger than GPT-2's, so errors grow faster)
 # bfloat16 logits stay within 3% of the largest float32 logit (measured: 2.2%).

@@ -24,7 +24,9 @@ from encoder.wordpiece import (
     read_vocab,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths  # tests/paths.py: the folders the tests read
+
+ROOT = paths.ROOT
 SPECIALS = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BODY = [
     "!", "#", ".", ",", "0", "1", "2", "##0", "##5", "a",  # 104..113
