@@ -155,24 +155,24 @@ def hparams_from_config(config, source=CONFIG_FILE):
 
 # The transformers release whose `save_pretrained` layout config_from_hparams reproduces (it
 # writes `dtype`; releases before 4.56 wrote the same value as `torch_dtype`).
-TRANSFORMERS_VERSION = "4.57.1"
+TRANSFORMERS_VERSION = "5.25.0"  # the release whose GPT2Config output the tests hold
 
 
 def config_from_hparams(hparams):
-    """The config.json that transformers' `save_pretrained` writes for the hub's GPT-2 at this
-    shape: every key GPT2Config serialises (its own settings, and the base keys whose values
-    differ from PretrainedConfig's defaults), with the hub config's `n_ctx` and
-    `task_specific_params`, which tools such as llama.cpp's convert_hf_to_gguf.py read."""
+    """The config.json transformers writes for GPT-2 at this shape: `GPT2Config(...).to_diff_dict()`
+    (its own settings and the base keys it always writes, n_ctx included, which tools such as
+    llama.cpp's convert_hf_to_gguf.py read), plus the `architectures` and `dtype` that a model's
+    `save_pretrained` adds."""
     return {
-        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
-        "bos_token_id": EOT_ID, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": EOT_ID,
+        "activation_function": "gelu_new", "add_cross_attention": False, "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1, "bos_token_id": EOT_ID, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": EOT_ID,
         "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": hparams.n_ctx,
         "n_embd": hparams.n_embd, "n_head": hparams.n_head, "n_inner": None, "n_layer": hparams.n_layer,
-        "n_positions": hparams.n_ctx, "reorder_and_upcast_attn": False, "resid_pdrop": 0.1,
+        "n_positions": hparams.n_ctx, "pad_token_id": None, "reorder_and_upcast_attn": False, "resid_pdrop": 0.1,
         "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True, "summary_activation": None,
         "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
-        "summary_use_proj": True, "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-        "transformers_version": TRANSFORMERS_VERSION, "use_cache": True, "vocab_size": hparams.n_vocab,
+        "summary_use_proj": True, "tie_word_embeddings": True, "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True, "vocab_size": hparams.n_vocab,
     }
 
 

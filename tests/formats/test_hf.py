@@ -365,41 +365,19 @@ def test_item15_index_shards_outside_the_folder_are_refused(tmp_path, fixture_te
 
 # --- issue 24 item 19: config.json as transformers writes it --------------------------------------
 
-# What `GPT2LMHeadModel.from_pretrained("gpt2").save_pretrained(DIR)` writes as config.json
-# (transformers 4.57: GPT2Config.to_diff_dict(), i.e. every GPT2Config setting, the base keys whose
-# values differ from PretrainedConfig's defaults, and the hub config's n_ctx and
-# task_specific_params). Written down here from transformers' GPT2Config defaults and the hub's
-# gpt2 config.json, not by running transformers (not a dependency of this project).
+# transformers 5.25.0 (configuration only, no torch), recorded:
+#   GPT2Config(n_embd=768, n_head=12, n_layer=12, n_positions=1024, n_ctx=1024, vocab_size=50257).to_diff_dict()
+# plus "architectures" and "dtype", which GPT2LMHeadModel.save_pretrained adds.
 TRANSFORMERS_124M_CONFIG = {
-    "activation_function": "gelu_new",
-    "architectures": ["GPT2LMHeadModel"],
-    "attn_pdrop": 0.1,
-    "bos_token_id": 50256,
-    "dtype": "float32",
-    "embd_pdrop": 0.1,
-    "eos_token_id": 50256,
-    "initializer_range": 0.02,
-    "layer_norm_epsilon": 1e-05,
-    "model_type": "gpt2",
-    "n_ctx": 1024,
-    "n_embd": 768,
-    "n_head": 12,
-    "n_inner": None,
-    "n_layer": 12,
-    "n_positions": 1024,
-    "reorder_and_upcast_attn": False,
-    "resid_pdrop": 0.1,
-    "scale_attn_by_inverse_layer_idx": False,
-    "scale_attn_weights": True,
-    "summary_activation": None,
-    "summary_first_dropout": 0.1,
-    "summary_proj_to_labels": True,
-    "summary_type": "cls_index",
-    "summary_use_proj": True,
-    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-    "transformers_version": "4.57.1",
-    "use_cache": True,
+    "activation_function": "gelu_new", "add_cross_attention": False, "attn_pdrop": 0.1, "bos_token_id": 50256,
+    "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+    "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12,
+    "n_positions": 1024, "pad_token_id": None, "reorder_and_upcast_attn": False, "resid_pdrop": 0.1,
+    "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True, "summary_activation": None,
+    "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+    "summary_use_proj": True, "tie_word_embeddings": True, "transformers_version": "5.25.0", "use_cache": True,
     "vocab_size": 50257,
+    "architectures": ["GPT2LMHeadModel"], "dtype": "float32",
 }
 
 
