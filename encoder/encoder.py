@@ -46,6 +46,19 @@ CACHE_MAX_ENTRIES = 1 << 16
 CACHE_MAX_CHARS = 256
 
 
+def encode_with_special(text, special_text, special_id, encode_ordinary):
+    """encode_ordinary(text), or with `special_text` given, each literal `special_text` as
+    `special_id` and the text between them encoded on its own (both tokenizers' allow_special)."""
+    if special_text is None:
+        return encode_ordinary(text)
+    ids = []
+    for n, piece in enumerate(text.split(special_text)):
+        if n:
+            ids.append(special_id)
+        ids += encode_ordinary(piece)
+    return ids
+
+
 def bytes_to_unicode():
     """GPT-2's byte-to-unicode table: a dict mapping each byte value 0..255 to a printable character.
 
@@ -168,14 +181,7 @@ class Encoder:
         between them is encoded on its own.
         """
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates -> U+FFFD
-        if not allow_special:
-            return self._encode_ordinary(text)
-        ids = []
-        for n, piece in enumerate(text.split(EOT_TEXT)):
-            if n:
-                ids.append(self.eot_token)
-            ids += self._encode_ordinary(piece)
-        return ids
+        return encode_with_special(text, EOT_TEXT if allow_special else None, self.eot_token, self._encode_ordinary)
 
     def _encode_ordinary(self, text):
         cached, encode_piece = self._cache.get, self._encode_piece

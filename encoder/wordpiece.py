@@ -29,7 +29,7 @@ import unicodedata
 
 import numpy as np
 
-from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES
+from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES, encode_with_special
 
 PAD_TEXT = "[PAD]"
 UNK_TEXT = "[UNK]"
@@ -187,14 +187,7 @@ class WordPieceEncoder:
         with ``allow_special=True`` each literal ``[SEP]`` becomes ``sep_token`` and the text between them is
         encoded on its own.
         """
-        if not allow_special:
-            return self._encode_ordinary(text)
-        ids = []
-        for n, part in enumerate(text.split(SEP_TEXT)):
-            if n:
-                ids.append(self.sep_token)
-            ids += self._encode_ordinary(part)
-        return ids
+        return encode_with_special(text, SEP_TEXT if allow_special else None, self.sep_token, self._encode_ordinary)
 
     def tokenize(self, text):
         """The tokens (vocabulary strings) of ``text``, as BERT's ``FullTokenizer.tokenize`` returns them."""
