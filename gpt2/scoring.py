@@ -343,6 +343,30 @@ def _token_chunks(tokens, n_vocab):
         yield _as_ids(scalars, n_vocab, "tokens")
 
 
+class _Stream:
+    """A token stream read chunk by chunk, holding only the part still needed (about a window)."""
+
+    def __init__(self, chunks):
+        self.chunks, self.buffer, self.offset, self.ended = iter(chunks), np.zeros([0], np.int32), 0, False
+
+    def span(self, begin, end):
+        """Tokens [begin, min(end, N)) (begin >= what was forgotten), and whether they end the stream."""
+        pieces, held = [self.buffer], self.offset + len(self.buffer)  # buffer[0] is token number offset
+        while not self.ended and held < end:
+            try:
+                pieces.append(next(self.chunks))
+                held += len(pieces[-1])
+            except StopIteration:
+                self.ended = True
+        self.buffer = np.concatenate(pieces) if len(pieces) > 1 else self.buffer
+        end = min(end, held)
+        return self.buffer[begin - self.offset : end - self.offset], self.ended and end == held
+
+    def forget(self, before):
+        """Drops the tokens before token number `before`."""
+        self.buffer, self.offset = self.buffer[before - self.offset :], before
+
+
 def _windows(chunks, n_ctx, stride):
     """The windows over a token stream, holding only about one window of it at a time.
 
@@ -350,31 +374,19 @@ def _windows(chunks, n_ctx, stride):
     it can score tokens up to w * stride + n_ctx; it scores those no earlier window scored.
     Yields (inputs int32 [l], targets int32 [l], first, None): targets[first:] are scored.
     """
-    chunks = iter(chunks)
-    buffer, offset = np.zeros([0], np.int32), 0  # buffer[0] is token number `offset`
-    ended = False
+    stream = _Stream(chunks)
     start, next_unscored = 0, 1
     while True:
-        needed = start + n_ctx + 1
-        pieces = [buffer]
-        held = offset + len(buffer)
-        while not ended and held < needed:
-            try:
-                pieces.append(next(chunks))
-                held += len(pieces[-1])
-            except StopIteration:
-                ended = True
-        buffer = np.concatenate(pieces) if len(pieces) > 1 else buffer
-        end = min(needed, held)
+        window, last = stream.span(start, start + n_ctx + 1)
+        end = start + len(window)
         if end <= next_unscored:  # every token is scored (or there are fewer than 2)
             return
-        window = buffer[start - offset : end - offset]
         yield window[:-1], window[1:], next_unscored - start - 1, None
         next_unscored = end
-        if ended and end == held:
+        if last:
             return
         start += stride
-        buffer, offset = buffer[start - offset :], start
+        stream.forget(start)
 
 
 def _hf_windows(chunks, n_ctx, stride):
@@ -386,31 +398,19 @@ def _hf_windows(chunks, n_ctx, stride):
     `num_loss_tokens` (valid labels less one for the shift).
     Yields (inputs int32 [l], targets int32 [l], first, weight): targets[first:] are scored.
     """
-    chunks = iter(chunks)
-    buffer, offset = np.zeros([0], np.int32), 0  # buffer[0] is token number `offset`
-    ended = False
+    stream = _Stream(chunks)
     begin, previous_end = 0, 0
     while True:
-        needed = begin + n_ctx
-        pieces = [buffer]
-        held = offset + len(buffer)
-        while not ended and held < needed:
-            try:
-                pieces.append(next(chunks))
-                held += len(pieces[-1])
-            except StopIteration:
-                ended = True
-        buffer = np.concatenate(pieces) if len(pieces) > 1 else buffer
-        end = min(needed, held)
+        window, last = stream.span(begin, begin + n_ctx)
+        end = begin + len(window)
         if end - begin < 2 or end <= previous_end:  # fewer than 2 tokens, or the last window was the end
             return
-        window = buffer[begin - offset : end - offset]
         yield window[:-1], window[1:], max(previous_end - begin - 1, 0), end - previous_end - 1
-        if ended and end == held:
+        if last:
             return
         previous_end = end
         begin += stride
-        buffer, offset = buffer[begin - offset :], begin
+        stream.forget(begin)
 
 
 def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None, windows="rolling"):
