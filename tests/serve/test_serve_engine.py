@@ -288,7 +288,7 @@ def test_xla_compiles_the_decode_program_once_whatever_the_requests(tmp_path):
     code = textwrap.dedent(f"""
         import glob, sys
         import numpy as np
-        sys.path.insert(0, {os.path.join(REPO, 'tests', 'serve')!r})
+        sys.path[:0] = [{os.path.join(REPO, 'tests')!r}, {os.path.join(REPO, 'tests', 'serve')!r}]
         from serve_support import model_and_encoder
         from test_serve_engine import collect, prompt, GREEDY, SAMPLED
         from gpt2.serve.engine import Engine, Job
