@@ -4,7 +4,10 @@ from setuptools import find_packages, setup
 # distributions holding the same modules (tensorflow, and the smaller CPU-only tensorflow-cpu), and
 # a base requirement on one would install it next to the other. tensorflow-cpu exists for Linux
 # x86-64 and Windows x86-64; elsewhere the plain build is CPU-only anyway.
-CPU_ONLY_BUILD = "(sys_platform == 'linux' and platform_machine == 'x86_64') or (sys_platform == 'win32' and platform_machine == 'AMD64')"
+CPU_ONLY_BUILD = (
+    "(sys_platform == 'linux' and platform_machine == 'x86_64') "
+    "or (sys_platform == 'win32' and platform_machine == 'AMD64')"
+)
 OTHER_PLATFORMS = (
     "sys_platform == 'darwin' or (sys_platform == 'linux' and platform_machine != 'x86_64') "
     "or (sys_platform == 'win32' and platform_machine != 'AMD64')"

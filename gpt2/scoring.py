@@ -179,7 +179,8 @@ def _as_ids(row, n_vocab, what):
     if array.size == 0:
         return np.zeros([0], np.int32)
     if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be a 1-D sequence of integer token ids, got {array.dtype} of shape {array.shape}")
+        raise ValueError(f"{what} must be a 1-D sequence of integer token ids, "
+                         f"got {array.dtype} of shape {array.shape}")
     bad = array[(array < 0) | (array >= n_vocab)]
     if bad.size:
         raise ValueError(f"{what} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5].tolist()}")
@@ -229,7 +230,8 @@ def score(model, tokens, top_k=0, batch_size=None, jit_compile=None):
     top_k: also return, per position, the top_k most likely tokens and their log-probabilities,
     computed from the same float values as the tokens' own (when a token is the most likely one,
     its logprob equals top_logprobs[0] exactly). batch_size: rows per compiled call (default: as
-    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default, see GPT2.default_jit_compile).
+    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default,
+    see GPT2.default_jit_compile).
 
     Returns one entry per row, in input order: with top_k=0, a float32 array of len(row) - 1
     logprobs (empty for rows of 0 or 1 tokens); with top_k > 0, a `TokenScores` (logprobs [n-1],

@@ -258,7 +258,8 @@ class Trainer:
             _read_weights(self.model, self.output)
         if int(self.optimizer.iterations.numpy()) != step:
             raise TrainingError(f"--resume: the training state is at optimizer step "
-                                f"{int(self.optimizer.iterations.numpy())}, its record says {step}; start over with --overwrite")
+                                f"{int(self.optimizer.iterations.numpy())}, its record says {step}; "
+                                f"start over with --overwrite")
         self.current_step = step
 
     # ------------------------------------------------------------------ compiled steps
@@ -351,7 +352,8 @@ class Trainer:
                     if losses:
                         timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
                     losses.append(loss)
-                    average = tokens_per_step * timed_steps / timed_seconds if timed_steps else tokens_per_step / seconds
+                    average = (tokens_per_step * timed_steps / timed_seconds if timed_steps
+                               else tokens_per_step / seconds)
                     bar.update(1)
                     bar.set_postfix_str(f"loss {loss:.3f}, {average:,.0f} tok/s")
                     log.scalars(step, {"train/loss": loss, "train/learning_rate": float(self.schedule(step - 1)),
@@ -384,7 +386,8 @@ class Trainer:
         from gpt2.sampling.api import generate
 
         config = self.config
-        length = min(config.sample_length, self.model.hparams.n_ctx - max(1, len(self.encoder.encode(config.sample_prompt))))
+        prompt_length = max(1, len(self.encoder.encode(config.sample_prompt)))
+        length = min(config.sample_length, self.model.hparams.n_ctx - prompt_length)
         return generate(self.model, self.encoder, config.sample_prompt, length=length, top_k=40,
                         seed=config.seed)[0]
 
