@@ -20,13 +20,19 @@ Shapes: b = rows in a compiled call, L = positions (bucketed), k = alternatives,
 n = tokens of one row.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import weakref
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2
 
 from gpt2 import compile_cache
 
@@ -222,7 +228,8 @@ def _rows_of(tokens, n_vocab):
     return [_as_ids(row, n_vocab, f"row {i}") for i, row in enumerate(rows)]
 
 
-def score(model, tokens, top_k=0, batch_size=None, jit_compile=None):
+def score(model: GPT2, tokens: Sequence[Sequence[int]], top_k: int = 0, batch_size: int | None = None,
+          jit_compile: bool | None = None) -> list[np.ndarray] | list[TokenScores]:
     """Per-token log-probabilities: log p(token_t | tokens_<t) for t = 1..n-1 of each row.
 
     model: a `gpt2.GPT2`. tokens: a list of token-id lists (ragged lengths allowed, 0 to
@@ -415,7 +422,9 @@ def _hf_windows(chunks, n_ctx, stride):
         buffer, offset = buffer[begin - offset :], begin
 
 
-def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None, windows="rolling"):
+def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | None = None,
+               batch_size: int | None = None, progress=None, jit_compile: bool | None = None,
+               windows: str = "rolling") -> PerplexityResult:
     """Negative log-likelihood of a token sequence of any length, with sliding windows.
 
     windows="rolling" (default; lm-evaluation-harness's rolling windows): windows of n_ctx tokens

@@ -13,6 +13,8 @@ optimizer, so a run that is stopped and resumed ends with the weights of an unin
 Shapes: a = accumulate, b = batch_size, r = rows per replica (b / replicas), s = seq_len.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
@@ -21,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -33,6 +36,10 @@ from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog
 from gpt2.train.optim import SCHEDULES, WarmupSchedule, make_optimizer
 from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output, copy_encoder_files
+
+if TYPE_CHECKING:
+    from encoder import Encoder
+    from gpt2.model import GPT2
 
 
 @dataclasses.dataclass
@@ -97,8 +104,10 @@ class TrainResult:
     interrupted: bool
 
 
-def finetune(model, dataset, output=None, *, val_dataset=None, encoder=None, source_dir=None,
-             strategy=None, resume=False, overwrite=False, **settings):
+def finetune(model: GPT2, dataset, output: str | os.PathLike | None = None, *, val_dataset=None,
+             encoder: Encoder | None = None, source_dir: str | os.PathLike | None = None,
+             strategy: tf.distribute.Strategy | None = None, resume: bool = False, overwrite: bool = False,
+             **settings) -> TrainResult:
     """Fine-tunes `model` in place on `dataset`; returns a TrainResult.
 
     model: a gpt2.GPT2 (created under `strategy.scope()` when a strategy is given).
