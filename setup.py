@@ -4,7 +4,10 @@ from setuptools import find_packages, setup
 # distributions holding the same modules (tensorflow, and the smaller CPU-only tensorflow-cpu), and
 # a base requirement on one would install it next to the other. tensorflow-cpu exists for Linux
 # x86-64 and Windows x86-64; elsewhere the plain build is CPU-only anyway.
-CPU_ONLY_BUILD = "(sys_platform == 'linux' and platform_machine == 'x86_64') or (sys_platform == 'win32' and platform_machine == 'AMD64')"
+CPU_ONLY_BUILD = (
+    "(sys_platform == 'linux' and platform_machine == 'x86_64') "
+    "or (sys_platform == 'win32' and platform_machine == 'AMD64')"
+)
 OTHER_PLATFORMS = (
     "sys_platform == 'darwin' or (sys_platform == 'linux' and platform_machine != 'x86_64') "
     "or (sys_platform == 'win32' and platform_machine != 'AMD64')"
@@ -29,7 +32,7 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.16; sys_platform == 'linux'", "tensorflow>=2.16; sys_platform != 'linux'"],
         # hf: Hugging Face folders (gpt2.formats.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
         "hf": ["safetensors>=0.4.5"],
-        "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium", "tiktoken"],
+        "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium", "tiktoken", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [

@@ -113,7 +113,7 @@ def setup_ours(spec):
     try:
         import gpt2
     except ImportError as error:
-        raise _common.Skip(f"cannot import gpt2 ({error})")
+        raise _common.Skip(f"cannot import gpt2 ({error})") from None
     for name in ("load_model", "sample_sequence"):
         if not hasattr(gpt2, name):
             raise _common.Skip(f"gpt2.{name} does not exist yet")
@@ -468,8 +468,8 @@ def main(argv=None):
         parser.error("--ours-xla none leaves no row of ours: add --ours-direct")
     systems = [(name + ("-bf16" if dtype == "bfloat16" else ""), "ours", xla, None if dtype == "float32" else dtype)
                for dtype in dtypes for name, xla in variants]
-    systems += [(p, "kerashub" if p.startswith("kerashub") else p, p.endswith("-xla") if p.startswith("kerashub") else None,
-                 None) for p in peers]
+    systems += [(p, "kerashub" if p.startswith("kerashub") else p,
+                 p.endswith("-xla") if p.startswith("kerashub") else None, None) for p in peers]
 
     import numpy as np
 
@@ -499,7 +499,8 @@ def main(argv=None):
             if worker.status:
                 statuses.setdefault(worker.name, worker.status)
             if worker.info:
-                details.setdefault(worker.name, {k: worker.info.get(k) for k in ("versions", "threads", "options", "params")})
+                details.setdefault(worker.name,
+                                   {k: worker.info.get(k) for k in ("versions", "threads", "options", "params")})
             results.append(dict(system=worker.name, batch=batch, status=worker.status, info=worker.info,
                                 first=worker.first, reps=worker.reps, peak_rss=worker.peak_rss,
                                 log=worker.log_path, **summarize(worker, batch, args.new_tokens)))

@@ -58,7 +58,8 @@ def check(name, openai_dir, hf_dir, tokens, atol):
         rows.append([name, f"transformers loads `--to hf` output; logits vs {label}", f"{diff:.2e}", diff <= atol])
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     same = tokenizer(TEXT)["input_ids"] == encoder_for_model_dir(hf_dir).encode(TEXT)
-    rows.append([name, "AutoTokenizer(vocab.json, merges.txt) ids == our encoder's", "equal" if same else "DIFFER", same])
+    rows.append([name, "AutoTokenizer(vocab.json, merges.txt) ids == our encoder's",
+                 "equal" if same else "DIFFER", same])
 
     # The other direction: what save_pretrained writes today, read by gpt2.load_model.
     torch.manual_seed(0)
@@ -87,7 +88,7 @@ def main(argv=None):
         import torch  # noqa: F401
         import transformers
     except ImportError as error:
-        raise SystemExit(f"needs the bench virtualenv with torch and transformers (bench/README.md): {error}")
+        raise SystemExit(f"needs the bench virtualenv with torch and transformers (bench/README.md): {error}") from None
     transformers.utils.logging.disable_progress_bar()
 
     rows = []

@@ -104,8 +104,8 @@ def main():
         print(f"starting the server on {model_dir} ...", flush=True)
         proc, url, _ = start_server(REPO_ROOT, model_dir, [], os.path.join(work, "server.log"), args.model_id)
     model_args = ",".join([f"base_url={url.rstrip('/')}/v1/completions", f"model={args.model_id}",
-                           "tokenizer_backend=remote", "tokenized_requests=True", f"num_concurrent={args.num_concurrent}",
-                           "max_retries=2", "max_length=1024"])
+                           "tokenizer_backend=remote", "tokenized_requests=True",
+                           f"num_concurrent={args.num_concurrent}", "max_retries=2", "max_length=1024"])
     command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
                "--tasks", "gpt2_serve_choice,gpt2_serve_gen", "--include_path", tasks,
                "--output_path", os.path.join(work, "results")]

@@ -184,8 +184,9 @@ def main():
           f"(log-uniform, seed {args.seed}; {shorts} short = <= {args.short_tokens} tokens), greedy, "
           f"a quarter streamed; {os.path.basename(model_dir)}")
     print()
-    rows = [[r["name"], f"{r['ready']:.0f}", f"{r['priming']:.0f}", f"{r['wall']:.1f}", f"{r['tokens'] / r['wall']:.1f}",
-             f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['short_p50']:.1f}", f"{r['short_p95']:.1f}", f"{r['alone']:.2f}"]
+    rows = [[r["name"], f"{r['ready']:.0f}", f"{r['priming']:.0f}", f"{r['wall']:.1f}",
+             f"{r['tokens'] / r['wall']:.1f}", f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['short_p50']:.1f}",
+             f"{r['short_p95']:.1f}", f"{r['alone']:.2f}"]
             for r in runs]
     print(markdown_table(["server", "ready s", "priming round s", "timed round s", "tokens/s", "p50 s", "p95 s",
                           "short p50 s", "short p95 s", "short alone s"], rows))

@@ -48,8 +48,7 @@ def main(argv=None):
     from gpt2.sampling import direct
     from gpt2.sampling.settings import Row, SamplingSettings
 
-    print(f"| dtype | what (batch {args.batch}, {args.shape}) | ms |\n|:--|:--|--:|")
-    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+    def profile(dtype):  # a function, so that the closures below see this dtype's model
         model = load_model(model_dir, dtype=dtype)
 
         def step_ms(new, measured=MEASURED):
@@ -66,7 +65,8 @@ def main(argv=None):
 
         for new in (128, 480, 990):
             step_ms(new, 8)  # first call of this shape
-            print(f"| {dtype} | step, cache of {PROMPT + new - 1} positions | {min(step_ms(new) for _ in range(2)):.1f} |")
+            best = min(step_ms(new) for _ in range(2))
+            print(f"| {dtype} | step, cache of {PROMPT + new - 1} positions | {best:.1f} |")
 
         compute = tf.as_dtype(model.compute_dtype)
         n_embd = model.hparams.n_embd
@@ -108,6 +108,10 @@ def main(argv=None):
             loop_seconds(160)  # compiles (or reads the compilation cache)
             step = min(loop_seconds(160) - loop_seconds(32) for _ in range(3)) / 128 * 1000
             print(f"| {dtype} | step of the compiled loop (XLA), cache of {PROMPT + 159} positions | {step:.1f} |")
+
+    print(f"| dtype | what (batch {args.batch}, {args.shape}) | ms |\n|:--|:--|--:|")
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        profile(dtype)
     print(f"\nload average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}, {os.cpu_count()} cores")
     return 0
 

@@ -23,7 +23,8 @@ pipe. Workers start one after another; each takes one step right away (tracing/c
 system, ...), each rep `--steps` optimizer steps, so drift of the shared machine hits all alike.
 tokens/s = steps * batch * seq_len / rep time (median and best rep). Peak RSS is the worker's
 own peak RSS (VmHWM) at exit. The workers are alive together (at 124M, batch 4 x 256: about 5 GiB each, so
-about 20 GiB with the defaults): run it on an otherwise idle machine (under a memory lock such as `flock` if it is shared).
+about 20 GiB with the defaults): run it on an otherwise idle machine (under a memory lock such as `flock` if it is
+shared).
 
 Memory mode runs one worker per (shape, option), one after another: load, `--steps` steps,
 peak RSS. full = every weight trains; recompute = gradient checkpointing per block; lora = rank
@@ -188,15 +189,16 @@ def model_dir_for(shape, models_dir):
 def speed(args):
     hparams = _common.PRESET_SHAPES[args.shape]
     model_dir = model_dir_for(args.shape, args.models_dir)
-    variants = {"fp32": ("ours", False, "full"), "xla": ("ours-xla", True, "full"), "bf16": ("ours-bf16", False, "bf16")}
+    variants = {"fp32": ("ours", False, "full"), "xla": ("ours-xla", True, "full"),
+                "bf16": ("ours-bf16", False, "bf16")}
     systems = [variants[v] for v in args.ours] + [(peer, None, None) for peer in args.peers]
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"# GPT-2 {args.shape} training, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps "
           f"per rep, {args.reps} reps, {os.cpu_count()} cores\n", flush=True)
     workers = []
     for name, xla, option in systems:
-        spec = dict(kind=name if option is None else "ours", xla=xla, option=option, model_dir=model_dir, hparams=hparams, batch_size=args.batch_size,
-                    seq_len=args.seq_len, steps=args.steps)
+        spec = dict(kind=name if option is None else "ours", xla=xla, option=option, model_dir=model_dir,
+                    hparams=hparams, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps)
         worker = start_worker(name, spec, f"speed-{name}")
         print(f"  {name}: " + (worker.status or f"ready in {worker.info['setup_s']:.1f} s, first step "
                                                 f"{worker.info['first_s']:.1f} s"), flush=True)

@@ -65,7 +65,8 @@ def measure(what, shape, timeout):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="124M,774M",
-                        help="comma-separated presets among " + ",".join(_common.PRESET_SHAPES) + " (default: 124M,774M)")
+                        help="comma-separated presets among " + ",".join(_common.PRESET_SHAPES)
+                        + " (default: 124M,774M)")
     parser.add_argument("--what", default="random,save", help="random, save or both (default: random,save)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement (default: 3600)")
     parser.add_argument("--json", help="also write the raw results to this file (default: none)")
@@ -88,7 +89,8 @@ def main(argv=None):
             print(f"{what} {shape}: {r['seconds']:.1f} s, baseline {r['baseline'] / MiB:.0f} MiB, "
                   f"peak {r['peak_rss'] / MiB:.0f} MiB", flush=True)
             rows.append([what, shape, f"{r['weights'] / MiB:.0f}", f"{r['seconds']:.1f}",
-                         f"{r['peak_rss'] / MiB:.0f}", f"{max(peak, 0) / MiB:.0f}", f"{max(peak, 0) / r['weights']:.2f}"])
+                         f"{r['peak_rss'] / MiB:.0f}", f"{max(peak, 0) / MiB:.0f}",
+                         f"{max(peak, 0) / r['weights']:.2f}"])
     print("\n## Writing checkpoints (fresh process each)\n")
     print(_common.markdown_table(
         ["writer", "shape", "weights MiB", "seconds", "peak RSS MiB", "write peak MiB", "write peak / weights"], rows))

@@ -8,6 +8,8 @@ pair.  The merge loop uses a heap over a linked list of symbols, O(n log n) per 
 words without spaces stay fast.
 """
 
+from __future__ import annotations
+
 import codecs
 import hashlib
 import heapq
@@ -15,6 +17,7 @@ import itertools
 import json
 import operator
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -173,7 +176,7 @@ class Encoder:
         """Number of tokens in the vocabulary (50257 for GPT-2)."""
         return len(self.encoder)
 
-    def encode(self, text, allow_special=False):
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Returns the token ids of ``text``.
 
         By default ``<|endoftext|>`` in the text is ordinary text (7 tokens), as in OpenAI's encoder;
@@ -237,7 +240,7 @@ class Encoder:
         for ids in self.encode_iter(read_text_chunks(path, encoding, chunk_chars), allow_special):
             yield np.asarray(ids, dtype=dtype)
 
-    def decode(self, ids):
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Returns the text of token ids (any iterable of ints, numpy ints or a 1-D integer array).
 
         Bytes that are not valid UTF-8 (e.g. ids ending inside a multi-byte character) become U+FFFD.
@@ -455,7 +458,7 @@ MODEL_DIR_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 _loaded = {}  # ((real path, size, mtime_ns) of encoder.json, of vocab.bpe) -> Encoder
 
 
-def get_encoder(model_name=None, models_dir="models"):
+def get_encoder(model_name: str | None = None, models_dir: str | os.PathLike = "models") -> Encoder:
     """Returns the (cached) :class:`Encoder` of a model.
 
     With a ``model_name`` the files are ``models_dir/model_name/{encoder.json,vocab.bpe}``; without one,

@@ -4,9 +4,13 @@ checkpoint, Hugging Face's safetensors), loads a `gpt2.GPT2` from it, saves one 
     python -m gpt2.checkpoint --random 124M DIR [--seed 0]   # random weights, real shape
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,7 +18,10 @@ from gpt2 import compile_cache
 from gpt2.formats import hf, openai
 from gpt2.formats.base import CheckpointError, check_fits_in_memory, model_variables, variable_shapes
 from gpt2.formats.openai import save_checkpoint, write_checkpoint
-from gpt2.hparams import OLD_NAMES, PRESETS
+from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2
 
 __all__ = ["CheckpointError", "FORMATS", "check_model_dir", "load_model", "open_weights", "read_hparams",
            "resolve_model_dir", "save_checkpoint", "write_checkpoint", "write_random_checkpoint"]
@@ -68,8 +75,9 @@ def check_model_dir(model_dir, skip_optimizer_slots=False):
 DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
 
 
-def load_model(name_or_dir, models_dir="models", dtype="float32", dropout=0.0, before_weights=None,
-               skip_optimizer_slots=False):
+def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
+               dropout: float = 0.0, before_weights: Callable[[GPT2], object] | None = None,
+               skip_optimizer_slots: bool = False) -> GPT2:
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.formats.hf).
 
@@ -122,7 +130,7 @@ def _as_tensor(value):
     return tf.convert_to_tensor(value)
 
 
-def write_random_checkpoint(preset_or_hparams, model_dir, seed=0):
+def write_random_checkpoint(preset_or_hparams: str | HParams, model_dir: str | os.PathLike, seed: int = 0) -> None:
     """Writes a checkpoint of a preset shape ('124M', ...) or HParams with random weights, for
     benchmarks and tests where the released weights are not available (1558M in well under 1 GB
     of memory: see write_checkpoint)."""

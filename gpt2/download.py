@@ -121,14 +121,14 @@ def missing_files(model_dir):
 
 
 def download_model(
-    name,
-    models_dir="models",
-    base_url=None,
-    progress=True,
-    retries=5,
-    backoff=1.0,
-    timeout=(10.0, 60.0),
-):
+    name: str,
+    models_dir: str | os.PathLike = "models",
+    base_url: str | None = None,
+    progress: bool = True,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float | tuple[float, float] = (10.0, 60.0),
+) -> str:
     """Downloads model `name` into `<models_dir>/<name>/`, verifies it and returns that path.
 
     name: "124M", "355M", "774M" or "1558M" (old names "117M", "345M" are accepted).

@@ -6,6 +6,8 @@ or hostile `hparams.json` is refused at once instead of allocating gigabytes, an
 stay one short line however many problems there are.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
@@ -66,18 +68,18 @@ class HParams:
             raise ValueError(f"hparams: {summarize(problems)}")
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
     @property
-    def parameter_count(self):
+    def parameter_count(self) -> int:
         """Number of weights (float32 each in OpenAI's checkpoints), computed without allocating them."""
         e = self.n_embd
         per_layer = 12 * e * e + 13 * e  # attn 4e^2 + 4e, mlp 8e^2 + 5e, two layer norms 4e
         return (self.n_vocab + self.n_ctx) * e + self.n_layer * per_layer + 2 * e
 
     @classmethod
-    def from_dict(cls, values, source="hparams"):
+    def from_dict(cls, values: dict, source: str = "hparams") -> HParams:
         """Builds HParams from a mapping, reporting unknown or missing keys by name."""
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(values).__name__}")
@@ -99,7 +101,7 @@ class HParams:
             raise ValueError(f"{source}: {str(error).removeprefix('hparams: ')}") from None
 
     @classmethod
-    def from_json(cls, path):
+    def from_json(cls, path: str | os.PathLike) -> HParams:
         """Reads OpenAI's `hparams.json`; a missing or malformed file is a one-line ValueError."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: hparams file not found")
@@ -115,7 +117,7 @@ class HParams:
             raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
         return cls.from_dict(values, source=path)
 
-    def to_json(self, path):
+    def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
             f.write("\n")

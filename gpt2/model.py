@@ -41,7 +41,8 @@ class GPT2(keras.Model):
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
-    def __init__(self, hparams, dropout=0.0, random_init=True, name="model", **kwargs):
+    def __init__(self, hparams: HParams | dict, dropout: float = 0.0, random_init: bool = True, name: str = "model",
+                 **kwargs) -> None:
         super().__init__(name=name, **kwargs)
         if isinstance(hparams, dict):
             hparams = HParams.from_dict(hparams)

@@ -51,7 +51,8 @@ GENERATE_SIGNATURE = [
     tf.TensorSpec([None], tf.int32, name="seed"),
 ]
 LOGITS_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")]
-SCORE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens"), tf.TensorSpec([None], tf.int32, name="lengths")]
+SCORE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
+                   tf.TensorSpec([None], tf.int32, name="lengths")]
 
 
 class ServingModule(tf.Module):

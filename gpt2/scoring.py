@@ -20,13 +20,19 @@ Shapes: b = rows in a compiled call, L = positions (bucketed), k = alternatives,
 n = tokens of one row.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import weakref
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2
 
 from gpt2 import compile_cache
 
@@ -179,7 +185,8 @@ def _as_ids(row, n_vocab, what):
     if array.size == 0:
         return np.zeros([0], np.int32)
     if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be a 1-D sequence of integer token ids, got {array.dtype} of shape {array.shape}")
+        raise ValueError(f"{what} must be a 1-D sequence of integer token ids, "
+                         f"got {array.dtype} of shape {array.shape}")
     bad = array[(array < 0) | (array >= n_vocab)]
     if bad.size:
         raise ValueError(f"{what} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5].tolist()}")
@@ -221,7 +228,8 @@ def _rows_of(tokens, n_vocab):
     return [_as_ids(row, n_vocab, f"row {i}") for i, row in enumerate(rows)]
 
 
-def score(model, tokens, top_k=0, batch_size=None, jit_compile=None):
+def score(model: GPT2, tokens: Sequence[Sequence[int]], top_k: int = 0, batch_size: int | None = None,
+          jit_compile: bool | None = None) -> list[np.ndarray] | list[TokenScores]:
     """Per-token log-probabilities: log p(token_t | tokens_<t) for t = 1..n-1 of each row.
 
     model: a `gpt2.GPT2`. tokens: a list of token-id lists (ragged lengths allowed, 0 to
@@ -229,7 +237,8 @@ def score(model, tokens, top_k=0, batch_size=None, jit_compile=None):
     top_k: also return, per position, the top_k most likely tokens and their log-probabilities,
     computed from the same float values as the tokens' own (when a token is the most likely one,
     its logprob equals top_logprobs[0] exactly). batch_size: rows per compiled call (default: as
-    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default, see GPT2.default_jit_compile).
+    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default,
+    see GPT2.default_jit_compile).
 
     Returns one entry per row, in input order: with top_k=0, a float32 array of len(row) - 1
     logprobs (empty for rows of 0 or 1 tokens); with top_k > 0, a `TokenScores` (logprobs [n-1],
@@ -413,7 +422,9 @@ def _hf_windows(chunks, n_ctx, stride):
         stream.forget(begin)
 
 
-def perplexity(model, tokens, stride=None, batch_size=None, progress=None, jit_compile=None, windows="rolling"):
+def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | None = None,
+               batch_size: int | None = None, progress=None, jit_compile: bool | None = None,
+               windows: str = "rolling") -> PerplexityResult:
     """Negative log-likelihood of a token sequence of any length, with sliding windows.
 
     windows="rolling" (default; lm-evaluation-harness's rolling windows): windows of n_ctx tokens

@@ -8,6 +8,8 @@ neither needed nor written. A TF1 training run's optimizer slots beside the weig
 on request, skipped. Writing stages the new files and publishes them atomically (_write_model_dir).
 """
 
+from __future__ import annotations
+
 import atexit
 import contextlib
 import glob
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +25,9 @@ from gpt2.formats.base import CheckpointError, Weights, first_line, mismatch_pro
 from gpt2.formats.bundle import BundleWriter
 from gpt2.hparams import HParams, summarize
 from gpt2.runtime import current_umask
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2
 
 CHECKPOINT_PREFIX = "model.ckpt"
 DATA_FILE = CHECKPOINT_PREFIX + ".data-00000-of-00001"
@@ -216,7 +222,7 @@ class OpenAIWeights(Weights):
         return _restore(self._prefix, name, self._dtypes[name])
 
 
-def save_checkpoint(model, model_dir, encoder_dir=None):
+def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike | None = None) -> None:
     """Writes `model` as a complete OpenAI GPT-2 folder: hparams.json, checkpoint,
     model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
 

@@ -13,12 +13,16 @@ window slides (see `gpt2.sampling.decoder`).
 Shapes: b = rows (prompts), n = tokens.
 """
 
+from __future__ import annotations
+
 import ctypes
 import gc
 import os
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +30,13 @@ from gpt2.sampling import direct
 from gpt2.sampling.decoder import Decoder
 from gpt2.sampling.pool import RUN_ITERATIONS, Pool
 from gpt2.sampling.settings import SETTING_NAMES, Row, SamplingSettings, SettingsError, row_seeds
+
+if TYPE_CHECKING:
+    from encoder import Encoder
+    from gpt2.model import GPT2
+
+# What the public functions take as `context`: int [b, n], or rows of token ids of different lengths.
+Context = np.ndarray | Sequence[Sequence[int]]
 
 POOL_SIZES = (1, 2, 4, 8, 16, 32, 64)
 ALWAYS_ALLOWED_SLOTS = 8  # larger pools only while their key/value cache fits LARGE_POOL_BYTES
@@ -324,7 +335,7 @@ def _lockstep(model, requests, jit_compile, stop_token):
     yield from ready_steps(step, final=True)
 
 
-def stream(model, context, length, *, seed=None, **options):
+def stream(model: GPT2, context: Context, length: int, *, seed: int | None = None, **options) -> Iterator[np.ndarray]:
     """Yields each step's new tokens, int32 [b], as they are made: step i holds token i of every
     row; rows that have stopped (at stop_token) repeat stop_token. Takes the arguments of
     `sample_sequence` (but callback). Stop iterating (break, or close the generator) to stop the decode.
@@ -336,7 +347,8 @@ def stream(model, context, length, *, seed=None, **options):
     yield from stream_rows(model, prompts, length, seeds=row_seeds(seed, len(prompts)), **options)
 
 
-def sample_sequence(model, context, length, *, seed=None, stop_token=None, **options):
+def sample_sequence(model: GPT2, context: Context, length: int, *, seed: int | None = None,
+                    stop_token: int | None = None, **options) -> np.ndarray | list[np.ndarray]:
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
     context: int [batch, context_len], or a list of token lists of different lengths (each row
@@ -368,7 +380,8 @@ def sample_sequence(model, context, length, *, seed=None, stop_token=None, **opt
     return np.stack([np.pad(row, (0, width - len(row)), constant_values=fill) for row in outputs])
 
 
-def generate(model, enc, prompts, length=64, *, seed=None, stop_at_eot=True, **options):
+def generate(model: GPT2, enc: Encoder, prompts: str | list[str], length: int = 64, *, seed: int | None = None,
+             stop_at_eot: bool = True, **options) -> list[str]:
     """Text in, text out: returns the continuation (without the prompt) of each prompt.
 
     prompts: a string or a list of strings; an empty string samples unconditionally. With

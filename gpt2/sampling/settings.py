@@ -22,9 +22,12 @@ above stays finite for any accepted value: no penalty rounds to 0 in float32 and
 logit past float32's range (the sampler's logits are a few hundred at most).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +43,7 @@ MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key with more digits is no token id (an
 class SettingsError(ValueError):
     """A sampling setting or request value that cannot be used; `field` names it."""
 
-    def __init__(self, field, message):
+    def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
@@ -104,7 +107,7 @@ class SamplingSettings:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: tuple = ()
+    logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -125,17 +128,17 @@ class SamplingSettings:
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
-    def greedy(self):
+    def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def check_vocab(self, n_vocab):
+    def check_vocab(self, n_vocab: int) -> SamplingSettings:
         """Raises SettingsError if a logit_bias token id is outside [0, n_vocab)."""
         bad = [token for token, _ in self.logit_bias if token >= n_vocab]
         if bad:
             raise SettingsError("logit_bias", f"logit_bias token ids must be in [0, {n_vocab}), got {bad[:5]}")
         return self
 
-    def replace(self, **changes):
+    def replace(self, **changes) -> SamplingSettings:
         return dataclasses.replace(self, **changes)
 
 
@@ -242,17 +245,18 @@ class Row:
     (-1 = never); window_keep: tokens kept when the window slides (None = n_ctx // 2); logprobs:
     report each token's log-probability and the top alternatives."""
 
-    prompt: list
+    prompt: list[int]
     settings: SamplingSettings
     seed: int
     max_new: int
     stop_token: int = -1
-    window_keep: int = None
+    window_keep: int | None = None
     logprobs: bool = False
 
     @classmethod
-    def checked(cls, prompt, settings, seed, max_new, n_vocab, n_ctx, stop_token=None, window_keep=None,
-                logprobs=False, field="prompt"):
+    def checked(cls, prompt: Sequence[int], settings: SamplingSettings, seed: int, max_new: int, n_vocab: int,
+                n_ctx: int, stop_token: int | None = None, window_keep: int | None = None, logprobs: bool = False,
+                field: str = "prompt") -> Row:
         if not isinstance(settings, SamplingSettings):
             raise TypeError(f"settings must be a gpt2.SamplingSettings, got {type(settings).__name__}")
         return cls(check_prompt(prompt, n_vocab, n_ctx, field), settings.check_vocab(n_vocab), int(seed),

@@ -269,7 +269,8 @@ class Engine:
             job.put(("error", 503, "the server is shutting down", "shutting_down"))
         deadline = time.monotonic() + grace
         with self._lock:
-            while self._running and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            while (self._running and time.monotonic() < deadline
+                   and self._thread is not None and self._thread.is_alive()):
                 self._lock.wait(min(0.05, max(deadline - time.monotonic(), 0)))
             self._stopping = True
             self._lock.notify_all()

@@ -13,6 +13,8 @@ optimizer, so a run that is stopped and resumed ends with the weights of an unin
 Shapes: a = accumulate, b = batch_size, r = rows per replica (b / replicas), s = seq_len.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
@@ -21,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -33,6 +36,10 @@ from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog
 from gpt2.train.optim import SCHEDULES, WarmupSchedule, make_optimizer
 from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output, copy_encoder_files
+
+if TYPE_CHECKING:
+    from encoder import Encoder
+    from gpt2.model import GPT2
 
 
 @dataclasses.dataclass
@@ -97,8 +104,10 @@ class TrainResult:
     interrupted: bool
 
 
-def finetune(model, dataset, output=None, *, val_dataset=None, encoder=None, source_dir=None,
-             strategy=None, resume=False, overwrite=False, **settings):
+def finetune(model: GPT2, dataset, output: str | os.PathLike | None = None, *, val_dataset=None,
+             encoder: Encoder | None = None, source_dir: str | os.PathLike | None = None,
+             strategy: tf.distribute.Strategy | None = None, resume: bool = False, overwrite: bool = False,
+             **settings) -> TrainResult:
     """Fine-tunes `model` in place on `dataset`; returns a TrainResult.
 
     model: a gpt2.GPT2 (created under `strategy.scope()` when a strategy is given).
@@ -258,7 +267,8 @@ class Trainer:
             _read_weights(self.model, self.output)
         if int(self.optimizer.iterations.numpy()) != step:
             raise TrainingError(f"--resume: the training state is at optimizer step "
-                                f"{int(self.optimizer.iterations.numpy())}, its record says {step}; start over with --overwrite")
+                                f"{int(self.optimizer.iterations.numpy())}, its record says {step}; "
+                                f"start over with --overwrite")
         self.current_step = step
 
     # ------------------------------------------------------------------ compiled steps
@@ -351,7 +361,8 @@ class Trainer:
                     if losses:
                         timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
                     losses.append(loss)
-                    average = tokens_per_step * timed_steps / timed_seconds if timed_steps else tokens_per_step / seconds
+                    average = (tokens_per_step * timed_steps / timed_seconds if timed_steps
+                               else tokens_per_step / seconds)
                     bar.update(1)
                     bar.set_postfix_str(f"loss {loss:.3f}, {average:,.0f} tok/s")
                     log.scalars(step, {"train/loss": loss, "train/learning_rate": float(self.schedule(step - 1)),
@@ -384,7 +395,8 @@ class Trainer:
         from gpt2.sampling.api import generate
 
         config = self.config
-        length = min(config.sample_length, self.model.hparams.n_ctx - max(1, len(self.encoder.encode(config.sample_prompt))))
+        prompt_length = max(1, len(self.encoder.encode(config.sample_prompt)))
+        length = min(config.sample_length, self.model.hparams.n_ctx - prompt_length)
         return generate(self.model, self.encoder, config.sample_prompt, length=length, top_k=40,
                         seed=config.seed)[0]
 

@@ -174,7 +174,8 @@ def test_index_missing_many_variables_is_summarized(model_copy):
 
 def test_weights_larger_than_memory_are_refused_before_allocating(model_copy, monkeypatch):
     monkeypatch.setattr(base, "physical_memory", lambda: 1 << 20)
-    with pytest.raises(CheckpointError, match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
+    with pytest.raises(CheckpointError,
+                       match=r"1,635,744 weights need 6 MiB of memory, more than this machine's 1 MiB"):
         gpt2.load_model(str(model_copy))
 
 
@@ -202,7 +203,8 @@ def test_half_precision_checkpoints_are_read_as_float32(model_copy, reference, d
 
 
 def test_integer_weights_are_a_clear_error(model_copy):
-    rewrite_variables(model_copy, lambda values: values.update({"model/ln_f/b": values["model/ln_f/b"].astype(np.int32)}))
+    rewrite_variables(model_copy,
+                      lambda values: values.update({"model/ln_f/b": values["model/ln_f/b"].astype(np.int32)}))
     with pytest.raises(CheckpointError, match=r"must be floating point, but model/ln_f/b \(int32\) are not"):
         gpt2.load_model(str(model_copy))
 

@@ -420,7 +420,8 @@ def test_html_page_every_time_fails_without_a_final_file(mirror, tmp_path):
     with pytest.raises(DownloadError) as info:
         fetch(mirror.url, tmp_path)
     message = str(info.value)
-    assert message == f"{mirror.url}/124M/vocab.bpe: not GPT-2's vocab.bpe (size or sha256 differs) (twice); check --base-url"
+    assert message == (f"{mirror.url}/124M/vocab.bpe: not GPT-2's vocab.bpe (size or sha256 differs) (twice); "
+                       "check --base-url")
     assert not (tmp_path / "124M" / "vocab.bpe").exists() and not (tmp_path / "124M" / "vocab.bpe.part").exists()
 
 

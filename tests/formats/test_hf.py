@@ -236,7 +236,8 @@ def untie(tensors):
      "model.safetensors: does not match "),
     ("untied", lambda t: dict(tensors=edited(t, untie, "transformer.")),
      "lm_head.weight differs from transformer.wte.weight: GPT-2 ties its output layer"),
-    ("integers", lambda t: dict(tensors=edited(t, lambda d: d.update({"wpe.weight": d["wpe.weight"].astype(np.int32)}))),
+    ("integers",
+     lambda t: dict(tensors=edited(t, lambda d: d.update({"wpe.weight": d["wpe.weight"].astype(np.int32)}))),
      "not floating point: wpe.weight I32"),
 ])
 def test_bad_folders_give_one_line_errors(tmp_path, fixture_tensors, case, build, message):

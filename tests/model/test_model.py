@@ -129,7 +129,8 @@ def test_hparams_validation():
 
 
 def test_more_positions_than_the_context_is_one_line(tiny_model):
-    with pytest.raises(ValueError, match=r"^65 positions do not fit the model's context of 64 tokens; shorten the input"):
+    with pytest.raises(ValueError,
+                       match=r"^65 positions do not fit the model's context of 64 tokens; shorten the input"):
         tiny_model(np.zeros([1, 65], np.int32))
     past = tiny_model(np.zeros([1, 60], np.int32))["present"]
     with pytest.raises(ValueError, match="^66 positions do not fit"):

@@ -381,8 +381,8 @@ def test_langchain_and_chatgpt_web_request_shapes(server, enc):
     chatgpt-web (its own fetch with an Authorization header) send, streamed, as raw HTTP."""
     langchain = {"messages": [{"content": "You answer briefly.", "role": "system"},
                               {"content": "Hello, my name is", "role": "user"}],
-                 "model": MODEL_ID, "stream": True, "n": 1, "temperature": 0.0, "stream_options": {"include_usage": True},
-                 "max_completion_tokens": 12}
+                 "model": MODEL_ID, "stream": True, "n": 1, "temperature": 0.0,
+                 "stream_options": {"include_usage": True}, "max_completion_tokens": 12}
     chatgpt_web = {"model": MODEL_ID, "messages": MESSAGES, "temperature": 0.8, "top_p": 1, "presence_penalty": 1,
                    "max_tokens": 12, "stream": True, "seed": 11}
     headers = {"Accept": "text/event-stream", "Authorization": "Bearer sk-anything", "User-Agent": "test"}

@@ -26,7 +26,8 @@ from serve_support import (
     wait_until,
 )
 
-LIMITS = dict(max_connections=6, max_connections_per_address=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0, heartbeat=0.3)
+LIMITS = dict(max_connections=6, max_connections_per_address=6, header_timeout=1.0, body_timeout=1.0, idle_timeout=3.0,
+              heartbeat=0.3)
 GOOD = {"model": MODEL_ID, "prompt": GREEDY[0]["prompt_text"], "max_tokens": 20, "temperature": 0}
 
 
@@ -260,7 +261,8 @@ def test_a_dropped_client_is_one_log_line_without_a_traceback(server, caplog, ca
         time.sleep(0.2)
         reset(sock)
     for port in ports:
-        wait_until(lambda: any(f":{port}:" in r.getMessage() for r in caplog.records), what=f"a log line for {port}")
+        wait_until(lambda port=port: any(f":{port}:" in r.getMessage() for r in caplog.records),
+                   what=f"a log line for {port}")
     time.sleep(0.3)
     for port in ports:
         assert len([r for r in caplog.records if f":{port}:" in r.getMessage()]) == 1
@@ -416,7 +418,8 @@ def test_malformed_json_and_strings_are_400s(server):
                                           b'"temperature": 0}')
     same = server.post("/v1/completions", {**GOOD, "prompt": "Hi \ufffd", "max_tokens": 5})
     assert lone.status_code == 200 and lone.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]
-    echo = server.post("/v1/completions", b'{"model": "tiny-model", "prompt": "a\\udfff", "max_tokens": 0, "echo": true}')
+    echo = server.post("/v1/completions",
+                       b'{"model": "tiny-model", "prompt": "a\\udfff", "max_tokens": 0, "echo": true}')
     assert echo.status_code == 200 and echo.json()["choices"][0]["text"] == "a\udfff"
 
 

@@ -142,7 +142,8 @@ def test_rows_per_request_are_bounded(proto):
 def test_max_tokens_may_run_past_the_context_up_to_the_limit(proto):
     plan = proto.parse_completions({"model": "tiny-model", "prompt": "word " * 30, "max_tokens": 200})
     assert plan.rows[0].max_new == 200
-    assert "--max-tokens-limit" in error_of(proto.parse_completions, {"model": "tiny-model", "max_tokens": 1000}).message
+    error = error_of(proto.parse_completions, {"model": "tiny-model", "max_tokens": 1000})
+    assert "--max-tokens-limit" in error.message
 
 
 def test_max_tokens_0_only_with_echo(proto):

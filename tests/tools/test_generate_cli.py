@@ -449,7 +449,8 @@ def test_missing_tensorflow_is_one_line(capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     import gpt2.sampling
 
-    for name in [name for name in sys.modules if name.startswith("gpt2.sampling.") and name != "gpt2.sampling.settings"]:
+    stale = [name for name in sys.modules if name.startswith("gpt2.sampling.") and name != "gpt2.sampling.settings"]
+    for name in stale:
         monkeypatch.delitem(sys.modules, name)  # imported again, they need TensorFlow
         monkeypatch.delattr(gpt2.sampling, name.rsplit(".", 1)[1], raising=False)
     code, out, err = run(capsys, monkeypatch, "--model", TINY, "--prompt", "hi")
@@ -461,7 +462,8 @@ def test_importing_tensorflow_prints_no_cuda_or_onednn_lines():
     """TensorFlow 2.21 prints oneDNN and CUDA-driver lines on import whatever TF_CPP_MIN_LOG_LEVEL
     says; the tools import it through gpt2.runtime.import_tensorflow, which keeps them off the screen."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    code = "from gpt2.runtime import import_tensorflow; import_tensorflow(); import tensorflow as tf; print(tf.__version__)"
+    code = ("from gpt2.runtime import import_tensorflow; import_tensorflow(); "
+            "import tensorflow as tf; print(tf.__version__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip()
