@@ -143,3 +143,14 @@ def test_config_argument_and_the_preset(tmp_path, folder):
     with pytest.raises(CheckpointError, match="built-in 1.5B preset") as error:  # a bare folder: the 1.5B shape
         gpt2.load_model(path)
     assert "\n" not in str(error.value)
+
+
+def test_a_gpt2ml_folder_gets_its_wordpiece_tokenizer(tmp_path):
+    import encoder
+    from encoder.wordpiece import WordPieceEncoder
+
+    (tmp_path / "clue-vocab.txt").write_text("[PAD]\n[UNK]\n[SEP]\n宇\n宙\nab\n##c\n", encoding="utf-8")
+    for tokenizer in (encoder.get_encoder(str(tmp_path)), encoder.encoder_for_model_dir(str(tmp_path))):
+        assert isinstance(tokenizer, WordPieceEncoder)
+        assert tokenizer.encode("宇宙 ABC") == [3, 4, 5, 6]
+        assert tokenizer.decode([3, 4, 5, 6]) == "宇宙abc"
