@@ -58,15 +58,18 @@ def _index_files(model_dir):
 
 
 def claims(model_dir):
-    """True for a folder with a TF checkpoint index (`*.index`) and neither OpenAI's hparams.json nor a
-    Hugging Face config (model_type); the variables are checked when it is opened."""
-    if os.path.isfile(os.path.join(model_dir, "hparams.json")) or not _index_files(model_dir):
+    """True for a folder without OpenAI's hparams.json that holds their config.json (GroverConfig's
+    hidden_size) or a step-numbered `model.ckpt-N.index` (an OpenAI folder without its hparams.json,
+    `model.ckpt.index`, stays OpenAI's, whose error names the missing file)."""
+    if os.path.isfile(os.path.join(model_dir, "hparams.json")):
         return False
+    if any(_STEP.fullmatch(os.path.basename(path)) for path in _index_files(model_dir)):
+        return True
     try:
         config = _read_config(os.path.join(model_dir, CONFIG_FILE))
     except (OSError, CheckpointError):
-        return True
-    return config is None or "model_type" not in config
+        return False
+    return isinstance(config, dict) and "hidden_size" in config and "model_type" not in config
 
 
 def checkpoint_prefix(model_dir):
