@@ -471,6 +471,10 @@ def get_encoder(model_name: str | None = None, models_dir: str | os.PathLike = "
         directory = os.path.join(models_dir, model_name)
         option = "" if models_dir == "models" else f" --models-dir {models_dir}"
         hint = f"download the model with python download_model.py {model_name}{option}"
+        from encoder import wordpiece  # here: wordpiece imports this module
+
+        if wordpiece.is_wordpiece_folder(directory):  # a GPT2-ML folder: its WordPiece tokenizer
+            return wordpiece.get_wordpiece_encoder(directory)
     encoder_json, vocab_bpe = (os.path.join(directory, name) for name in ("encoder.json", "vocab.bpe"))
     for path in (encoder_json, vocab_bpe):
         if not os.path.exists(path):
@@ -501,5 +505,11 @@ def encoder_files_for_model_dir(model_dir):
 
 
 def encoder_for_model_dir(model_dir):
-    """The (cached) encoder of a model folder, from the files `encoder_files_for_model_dir` picks."""
+    """The (cached) encoder of a model folder: a GPT2-ML folder's WordPiece tokenizer (one holding
+    clue-vocab.txt or bert-base-chinese-vocab.txt, see encoder.wordpiece), else the BPE encoder
+    from the files `encoder_files_for_model_dir` picks."""
+    from encoder import wordpiece  # here: wordpiece imports this module
+
+    if wordpiece.is_wordpiece_folder(model_dir):
+        return wordpiece.get_wordpiece_encoder(model_dir)
     return _cached_encoder(*encoder_files_for_model_dir(model_dir))

@@ -1,5 +1,6 @@
 """The front door to model folders: finds one by name, picks its format (gpt2.formats: OpenAI's
-checkpoint, Hugging Face's safetensors), loads a `gpt2.GPT2` from it, saves one as OpenAI's.
+checkpoint, Hugging Face's safetensors, GPT2-ML's TF1 checkpoint), loads a `gpt2.GPT2` (or
+`gpt2.model.GPT2ML`) from it, saves one as OpenAI's.
 
     python -m gpt2.checkpoint --random 124M DIR [--seed 0]   # random weights, real shape
 """
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2 import compile_cache
-from gpt2.formats import hf, openai
-from gpt2.formats.base import CheckpointError, check_fits_in_memory, model_variables, variable_shapes
+from gpt2.formats import gpt2ml, hf, openai
+from gpt2.formats.base import CheckpointError, check_fits_in_memory, variable_shapes
 from gpt2.formats.openai import save_checkpoint, write_checkpoint
 from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
@@ -27,9 +28,9 @@ __all__ = ["CheckpointError", "FORMATS", "check_model_dir", "load_model", "open_
            "resolve_model_dir", "save_checkpoint", "write_checkpoint", "write_random_checkpoint"]
 
 # The folder formats (see gpt2.formats): the first that claims a folder reads it, else OpenAI's (whose
-# errors say what an OpenAI folder lacks). The next one, GPT2-ML's TF1 checkpoint (variables under
-# `newslm/`), is one more module here.
-FORMATS = {"hf": hf, "openai": openai}
+# errors say what an OpenAI folder lacks). GPT2-ML's (a TF1 checkpoint, variables under `newslm/`, and
+# perhaps their config.json) comes before Hugging Face's, which would claim any config.json.
+FORMATS = {"gpt2ml": gpt2ml, "hf": hf, "openai": openai}
 
 
 def resolve_model_dir(name_or_dir, models_dir="models"):
@@ -53,10 +54,17 @@ def folder_format(model_dir):
     return next((module for module in FORMATS.values() if module.claims(model_dir)), openai)
 
 
-def open_weights(model_dir, skip_optimizer_slots=False):
+def open_weights(model_dir, skip_optimizer_slots=False, config=None):
     """The weights of a model folder in any format, checked but not yet read (see gpt2.formats); a
-    Hugging Face folder needs the safetensors package. skip_optimizer_slots: see check_model_dir."""
-    return folder_format(model_dir).open_weights(model_dir, skip_optimizer_slots)
+    Hugging Face folder needs the safetensors package. skip_optimizer_slots: see check_model_dir.
+    config: a GPT2-ML folder's config (a dict or a JSON file; default: its config.json, else the
+    1.5B preset); other formats refuse it."""
+    module = folder_format(model_dir)
+    if config is None:
+        return module.open_weights(model_dir, skip_optimizer_slots)
+    if module is not gpt2ml:
+        raise ValueError(f"{model_dir}: config= is only for GPT2-ML folders (a TF1 checkpoint of newslm/ variables)")
+    return module.open_weights(model_dir, skip_optimizer_slots, config=config)
 
 
 def read_hparams(model_dir):
@@ -77,7 +85,7 @@ DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
 
 def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
                dropout: float = 0.0, before_weights: Callable[[GPT2], object] | None = None,
-               skip_optimizer_slots: bool = False) -> GPT2:
+               skip_optimizer_slots: bool = False, config: dict | str | os.PathLike | None = None) -> GPT2:
     """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.formats.hf).
 
@@ -88,26 +96,27 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
     again before the weights need theirs. skip_optimizer_slots: load a checkpoint that a TF1
     training run saved with its optimizer's slots (W/Adam, ...), ignoring them (else refused).
+    config: a GPT2-ML folder's config (see open_weights).
 
-    Returns a `gpt2.GPT2` with the folder's weights. The variables start uninitialised (their
-    memory untouched) and each tensor is read and handed to its variable one at a time:
-    loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
+    Returns a `gpt2.GPT2` (a `gpt2.model.GPT2ML` for a GPT2-ML folder) with the folder's weights.
+    The variables start uninitialised (their memory untouched) and each tensor is read and handed
+    to its variable one at a time: loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
     Turns on the compilation cache (gpt2.compile_cache), as the samplers do.
     """
     compile_cache.enable()  # before TensorFlow's first function call reads XLA's flags
     import tensorflow as tf
 
-    from gpt2.model import GPT2
+    from gpt2.model import model_class
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
-    with open_weights(model_dir, skip_optimizer_slots) as weights:
+    with open_weights(model_dir, skip_optimizer_slots, config) as weights:
         check_fits_in_memory(weights.hparams, model_dir, 2 if dtype == "bfloat16" else 4)
-        model = GPT2(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
+        model = model_class(weights.hparams)(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
         if before_weights is not None:
             before_weights(model)
-        for name, variable in model_variables(model).items():
+        for name, variable in model.checkpoint_variables().items():
             # No other reference to the value: the variable adopts its buffer instead of copying
             # it, and the uninitialised buffer it drops was never touched (see GPT2 random_init).
             value = tf.reshape(_as_tensor(weights.read(name)), variable.shape)

@@ -13,7 +13,8 @@ import json
 import os
 
 # Upper bounds per field, and on the total number of weights (2**36 float32 = 256 GiB).
-LIMITS = {"n_vocab": 1 << 22, "n_ctx": 1 << 20, "n_embd": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10}
+LIMITS = {"n_vocab": 1 << 22, "n_ctx": 1 << 20, "n_embd": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10,
+          "n_inner": 1 << 18}
 MAX_PARAMETERS = 1 << 36
 # A real hparams.json is about 90 bytes; anything this big is not one.
 MAX_FILE_BYTES = 1 << 16
@@ -129,6 +130,26 @@ PRESETS = {
     "774M": HParams(n_embd=1280, n_head=20, n_layer=36),
     "1558M": HParams(n_embd=1600, n_head=25, n_layer=48),
 }
+
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2MLHParams(HParams):
+    """Shape of a GPT2-ML (Grover) model: HParams' five numbers (from their config's vocab_size
+    (the embedding's rows), max_position_embeddings, hidden_size, num_attention_heads,
+    num_hidden_layers) and n_inner, their intermediate_size (the MLP's width)."""
+
+    n_inner: int = 6144
+
+    @property
+    def parameter_count(self):
+        e, i = self.n_embd, self.n_inner
+        per_layer = 4 * e * e + 4 * e + 2 * e * i + i + e + 4 * e  # q, k, v, projection; MLP; two LayerNorms
+        return (self.n_vocab + self.n_ctx) * e + 2 * e + self.n_layer * per_layer
+
+
+# imcaspar/gpt2-ml's released 1.5B model (configs/mega.json).
+GPT2ML_PRESETS = {"1.5B": GPT2MLHParams(n_vocab=8021, n_ctx=1024, n_embd=1536, n_head=24, n_layer=48, n_inner=6144)}
 
 # OpenAI first published 124M and 355M as 117M and 345M.
 OLD_NAMES = {"117M": "124M", "345M": "355M"}

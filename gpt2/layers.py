@@ -1,6 +1,7 @@
 """GPT-2's building blocks, OpenAI's numerics: `block`, the one per-layer step every driver runs
 (GPT2.call, the compiled loop, the uncompiled sampler) with the attention over its cache as a
-parameter, and the Keras layers that hold the weights.
+parameter, and the Keras layers that hold the weights. `ml_block` and `MLBlock` are GPT2-ML's
+(Grover's) variant of that step, which the same drivers run through `GPT2.block_step`.
 
 Shapes: b = batch, s = new positions in this call, t = key positions attended to, e = n_embd,
 h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
@@ -11,8 +12,8 @@ matmuls). Whatever the policy, the residual stream, LayerNorm statistics and the
 softmax are float32. Layers invoke their sublayers' `call` directly (Keras' per-call
 bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
 
-Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`): composite layers
-create their children inside their own name scope.
+Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`; GPT2-ML's
+`newslm/layer03/query_layer/kernel`): composite layers create their children inside their own name scope.
 """
 
 import functools
@@ -31,6 +32,11 @@ BLOCK = 128  # cache slots `blocked_attention` reads per step
 def gelu(x):
     """OpenAI's tanh approximation of GELU."""
     return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def gelu_erf(x):
+    """The exact GELU, x/2 (1 + erf(x / sqrt 2)) (GPT2-ML's)."""
+    return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def attend(q, k, v, mask):
@@ -77,9 +83,19 @@ def split_heads(qkv, batch, n_head):
     return tf.unstack(tf.transpose(tf.reshape(qkv, [batch, -1, 3, n_head, e // n_head]), [2, 0, 3, 1, 4]))
 
 
+def to_heads(x, batch, n_head):
+    """One projection's output [b * s, e] -> [b, h, s, d]."""
+    return tf.transpose(tf.reshape(x, [batch, -1, n_head, x.shape[-1] // n_head]), [0, 2, 1, 3])
+
+
 def merge_heads(a):
     """[b, h, s, d] -> [b * s, h d]."""
     return tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
+
+
+def _linear(x, w, b, dtype):
+    """x @ w + b: a Conv1D layer's own call (keeping a LoRA adapter separate), else `dense`."""
+    return w.call(x) if isinstance(w, Conv1D) else dense(x, w, b, dtype)
 
 
 def block(x, weights, batch, n_head, dtype, attention, dropout=None):
@@ -90,15 +106,25 @@ def block(x, weights, batch, n_head, dtype, attention, dropout=None):
     callables for the attention's and the MLP's output, or None. Returns (x, k, v)."""
     ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = weights
     attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
-
-    def linear(x, w, b):
-        return w.call(x) if isinstance(w, Conv1D) else dense(x, w, b, dtype)
-
-    q, k, v = split_heads(linear(layer_norm(x, ln1_g, ln1_b), attn_w, attn_b), batch, n_head)
+    q, k, v = split_heads(_linear(layer_norm(x, ln1_g, ln1_b), attn_w, attn_b, dtype), batch, n_head)
     a, k, v = attention(q, k, v)
-    x = x + attn_dropout(linear(merge_heads(a), proj_w, proj_b))
-    h = linear(gelu(linear(layer_norm(x, ln2_g, ln2_b), fc_w, fc_b)), out_w, out_b)
+    x = x + attn_dropout(_linear(merge_heads(a), proj_w, proj_b, dtype))
+    h = _linear(gelu(_linear(layer_norm(x, ln2_g, ln2_b), fc_w, fc_b, dtype)), out_w, out_b, dtype)
     return x + mlp_dropout(h), k, v
+
+
+def ml_block(x, weights, batch, n_head, dtype, attention, dropout=None):
+    """GPT2-ML's (Grover's) block, `block`'s arguments and result (weights: `MLBlock`'s): no
+    LayerNorm before attention, separate q, k, v projections, x + attn(x), then
+    mlp_ln1(x + output(gelu_erf(intermediate(mlp_ln0(x))))): the stream leaves it normalised."""
+    (q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b,
+     ln0_g, ln0_b, fc_w, fc_b, out_w, out_b, ln1_g, ln1_b) = weights
+    attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
+    q, k, v = (to_heads(_linear(x, w, b, dtype), batch, n_head) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    a, k, v = attention(q, k, v)
+    x = x + attn_dropout(_linear(merge_heads(a), proj_w, proj_b, dtype))
+    h = _linear(gelu_erf(_linear(layer_norm(x, ln0_g, ln0_b), fc_w, fc_b, dtype)), out_w, out_b, dtype)
+    return layer_norm(x + mlp_dropout(h), ln1_g, ln1_b), k, v
 
 
 def cached_attention(past, dtype):
@@ -170,15 +196,16 @@ def dynamic_slice(tensor, begin, size, xla=True):
 
 
 class LayerNorm(keras.layers.Layer):
-    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`.
+    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`
+    (stored under `weight_names`: GPT2-ML's are gamma, beta).
 
     Statistics in float32; returns float32 (the caller casts for its matmul)."""
 
-    def __init__(self, n_embd, epsilon=1e-5, **kwargs):
+    def __init__(self, n_embd, epsilon=1e-5, weight_names=("g", "b"), **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
-        self.g = self.add_weight(shape=(n_embd,), initializer="ones", name="g")
-        self.b = self.add_weight(shape=(n_embd,), initializer="zeros", name="b")
+        self.g = self.add_weight(shape=(n_embd,), initializer="ones", name=weight_names[0])
+        self.b = self.add_weight(shape=(n_embd,), initializer="zeros", name=weight_names[1])
         self.built = True
 
     def call(self, x):
@@ -190,12 +217,13 @@ class Conv1D(keras.layers.Layer):
     """OpenAI's `conv1d`: a dense projection x @ w + b with w stored [n_in, n_out].
 
     OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
+    `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
     """
 
-    def __init__(self, n_in, n_out, kernel_initializer, **kwargs):
+    def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), **kwargs):
         super().__init__(**kwargs)
-        self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name="w")
-        self.b = self.add_weight(shape=(n_out,), initializer="zeros", name="b")
+        self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name=weight_names[0])
+        self.b = self.add_weight(shape=(n_out,), initializer="zeros", name=weight_names[1])
         self.built = True
 
     # Fine-tuning hook (gpt2/train/lora.py): an optional low-rank adapter with variables `a`
@@ -247,8 +275,41 @@ class MLP(_Projections):
     SHAPES = {"c_fc": (1, 4), "c_proj": (4, 1)}
 
 
-class Block(keras.layers.Layer):
+class _Block(keras.layers.Layer):
+    """What GPT-2's and GPT2-ML's blocks share: `function` (the block step) run on `layer_weights()`."""
+
+    @staticmethod
+    def function(x, weights, batch, n_head, dtype, attention, dropout=None):
+        """The block step: `block` or `ml_block`."""
+        raise NotImplementedError
+
+    def layer_weights(self):
+        raise NotImplementedError
+
+    def dropout_layers(self):
+        """The attention output's and the MLP output's Dropout layers."""
+        raise NotImplementedError
+
+    def inference_weights(self):
+        """The weights as tensors in the block function's order (LoRA adapters merged in), for the samplers."""
+        return tuple(tf.convert_to_tensor(w.kernel() if isinstance(w, Conv1D) else w) for w in self.layer_weights())
+
+    def call(self, x, batch, past=None, training=None):
+        """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->
+        (x float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values)."""
+        dropout = [functools.partial(layer.call, training=training) for layer in self.dropout_layers()]
+        x, k, v = self.function(x, self.layer_weights(), batch, self.n_head, self.compute_dtype,
+                                cached_attention(past, self.compute_dtype), dropout)
+        return x, tf.stack([k, v], axis=1)
+
+
+class Block(_Block):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    @staticmethod
+    def function(*args, **kwargs):
+        """`block` (looked up when called, so that wrapping gpt2.layers.block reaches every driver)."""
+        return block(*args, **kwargs)
 
     def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
@@ -267,14 +328,48 @@ class Block(keras.layers.Layer):
         return (self.ln_1.g, self.ln_1.b, attn.c_attn, attn.c_attn.b, attn.c_proj, attn.c_proj.b,
                 self.ln_2.g, self.ln_2.b, mlp_.c_fc.kernel(), mlp_.c_fc.b, mlp_.c_proj.kernel(), mlp_.c_proj.b)
 
-    def inference_weights(self):
-        """The weights as tensors in `block`'s order (LoRA adapters merged in), for the samplers."""
-        return tuple(tf.convert_to_tensor(w.kernel() if isinstance(w, Conv1D) else w) for w in self.layer_weights())
+    def dropout_layers(self):
+        return self.attn.dropout, self.mlp.dropout
 
-    def call(self, x, batch, past=None, training=None):
-        """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->
-        (x float32 [b * s, e], present [b, 2, h, s, d]: this call's keys and values)."""
-        dropout = [functools.partial(layer.dropout.call, training=training) for layer in (self.attn, self.mlp)]
-        x, k, v = block(x, self.layer_weights(), batch, self.n_head, self.compute_dtype,
-                        cached_attention(past, self.compute_dtype), dropout)
-        return x, tf.stack([k, v], axis=1)
+
+class MLBlock(_Block):
+    """GPT2-ML's (Grover's) block (see `ml_block`), its weights under Grover's names: query_layer,
+    key_layer, value_layer, context_projection_layer, LayerNorm_mlp_ln0, intermediate, output,
+    LayerNorm_mlp_ln1 (dense layers: kernel [n_in, n_out], bias; LayerNorms: gamma, beta)."""
+
+    @staticmethod
+    def function(*args, **kwargs):
+        """`ml_block` (looked up when called, as Block's)."""
+        return ml_block(*args, **kwargs)
+    PROJECTIONS = ("query_layer", "key_layer", "value_layer", "context_projection_layer")
+
+    def __init__(self, n_embd, n_head, n_inner, dropout, kernel_initializer, **kwargs):
+        super().__init__(**kwargs)
+        self.n_head = n_head
+
+        def dense_layer(n_in, n_out, name):
+            return Conv1D(n_in, n_out, kernel_initializer, weight_names=("kernel", "bias"), name=name,
+                          dtype=self.dtype_policy)
+
+        def norm(name):
+            return LayerNorm(n_embd, weight_names=("gamma", "beta"), name=name, dtype=self.dtype_policy)
+
+        with keras.name_scope(self.name):
+            self.projections = [dense_layer(n_embd, n_embd, name) for name in self.PROJECTIONS]
+            self.attn_dropout = keras.layers.Dropout(dropout)
+            self.ln0 = norm("LayerNorm_mlp_ln0")
+            self.intermediate = dense_layer(n_embd, n_inner, "intermediate")
+            self.output_layer = dense_layer(n_inner, n_embd, "output")  # Keras' Layer.output is taken
+            self.mlp_dropout = keras.layers.Dropout(dropout)
+            self.ln1 = norm("LayerNorm_mlp_ln1")
+        self.built = True
+
+    def layer_weights(self):
+        """`ml_block`'s weights for Keras' call: the attention's Conv1D layers, the MLP's kernels
+        with any adapter merged in (as Block's)."""
+        attention = [w for layer in self.projections for w in (layer, layer.b)]
+        return (*attention, self.ln0.g, self.ln0.b, self.intermediate.kernel(), self.intermediate.b,
+                self.output_layer.kernel(), self.output_layer.b, self.ln1.g, self.ln1.b)
+
+    def dropout_layers(self):
+        return self.attn_dropout, self.mlp_dropout

@@ -1,4 +1,8 @@
-"""GPT-2 as a Keras model: embeddings, n_layer pre-LN blocks, final LayerNorm, tied output logits.
+"""GPT-2 as a Keras model: embeddings, n_layer pre-LN blocks, final LayerNorm, tied output logits;
+GPT2ML, GPT2-ML's (Grover's) variant: normalised embeddings, its blocks, no final LayerNorm.
+
+Every driver (GPT2.call, the compiled loop, the uncompiled sampler) runs a model through the same
+four steps: `embed`, `block_step` on each block's weights, `final`, `logits`.
 
 b = batch, s = positions in this call, e = n_embd, h = n_head, d = head_dim, L = n_layer, V = n_vocab.
 """
@@ -9,8 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt2.hparams import HParams
-from gpt2.layers import Block, LayerNorm, matmul
+from gpt2.hparams import GPT2MLHParams, HParams
+from gpt2.layers import Block, LayerNorm, MLBlock, layer_norm, matmul
 
 
 def _uninitialized(shape, dtype=None):
@@ -41,19 +45,27 @@ class GPT2(keras.Model):
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
+    HPARAMS = HParams
+    BLOCK = Block  # its `function` is the block step every driver runs (block_step)
+
     def __init__(self, hparams: HParams | dict, dropout: float = 0.0, random_init: bool = True, name: str = "model",
                  **kwargs) -> None:
         super().__init__(name=name, **kwargs)
         if isinstance(hparams, dict):
-            hparams = HParams.from_dict(hparams)
-        if not isinstance(hparams, HParams):
-            raise TypeError(f"GPT2 expects gpt2.HParams, got {type(hparams).__name__}")
+            hparams = self.HPARAMS.from_dict(hparams)
+        if not isinstance(hparams, self.HPARAMS):
+            raise TypeError(f"{type(self).__name__} expects gpt2.{self.HPARAMS.__name__}, got {type(hparams).__name__}")
         self.hparams = hparams
         self.dropout_rate = dropout
 
         def normal(stddev):
             return keras.initializers.RandomNormal(stddev=stddev) if random_init else _uninitialized
 
+        self._make_layers(hparams, dropout, normal)
+        self.built = True
+
+    def _make_layers(self, hparams, dropout, normal):
+        """Creates the weights; normal(stddev): their initializer."""
         self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
         with keras.name_scope(self.name):
@@ -63,7 +75,6 @@ class GPT2(keras.Model):
                 for i in range(hparams.n_layer)
             ]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
-        self.built = True
 
     @property
     def default_jit_compile(self):
@@ -81,7 +92,7 @@ class GPT2(keras.Model):
         dtype = config.pop("dtype", None)
         if isinstance(dtype, dict):
             dtype = keras.saving.deserialize_keras_object(dtype)
-        return cls(HParams.from_dict(config.pop("hparams")), dtype=dtype, random_init=False, **config)
+        return cls(cls.HPARAMS.from_dict(config.pop("hparams")), dtype=dtype, random_init=False, **config)
 
     # Keras export. A subclassed model records no input signature until it is called, so both
     # export paths are given `tokens` int32 [b, s]; outputs are those of `call` (logits, present).
@@ -103,6 +114,21 @@ class GPT2(keras.Model):
         """tokens, positions: int [...] -> float32 [..., e]."""
         x = tf.gather(self.wte, tokens) + tf.gather(self.wpe, positions)
         return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
+
+    def block_step(self, x, weights, batch, dtype, attention, dropout=None):
+        """The block step (gpt2.layers.block, GPT2ML's ml_block) on x float32 [b * s, e] with one
+        block's `inference_weights()`; see gpt2.layers.block. Returns (x, k, v)."""
+        return self.BLOCK.function(x, weights, batch, self.hparams.n_head, dtype, attention, dropout)
+
+    def final(self, x):
+        """The last block's output [..., e] -> the hidden states the logits read (GPT-2: ln_f)."""
+        return self.ln_f.call(x)
+
+    def checkpoint_variables(self):
+        """{name in the folder format's checkpoint: Keras variable} (OpenAI's names)."""
+        from gpt2.formats.base import model_variables
+
+        return model_variables(self)
 
     def logits(self, h):
         """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
@@ -145,7 +171,7 @@ class GPT2(keras.Model):
                 x, present = block.call(x, batch, past=None if past is None else past[:, i], training=training)
             presents.append(present)
             hidden_states.append(x)
-        h = self.ln_f.call(x)
+        h = self.final(x)
         outputs = {
             "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
             "present": tf.stack(presents, axis=1),
@@ -178,6 +204,71 @@ class GPT2(keras.Model):
     @loss.setter
     def loss(self, compiled_loss):
         self._compiled_loss_argument = compiled_loss
+
+
+@keras.saving.register_keras_serializable(package="gpt2")
+class GPT2ML(GPT2):
+    """GPT2-ML (imcaspar/gpt2-ml, Grover's model): GPT2's interface and drivers with its own steps.
+    The token + position embeddings are LayerNorm'ed (`embed`), each block is gpt2.layers.ml_block
+    (MLBlock), there is no final LayerNorm (`final` is the identity), logits are tied to word_embed
+    with no bias. Keras paths are Grover's TF1 variable names (`newslm/embeddings/word_embed`,
+    `newslm/layer00/query_layer/kernel`, ...): the checkpoint loads and saves by name.
+    """
+
+    HPARAMS = GPT2MLHParams
+    BLOCK = MLBlock
+
+    def __init__(self, hparams, dropout=0.0, random_init=True, name="newslm", **kwargs):
+        super().__init__(hparams, dropout=dropout, random_init=random_init, name=name, **kwargs)
+
+    def _make_layers(self, hparams, dropout, normal):
+        with keras.name_scope(self.name):
+            self.embeddings = _MLEmbeddings(hparams, normal, name="embeddings", dtype=self.dtype_policy)
+            self.embedding_dropout = keras.layers.Dropout(dropout)
+            self.blocks = [
+                MLBlock(hparams.n_embd, hparams.n_head, hparams.n_inner, dropout, normal(0.02), name=f"layer{i:02d}",
+                        dtype=self.dtype_policy)
+                for i in range(hparams.n_layer)
+            ]
+
+    @property
+    def wte(self):
+        return self.embeddings.word_embed
+
+    @property
+    def wpe(self):
+        return self.embeddings.pos_embed
+
+    def embed(self, tokens, positions):
+        """tokens, positions: int [...] -> float32 LayerNorm(word_embed[tokens] + pos_embed[positions]) [..., e]."""
+        norm = self.embeddings.norm
+        return layer_norm(super().embed(tokens, positions), norm.g, norm.b, norm.epsilon)
+
+    def final(self, x):
+        return x
+
+    def checkpoint_variables(self):
+        """{Grover's variable name: Keras variable}: the Keras paths are those names."""
+        return {variable.path: variable for variable in self.weights}
+
+
+class _MLEmbeddings(keras.layers.Layer):
+    """GPT2-ML's `embeddings` scope: word_embed [V, e], pos_embed [n_ctx, e], LayerNorm_embed_norm."""
+
+    def __init__(self, hparams, normal, **kwargs):
+        super().__init__(**kwargs)
+        e = hparams.n_embd
+        self.word_embed = self.add_weight(shape=(hparams.n_vocab, e), initializer=normal(0.02), name="word_embed")
+        self.pos_embed = self.add_weight(shape=(hparams.n_ctx, e), initializer=normal(0.02), name="pos_embed")
+        with keras.name_scope(self.name):
+            self.norm = LayerNorm(e, weight_names=("gamma", "beta"), name="LayerNorm_embed_norm",
+                                  dtype=self.dtype_policy)
+        self.built = True
+
+
+def model_class(hparams):
+    """The model class of an HParams: GPT2ML for GPT2MLHParams, else GPT2."""
+    return GPT2ML if isinstance(hparams, GPT2MLHParams) else GPT2
 
 
 def next_token_cross_entropy(tokens, logits):

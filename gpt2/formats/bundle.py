@@ -25,7 +25,7 @@ import struct
 import numpy as np
 
 DATA_SUFFIX = ".data-00000-of-00001"
-_DTYPES = {"float32": 1, "float64": 2, "bfloat16": 14, "float16": 19}  # TensorFlow's DataType enum
+_DTYPES = {"float32": 1, "float64": 2, "int64": 9, "bfloat16": 14, "float16": 19}  # TensorFlow's DataType enum
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _RESTART_INTERVAL = 16
 
@@ -193,7 +193,7 @@ class BundleWriter:
         self._entries = {}
 
     def add(self, name, array):
-        """Appends `array` (float32, float64 or float16, any shape) as tensor `name`."""
+        """Appends `array` (float32, float64, float16 or int64 (a step counter), any shape) as tensor `name`."""
         array = _contiguous(array)
         dtype = _DTYPES.get(array.dtype.name)
         key = name.encode()

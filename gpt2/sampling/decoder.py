@@ -138,13 +138,13 @@ class Decoder:
     # carries all the weights.
 
     def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
-        """`layers.block` over this layer's cache keys, values (traced once, called per block)."""
+        """The model's block step over this layer's cache keys, values (traced once, called per block)."""
         attention = layers.blocked_attention(keys, values, first_row, cached, num_blocks, self.xla)
-        return layers.block(x, weights, batch, self.n_head, self.cache_dtype, attention)
+        return self.model.block_step(x, weights, batch, self.cache_dtype, attention)
 
     def _forward(self, x, state, batch, first_row, cached):
         """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.
-        Returns (hidden states after ln_f [batch * s, E], [(keys, values) per layer, each
+        Returns (hidden states after the model's `final` (ln_f) [batch * s, E], [(keys, values) per layer, each
         [batch, H, s, D]]) without writing the cache."""
         num_blocks = (tf.reduce_max(cached) + layers.BLOCK - 1) // layers.BLOCK
         new = []
@@ -152,7 +152,7 @@ class Decoder:
             x, k, v = self._layer_function(x, block.inference_weights(), state[f"k{layer}"], state[f"v{layer}"],
                                            first_row, cached, num_blocks, batch)
             new.append((k, v))
-        return self.model.ln_f.call(x), new
+        return self.model.final(x), new
 
     def _write(self, state, new, write):
         state = dict(state)

@@ -11,7 +11,7 @@ it is also the faster per step, so they keep using it. It serves up to 8 rows wh
 one length and whose text fits in n_ctx (no sliding window): what generate.py and most library
 calls ask for.
 
-It shares the compiled loop's math: the block as `layers.block` (attention here is
+It shares the compiled loop's math: the model's `block_step` (attention here is
 `layers.attend`, one masked softmax over the cache slots filled so far) and the choice as
 `choose.next_tokens` with the same per-row streams, so both give the same tokens.
 
@@ -100,7 +100,7 @@ class DirectSampler:
                 prefix.append(tf.reshape(rows_read, [batch, hp.n_head, attended, hp.head_dim]))
             return layers.attend(q, *prefix, visible), k, v
 
-        return layers.block(x, weights, batch, hp.n_head, dtype, attention)[0]
+        return self.model.block_step(x, weights, batch, dtype, attention)[0]
 
     def _step(self, tokens, position, slots, caches, rows):
         """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
@@ -119,7 +119,7 @@ class DirectSampler:
         for layer, block in enumerate(model.blocks):
             x = self._layer(x, block.inference_weights(), caches[f"k{layer}"], caches[f"v{layer}"], written, read,
                             visible)
-        last = tf.reshape(model.ln_f.call(x), [batch, length, hp.n_embd])[:, -1]
+        last = tf.reshape(model.final(x), [batch, length, hp.n_embd])[:, -1]
         _, chosen = choose.next_tokens(model.logits(last), rows, tf.ones_like(rows["seed"], tf.bool))
         counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1),
                                           tf.ones_like(chosen))

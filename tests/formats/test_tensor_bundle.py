@@ -63,4 +63,4 @@ def test_unsupported_dtype_or_repeated_name_is_refused(tmp_path):
         with pytest.raises(ValueError, match="already added"):
             writer.add("a", np.zeros(2, np.float32))
         with pytest.raises(ValueError, match="unsupported"):
-            writer.add("b", np.zeros(2, np.int64))
+            writer.add("b", np.zeros(2, np.int32))

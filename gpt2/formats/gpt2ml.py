@@ -1,0 +1,204 @@
+"""GPT2-ML folders (imcaspar/gpt2-ml, Grover's model): its released TF1 training checkpoint, read as it is.
+
+A folder holds `model.ckpt-220000.{index,data-00000-of-00001,meta}` (a `checkpoint` state file naming
+the prefix is optional: without one, the `model.ckpt-N.index` of the highest N is read) and, optionally,
+their config JSON (`configs/mega.json`) saved as `config.json`; without it the 1.5B preset
+(gpt2.hparams.GPT2ML_PRESETS) applies. The vocabulary size always comes from word_embed's shape.
+
+Variables (V = n_vocab, c = n_ctx, e = n_embd, i = n_inner, NN = layer, two digits):
+
+    newslm/embeddings/word_embed [V, e], pos_embed [c, e], LayerNorm_embed_norm/{gamma,beta} [e]
+    newslm/layerNN/{query_layer,key_layer,value_layer,context_projection_layer}/{kernel [e, e], bias [e]}
+    newslm/layerNN/LayerNorm_mlp_ln0/{gamma,beta}, intermediate/{kernel [e, i], bias [i]},
+    newslm/layerNN/output/{kernel [i, e], bias [e]}, LayerNorm_mlp_ln1/{gamma,beta}
+
+The training checkpoint also holds `global_step` and Adafactor's slots (W/adafactor_vr, W/adafactor_vc,
+W/adafactor_v): always skipped. Anything else is refused in one line.
+"""
+
+import glob
+import os
+import re
+
+from gpt2.formats import openai
+from gpt2.formats.base import CheckpointError, Weights, mismatch_problems
+from gpt2.formats.bundle import DATA_SUFFIX, BundleWriter
+from gpt2.hparams import GPT2ML_PRESETS, GPT2MLHParams
+
+CONFIG_FILE = "config.json"
+PRESET = "1.5B"
+SKIPPED = ("global_step",)
+SLOT_SUFFIXES = ("/adafactor_vr", "/adafactor_vc", "/adafactor_v")
+# GroverConfig's defaults for the keys that shape the model.
+_CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "intermediate_size": 3072, "max_position_embeddings": 512}
+_STEP = re.compile(r"model\.ckpt-(\d+)\.index")
+
+
+def variable_shapes(hparams):
+    """Grover's variable names and shapes for `hparams`, in the order its model creates them."""
+    e, i = hparams.n_embd, hparams.n_inner
+    shapes = {"newslm/embeddings/word_embed": [hparams.n_vocab, e], "newslm/embeddings/pos_embed": [hparams.n_ctx, e],
+              "newslm/embeddings/LayerNorm_embed_norm/gamma": [e], "newslm/embeddings/LayerNorm_embed_norm/beta": [e]}
+    for n in range(hparams.n_layer):
+        prefix = f"newslm/layer{n:02d}/"
+        for name in ("query_layer", "key_layer", "value_layer", "context_projection_layer"):
+            shapes.update({prefix + name + "/kernel": [e, e], prefix + name + "/bias": [e]})
+        shapes.update({
+            prefix + "LayerNorm_mlp_ln0/gamma": [e], prefix + "LayerNorm_mlp_ln0/beta": [e],
+            prefix + "intermediate/kernel": [e, i], prefix + "intermediate/bias": [i],
+            prefix + "output/kernel": [i, e], prefix + "output/bias": [e],
+            prefix + "LayerNorm_mlp_ln1/gamma": [e], prefix + "LayerNorm_mlp_ln1/beta": [e],
+        })
+    return shapes
+
+
+def _index_files(model_dir):
+    return sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.index")))
+
+
+def claims(model_dir):
+    """True for a folder without OpenAI's hparams.json that holds their config.json (GroverConfig's
+    hidden_size) or a step-numbered `model.ckpt-N.index` (an OpenAI folder without its hparams.json,
+    `model.ckpt.index`, stays OpenAI's, whose error names the missing file)."""
+    if os.path.isfile(os.path.join(model_dir, "hparams.json")):
+        return False
+    if any(_STEP.fullmatch(os.path.basename(path)) for path in _index_files(model_dir)):
+        return True
+    try:
+        config = _read_config(os.path.join(model_dir, CONFIG_FILE))
+    except (OSError, CheckpointError):
+        return False
+    return isinstance(config, dict) and "hidden_size" in config and "model_type" not in config
+
+
+def checkpoint_prefix(model_dir):
+    """The prefix the `checkpoint` state file names, else that of the one `*.index` (or of
+    `model.ckpt-N.index` with the highest N)."""
+    if os.path.isfile(os.path.join(model_dir, "checkpoint")):
+        return openai._checkpoint_prefix(model_dir)
+    indexes = _index_files(model_dir)
+    steps = {int(m.group(1)): path for path in indexes if (m := _STEP.fullmatch(os.path.basename(path)))}
+    if len(indexes) == 1:
+        return indexes[0][: -len(".index")]
+    if steps:
+        return steps[max(steps)][: -len(".index")]
+    raise CheckpointError(f"{model_dir}: holds {len(indexes)} checkpoint indexes and no `checkpoint` state file "
+                          "naming one; keep one model.ckpt-N.* or add the state file")
+
+
+def _read_config(path):
+    """Their config JSON as a dict, or None if there is none."""
+    from gpt2.formats.hf import MAX_CONFIG_BYTES, _read_json
+
+    try:
+        config = _read_json(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        return None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def hparams_from_config(config, n_vocab, source=CONFIG_FILE):
+    """GPT2MLHParams of their config dict (GroverConfig's keys; vocab_size is not used: `n_vocab`,
+    word_embed's rows, is); CheckpointError for an activation other than their GELU."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (GPT2-ML uses 'gelu')")
+    value = {**_CONFIG_DEFAULTS, **config}.get
+    try:
+        return GPT2MLHParams(n_vocab=n_vocab, n_ctx=value("max_position_embeddings"), n_embd=value("hidden_size"),
+                             n_head=value("num_attention_heads"), n_layer=value("num_hidden_layers"),
+                             n_inner=value("intermediate_size"))
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {str(error).removeprefix('hparams: ')}") from None
+
+
+def _checked(model_dir, config=None):
+    """(hparams, prefix, dtypes) of a checked GPT2-ML folder. config: a dict or a JSON file's path
+    (default: the folder's config.json, else the 1.5B preset)."""
+    prefix = checkpoint_prefix(model_dir)
+    reader = openai._read_index(prefix)
+    found = reader.get_variable_to_shape_map()
+    embed = found.get("newslm/embeddings/word_embed")
+    if embed is None or len(embed) != 2:
+        raise CheckpointError(f"{prefix}: no newslm/embeddings/word_embed [V, e]; is {model_dir} a GPT2-ML checkpoint?")
+    source = config if isinstance(config, str) else os.path.join(model_dir, CONFIG_FILE)
+    values = _read_config(source) if not isinstance(config, dict) else config
+    if values is None and isinstance(config, str):
+        raise FileNotFoundError(f"{config}: config file not found")
+    if values is None:
+        source = f"the built-in {PRESET} preset (no {CONFIG_FILE} in {model_dir})"
+        preset = GPT2ML_PRESETS[PRESET]
+        values = {"hidden_size": preset.n_embd, "num_hidden_layers": preset.n_layer,
+                  "num_attention_heads": preset.n_head, "intermediate_size": preset.n_inner,
+                  "max_position_embeddings": preset.n_ctx}
+    hparams = hparams_from_config(values, int(embed[0]), source if isinstance(source, str) else "config")
+    expected = variable_shapes(hparams)
+    skipped = {name for name in found if name in SKIPPED or (
+        name.endswith(SLOT_SUFFIXES) and name.rsplit("/", 1)[0] in expected)}
+    found = {name: shape for name, shape in found.items() if name not in skipped}
+    misshaped = [f"{name} {list(found[name])} (expected {expected[name]})"
+                 for name in sorted(set(expected) & set(found)) if list(found[name]) != expected[name]]
+    problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
+    if problems:
+        raise CheckpointError(f"{prefix}: does not match {source}: {'; '.join(problems)}")
+    dtypes = reader.get_variable_to_dtype_map()
+    openai._check_data_size(prefix, expected, {name: dtypes[name] for name in expected})
+    return hparams, prefix, dtypes
+
+
+def read_hparams(model_dir, config=None):
+    """The GPT2MLHParams of a folder (reads the checkpoint's index for the vocabulary size, no weights)."""
+    return _checked(model_dir, config)[0]
+
+
+def open_weights(model_dir, skip_optimizer_slots=False, config=None):
+    """The checked weights of a GPT2-ML folder (see gpt2.formats); Adafactor's slots and global_step
+    are always skipped (skip_optimizer_slots is accepted for the common signature)."""
+    return GPT2MLWeights(model_dir, config)
+
+
+class GPT2MLWeights(Weights):
+    """GPT2-ML's checkpoint as a tensor source (see open_weights), by Grover's variable names."""
+
+    def __init__(self, model_dir, config=None):
+        self.hparams, self._prefix, self._dtypes = _checked(model_dir, config)
+
+    def read(self, name):
+        return openai._restore(self._prefix, name, self._dtypes[name])
+
+
+def write_checkpoint(hparams, model_dir, value_of, step=0, slots=False, extra=None):
+    """Writes a GPT2-ML folder in their released layout: model.ckpt-{step}.{index,data-00000-of-00001}
+    and config.json (their keys). value_of(name): each weight's value (float32). slots: also write
+    global_step and Adafactor's slots (vr/vc for matrices, v for vectors) as their training does;
+    extra: {name: array} more tensors (tests). Each file is written under a temporary name first."""
+    import json
+
+    import numpy as np
+
+    os.makedirs(model_dir, exist_ok=True)
+    config = {"vocab_size": hparams.n_vocab, "hidden_size": hparams.n_embd, "num_hidden_layers": hparams.n_layer,
+              "num_attention_heads": hparams.n_head, "intermediate_size": hparams.n_inner, "hidden_act": "gelu",
+              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+              "max_position_embeddings": hparams.n_ctx, "initializer_range": 0.02}
+    staged = os.path.join(model_dir, f".staging-model.ckpt-{step}")
+    with BundleWriter(staged) as writer:
+        for name, shape in variable_shapes(hparams).items():
+            writer.add(name, np.asarray(value_of(name), np.float32).reshape(shape))
+            if slots and len(shape) == 2:
+                writer.add(name + "/adafactor_vr", np.ones(shape[:1], np.float32))
+                writer.add(name + "/adafactor_vc", np.ones(shape[1:], np.float32))
+            elif slots:
+                writer.add(name + "/adafactor_v", np.ones(shape, np.float32))
+        if slots:
+            writer.add("global_step", np.array(step, np.int64))
+        for name, value in (extra or {}).items():
+            writer.add(name, value)
+    with open(os.path.join(model_dir, ".staging-config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(model_dir, ".staging-config.json"), os.path.join(model_dir, CONFIG_FILE))
+    final = os.path.join(model_dir, f"model.ckpt-{step}")
+    os.replace(staged + DATA_SUFFIX, final + DATA_SUFFIX)
+    os.replace(staged + ".index", final + ".index")

@@ -1,0 +1,156 @@
+"""GPT2-ML (imcaspar/gpt2-ml, Grover's model) from a tiny random checkpoint in their exact layout
+(global_step and Adafactor slots included): loading, logits against a float64 NumPy reference of
+their forward pass written here from their train/modeling.py, the cache, and every sampler."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2 import reference as reference_path
+from gpt2.checkpoint import CheckpointError
+from gpt2.formats import gpt2ml
+from gpt2.hparams import GPT2MLHParams
+from gpt2.model import GPT2ML
+from gpt2.sampling import api
+
+HPARAMS = GPT2MLHParams(n_vocab=300, n_ctx=40, n_embd=16, n_head=4, n_layer=2, n_inner=24)
+PROMPT = [5, 17, 3, 42, 8, 260, 0]  # n_vocab >= 256: the samplers filter among 256 candidates
+
+
+def random_weights(hparams, seed=0):
+    """Weights with LayerNorm scales and biases away from 1 and 0, so each one matters."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in gpt2ml.variable_shapes(hparams).items():
+        value = rng.standard_normal(shape) * (0.3 if name.endswith(("kernel", "_embed")) else 0.1)
+        weights[name] = (value + 1.0 if name.endswith("gamma") else value).astype(np.float32)
+    return weights
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gpt2ml"))
+    weights = random_weights(HPARAMS)
+    gpt2ml.write_checkpoint(HPARAMS, path, weights.__getitem__, step=220000, slots=True)
+    return path, weights
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return gpt2.load_model(folder[0])
+
+
+def numpy_forward(weights, tokens, hparams=HPARAMS):
+    """Their forward pass in float64 (train/modeling.py, GroverModel): logits [s, V] of one row."""
+    w = {name: value.astype(np.float64) for name, value in weights.items()}
+    erf = np.vectorize(math.erf)
+
+    def norm(x, scope):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-5) * w[scope + "/gamma"] + w[scope + "/beta"]
+
+    def dense(x, scope):
+        return x @ w[scope + "/kernel"] + w[scope + "/bias"]
+
+    s, h, d = len(tokens), hparams.n_head, hparams.n_embd // hparams.n_head
+    x = w["newslm/embeddings/word_embed"][tokens] + w["newslm/embeddings/pos_embed"][:s]
+    x = norm(x, "newslm/embeddings/LayerNorm_embed_norm")
+    mask = np.tril(np.ones([s, s]))
+    for layer in range(hparams.n_layer):
+        scope = f"newslm/layer{layer:02d}/"
+        q, k, v = (dense(x, scope + name).reshape(s, h, d).transpose(1, 0, 2)
+                   for name in ("query_layer", "key_layer", "value_layer"))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
+        scores = scores * mask - 1e10 * (1 - mask)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(1, 0, 2).reshape(s, h * d)
+        x = x + dense(context, scope + "context_projection_layer")
+        inner = dense(norm(x, scope + "LayerNorm_mlp_ln0"), scope + "intermediate")
+        inner = inner * 0.5 * (1.0 + erf(inner / math.sqrt(2.0)))
+        x = norm(x + dense(inner, scope + "output"), scope + "LayerNorm_mlp_ln1")
+    return x @ w["newslm/embeddings/word_embed"].T
+
+
+def test_their_layout_loads_by_name(folder, model):
+    path, weights = folder
+    assert sorted(os.listdir(path)) == ["config.json", "model.ckpt-220000.data-00000-of-00001",
+                                        "model.ckpt-220000.index"]
+    assert isinstance(model, GPT2ML) and model.hparams == HPARAMS
+    variables = model.checkpoint_variables()
+    assert list(variables) == list(gpt2ml.variable_shapes(HPARAMS))  # Keras paths are their names
+    for name, variable in variables.items():
+        np.testing.assert_array_equal(variable.numpy(), weights[name])
+
+
+def test_logits_equal_a_float64_reference_of_their_forward_pass(folder, model):
+    expected = numpy_forward(folder[1], PROMPT)
+    got = model(np.array([PROMPT], np.int32))["logits"].numpy()[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_cached_one_token_steps_equal_the_full_pass(model):
+    full = model(np.array([PROMPT], np.int32))
+    out = model(np.array([PROMPT[:3]], np.int32))
+    past, logits = out["present"], [out["logits"].numpy()[0]]
+    for token in PROMPT[3:]:
+        out = model(np.array([[token]], np.int32), past=past)
+        past = np.concatenate([past, out["present"]], axis=-2)
+        logits.append(out["logits"].numpy()[0])
+    np.testing.assert_allclose(np.concatenate(logits), full["logits"].numpy()[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(past, full["present"].numpy(), atol=1e-5, rtol=0)
+
+
+def test_every_sampler_makes_the_plain_forward_pass_greedy_tokens(model, monkeypatch):
+    expected = reference_path.generate(model, PROMPT, 10)
+    for options in ({"jit_compile": True}, {"jit_compile": False}):
+        assert api.sample_rows(model, [PROMPT], 10, temperature=0, **options)[0].tolist() == expected, options
+    monkeypatch.delenv("GPT2_DIRECT_TOKENS", raising=False)  # the uncompiled sampler (conftest turns it off)
+    fresh = gpt2.load_model(model.source_dir)  # its budget of uncompiled steps is counted per model
+    assert api.sample_rows(fresh, [PROMPT], 10, temperature=0)[0].tolist() == expected
+    assert not api.pools_of(fresh), "the uncompiled sampler did not run"
+
+
+def test_an_unexpected_variable_is_a_one_line_error(tmp_path, folder):
+    gpt2ml.write_checkpoint(HPARAMS, str(tmp_path), folder[1].__getitem__, slots=True,
+                            extra={"newslm/layer00/surprise": np.zeros([3], np.float32)})
+    with pytest.raises(CheckpointError, match=r"unexpected \['newslm/layer00/surprise'\]") as error:
+        gpt2.load_model(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_the_prefix_comes_from_a_state_file_or_the_highest_step(tmp_path, folder):
+    path = str(tmp_path)
+    for step in (1000, 2000):
+        gpt2ml.write_checkpoint(HPARAMS, path, folder[1].__getitem__, step=step)
+    assert gpt2ml.checkpoint_prefix(path) == os.path.join(path, "model.ckpt-2000")
+    with open(os.path.join(path, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "model.ckpt-1000"\n')
+    assert gpt2ml.checkpoint_prefix(path) == os.path.join(path, "model.ckpt-1000")
+
+
+def test_config_argument_and_the_preset(tmp_path, folder):
+    path = str(tmp_path)
+    gpt2ml.write_checkpoint(HPARAMS, path, folder[1].__getitem__)
+    config = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
+              "max_position_embeddings": 40, "vocab_size": 9999}  # vocab_size is not used: word_embed's rows are
+    os.remove(os.path.join(path, "config.json"))
+    assert gpt2.load_model(path, config=config).hparams == HPARAMS
+    with pytest.raises(CheckpointError, match="built-in 1.5B preset") as error:  # a bare folder: the 1.5B shape
+        gpt2.load_model(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_gpt2ml_folder_gets_its_wordpiece_tokenizer(tmp_path):
+    import encoder
+    from encoder.wordpiece import WordPieceEncoder
+
+    (tmp_path / "clue-vocab.txt").write_text("[PAD]\n[UNK]\n[SEP]\n宇\n宙\nab\n##c\n", encoding="utf-8")
+    for tokenizer in (encoder.get_encoder(str(tmp_path)), encoder.encoder_for_model_dir(str(tmp_path))):
+        assert isinstance(tokenizer, WordPieceEncoder)
+        assert tokenizer.encode("宇宙 ABC") == [3, 4, 5, 6]
+        assert tokenizer.decode([3, 4, 5, 6]) == "宇宙abc"
