@@ -5,14 +5,15 @@ import json
 
 import pytest
 
-from gpt2.hparams import LIMITS, MAX_PARAMETERS, PRESETS, HParams
+from gpt2.hparams import GPT2ML_PRESETS, LIMITS, MAX_PARAMETERS, PRESETS, HParams
 
 
 def test_released_shapes_are_well_inside_the_limits():
     largest = PRESETS["1558M"]
     assert largest.parameter_count == 1_557_611_200
-    for name, limit in LIMITS.items():
-        assert limit >= 16 * getattr(largest, name)
+    for shape in (largest, GPT2ML_PRESETS["1.5B"]):  # GPT2-ML's also has n_inner
+        for name, limit in LIMITS.items():
+            assert not hasattr(shape, name) or limit >= 16 * getattr(shape, name)
     assert MAX_PARAMETERS >= 40 * largest.parameter_count
 
 
