@@ -49,6 +49,18 @@ CACHE_MAX_ENTRIES = 1 << 16
 CACHE_MAX_CHARS = 256
 
 
+def id_list(ids):
+    """Token ids as a list or tuple: a 1-D integer array or any iterable of ids (a single id, a
+    common slip, is refused with a one-line ValueError)."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+        return ids.tolist()
+    if isinstance(ids, (int, np.integer)):
+        raise ValueError(f"decode expects a sequence of token ids, got the single id {ids!r}")
+    return ids if isinstance(ids, (list, tuple)) else list(ids)
+
+
 def encode_with_special(text, special_text, special_id, encode_ordinary):
     """encode_ordinary(text), or with `special_text` given, each literal `special_text` as
     `special_id` and the text between them encoded on its own (both tokenizers' allow_special)."""
@@ -250,14 +262,7 @@ class Encoder:
 
     def decode_bytes(self, ids):
         """Returns the raw bytes of token ids (see :meth:`decode` for accepted ids and errors)."""
-        if isinstance(ids, np.ndarray):
-            if ids.ndim != 1 or ids.dtype.kind not in "iu":
-                raise ValueError(f"token ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
-            ids = ids.tolist()
-        elif isinstance(ids, (int, np.integer)):
-            raise ValueError(f"decode expects a sequence of token ids, got the single id {ids!r}")
-        elif not isinstance(ids, (list, tuple)):
-            ids = list(ids)
+        ids = id_list(ids)
         table = self._bytes_by_id
         try:
             data = b"".join([table[operator.index(i)] for i in ids])

@@ -29,7 +29,7 @@ import unicodedata
 
 import numpy as np
 
-from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES, encode_with_special
+from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES, encode_with_special, id_list
 
 PAD_TEXT = "[PAD]"
 UNK_TEXT = "[UNK]"
@@ -262,12 +262,7 @@ class WordPieceEncoder:
 
     def convert_ids_to_tokens(self, ids):
         """The vocabulary strings of token ids (see :meth:`decode` for accepted ids and errors)."""
-        if isinstance(ids, np.ndarray):
-            if ids.ndim != 1 or ids.dtype.kind not in "iu":
-                raise ValueError(f"token ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
-            ids = ids.tolist()
-        elif isinstance(ids, (int, np.integer)):
-            raise ValueError(f"decode expects a sequence of token ids, got the single id {ids!r}")
+        ids = id_list(ids)
         indices = []
         for token_id in ids:
             try:
