@@ -165,6 +165,7 @@ class WordPieceEncoder:
         self.unk_token = self.encoder[UNK_TEXT]
         self.sep_token = self.encoder[SEP_TEXT]
         self.eot_token = self.sep_token
+        self.never_drawn = (self.pad_token,)  # the samplers ban it, as GPT2-ML's demo does
         self._longest = max(map(len, self.encoder))  # no longer substring can match
         self._cache = {}  # word (after step 2) -> tuple of ids
 

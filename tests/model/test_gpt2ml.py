@@ -4,6 +4,7 @@ their forward pass written here from their train/modeling.py, the cache, and eve
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -154,3 +155,30 @@ def test_a_gpt2ml_folder_gets_its_wordpiece_tokenizer(tmp_path):
         assert isinstance(tokenizer, WordPieceEncoder)
         assert tokenizer.encode("宇宙 ABC") == [3, 4, 5, 6]
         assert tokenizer.decode([3, 4, 5, 6]) == "宇宙abc"
+
+
+
+def test_generate_prints_chinese_with_sep_as_end_and_pad_banned(tmp_path, folder, capsys):
+    """generate.py on a GPT2-ML folder: its WordPiece tokenizer, [SEP] (102) as the end of text,
+    and a ban (logit bias -100) on [PAD] (0), as their demo never draws it."""
+    import encoder
+    from gpt2 import generate_cli
+    from gpt2.sampling import settings as settings_lib
+
+    path = tmp_path / "gpt2ml"
+    shutil.copytree(folder[0], path)
+    vocab = ["[PAD]", *[f"[unused{i}]" for i in range(99)], "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"宇宙的意义是"]
+    vocab += [chr(0x4E00 + i) for i in range(HPARAMS.n_vocab - len(vocab))]
+    (path / "clue-vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    argv = ["--model", str(path), "--prompt", "宇宙的意义是", "--length", "12", "--seed", "1"]
+    assert generate_cli.main(argv) == 0
+    text = capsys.readouterr().out.split("SAMPLE 1", 1)[1].splitlines()[1]
+    assert text and all("\u4e00" <= ch <= "\u9fff" or ch in "[]#abcdefghijklmnopqrstuvwxyz0123456789" for ch in text)
+
+    enc = encoder.get_encoder(str(path))
+    assert (enc.eot_token, enc.never_drawn) == (102, (0,))
+    args = generate_cli.build_parser().parse_args(argv)
+    sampler = generate_cli._Sampler(args, enc, HPARAMS, settings_lib, enc.eot_token, stream=False)
+    assert sampler.settings.logit_bias == ((0, -100.0),)
+    args = generate_cli.build_parser().parse_args([*argv, "--logit-bias", "0=5"])  # the user's own word wins
+    assert generate_cli._Sampler(args, enc, HPARAMS, settings_lib, 102, stream=False).settings.logit_bias == ((0, 5.0),)
