@@ -92,7 +92,8 @@ def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unrea
     path = entry_path(cache)
     data = bytearray(path.read_bytes())
     start, size = largest_field(data)
-    data[start + size // 4: start + 3 * size // 4] = b"\x0f\x0b" * (size // 4)
+    quarter = size // 4
+    data[start + quarter : start + 3 * quarter] = b"\x0f\x0b" * quarter  # 2 * quarter bytes: the size stays
     path.write_bytes(bytes(data))
     assert compile_cache.is_complete(str(path))  # framing intact: only the checksum catches it
     third = run_sampler(root)
