@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.api import POOL_SIZES, pool_size_for
-from gpt2.sampling.settings import default_window_keep
+from gpt2.sampling.settings import FLOAT_RULES, default_window_keep
 from gpt2.scoring import target_logprobs
 
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
@@ -114,10 +114,10 @@ class ServingModule(tf.Module):
             self._check_ids(tokens, valid, "tokens"),
             _check(_all((max_new_tokens >= 1) & (max_new_tokens <= self.max_new_tokens)),
                    f"max_new_tokens must be between 1 and {self.max_new_tokens}"),
-            _check(_all(tf.math.is_finite(temperature) & (temperature >= 0.0)),
-                   "temperature must be a finite number >= 0 (0 = greedy)"),
             _check(_all(top_k >= 0), "top_k must be >= 0 (0 = off)"),
-            _check(_all((top_p >= 0.0) & (top_p <= 1.0)), "top_p must be in [0, 1] (1 = off)"),
+            *[_check(_all(tf.math.is_finite(value) & (value >= low) & (value <= high)), f"{name} must be {rule}")
+              for name, value in (("temperature", temperature), ("top_p", top_p))
+              for low, high, rule in [FLOAT_RULES[name]]],
         ]
         with tf.control_dependencies(checks):
             rows = {name: tf.identity(value) for name, value in {"tokens": tokens, **per_row}.items()}

@@ -38,6 +38,17 @@ TEMPERATURE_LIMIT = 100.0  # [0, 100]: at 100 every token is nearly equally like
 REPETITION_PENALTY_LIMITS = (0.01, 100.0)  # logits divided or multiplied by at most 100
 SEED_LIMIT = 2**64
 MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key with more digits is no token id (and int() of 4300+ digits raises)
+# The float settings' bounds and rules, for every place that checks them: SamplingSettings, and
+# the SavedModel export's in-graph checks (gpt2/savedmodel.py). name: (low, high, rule).
+FLOAT_RULES = {
+    "temperature": (0.0, TEMPERATURE_LIMIT, f"a finite number >= 0 and <= {TEMPERATURE_LIMIT:g} (0 = greedy)"),
+    "top_p": (0.0, 1.0, "a number in [0, 1] (1 = off, 0 = the most likely token only)"),
+    **{name: (-PENALTY_LIMIT, PENALTY_LIMIT, f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 = off)")
+       for name in ("presence_penalty", "frequency_penalty")},
+    "repetition_penalty": (*REPETITION_PENALTY_LIMITS, f"a finite number > 0, in [{REPETITION_PENALTY_LIMITS[0]:g}, "
+                                                       f"{REPETITION_PENALTY_LIMITS[1]:g}] (1 = off)"),
+}
+SETTING_RULES_ORDER = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class SettingsError(ValueError):
@@ -111,20 +122,14 @@ class SamplingSettings:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "temperature", _number("temperature", self.temperature, 0.0, TEMPERATURE_LIMIT,
-                                          f"a finite number >= 0 and <= {TEMPERATURE_LIMIT:g} (0 = greedy)"))
-        top_k = _as_int(self.top_k)
-        if top_k is None or top_k < 0:
-            raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
-        set_(self, "top_k", top_k)
-        set_(self, "top_p", _number("top_p", self.top_p, 0.0, 1.0,
-                                    "a number in [0, 1] (1 = off, 0 = the most likely token only)"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            set_(self, name, _number(name, getattr(self, name), -PENALTY_LIMIT, PENALTY_LIMIT,
-                                     f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 = off)"))
-        low, high = REPETITION_PENALTY_LIMITS
-        set_(self, "repetition_penalty", _number("repetition_penalty", self.repetition_penalty, low, high,
-                                                 f"a finite number > 0, in [{low:g}, {high:g}] (1 = off)"))
+        for name in SETTING_RULES_ORDER:
+            if name == "top_k":
+                top_k = _as_int(self.top_k)
+                if top_k is None or top_k < 0:
+                    raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
+                set_(self, "top_k", top_k)
+            else:
+                set_(self, name, _number(name, getattr(self, name), *FLOAT_RULES[name]))
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property

@@ -216,7 +216,8 @@ def bad_generate(loaded, **changes):
     ({"tokens": [[464, 50257, 0]]}, "tokens must be token ids in [0, 50257)"),
     ({"max_new_tokens": [0]}, "max_new_tokens must be between 1 and 4096"),
     ({"temperature": [-1.0]}, "temperature must be a finite number >= 0"),
-    ({"top_p": [1.5]}, "top_p must be in [0, 1]"),
+    ({"temperature": [101.0]}, "temperature must be a finite number >= 0 and <= 100"),  # the library's bounds
+    ({"top_p": [1.5]}, "top_p must be a number in [0, 1]"),
     ({"top_k": [-1]}, "top_k must be >= 0"),
     ({"seed": [0, 1]}, "must each have one value per row of tokens"),
 ])
