@@ -342,32 +342,22 @@ def test_length_past_the_context_and_penalties_are_the_library_sampler(capsys, m
 
 def test_ctrl_c_stops_a_long_generation_promptly(tmp_path):
     """SIGINT while a long non-streamed generation runs: exit 130 with one line, not at the end."""
-    import signal
     import time
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(
-        [sys.executable, "generate.py", "--model", TINY, "--prompt", "Hello", "--length", "1000000", "--no-xla"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # As from a terminal: a suite started in the background inherits SIGINT ignored, and Python
-        # keeps an ignored SIGINT ignored, so Ctrl-C would never reach generate.py.
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None,
-    )
-    try:
+    def well_into_the_decode(process):
         deadline = time.monotonic() + 120
         line = ""
         while "compiling" not in line and time.monotonic() < deadline:
             line = process.stderr.readline()
-        time.sleep(3)  # well into the decode
+        time.sleep(3)
         assert process.poll() is None
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130
+
+    code, _, err = _interrupted(
+        [sys.executable, "generate.py", "--model", TINY, "--prompt", "Hello", "--length", "1000000", "--no-xla"],
+        dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), well_into_the_decode, timeout=30)
+    assert code == 130
     assert err.strip().splitlines()[-1] == "error: interrupted"
+
 
 def test_interrupted_download_is_named_and_resumed_with_download(capsys, monkeypatch, cases, tmp_path, loads):
     from gpt2 import download
@@ -480,15 +470,25 @@ def test_item14_interactive_with_stdin_closed_is_a_one_line_error(capsys, monkey
     assert_one_line_error(err, "--interactive reads prompts from standard input, which is closed", "--prompt")
 
 
-def _start_with_sigint_restored(args, env, **kwargs):
-    """Popen with SIGINT at its default, as from a terminal: a suite started in the background
-    inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+def _interrupted(args, env, ready, timeout=60):
+    """Runs `args` from the repository root with SIGINT at its default, as from a terminal (a suite
+    started in the background inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored),
+    sends SIGINT once ready(process) returns, and returns (exit code, stdout, stderr)."""
     import signal
 
-    return subprocess.Popen(
+    process = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None, **kwargs,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None,
     )
+    try:
+        ready(process)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
@@ -497,7 +497,6 @@ def test_item17_ctrl_c_while_loading_exits_at_once():
     C++ that Ctrl-C cannot stop, so it runs in a worker thread that the main thread abandons: exit
     130 with one line, without waiting for the call. Here the load is a TensorFlow loop that never
     ends (standing for a long compile): the run must end anyway, with no traceback or abort."""
-    import signal
 
     script = textwrap.dedent(f"""
         import sys
@@ -515,37 +514,27 @@ def test_item17_ctrl_c_while_loading_exits_at_once():
         sys.exit(generate_cli.main({["--model", TINY, "--prompt", "hi"]!r}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    process = _start_with_sigint_restored([sys.executable, "-c", script], env)
-    try:
-        assert process.stderr.readline() == "loading\n"
+
+    def inside_the_loop(process):
         import time
 
+        assert process.stderr.readline() == "loading\n"
         time.sleep(0.5)  # inside the loop's C++ call
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert (process.returncode, out, err) == (130, "", "error: interrupted\n")
+
+    assert _interrupted([sys.executable, "-c", script], env, inside_the_loop) == (130, "", "error: interrupted\n")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
 def test_item17_ctrl_c_while_compiling_the_sampler_exits_with_one_line(tmp_path):
     """The same with the real compile, from an empty compilation cache: SIGINT once generate.py
     says it is compiling; nothing is printed on stdout (no sample: the run stopped in the load)."""
-    import signal
 
     # No TF_XLA_FLAGS: this process's compilation cache names its own folder there.
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS")}
     env.update(GPT2_CACHE_DIR=str(tmp_path / "cache"), GPT2_DIRECT_TOKENS="0")
-    process = _start_with_sigint_restored([sys.executable, "generate.py", *greedy("--prompt", "hi")], env)
-    try:
+
+    def compiling(process):
         assert process.stderr.readline().startswith("compiling the sampler")
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert (process.returncode, out, err) == (130, "", "error: interrupted\n")
+
+    result = _interrupted([sys.executable, "generate.py", *greedy("--prompt", "hi")], env, compiling)
+    assert result == (130, "", "error: interrupted\n")
