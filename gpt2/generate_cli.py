@@ -302,11 +302,11 @@ def _wait_for(future):
     Ctrl-C cannot stop, so they run in a worker thread (_in_thread) and the main thread waits here,
     where Ctrl-C arrives at once: it abandons the worker by raising _Abandoned."""
     try:
-        while True:
-            try:
-                return future.result(timeout=0.2)  # short waits: Ctrl-C arrives on Windows too
-            except concurrent.futures.TimeoutError:
-                continue
+        # Short waits: Ctrl-C arrives on Windows too. Waiting with wait(), not result(timeout=): a
+        # TimeoutError the worker raises (a socket's, say) would read as "not done yet" forever.
+        while not concurrent.futures.wait([future], timeout=0.2).done:
+            pass
+        return future.result()
     except KeyboardInterrupt:
         raise _Abandoned from None
 
