@@ -13,22 +13,12 @@ import gpt2
 from gpt2 import reference as reference_path
 from gpt2.checkpoint import CheckpointError
 from gpt2.formats import gpt2ml
-from gpt2.hparams import GPT2MLHParams
 from gpt2.model import GPT2ML
 from gpt2.sampling import api
 
-HPARAMS = GPT2MLHParams(n_vocab=300, n_ctx=40, n_embd=16, n_head=4, n_layer=2, n_inner=24)
+from gpt2ml_support import HPARAMS, random_weights
+
 PROMPT = [5, 17, 3, 42, 8, 260, 0]  # n_vocab >= 256: the samplers filter among 256 candidates
-
-
-def random_weights(hparams, seed=0):
-    """Weights with LayerNorm scales and biases away from 1 and 0, so each one matters."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in gpt2ml.variable_shapes(hparams).items():
-        value = rng.standard_normal(shape) * (0.3 if name.endswith(("kernel", "_embed")) else 0.1)
-        weights[name] = (value + 1.0 if name.endswith("gamma") else value).astype(np.float32)
-    return weights
 
 
 @pytest.fixture(scope="module")
