@@ -90,3 +90,21 @@ def test_export_pads_with_sep_and_bans_pad_in_the_graph(tmp_path):
     library = gpt2.load_model(str(source))
     expected = gpt2.sample_sequence(library, [prompt], 6, temperature=0, logit_bias={0: -100})[0, 3:]
     assert tokens[0].tolist() == expected.tolist()
+
+
+def test_random_checkpoint_in_their_layout(tmp_path, monkeypatch, capsys):
+    from gpt2 import checkpoint
+
+    monkeypatch.setitem(checkpoint.GPT2ML_RANDOM, "gpt2ml-1.5B", HPARAMS)  # the real one is 5.5 GB
+    assert checkpoint.main(["--random", "gpt2ml-1.5B", str(tmp_path), "--seed", "3"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.ckpt-220000.data-00000-of-00001",
+                                            "model.ckpt-220000.index"]
+    import tensorflow as tf
+
+    names = tf.train.load_checkpoint(str(tmp_path / "model.ckpt-220000")).get_variable_to_shape_map()
+    assert "global_step" in names and "newslm/layer01/intermediate/kernel/adafactor_vr" in names
+    model = gpt2.load_model(str(tmp_path))
+    assert model.hparams == HPARAMS
+    norm = model.checkpoint_variables()["newslm/layer00/LayerNorm_mlp_ln0/gamma"].numpy()
+    kernel = model.checkpoint_variables()["newslm/layer00/query_layer/kernel"].numpy()
+    assert (norm == 1).all() and 0.015 < kernel.std() < 0.025
