@@ -446,8 +446,8 @@ class _Sampler:
         self.settings = settings_lib.SamplingSettings(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            repetition_penalty=args.repetition_penalty, logit_bias=[*self.bans(enc, args.logit_bias), *args.logit_bias],
-        ).check_vocab(hparams.n_vocab)
+            repetition_penalty=args.repetition_penalty, logit_bias=args.logit_bias,
+        ).banning(getattr(enc, "never_drawn", ())).check_vocab(hparams.n_vocab)
         self.window_keep = settings_lib.check_window_keep(args.window_keep, hparams.n_ctx, "--window-keep")
         self.stop_token = stop_token
         self.stream = stream
@@ -455,13 +455,6 @@ class _Sampler:
         # Ctrl-C during a compile abandons it (ending the run), rather than waiting for it to end
         # (an interactive session goes on after Ctrl-C, so it waits: see _interactive).
         self.abandon_compiles = False
-
-    def bans(self, enc, logit_bias):
-        """A bias of -100 (a ban) for each token the tokenizer says is never drawn (GPT2-ML's [PAD])
-        that --logit-bias does not set."""
-        chosen = {token for token, _ in logit_bias}
-        limit = self._lib.LOGIT_BIAS_LIMIT
-        return [(token, -limit) for token in getattr(enc, "never_drawn", ()) if token not in chosen]
 
     def load(self, model_dir, load_model):
         """Loads the model with the sampler made ready beside it (see load_options), in a worker
