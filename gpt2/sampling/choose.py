@@ -123,6 +123,13 @@ def choose_tokens(logits, temperature, top_k, top_p, noise):
     return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
 
 
+def distribution(logits, temperature, top_k, top_p):
+    """The probabilities `choose_tokens` draws from, float32 [b, V]: softmax of the logits
+    [b, V] (penalties applied) scaled by the temperature, after top-k and top-p over the whole
+    vocabulary (`processors.filter_logits`). For sampling rows (temperature > 0) only."""
+    return tf.nn.softmax(processors.filter_logits(processors.scale(logits, temperature), top_k, top_p), axis=-1)
+
+
 # The per-row values `next_tokens` reads (shapes and dtypes: `decoder.Decoder.state_spec`).
 NEXT_TOKEN_FIELDS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                      "logit_bias", "seed", "generated", "counts", "prompt_seen")
