@@ -107,3 +107,19 @@ def test_what_it_refuses(tiny_model, draft_model):
         with pytest.raises(SettingsError, match=words) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+def test_generate_py_options(tiny_model, monkeypatch, capsys):
+    """--prompt-lookup and --draft-model print plain greedy decoding's text."""
+    from encoder import encoder_for_model_dir
+    from gpt2 import generate_cli
+
+    monkeypatch.setattr(generate_cli, "_load_model", lambda *args, **options: tiny_model)
+    enc = encoder_for_model_dir(paths.TINY_MODEL)
+    prompt = "Hello world, hello world, hello"
+    expected = enc.decode(plain(tiny_model, enc.encode(prompt), 20, SamplingSettings(temperature=0)))
+    for option in (["--prompt-lookup"], ["--draft-model", paths.TINY_MODEL, "--draft-tokens", "3"]):
+        code = generate_cli.main(["--model", paths.TINY_MODEL, "--prompt", prompt, "--length", "20",
+                                  "--temperature", "0", *option])
+        out = capsys.readouterr().out
+        assert code == 0 and out.splitlines()[1] == expected, option
