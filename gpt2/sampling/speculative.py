@@ -52,10 +52,11 @@ START_TOKENS = 4  # draft tokens of the first round
 
 @dataclasses.dataclass
 class Stats:
-    """What a draft did, summed over every call it served: rounds (model steps), drafted
-    tokens, accepted tokens and tokens made."""
+    """What a draft did, summed over every call it served: rounds (model steps over drafts),
+    plain steps (no draft), drafted tokens, accepted tokens and tokens made."""
 
     rounds: int = 0
+    plain: int = 0
     drafted: int = 0
     accepted: int = 0
     tokens: int = 0
@@ -234,6 +235,7 @@ def decode_rows(model, requests, draft):
                 token = int(sampler.step(tokens, position, slots_tensor, caches, row)[0].numpy()[0])
                 made_now, accepted = [token], 0
                 pause = max(pause - 1, 0)
+                draft.stats.plain += 1
             else:
                 logits = sampler.logits(tokens, position, slots_tensor, caches, tf.constant(len(drafts) + 1, tf.int32))
                 choice = sampler.choose_with_probs if sampling else sampler.choose
