@@ -71,82 +71,110 @@ def layer_norm(x, g, b, epsilon=1e-5):
 
 def dense(x, w, b, dtype):
     """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]. w: a float
-    kernel, or an (int8 kernel, float32 scale [n_out]) pair (`Int8Kernel.tensors()`), multiplied in float32."""
+    kernel, or an (int8 kernel [n_out, n_in], float32 scale [n_out]) pair (`Int8Kernel.tensors()`),
+    multiplied in float32."""
     if isinstance(w, (tuple, list)):
         return int8_matmul(x, *w) + _cast(b, tf.float32)
     return matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, tf.float32)
 
 
-def quantize_int8(kernel, axis: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
-    """Symmetric int8 quantization with one float32 scale per channel: kernel (float) ->
-    (q int8, scale float32) with scale = max |kernel| / 127 over `axis` (the input axis: 0 for a
-    [n_in, n_out] kernel, 1 for the token embedding [V, e], one scale per token) and q =
-    round(kernel / scale) in [-127, 127]; q * scale is within scale / 2 of kernel. A channel of
-    zeros gets scale 1."""
-    kernel = _cast(tf.convert_to_tensor(kernel), tf.float32)
-    scale = tf.reduce_max(tf.abs(kernel), axis=axis) / 127.0
+INT8_CHUNK = 64  # output channels `int8_matmul` widens to float32 at a time (at least; at most 64 chunks)
+
+
+def quantize_int8(rows) -> tuple[tf.Tensor, tf.Tensor]:
+    """Symmetric int8 quantization with one float32 scale per row (per output channel: int8
+    kernels are held [n_out, n_in], the token embedding's layout): rows float [r, c] -> (q int8
+    [r, c], scale float32 [r]) with scale = max |row| / 127 and q = round(row / scale) in
+    [-127, 127], so q * scale is within scale / 2 of each weight. A row of zeros gets scale 1."""
+    rows = _cast(tf.convert_to_tensor(rows), tf.float32)
+    scale = tf.reduce_max(tf.abs(rows), axis=1) / 127.0
     scale = tf.where(scale > 0, scale, 1.0)
-    q = tf.cast(tf.clip_by_value(tf.round(kernel / tf.expand_dims(scale, axis)), -127.0, 127.0), tf.int8)
+    q = tf.cast(tf.clip_by_value(tf.round(rows / scale[:, None]), -127.0, 127.0), tf.int8)
     return q, scale
 
 
-def dequantize_int8(q, scale, axis: int = 0) -> tf.Tensor:
-    """The float32 kernel an int8 pair stands for: q * scale (scale broadcast along `axis`)."""
-    return tf.cast(q, tf.float32) * tf.expand_dims(_cast(scale, tf.float32), axis)
+def dequantize_int8(q, scale) -> tf.Tensor:
+    """The float32 rows an int8 pair stands for: q * scale [r, 1]."""
+    return tf.cast(q, tf.float32) * _cast(scale, tf.float32)[:, None]
 
 
-def int8_matmul(x, q, scale, transpose_b: bool = False) -> tf.Tensor:
-    """x float [n, n_in] @ (q int8 [n_in, n_out] * scale [n_out]) as float32 [n, n_out] (with
-    transpose_b, q is [n_out, n_in], as the token embedding for the logits). The scale is applied
-    to the product: (x @ q) * scale, q widened to float32 exactly."""
-    product = tf.matmul(_cast(x, tf.float32), tf.cast(q, tf.float32), transpose_b=transpose_b)
-    return product * _cast(scale, tf.float32)
+def int8_matmul(x, q, scale) -> tf.Tensor:
+    """x float [n, n_in] times the int8 kernel q [n_out, n_in] (one row per output channel) with
+    scale [n_out]: float32 [n, n_out] = (x @ q^T) * scale, q widened to float32 exactly.
+
+    How, for XLA on CPUs (where widening the whole kernel first costs more than float32's own
+    product): one row (n == 1, known when traced) is one product, which XLA fuses with the
+    widening; more rows go INT8_CHUNK output channels at a time in a loop, each chunk widened
+    while it is in cache. Plain TensorFlow runs the same ops."""
+    x = _cast(x, tf.float32)
+    scale = _cast(scale, tf.float32)
+    n_out, n_in = q.shape
+    size = max(INT8_CHUNK, -(-n_out // (64 * INT8_CHUNK)) * INT8_CHUNK)  # the logits: 64 chunks of 832
+    chunks = n_out // size
+    if x.shape[0] == 1 or chunks < 2:
+        return tf.matmul(x, tf.cast(q, tf.float32), transpose_b=True) * scale
+
+    def step(j, out):
+        rows = tf.cast(tf.slice(q, [j * size, 0], [size, n_in]), tf.float32)
+        return j + 1, out.write(j, tf.matmul(x, rows, transpose_b=True))
+
+    rows = tf.shape(x)[0]
+    _, out = tf.while_loop(lambda j, _: j < chunks, step,
+                           (tf.constant(0), tf.TensorArray(tf.float32, chunks, element_shape=[x.shape[0], size])))
+    y = tf.reshape(tf.transpose(out.stack(), [1, 0, 2]), [rows, chunks * size])
+    if chunks * size < n_out:  # the last, partial chunk
+        y = tf.concat([y, tf.matmul(x, tf.cast(q[chunks * size:], tf.float32), transpose_b=True)], 1)
+    return y * scale
 
 
 class Int8Kernel:
     """A float weight held as int8 `q` with a float32 `scale` per output channel (Keras variables,
-    not trainable): `quantize_int8(value, axis)`. Stands in for the float variable where weights
-    are loaded and saved: `assign(float value)` quantizes, `value` dequantizes, `shape` is the
-    float weight's, `dtype` the dtype it takes; `tensors()` is what `dense` and `int8_matmul` take."""
+    not trainable), q laid out [n_out, n_in] (`quantize_int8`): a Conv1D kernel [n_in, n_out] is
+    held transposed, the token embedding [V, e] as it is (its rows are the logits' channels).
+    Stands in for the float variable where weights are loaded and saved: `assign(float value)`
+    quantizes, `value` dequantizes, `shape` is the float weight's, `dtype` the dtype it takes;
+    `tensors()` is the pair `dense` and `int8_matmul` take."""
 
     dtype = "float32"
 
-    def __init__(self, q, scale, axis=0):
-        self.q, self.scale, self.axis = q, scale, axis
+    def __init__(self, q, scale, transposed):
+        self.q, self.scale, self.transposed = q, scale, transposed
 
     @property
     def shape(self):
-        return self.q.shape
+        return tuple(reversed(self.q.shape)) if self.transposed else tuple(self.q.shape)
 
     def assign(self, value):
-        q, scale = quantize_int8(value, self.axis)
+        q, scale = quantize_int8(tf.transpose(value) if self.transposed else value)
         self.q.assign(q)
         self.scale.assign(scale)
 
     @property
     def value(self):
-        """The dequantized float32 weight."""
-        return dequantize_int8(self.q, self.scale, self.axis)
+        """The dequantized float32 weight, in the float weight's layout."""
+        rows = dequantize_int8(self.q, self.scale)
+        return tf.transpose(rows) if self.transposed else rows
 
     def tensors(self):
-        """(q int8, scale float32) as tensors."""
+        """(q int8 [n_out, n_in], scale float32 [n_out]) as tensors."""
         return tf.convert_to_tensor(self.q), tf.convert_to_tensor(self.scale)
 
     def gather(self, indices):
-        """Rows `indices` of a per-row ([V, e], axis 1) weight, dequantized: float32 [..., e]."""
+        """Rows `indices` (of the untransposed token embedding), dequantized: float32 [..., e]."""
         return tf.cast(tf.gather(self.q, indices), tf.float32) * tf.gather(self.scale, indices)[..., None]
 
 
-def int8_weight(layer, shape, axis, initializer, name):
-    """An `Int8Kernel` of `shape` made of `layer`'s weights `name` (int8) and `name`_scale.
-    initializer: a Keras initializer (random: drawn in float32, then quantized) or a plain
-    function of (shape, dtype) (as the model's uninitialised one)."""
+def int8_weight(layer, shape, transposed, initializer, name):
+    """An `Int8Kernel` for a float weight of `shape`, made of `layer`'s weights `name` (int8) and
+    `name`_scale. initializer: a Keras initializer (random: drawn in float32, then quantized) or a
+    plain function of (shape, dtype) (as the model's uninitialised one)."""
     random = isinstance(initializer, keras.initializers.Initializer)
-    q = layer.add_weight(shape=shape, initializer="zeros" if random else initializer, dtype="int8",
+    rows = tuple(reversed(shape)) if transposed else tuple(shape)
+    q = layer.add_weight(shape=rows, initializer="zeros" if random else initializer, dtype="int8",
                          trainable=False, name=name)
-    scale = layer.add_weight(shape=(shape[1 - axis],), initializer="ones" if random else initializer,
+    scale = layer.add_weight(shape=(rows[0],), initializer="ones" if random else initializer,
                              trainable=False, name=f"{name}_scale")
-    kernel = Int8Kernel(q, scale, axis)
+    kernel = Int8Kernel(q, scale, transposed)
     if random:
         kernel.assign(initializer(shape, "float32"))
     return kernel
@@ -299,13 +327,13 @@ class Conv1D(keras.layers.Layer):
 
     OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
     `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
-    weight_dtype "int8": w is an `Int8Kernel` (int8 `w` and float32 `w_scale` [n_out]).
+    weight_dtype "int8": w is an `Int8Kernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]).
     """
 
     def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
         if weight_dtype == "int8":
-            self.w = int8_weight(self, (n_in, n_out), 0, kernel_initializer, weight_names[0])
+            self.w = int8_weight(self, (n_in, n_out), True, kernel_initializer, weight_names[0])
         else:
             self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name=weight_names[0])
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name=weight_names[1])

@@ -77,7 +77,7 @@ class GPT2(keras.Model):
     def _make_layers(self, hparams, dropout, normal):
         """Creates the weights; normal(stddev): their initializer."""
         if self.weight_dtype == "int8":
-            self.wte = int8_weight(self, (hparams.n_vocab, hparams.n_embd), 1, normal(0.02), "wte")
+            self.wte = int8_weight(self, (hparams.n_vocab, hparams.n_embd), False, normal(0.02), "wte")
         else:
             self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
@@ -153,7 +153,7 @@ class GPT2(keras.Model):
         dtype = self.compute_dtype
         flat = tf.reshape(h, [-1, h.shape[-1]])
         if isinstance(self.wte, Int8Kernel):
-            logits = int8_matmul(flat, *self.wte.tensors(), transpose_b=True)
+            logits = int8_matmul(flat, *self.wte.tensors())
         else:
             wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
             logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
