@@ -54,6 +54,7 @@ def add_adapters(model, rank, alpha=None, seed=0):
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.check_trainable("a LoRA adapter")
     scale = float(alpha if alpha is not None else rank) / rank
     rng = np.random.default_rng([seed, rank])
     variables = []

@@ -182,6 +182,7 @@ class Trainer:
 
         if not isinstance(self.model, GPT2):
             raise TypeError(f"finetune expects a gpt2.GPT2 model, got {type(self.model).__name__}")
+        self.model.check_trainable("fine-tuning")
         created_here = self.strategy.extended.variable_created_in_scope
         if not created_here(_tf_variable(self.model.wte)):
             raise ValueError("create (or load) the model under strategy.scope() of the strategy you train with")
