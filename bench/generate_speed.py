@@ -1,8 +1,9 @@
 """Greedy generation speed of this project's compiled sampler against its peers, on CPU.
 
     python bench/generate_speed.py [--shape 124M] [--batch-sizes 1,8] [--prompt-len 32]
-        [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai]
-        [--openai-repo PATH] [--ours-xla default|on|off|both|none] [--ours-direct]
+        [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai,llamacpp]
+        [--openai-repo PATH] [--llamacpp-types f32,f16,q8_0] [--converter PATH]
+        [--ours-xla default|on|off|both|none] [--ours-direct]
         [--ours-dtypes float32,bfloat16,int8]
         [--threads N] [--json out.json]
 
@@ -23,6 +24,13 @@ early stop):
                 random init, compile(sampler="greedy", jit_compile=False), generate() fed
                 {token_ids, padding_mask} of length P + N with stop_token_ids=None.
   kerashub-xla  the same with compile(jit_compile=True).
+  llamacpp-T    (--peers llamacpp, not in the default peers) llama.cpp through llama-cpp-python on
+                a GGUF file of our random checkpoint, one row per --llamacpp-types T (f32, f16,
+                q8_0): our `--to hf` export converted by llama.cpp's convert_hf_to_gguf.py (made once
+                by llamacpp_gguf.py into bench/.cache/<shape>-gguf/). Batch 1: Llama.generate(temp=0)
+                after llm.reset() (no reuse of the previous call's cache); larger batches: one
+                llama_batch of all sequences per llama_decode (low-level API), argmax per row.
+                Threads: --threads, else the cores. n_ctx cells per sequence.
   openai        OpenAI's TF1 src/model.py + src/sample.py (from --openai-repo) in
                 tf.compat.v1 graph mode, sample_sequence(..., temperature=1, top_k=1) (= greedy),
                 our random checkpoint restored with tf.compat.v1.train.Saver. UNTESTED here: no
@@ -86,9 +94,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llamacpp_gguf  # noqa: E402
+
 import _common  # noqa: E402
 
-PEERS = ("hf", "kerashub", "kerashub-xla", "openai")
+PEERS = ("hf", "kerashub", "kerashub-xla", "openai", "llamacpp")
+DEFAULT_PEERS = ("hf", "kerashub", "kerashub-xla", "openai")
 OURS_VARIANTS = {"default": [("ours", None)], "on": [("ours-xla", True)], "off": [("ours-noxla", False)],
                  "both": [("ours-xla", True), ("ours-noxla", False)], "none": []}
 
@@ -310,7 +321,84 @@ def setup_openai(spec):
                      threads=threads, options="temperature=1, top_k=1")
 
 
-SETUPS = {"ours": setup_ours, "hf": setup_hf, "kerashub": setup_kerashub, "openai": setup_openai}
+def setup_llamacpp(spec):
+    """llama.cpp through llama-cpp-python on a GGUF file made from our Hugging Face export
+    (llamacpp_gguf.py). Batch 1: Llama.generate(temp=0), what a user of the package calls. Batch
+    > 1: the package's low-level API, one llama_batch holding every sequence each step (one
+    llama_decode per step, sequence i in KV stream i), greedy argmax over each row's logits."""
+    import itertools
+
+    import numpy as np
+
+    if importlib.util.find_spec("llama_cpp") is None or not spec.get("gguf"):
+        raise _common.Skip(spec.get("gguf_missing") or "llama-cpp-python not installed (see bench/README.md)")
+    import llama_cpp
+
+    prompt = np.asarray(spec["prompt"], np.int64)
+    batch, prompt_len = prompt.shape
+    threads = spec["threads"] or os.cpu_count()
+    n_ctx = spec["hparams"]["n_ctx"]
+    rss_import = _common.current_rss_bytes()
+    start = time.perf_counter()
+    if batch == 1:
+        llm = llama_cpp.Llama(spec["gguf"], n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+        load_s = time.perf_counter() - start
+        tokens = prompt[0].tolist()
+
+        def run(n):
+            llm.reset()  # no prefix reuse: every call prefills its prompt, as the other systems do
+            new = itertools.islice(llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0), n)
+            return np.asarray([tokens + list(new)])
+
+        params, how = llm._model.n_params(), "batch 1: Llama.generate(temp=0)"
+    else:
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(spec["gguf"].encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {spec['gguf']}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = batch * n_ctx  # n_ctx cells per sequence
+        cparams.n_seq_max = batch
+        cparams.n_batch = max(512, batch * prompt_len)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not make a context")
+        memory = llama_cpp.llama_get_memory(ctx)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        lbatch = llama_cpp.llama_batch_init(batch * prompt_len, 0, 1)
+        load_s = time.perf_counter() - start
+
+        def decode(entries):  # entries: (token, position, sequence, wants logits)
+            for i, (token, pos, seq, logits) in enumerate(entries):
+                lbatch.token[i], lbatch.pos[i], lbatch.n_seq_id[i] = token, pos, 1
+                lbatch.seq_id[i][0], lbatch.logits[i] = seq, logits
+            lbatch.n_tokens = len(entries)
+            code = llama_cpp.llama_decode(ctx, lbatch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(batch * n_vocab,))
+            return logits.reshape(batch, n_vocab).argmax(axis=1)  # outputs in entry order = sequence order
+
+        def run(n):
+            llama_cpp.llama_memory_clear(memory, True)
+            nxt = decode([(int(prompt[s, p]), p, s, p == prompt_len - 1)
+                          for s in range(batch) for p in range(prompt_len)])
+            out = [nxt]
+            for step in range(1, n):
+                nxt = decode([(int(nxt[s]), prompt_len + step - 1, s, True) for s in range(batch)])
+                out.append(nxt)
+            return np.concatenate([prompt, np.stack(out, axis=1)], axis=1)
+
+        params, how = llama_cpp.llama_model_n_params(model), f"batch {batch}: one llama_batch of {batch} sequences"
+    return run, dict(load_s=load_s, rss_import=rss_import, params=int(params),
+                     versions=f"llama-cpp-python {llama_cpp.__version__}", threads=f"llama.cpp {threads} threads",
+                     options=f"{os.path.basename(spec['gguf'])}, {how}, n_ctx {n_ctx} per sequence")
+
+
+SETUPS = {"ours": setup_ours, "hf": setup_hf, "kerashub": setup_kerashub, "openai": setup_openai,
+          "llamacpp": setup_llamacpp}
 
 
 def worker_setup(spec):
@@ -354,6 +442,8 @@ def run_batch(systems, batch, args, model_dir, hparams, prompt):
     for name, kind, xla, dtype in systems:
         spec = dict(kind=kind, xla=xla, dtype=dtype, model_dir=model_dir, hparams=hparams, prompt=prompt[:batch],
                     new_tokens=args.new_tokens, openai_repo=args.openai_repo, threads=args.threads)
+        if kind == "llamacpp":
+            spec.update(dtype=None, gguf=args.ggufs.get(dtype), gguf_missing=args.gguf_missing)
         env = {"KERAS_BACKEND": "tensorflow"} if kind == "kerashub" else {}
         if kind == "ours":  # "first call" = a cold compile, as the peers' (see bench/startup.py)
             env["GPT2_CACHE_DIR"] = "off"
@@ -426,8 +516,12 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--peers", default=",".join(PEERS),
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                         help="comma-separated subset of " + ",".join(PEERS) + " ('' = ours only)")
+    parser.add_argument("--llamacpp-types", default="f32,f16,q8_0",
+                        help="GGUF weight types for the llamacpp peer, one row each (llamacpp-f32, ...)")
+    parser.add_argument("--converter", help="llama.cpp's convert_hf_to_gguf.py for the llamacpp peer "
+                                            "(default: $LLAMA_CPP_CONVERTER; see bench/llamacpp_gguf.py)")
     parser.add_argument("--openai-repo", help="checkout of openai/gpt-2 (for the 'openai' peer)")
     parser.add_argument("--ours-xla", default="default", choices=list(OURS_VARIANTS),
                         help="pass jit_compile=True/False to gpt2.sample_sequence (both: two rows); "
@@ -470,7 +564,12 @@ def main(argv=None):
     systems = [(name + suffix[dtype], "ours", xla, None if dtype == "float32" else dtype)
                for dtype in dtypes for name, xla in variants]
     systems += [(p, "kerashub" if p.startswith("kerashub") else p,
-                 p.endswith("-xla") if p.startswith("kerashub") else None, None) for p in peers]
+                 p.endswith("-xla") if p.startswith("kerashub") else None, None) for p in peers if p != "llamacpp"]
+    gguf_types = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
+    if "llamacpp" in peers:
+        if set(gguf_types) - set(llamacpp_gguf.OUTTYPES) or not gguf_types:
+            parser.error(f"--llamacpp-types takes {', '.join(llamacpp_gguf.OUTTYPES)}")
+        systems += [(f"llamacpp-{t}", "llamacpp", None, t) for t in gguf_types]
 
     import numpy as np
 
@@ -478,6 +577,15 @@ def main(argv=None):
           f"{args.new_tokens} new tokens, batch sizes {batch_sizes}, {args.reps} reps "
           f"({os.cpu_count()} cores, threads: {args.threads or 'framework defaults'})\n", flush=True)
     model_dir = _common.cached_checkpoint(args.shape)
+    args.ggufs, args.gguf_missing = {}, None
+    if "llamacpp" in peers:
+        converter = llamacpp_gguf.find_converter(args.converter)
+        if importlib.util.find_spec("llama_cpp") is None:
+            args.gguf_missing = "llama-cpp-python not installed (see bench/README.md)"
+        elif converter is None:
+            args.gguf_missing = "no convert_hf_to_gguf.py: pass --converter or set LLAMA_CPP_CONVERTER"
+        else:
+            args.ggufs = llamacpp_gguf.make_ggufs(model_dir, gguf_types, converter)
     prompt = np.random.default_rng(0).integers(0, hparams["n_vocab"], (max(batch_sizes), args.prompt_len))
     prompt = prompt.astype(int).tolist()
 
