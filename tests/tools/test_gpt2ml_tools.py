@@ -64,6 +64,7 @@ def test_evaluate_reads_the_folders_shape_and_tokenizer(folder, model, monkeypat
     np.testing.assert_allclose(got["bits_per_byte"], nll.sum() / np.log(2) / len(TEXT.encode()), rtol=1e-5)
 
 
+@pytest.mark.slow  # traces the export's generation loop (about 50 s on 2 busy cores)
 def test_export_pads_with_sep_and_bans_pad_in_the_graph(tmp_path):
     """A folder whose greedy next token is [PAD] after any prompt: the export draws it never, and
     its logits signature shows it is the argmax."""
