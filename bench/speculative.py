@@ -1,7 +1,7 @@
 """Speculative decoding (gpt2/sampling/speculative.py): acceptance and speed-up against plain
 decoding on the same uncompiled sampler, batch 1, greedy unless said otherwise.
 
-    python bench/speculative.py [--reps 2] [--new-tokens 128] [--train-steps 200]
+    python bench/speculative.py [--reps 2] [--new-tokens 128] [--train-steps 150]
 
 Two models, in one process, each row timed in interleaved reps after an untimed first call:
 
@@ -49,7 +49,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--cache", default=_common.CACHE_DIR,
                         help="folder of the random checkpoints and the fine-tuned models (default: bench/.cache)")
     parser.add_argument("--train", metavar="FOLDER", help=argparse.SUPPRESS)  # the training subprocess
@@ -159,7 +159,7 @@ def train(args):
         net = gpt2.GPT2(gpt2.HParams(n_vocab=50257, n_ctx=256, n_embd=width, n_head=4, n_layer=layers))
         start = time.perf_counter()
         result = gpt2.finetune(net, corpus, os.path.join(args.train, name), source_dir=source,
-                               steps=args.train_steps, batch_size=4, seq_len=128, learning_rate=1e-3,
+                               steps=args.train_steps, batch_size=1, seq_len=128, learning_rate=2e-3,
                                save_every=0, progress=False)
         print(f"fine-tuned {name} ({layers} x {width}) for {args.train_steps} steps in "
               f"{time.perf_counter() - start:.0f} s, last loss {result.loss:.3f}", flush=True)
