@@ -6,8 +6,9 @@ decoding on the same uncompiled sampler, batch 1, greedy unless said otherwise.
 Two models, in one process, each row timed in interleaved reps after an untimed first call:
 
   random 124M      a 32-token random prompt: plain (uncompiled; and the compiled loop, quoted),
-                   prompt lookup (nothing to copy: acceptance near zero, the overhead), a second
-                   random 124M as draft (acceptance near zero), 124M drafting for itself (every
+                   prompt lookup (the prompt holds nothing to copy: what it finds are the loops
+                   of random weights' greedy text), a second random 124M as draft (acceptance
+                   near zero: the overhead), 124M drafting for itself (every
                    draft accepted: the cost of a draft as large as the model);
   memorised        a small GPT-2 shape (4 layers x 256, n_ctx 256) fine-tuned with gpt2.finetune
                    on a ~100-token passage repeated, and a 1-layer x 128 draft fine-tuned the same
@@ -104,17 +105,16 @@ def main(argv=None):
     print(f"memorised model: {matched} of {memo_new} greedy tokens equal the passage", flush=True)
 
     results = {}
-    for section, _, prompt, net, options in rows:  # first calls: traces, untimed
-        length = new if section == "random 124M" else memo_new
-        call(prompt, net, options, length)
+    for section, _, text, net, options in rows:  # first calls: traces, untimed
+        call(text, net, options, new if section == "random 124M" else memo_new)
     for _ in range(args.reps):
-        for section, name, prompt, net, options in rows:
+        for section, name, text, net, options in rows:
             length = new if section == "random 124M" else memo_new
             draft = options.get("draft")
             before = None if draft is None else (draft.stats.drafted, draft.stats.accepted, draft.stats.tokens,
                                                  draft.stats.rounds + draft.stats.plain)
             start = time.perf_counter()
-            call(prompt, net, options, length)
+            call(text, net, options, length)
             seconds = time.perf_counter() - start
             entry = results.setdefault((section, name), {"seconds": [], "length": length})
             entry["seconds"].append(seconds)
