@@ -1,13 +1,14 @@
 """Speculative decoding (gpt2/sampling/speculative.py): acceptance and speed-up against plain
 decoding on the same uncompiled sampler, batch 1, greedy unless said otherwise.
 
-    python bench/speculative.py [--reps 2] [--new-tokens 128] [--train-steps 200]
+    python bench/speculative.py [--reps 2] [--new-tokens 128] [--train-steps 150]
 
 Two models, in one process, each row timed in interleaved reps after an untimed first call:
 
   random 124M      a 32-token random prompt: plain (uncompiled; and the compiled loop, quoted),
-                   prompt lookup (nothing to copy: acceptance near zero, the overhead), a second
-                   random 124M as draft (acceptance near zero), 124M drafting for itself (every
+                   prompt lookup (the prompt holds nothing to copy: what it finds are the loops
+                   of random weights' greedy text), a second random 124M as draft (acceptance
+                   near zero: the overhead), 124M drafting for itself (every
                    draft accepted: the cost of a draft as large as the model);
   memorised        a small GPT-2 shape (4 layers x 256, n_ctx 256) fine-tuned with gpt2.finetune
                    on a ~100-token passage repeated, and a 1-layer x 128 draft fine-tuned the same
@@ -49,7 +50,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--cache", default=_common.CACHE_DIR,
                         help="folder of the random checkpoints and the fine-tuned models (default: bench/.cache)")
     parser.add_argument("--train", metavar="FOLDER", help=argparse.SUPPRESS)  # the training subprocess
@@ -104,17 +105,16 @@ def main(argv=None):
     print(f"memorised model: {matched} of {memo_new} greedy tokens equal the passage", flush=True)
 
     results = {}
-    for section, _, prompt, net, options in rows:  # first calls: traces, untimed
-        length = new if section == "random 124M" else memo_new
-        call(prompt, net, options, length)
+    for section, _, text, net, options in rows:  # first calls: traces, untimed
+        call(text, net, options, new if section == "random 124M" else memo_new)
     for _ in range(args.reps):
-        for section, name, prompt, net, options in rows:
+        for section, name, text, net, options in rows:
             length = new if section == "random 124M" else memo_new
             draft = options.get("draft")
             before = None if draft is None else (draft.stats.drafted, draft.stats.accepted, draft.stats.tokens,
                                                  draft.stats.rounds + draft.stats.plain)
             start = time.perf_counter()
-            call(prompt, net, options, length)
+            call(text, net, options, length)
             seconds = time.perf_counter() - start
             entry = results.setdefault((section, name), {"seconds": [], "length": length})
             entry["seconds"].append(seconds)
@@ -159,7 +159,7 @@ def train(args):
         net = gpt2.GPT2(gpt2.HParams(n_vocab=50257, n_ctx=256, n_embd=width, n_head=4, n_layer=layers))
         start = time.perf_counter()
         result = gpt2.finetune(net, corpus, os.path.join(args.train, name), source_dir=source,
-                               steps=args.train_steps, batch_size=4, seq_len=128, learning_rate=1e-3,
+                               steps=args.train_steps, batch_size=1, seq_len=128, learning_rate=2e-3,
                                save_every=0, progress=False)
         print(f"fine-tuned {name} ({layers} x {width}) for {args.train_steps} steps in "
               f"{time.perf_counter() - start:.0f} s, last loss {result.loss:.3f}", flush=True)

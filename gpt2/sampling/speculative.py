@@ -26,8 +26,9 @@ Exactness:
 
 Draft length adapts: it grows by one after a round that kept every draft and shrinks after a
 rejection, within [1, the draft's `tokens`]. When a single draft token is rejected outright, the
-next rounds are plain steps (1, 2, 4 ... up to PAUSE_LIMIT of them) before trying again, so a
-draft that never agrees costs a few percent, not a draft step per token.
+next rounds are plain steps (1, 4, 16 ... up to PAUSE_LIMIT of them) before trying again, so a
+draft that never agrees costs a few tries (and a draft model's reading of the prompt), not a
+draft step per token.
 
 Limits (each refused with a one-line SettingsError): one row, prompt + new tokens within the
 context (no sliding window), no log-probabilities, not the compiled loop (jit_compile=True).
@@ -45,7 +46,7 @@ from gpt2.sampling import direct
 from gpt2.sampling.pool import sampling_rows
 from gpt2.sampling.settings import SettingsError
 
-PAUSE_LIMIT = 64  # most plain steps between tries after a draft was rejected outright
+PAUSE_LIMIT = 256  # most plain steps between tries after a draft was rejected outright
 DEFAULT_TOKENS = 8  # most draft tokens per round
 START_TOKENS = 4  # draft tokens of the first round
 
@@ -245,7 +246,7 @@ def decode_rows(model, requests, draft):
                 if accepted == len(drafts):
                     length = min(length + 1, draft.tokens)
                 elif accepted == 0 and length == 1:
-                    pause, backoff = backoff, min(backoff * 2, PAUSE_LIMIT)
+                    pause, backoff = backoff, min(backoff * 4, PAUSE_LIMIT)
                 else:
                     length = max(1, min(length - 1, accepted + 1))
                 if accepted:
