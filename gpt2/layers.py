@@ -145,9 +145,14 @@ class Int8Kernel:
         return tuple(reversed(self.q.shape)) if self.transposed else tuple(self.q.shape)
 
     def assign(self, value):
-        q, scale = quantize_int8(tf.transpose(value) if self.transposed else value)
-        self.q.assign(q)
-        self.scale.assign(scale)
+        """Quantizes `value` (the float weight) into q and scale, a block of rows (4M weights) at
+        a time, so the quantizer's float temporaries stay small beside the weight (wte: 154 MiB)."""
+        rows = tf.transpose(value) if self.transposed else tf.convert_to_tensor(value)
+        block = max(1, (1 << 22) // rows.shape[1])
+        parts = [quantize_int8(rows[start: start + block]) for start in range(0, rows.shape[0], block)]
+        del rows
+        self.q.assign(tf.concat([q for q, _ in parts], 0) if len(parts) > 1 else parts[0][0])
+        self.scale.assign(tf.concat([scale for _, scale in parts], 0) if len(parts) > 1 else parts[0][1])
 
     @property
     def value(self):

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import gpt2
 from gpt2.layers import Int8Kernel, dequantize_int8, int8_matmul, quantize_int8
+from gpt2.sampling import api
 
 from paths import TINY_MODEL
 
@@ -120,12 +121,14 @@ def test_greedy_agrees_with_float32_and_the_sampler_with_the_model(tiny_model, i
     0.3). The uncompiled sampler (short jobs) gives the int8 model's own greedy tokens up to its
     first near tie; the compiled loop is checked by the server test."""
     monkeypatch.delenv("GPT2_DIRECT_TOKENS", raising=False)
+    assert api.direct_tokens(int8_model) == api.DIRECT_TOKENS // 4 == 64  # 3 x 20 tokens stay uncompiled
     agree, followed = [], 0
     for case in reference["greedy"]["cases"]:
         ids = np.array([case["all_ids"]])
         agree.extend(int8_model(ids)["logits"].numpy()[0].argmax(-1) == tiny_model(ids)["logits"].numpy()[0].argmax(-1))
         out = gpt2.sample_sequence(int8_model, [case["prompt_ids"]], 20, temperature=0)[0]
         followed += greedy_follows(dequantized, case, out, 20)
+    assert not api.pools_of(int8_model)
     assert np.mean(agree) >= 0.9 and followed >= 40
 
 
@@ -160,7 +163,7 @@ def test_generate_cli_with_dtype_int8(capsys, int8_model, reference, monkeypatch
         return int8_model
 
     monkeypatch.setattr(generate_cli, "_load_model", load)
-    monkeypatch.delenv("GPT2_DIRECT_TOKENS", raising=False)
+    monkeypatch.setenv("GPT2_DIRECT_TOKENS", "1000")  # the uncompiled sampler: nothing to compile
     case = reference["greedy"]["cases"][0]
     assert generate_cli.main(["--model", TINY_MODEL, "--dtype", "int8", "--top-k", "1", "--length", "8",
                  "--prompt", case["prompt_text"]]) == 0
