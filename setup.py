@@ -32,7 +32,7 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.16; sys_platform == 'linux'", "tensorflow>=2.16; sys_platform != 'linux'"],
         # hf: Hugging Face folders (gpt2.formats.hf, python -m gpt2.convert); OpenAI checkpoints need nothing more.
         "hf": ["safetensors>=0.4.5"],
-        "test": ["pytest", "openai", "safetensors>=0.4.5", "selenium", "tiktoken", "ruff>=0.6"],
+        "test": ["pytest", "pytest-xdist", "openai", "safetensors>=0.4.5", "selenium", "tiktoken", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [

@@ -478,7 +478,7 @@ def get_encoder(model_name: str | None = None, models_dir: str | os.PathLike = "
         hint = f"download the model with python download_model.py {model_name}{option}"
         from encoder import wordpiece  # here: wordpiece imports this module
 
-        if wordpiece.is_wordpiece_folder(directory):  # a GPT2-ML folder: its WordPiece tokenizer
+        if wordpiece.is_wordpiece_folder(directory) or _is_gpt2ml_folder(directory):  # GPT2-ML's WordPiece
             return wordpiece.get_wordpiece_encoder(directory)
     encoder_json, vocab_bpe = (os.path.join(directory, name) for name in ("encoder.json", "vocab.bpe"))
     for path in (encoder_json, vocab_bpe):
@@ -515,6 +515,15 @@ def encoder_for_model_dir(model_dir):
     from the files `encoder_files_for_model_dir` picks."""
     from encoder import wordpiece  # here: wordpiece imports this module
 
-    if wordpiece.is_wordpiece_folder(model_dir):
-        return wordpiece.get_wordpiece_encoder(model_dir)
+    if wordpiece.is_wordpiece_folder(model_dir) or _is_gpt2ml_folder(model_dir):
+        return wordpiece.get_wordpiece_encoder(model_dir)  # no vocabulary file: a one-line error saying so
     return _cached_encoder(*encoder_files_for_model_dir(model_dir))
+
+
+def _is_gpt2ml_folder(model_dir):
+    """True for a GPT2-ML model folder (gpt2.formats.gpt2ml.claims), whose tokenizer is never GPT-2's BPE."""
+    try:
+        from gpt2.formats.gpt2ml import claims
+    except ImportError:  # the encoder package alone
+        return False
+    return claims(model_dir)

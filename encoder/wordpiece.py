@@ -22,14 +22,13 @@ whitespace as BERT's ``load_vocab`` does; the id of a token is its line number f
 written on two lines the later line's id is the one encoding gives.
 """
 
-import functools
 import operator
 import os
 import unicodedata
 
 import numpy as np
 
-from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES, encode_with_special, id_list
+from encoder.encoder import CACHE_MAX_CHARS, CACHE_MAX_ENTRIES, encode_with_special, id_list, read_text_chunks
 
 PAD_TEXT = "[PAD]"
 UNK_TEXT = "[UNK]"
@@ -166,6 +165,7 @@ class WordPieceEncoder:
         self.sep_token = self.encoder[SEP_TEXT]
         self.eot_token = self.sep_token
         self.never_drawn = (self.pad_token,)  # the samplers ban it, as GPT2-ML's demo does
+        self.normalizes_text = True  # decode(encode(text)) is lower-cased, without whitespace
         self._longest = max(map(len, self.encoder))  # no longer substring can match
         self._cache = {}  # word (after step 2) -> tuple of ids
 
@@ -249,15 +249,15 @@ class WordPieceEncoder:
         if pending:
             yield self.encode(pending, allow_special)
 
-    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32):
-        """Encodes a UTF-8 text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``); their
-        concatenation equals ``encode(text)`` of the whole file (see :meth:`encoder.Encoder.encode_file`)."""
+    def encode_file(self, path, allow_special=False, chunk_chars=1 << 20, dtype=np.int32, encoding="utf-8"):
+        """Encodes a text file chunk by chunk, yielding 1-D numpy arrays of ids (``dtype``); their
+        concatenation equals ``encode(text)`` of the whole file. The file is read as
+        :meth:`encoder.Encoder.encode_file` reads it (``encoding``; a UTF-8 byte order mark is not text)."""
         if chunk_chars < 1:
             raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
-        with open(path, encoding="utf-8", newline="") as f:
-            chunks = iter(functools.partial(f.read, chunk_chars), "")
-            for ids in self.encode_iter(chunks, allow_special):
-                yield np.asarray(ids, dtype=dtype)
+        chunks = read_text_chunks(path, encoding, chunk_chars)
+        for ids in self.encode_iter(chunks, allow_special):
+            yield np.asarray(ids, dtype=dtype)
 
     # ------------------------------------------------------------------ decoding
 

@@ -24,6 +24,9 @@ _LAZY = {
     "score": "gpt2.scoring",
     "perplexity": "gpt2.scoring",
     "finetune": "gpt2.train.trainer",
+    # speculative decoding: sample_sequence(..., draft=DraftModel(small_model) or PromptLookup())
+    "DraftModel": "gpt2.sampling.speculative",
+    "PromptLookup": "gpt2.sampling.speculative",
 }
 
 __all__ = ["HParams", "PRESETS", *_LAZY]

@@ -3,6 +3,7 @@ checkpoint, Hugging Face's safetensors, GPT2-ML's TF1 checkpoint), loads a `gpt2
 `gpt2.model.GPT2ML`) from it, saves one as OpenAI's.
 
     python -m gpt2.checkpoint --random 124M DIR [--seed 0]   # random weights, real shape
+    python -m gpt2.checkpoint --random gpt2ml-1.5B DIR          # GPT2-ML's 1.5B, in their layout
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import numpy as np
 
 from gpt2 import compile_cache
 from gpt2.formats import gpt2ml, hf, openai
-from gpt2.formats.base import CheckpointError, check_fits_in_memory, variable_shapes
-from gpt2.formats.openai import save_checkpoint, write_checkpoint
-from gpt2.hparams import OLD_NAMES, PRESETS, HParams
+from gpt2.formats.base import CheckpointError, check_fits_in_memory, saving_format, variable_shapes
+from gpt2.formats.openai import write_checkpoint
+from gpt2.hparams import GPT2ML_PRESETS, OLD_NAMES, PRESETS, GPT2MLHParams, HParams
 
 if TYPE_CHECKING:
     from gpt2.model import GPT2
@@ -80,7 +81,9 @@ def check_model_dir(model_dir, skip_optimizer_slots=False):
         return weights.hparams
 
 
-DTYPES = ("float32", "bfloat16", "mixed_bfloat16")
+DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "int8")
+# Bytes per weight each dtype holds (int8: the projections and wte; their scales and the rest are few).
+_WEIGHT_BYTES = {"bfloat16": 2, "int8": 1}
 
 
 def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
@@ -90,8 +93,10 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     layout or Hugging Face's (config.json + model.safetensors, see gpt2.formats.hf).
 
     dtype: "float32", "bfloat16" to hold the weights in bfloat16 (half the memory) and run the
-    matmuls in it, or "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training); see
-    gpt2.GPT2. dropout: the rate used when called with training=True.
+    matmuls in it, "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training), or "int8"
+    (weight-only int8 with a float32 scale per output channel, quantized here tensor by tensor as
+    they are read; float32 arithmetic; inference only, GPT-2 folders only); see gpt2.GPT2.
+    dropout: the rate used when called with training=True.
     before_weights(model): called with the model built but no weight read yet, e.g. to compile
     the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
     again before the weights need theirs. skip_optimizer_slots: load a checkpoint that a TF1
@@ -111,9 +116,13 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
+    options = {"dtype": "float32", "weight_dtype": "int8"} if dtype == "int8" else {"dtype": dtype}
     with open_weights(model_dir, skip_optimizer_slots, config) as weights:
-        check_fits_in_memory(weights.hparams, model_dir, 2 if dtype == "bfloat16" else 4)
-        model = model_class(weights.hparams)(weights.hparams, random_init=False, dtype=dtype, dropout=dropout)
+        if dtype == "int8" and isinstance(weights.hparams, GPT2MLHParams):
+            raise ValueError(f"{model_dir}: int8 weights are for GPT-2 folders; load a GPT2-ML model in float32 "
+                             "or bfloat16")
+        check_fits_in_memory(weights.hparams, model_dir, _WEIGHT_BYTES.get(dtype, 4))
+        model = model_class(weights.hparams)(weights.hparams, random_init=False, dropout=dropout, **options)
         if before_weights is not None:
             before_weights(model)
         for name, variable in model.checkpoint_variables().items():
@@ -139,25 +148,54 @@ def _as_tensor(value):
     return tf.convert_to_tensor(value)
 
 
+def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike | None = None,
+                    step: int = 0) -> None:
+    """Writes `model` as a complete model folder in the layout of its kind (formats.base.saving_format):
+    a GPT-2 in OpenAI's (hparams.json, checkpoint, model.ckpt.*, encoder.json, vocab.bpe: see
+    gpt2.formats.openai.save_checkpoint), a GPT2-ML in their released one (config.json, checkpoint,
+    model.ckpt-STEP.*, the vocabulary file: see gpt2.formats.gpt2ml.save_checkpoint; `step` numbers
+    its files). Atomic: an interruption leaves the old checkpoint or the new one loadable. The
+    tokenizer files come from `encoder_dir`, else from the folder the model was loaded from."""
+    module = saving_format(model.hparams)
+    if module is gpt2ml:
+        return module.save_checkpoint(model, model_dir, encoder_dir, step=step)
+    return module.save_checkpoint(model, model_dir, encoder_dir)
+
+
+# --random's GPT2-ML shapes: gpt2ml-<their preset name>.
+GPT2ML_RANDOM = {f"gpt2ml-{name}": hparams for name, hparams in GPT2ML_PRESETS.items()}
+
+
 def write_random_checkpoint(preset_or_hparams: str | HParams, model_dir: str | os.PathLike, seed: int = 0) -> None:
-    """Writes a checkpoint of a preset shape ('124M', ...) or HParams with random weights, for
-    benchmarks and tests where the released weights are not available (1558M in well under 1 GB
-    of memory: see write_checkpoint)."""
-    hparams = PRESETS[preset_or_hparams] if isinstance(preset_or_hparams, str) else preset_or_hparams
+    """Writes a checkpoint of a preset shape ('124M', ..., 'gpt2ml-1.5B') or HParams with random
+    weights, for benchmarks and tests where the released weights are not available (1558M in well
+    under 1 GB of memory: see write_checkpoint). A GPT2-ML shape (GPT2MLHParams) is written in
+    their exact released layout: model.ckpt-220000 with global_step and Adafactor's slots, and
+    config.json (gpt2.formats.gpt2ml.write_checkpoint); no vocabulary file (theirs cannot be made
+    here: put their clue-vocab.txt beside it)."""
+    if isinstance(preset_or_hparams, str):
+        hparams = GPT2ML_RANDOM.get(preset_or_hparams) or PRESETS[preset_or_hparams]
+    else:
+        hparams = preset_or_hparams
     rng = np.random.default_rng(seed)
-    shapes = variable_shapes(hparams)
+    is_ml = isinstance(hparams, GPT2MLHParams)
+    shapes = (gpt2ml.variable_shapes if is_ml else variable_shapes)(hparams)
+    ones, zeros = ("/gamma",) if is_ml else ("/g",), ("/beta", "/bias") if is_ml else ("/b",)
 
     def random_value(name):
         shape = shapes[name]
-        if name.endswith("/g"):
+        if name.endswith(ones):
             return np.ones(shape, np.float32)
-        if name.endswith("/b"):
+        if name.endswith(zeros):
             return np.zeros(shape, np.float32)
         value = rng.standard_normal(shape, dtype=np.float32)
         value *= np.float32(0.01 if name == "model/wpe" else 0.02)
         return value
 
-    write_checkpoint(hparams, model_dir, random_value)
+    if is_ml:
+        gpt2ml.write_checkpoint(hparams, model_dir, random_value, step=220000, slots=True)
+    else:
+        write_checkpoint(hparams, model_dir, random_value)
 
 
 def main(argv=None):
@@ -166,10 +204,11 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(
         prog="python -m gpt2.checkpoint",
-        description="Write a GPT-2 checkpoint with random weights in OpenAI's layout.",
+        description="Write a GPT-2 checkpoint with random weights in OpenAI's layout (a GPT2-ML shape: "
+                    "in their released layout, with global_step and Adafactor's slots).",
     )
-    parser.add_argument("--random", metavar="SHAPE", required=True, choices=sorted(PRESETS),
-                        help="preset shape: " + ", ".join(PRESETS))
+    parser.add_argument("--random", metavar="SHAPE", required=True, choices=[*sorted(PRESETS), *GPT2ML_RANDOM],
+                        help="preset shape: " + ", ".join([*PRESETS, *GPT2ML_RANDOM]))
     parser.add_argument("model_dir", help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 

@@ -1,6 +1,7 @@
-"""Perplexity of text files under GPT-2: `python -m gpt2.evaluate --model 124M FILE...`.
+"""Perplexity of text files under GPT-2 (or GPT2-ML): `python -m gpt2.evaluate --model 124M FILE...`.
 
-Each file's text is encoded with <|endoftext|> prepended (so its first token is scored too) and
+Each file's text is encoded with the model folder's tokenizer, its end of text (<|endoftext|>;
+GPT2-ML's [SEP]) prepended (so its first token is scored too) and
 scored with `gpt2.perplexity` in sliding windows, streamed: neither the text nor its tokens are
 held whole. Prints, per file and in total, the tokens scored, the mean negative log-likelihood
 (nats/token), the perplexity and bits per byte (total NLL / ln 2 / UTF-8 bytes of the text).
@@ -14,7 +15,6 @@ one-line `error: ...` on stderr.
 import itertools
 import json
 import math
-import os
 import sys
 
 from gpt2 import cli
@@ -105,12 +105,13 @@ def _run(args):
     from tqdm import tqdm
 
     from encoder import encoder_for_model_dir
-    from gpt2.checkpoint import load_model, resolve_model_dir
-    from gpt2.hparams import HParams
+    from gpt2.checkpoint import folder_format, load_model, resolve_model_dir
 
-    # The files and the model folder are checked before TensorFlow is imported (seconds).
+    # The files and the model folder are checked before TensorFlow is imported (seconds), except a
+    # GPT2-ML folder's, whose shape is read from its checkpoint's index. Its format says the shape
+    # and the folder its tokenizer (GPT2-ML's WordPiece, whose end of text [SEP] is prepended).
     model_dir = resolve_model_dir(args.model, args.models_dir)
-    n_ctx = HParams.from_json(os.path.join(model_dir, "hparams.json")).n_ctx
+    n_ctx = folder_format(model_dir).read_hparams(model_dir).n_ctx
     stride = n_ctx // 2 if args.stride is None else args.stride
     if stride > n_ctx:
         raise ValueError(f"--stride {stride} is more than the model's context of {n_ctx} tokens")

@@ -4,10 +4,11 @@
     python -m gpt2.export --model path/to/finetuned --output exports/gpt2 --version 2
 
 OUT/<version>/ is laid out as TF Serving expects: saved_model.pb, variables/, and assets/ with
-encoder.json and vocab.bpe (the model folder's BPE files, else the bundled GPT-2 ones) so that
-clients can tokenise. The signatures (serving_default = generation, logits, score) are described
-in `gpt2.savedmodel`. Any folder `gpt2.load_model` reads works: OpenAI's layout or Hugging
-Face's, released or fine-tuned.
+encoder.json and vocab.bpe (the model folder's BPE files, else the bundled GPT-2 ones; a GPT2-ML
+folder's WordPiece vocabulary file instead) so that clients can tokenise. A GPT2-ML export pads
+its generated tokens with [SEP] and never draws [PAD] (banned in the graph). The signatures
+(serving_default = generation, logits, score) are described in `gpt2.savedmodel`. Any folder
+`gpt2.load_model` reads works: OpenAI's layout, Hugging Face's or GPT2-ML's, released or fine-tuned.
 
 The export is written in a temporary folder inside OUT (a name TF Serving does not take for a
 version) and renamed to OUT/<version> when complete; an existing version is replaced only with
@@ -72,7 +73,8 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     import_tensorflow()  # quietly, before anything else imports it
     import tensorflow as tf
 
-    from encoder import encoder_files_for_model_dir
+    from encoder import encoder_files_for_model_dir, encoder_for_model_dir
+    from encoder.wordpiece import wordpiece_vocab_file
     from gpt2.checkpoint import load_model
     from gpt2.convert import move_into_place
     from gpt2.savedmodel import ServingModule
@@ -84,10 +86,14 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
         bpe_dir = os.path.join(staging, "bpe")
         os.mkdir(bpe_dir)
         assets = []
-        for source, name in zip(encoder_files_for_model_dir(model_dir), ASSET_NAMES):
+        vocab = wordpiece_vocab_file(model_dir)  # a GPT2-ML folder's tokenizer, else the BPE files
+        sources = [vocab] if vocab else encoder_files_for_model_dir(model_dir)
+        for source, name in zip(sources, [os.path.basename(vocab)] if vocab else ASSET_NAMES):
             assets.append(os.path.join(bpe_dir, name))
             shutil.copyfile(source, assets[-1])
-        module = ServingModule(loaded, max_new_tokens, assets, jit_compile=jit_compile, batch_sizes=batch_sizes)
+        enc = encoder_for_model_dir(model_dir)
+        module = ServingModule(loaded, max_new_tokens, assets, jit_compile=jit_compile, batch_sizes=batch_sizes,
+                               pad_token=enc.eot_token, never_drawn=getattr(enc, "never_drawn", ()))
         # Each signature is traced (its graph built) here, one by one, so that progress can be
         # shown; tf.saved_model.save then reuses the traces.
         sizes = ", ".join(map(str, module.batch_sizes))

@@ -101,9 +101,10 @@ def build_parser(prog=None):
     )
 
     model.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
-        help="float32 (OpenAI's numbers) or bfloat16: weights in half the memory and faster "
-             "matmuls on CPUs with bfloat16 support, logits within about 1%% (default: %(default)s)",
+        "--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+        help="float32 (OpenAI's numbers); bfloat16: weights in half the memory and faster "
+             "matmuls on CPUs with bfloat16 support, logits within about 1%%; int8: weights in a "
+             "quarter of the memory (per-channel scales, float32 arithmetic) (default: %(default)s)",
     )
     model.add_argument(
         "--no-xla", action="store_true",
@@ -200,6 +201,25 @@ def build_parser(prog=None):
              "on, except with --unconditional, where documents run on as in OpenAI's samples)",
     )
 
+    speculative = parser.add_argument_group(
+        "speculative decoding (one sample per batch, prompt + --length within the context; greedy text "
+        "as without it, sampled text from the same distribution)")
+    drafts = speculative.add_mutually_exclusive_group()
+    drafts.add_argument(
+        "--draft-model", metavar="NAME_OR_FOLDER",
+        help="a smaller model with the same vocabulary (e.g. 124M for 355M) proposes tokens that the "
+             "model checks several at a time (default: none)",
+    )
+    drafts.add_argument(
+        "--prompt-lookup", action="store_true",
+        help="propose the tokens that followed the last few tokens' earlier occurrence in the text "
+             "(default: off)",
+    )
+    speculative.add_argument(
+        "--draft-tokens", type=_positive_int, default=8, metavar="N",
+        help="most tokens proposed per step; the number adapts to how many are accepted (default: 8)",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -222,6 +242,8 @@ def main(argv=None):
 def _checked_run(args):
     if args.stream and min(args.batch_size, args.nsamples) > 1:
         raise cli.UsageError("--stream prints one sample at a time: use it with --batch-size 1")
+    if (args.draft_model or args.prompt_lookup) and min(args.batch_size, args.nsamples) > 1:
+        raise cli.UsageError("speculative decoding makes one sample at a time: use it with --batch-size 1")
     if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
         return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
@@ -253,6 +275,13 @@ def _run(args):
     # (seconds), so a mistyped name is answered at once.
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = read_hparams(model_dir)
+    try:
+        draft_dir = resolve_model_dir(args.draft_model, args.models_dir) if args.draft_model else None
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--draft-model: {error}") from None
+    if draft_dir and read_hparams(draft_dir).n_vocab != hparams.n_vocab:
+        raise ValueError(f"--draft-model {args.draft_model} has another vocabulary than the model; use one of "
+                         "the same family (e.g. 124M for 355M)")
     enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
     sampler = _Sampler(
@@ -262,12 +291,12 @@ def _run(args):
             mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
     )
     if mode == "interactive":
-        sampler.load(model_dir, load_model)
+        sampler.load(model_dir, load_model, draft_dir)
         return _interactive(sampler)
     prompt_ids = sampler.check_prompt([enc.eot_token] if mode == "unconditional" else enc.encode(prompt_text))
     # After the checks: loading takes a while. The sampler compiles before the weights are read.
     sampler.abandon_compiles = True  # Ctrl-C ends the run: a compile need not be waited for
-    sampler.load(model_dir, load_model)
+    sampler.load(model_dir, load_model, draft_dir)
     sampler.print_samples(prompt_ids, prompt_number=0)
     return EXIT_OK
 
@@ -302,11 +331,11 @@ def _wait_for(future):
     Ctrl-C cannot stop, so they run in a worker thread (_in_thread) and the main thread waits here,
     where Ctrl-C arrives at once: it abandons the worker by raising _Abandoned."""
     try:
-        while True:
-            try:
-                return future.result(timeout=0.2)  # short waits: Ctrl-C arrives on Windows too
-            except concurrent.futures.TimeoutError:
-                continue
+        # Short waits: Ctrl-C arrives on Windows too. Waiting with wait(), not result(timeout=): a
+        # TimeoutError the worker raises (a socket's, say) would read as "not done yet" forever.
+        while not concurrent.futures.wait([future], timeout=0.2).done:
+            pass
+        return future.result()
     except KeyboardInterrupt:
         raise _Abandoned from None
 
@@ -446,8 +475,8 @@ class _Sampler:
         self.settings = settings_lib.SamplingSettings(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            repetition_penalty=args.repetition_penalty, logit_bias=[*self.bans(enc, args.logit_bias), *args.logit_bias],
-        ).check_vocab(hparams.n_vocab)
+            repetition_penalty=args.repetition_penalty, logit_bias=args.logit_bias,
+        ).banning(getattr(enc, "never_drawn", ())).check_vocab(hparams.n_vocab)
         self.window_keep = settings_lib.check_window_keep(args.window_keep, hparams.n_ctx, "--window-keep")
         self.stop_token = stop_token
         self.stream = stream
@@ -455,15 +484,9 @@ class _Sampler:
         # Ctrl-C during a compile abandons it (ending the run), rather than waiting for it to end
         # (an interactive session goes on after Ctrl-C, so it waits: see _interactive).
         self.abandon_compiles = False
+        self.draft = None  # speculative decoding (--draft-model, --prompt-lookup), made by load
 
-    def bans(self, enc, logit_bias):
-        """A bias of -100 (a ban) for each token the tokenizer says is never drawn (GPT2-ML's [PAD])
-        that --logit-bias does not set."""
-        chosen = {token for token, _ in logit_bias}
-        limit = self._lib.LOGIT_BIAS_LIMIT
-        return [(token, -limit) for token in getattr(enc, "never_drawn", ()) if token not in chosen]
-
-    def load(self, model_dir, load_model):
+    def load(self, model_dir, load_model, draft_dir=None):
         """Loads the model with the sampler made ready beside it (see load_options), in a worker
         thread that Ctrl-C abandons (see _wait_for). TensorFlow is imported first, here: its import
         catches file descriptor 2 for a moment (gpt2.cli), which must not hide the message of a
@@ -481,8 +504,17 @@ class _Sampler:
 
         try:
             self.model = _wait_for(_in_thread(load_and_trace))
+            if draft_dir:
+                from gpt2.sampling.speculative import DraftModel
+
+                draft = _wait_for(_in_thread(lambda: _load_model(draft_dir, load_model, dtype=self.args.dtype)))
+                self.draft = DraftModel(draft, tokens=self.args.draft_tokens)
         finally:
             sys.setswitchinterval(interval)
+        if self.args.prompt_lookup:
+            from gpt2.sampling.speculative import PromptLookup
+
+            self.draft = PromptLookup(tokens=self.args.draft_tokens)
 
     def load_options(self):
         """load_model's options: the dtype, and, before the weights are read, compiling the
@@ -493,7 +525,8 @@ class _Sampler:
             from gpt2.sampling import api, direct
 
             rows = min(self.args.batch_size, self.args.nsamples)
-            if api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
+            speculative = self.args.draft_model or self.args.prompt_lookup  # uncompiled: nothing to compile
+            if not speculative and api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
                                 tokens=self.args.length * self.args.nsamples):
                 self._say_compiling()
                 api.prepare(model, rows, self.jit_compile)
@@ -523,8 +556,9 @@ class _Sampler:
         for first in range(0, args.nsamples, per_batch):
             count = min(per_batch, args.nsamples - first)
             options = dict(settings=self.settings, window_keep=self.window_keep, seeds=seeds[first:first + count],
-                           stop_token=self.stop_token, jit_compile=self.jit_compile)
-            if api.will_compile(self.model, count, len(prompt_ids), args.length, self.jit_compile):
+                           stop_token=self.stop_token, jit_compile=self.jit_compile, draft=self.draft)
+            if self.draft is None and api.will_compile(self.model, count, len(prompt_ids), args.length,
+                                                       self.jit_compile):
                 self._say_compiling()
                 if self.abandon_compiles:
                     _wait_for(_in_thread(api.prepare, self.model, count, self.jit_compile))

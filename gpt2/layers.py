@@ -8,9 +8,12 @@ h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 
 dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
 matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
-matmuls). Whatever the policy, the residual stream, LayerNorm statistics and the attention
-softmax are float32. Layers invoke their sublayers' `call` directly (Keras' per-call
-bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
+matmuls). Projection kernels (and the model's token embedding) may instead be held as int8 with a
+float32 scale per output channel (`Int8Kernel`, weight-only quantization, a quarter of the
+memory): they are widened to float32 for the product, which stays float32. Whatever the policy,
+the residual stream, LayerNorm statistics and the attention softmax are float32. Layers invoke
+their sublayers' `call` directly (Keras' per-call bookkeeping adds nothing here and made up a
+large share of tracing time), so casts are explicit.
 
 Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`; GPT2-ML's
 `newslm/layer03/query_layer/kernel`): composite layers create their children inside their own name scope.
@@ -67,8 +70,114 @@ def layer_norm(x, g, b, epsilon=1e-5):
 
 
 def dense(x, w, b, dtype):
-    """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]."""
+    """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]. w: a float
+    kernel, or an (int8 kernel [n_out, n_in], float32 scale [n_out]) pair (`Int8Kernel.tensors()`),
+    multiplied in float32."""
+    if isinstance(w, (tuple, list)):
+        return int8_matmul(x, *w) + _cast(b, tf.float32)
     return matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, tf.float32)
+
+
+INT8_CHUNK = 64  # output channels `int8_matmul` widens to float32 at a time (at least; at most 64 chunks)
+
+
+def quantize_int8(rows) -> tuple[tf.Tensor, tf.Tensor]:
+    """Symmetric int8 quantization with one float32 scale per row (per output channel: int8
+    kernels are held [n_out, n_in], the token embedding's layout): rows float [r, c] -> (q int8
+    [r, c], scale float32 [r]) with scale = max |row| / 127 and q = round(row / scale) in
+    [-127, 127], so q * scale is within scale / 2 of each weight. A row of zeros gets scale 1."""
+    rows = _cast(tf.convert_to_tensor(rows), tf.float32)
+    scale = tf.reduce_max(tf.abs(rows), axis=1) / 127.0
+    scale = tf.where(scale > 0, scale, 1.0)
+    q = tf.cast(tf.clip_by_value(tf.round(rows / scale[:, None]), -127.0, 127.0), tf.int8)
+    return q, scale
+
+
+def dequantize_int8(q, scale) -> tf.Tensor:
+    """The float32 rows an int8 pair stands for: q * scale [r, 1]."""
+    return tf.cast(q, tf.float32) * _cast(scale, tf.float32)[:, None]
+
+
+def int8_matmul(x, q, scale) -> tf.Tensor:
+    """x float [n, n_in] times the int8 kernel q [n_out, n_in] (one row per output channel) with
+    scale [n_out]: float32 [n, n_out] = (x @ q^T) * scale, q widened to float32 exactly.
+
+    How, for XLA on CPUs (where widening the whole kernel first costs more than float32's own
+    product): one row (n == 1, known when traced) is one product, which XLA fuses with the
+    widening; more rows go INT8_CHUNK output channels at a time in a loop, each chunk widened
+    while it is in cache. Plain TensorFlow runs the same ops."""
+    x = _cast(x, tf.float32)
+    scale = _cast(scale, tf.float32)
+    n_out, n_in = q.shape
+    size = max(INT8_CHUNK, -(-n_out // (64 * INT8_CHUNK)) * INT8_CHUNK)  # the logits: 64 chunks of 832
+    chunks = n_out // size
+    if x.shape[0] == 1 or chunks < 2:
+        return tf.matmul(x, tf.cast(q, tf.float32), transpose_b=True) * scale
+
+    def step(j, out):
+        rows = tf.cast(tf.slice(q, [j * size, 0], [size, n_in]), tf.float32)
+        return j + 1, out.write(j, tf.matmul(x, rows, transpose_b=True))
+
+    rows = tf.shape(x)[0]
+    _, out = tf.while_loop(lambda j, _: j < chunks, step,
+                           (tf.constant(0), tf.TensorArray(tf.float32, chunks, element_shape=[x.shape[0], size])))
+    y = tf.reshape(tf.transpose(out.stack(), [1, 0, 2]), [rows, chunks * size])
+    if chunks * size < n_out:  # the last, partial chunk
+        y = tf.concat([y, tf.matmul(x, tf.cast(q[chunks * size:], tf.float32), transpose_b=True)], 1)
+    return y * scale
+
+
+class Int8Kernel:
+    """A float weight held as int8 `q` with a float32 `scale` per output channel (Keras variables,
+    not trainable), q laid out [n_out, n_in] (`quantize_int8`): a Conv1D kernel [n_in, n_out] is
+    held transposed, the token embedding [V, e] as it is (its rows are the logits' channels).
+    Stands in for the float variable where weights are loaded and saved: `assign(float value)`
+    quantizes, `value` dequantizes, `shape` is the float weight's, `dtype` the dtype it takes;
+    `tensors()` is the pair `dense` and `int8_matmul` take."""
+
+    dtype = "float32"
+
+    def __init__(self, q, scale, transposed):
+        self.q, self.scale, self.transposed = q, scale, transposed
+
+    @property
+    def shape(self):
+        return tuple(reversed(self.q.shape)) if self.transposed else tuple(self.q.shape)
+
+    def assign(self, value):
+        q, scale = quantize_int8(tf.transpose(value) if self.transposed else value)
+        self.q.assign(q)
+        self.scale.assign(scale)
+
+    @property
+    def value(self):
+        """The dequantized float32 weight, in the float weight's layout."""
+        rows = dequantize_int8(self.q, self.scale)
+        return tf.transpose(rows) if self.transposed else rows
+
+    def tensors(self):
+        """(q int8 [n_out, n_in], scale float32 [n_out]) as tensors."""
+        return tf.convert_to_tensor(self.q), tf.convert_to_tensor(self.scale)
+
+    def gather(self, indices):
+        """Rows `indices` (of the untransposed token embedding), dequantized: float32 [..., e]."""
+        return tf.cast(tf.gather(self.q, indices), tf.float32) * tf.gather(self.scale, indices)[..., None]
+
+
+def int8_weight(layer, shape, transposed, initializer, name):
+    """An `Int8Kernel` for a float weight of `shape`, made of `layer`'s weights `name` (int8) and
+    `name`_scale. initializer: a Keras initializer (random: drawn in float32, then quantized) or a
+    plain function of (shape, dtype) (as the model's uninitialised one)."""
+    random = isinstance(initializer, keras.initializers.Initializer)
+    rows = tuple(reversed(shape)) if transposed else tuple(shape)
+    q = layer.add_weight(shape=rows, initializer="zeros" if random else initializer, dtype="int8",
+                         trainable=False, name=name)
+    scale = layer.add_weight(shape=(rows[0],), initializer="ones" if random else initializer,
+                             trainable=False, name=f"{name}_scale")
+    kernel = Int8Kernel(q, scale, transposed)
+    if random:
+        kernel.assign(initializer(shape, "float32"))
+    return kernel
 
 
 def matmul(a, b, transpose_b=False):
@@ -218,11 +327,15 @@ class Conv1D(keras.layers.Layer):
 
     OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
     `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
+    weight_dtype "int8": w is an `Int8Kernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]).
     """
 
-    def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), **kwargs):
+    def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
-        self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name=weight_names[0])
+        if weight_dtype == "int8":
+            self.w = int8_weight(self, (n_in, n_out), True, kernel_initializer, weight_names[0])
+        else:
+            self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name=weight_names[0])
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name=weight_names[1])
         self.built = True
 
@@ -232,7 +345,10 @@ class Conv1D(keras.layers.Layer):
 
     def kernel(self):
         """The weight matrix [n_in, n_out] with any LoRA adapter merged in (what the compiled
-        decoder multiplies by; `call` keeps the adapter separate for training)."""
+        decoder multiplies by; `call` keeps the adapter separate for training). An int8 kernel:
+        its (q, scale) pair."""
+        if isinstance(self.w, Int8Kernel):
+            return self.w.tensors()
         if self.lora is None:
             return self.w
         delta = tf.matmul(self.lora.a, self.lora.b) * self.lora.scale
@@ -240,7 +356,7 @@ class Conv1D(keras.layers.Layer):
 
     def call(self, x):
         """x: [n, n_in] (any float dtype) -> float32 [n, n_out], multiplied in the compute dtype."""
-        y = dense(x, self.w, self.b, self.compute_dtype)
+        y = dense(x, self.kernel() if isinstance(self.w, Int8Kernel) else self.w, self.b, self.compute_dtype)
         if self.lora is not None:  # LoRA hook, see above
             dtype = self.compute_dtype
             low = tf.matmul(_cast(x, dtype), _cast(self.lora.a, dtype))
@@ -253,12 +369,12 @@ class _Projections(keras.layers.Layer):
 
     SHAPES = {}
 
-    def __init__(self, n_embd, dropout, kernel_initializer, **kwargs):
+    def __init__(self, n_embd, dropout, kernel_initializer, weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
         with keras.name_scope(self.name):
             for name, (n_in, n_out) in self.SHAPES.items():
                 setattr(self, name, Conv1D(n_in * n_embd, n_out * n_embd, kernel_initializer, name=name,
-                                           dtype=self.dtype_policy))
+                                           weight_dtype=weight_dtype, dtype=self.dtype_policy))
             self.dropout = keras.layers.Dropout(dropout)
         self.built = True
 
@@ -292,7 +408,11 @@ class _Block(keras.layers.Layer):
 
     def inference_weights(self):
         """The weights as tensors in the block function's order (LoRA adapters merged in), for the samplers."""
-        return tuple(tf.convert_to_tensor(w.kernel() if isinstance(w, Conv1D) else w) for w in self.layer_weights())
+        def tensor(w):
+            w = w.kernel() if isinstance(w, Conv1D) else w
+            return w if isinstance(w, tuple) else tf.convert_to_tensor(w)  # an int8 pair is tensors already
+
+        return tuple(tensor(w) for w in self.layer_weights())
 
     def call(self, x, batch, past=None, training=None):
         """x: float32 [b * s, e]; past: [b, 2, h, t_past, d] or None ->
@@ -311,14 +431,15 @@ class Block(_Block):
         """`block` (looked up when called, so that wrapping gpt2.layers.block reaches every driver)."""
         return block(*args, **kwargs)
 
-    def __init__(self, n_embd, n_head, dropout, kernel_initializer, **kwargs):
+    def __init__(self, n_embd, n_head, dropout, kernel_initializer, weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
         self.n_head = n_head
         with keras.name_scope(self.name):
             self.ln_1 = LayerNorm(n_embd, name="ln_1", dtype=self.dtype_policy)
-            self.attn = Attention(n_embd, dropout, kernel_initializer, name="attn", dtype=self.dtype_policy)
+            self.attn = Attention(n_embd, dropout, kernel_initializer, weight_dtype, name="attn",
+                                  dtype=self.dtype_policy)
             self.ln_2 = LayerNorm(n_embd, name="ln_2", dtype=self.dtype_policy)
-            self.mlp = MLP(n_embd, dropout, kernel_initializer, name="mlp", dtype=self.dtype_policy)
+            self.mlp = MLP(n_embd, dropout, kernel_initializer, weight_dtype, name="mlp", dtype=self.dtype_policy)
         self.built = True
 
     def layer_weights(self):

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import GPT2MLHParams, HParams
-from gpt2.layers import Block, LayerNorm, MLBlock, layer_norm, matmul
+from gpt2.layers import Block, Int8Kernel, LayerNorm, MLBlock, int8_matmul, int8_weight, layer_norm, matmul
 
 
 def _uninitialized(shape, dtype=None):
@@ -42,6 +42,11 @@ class GPT2(keras.Model):
     `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
     bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
     residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
+    `weight_dtype="int8"`: weight-only int8 (with the float32 policy): the projection kernels
+    and the token embedding are held as int8 with a float32 scale per output channel (per token
+    for wte, which also makes the logits), `gpt2.layers.Int8Kernel`; biases, LayerNorm and wpe stay
+    float32, and so does all arithmetic and the key/value cache. For inference only: training,
+    LoRA and GPT2-ML's variant are refused.
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
@@ -49,8 +54,13 @@ class GPT2(keras.Model):
     BLOCK = Block  # its `function` is the block step every driver runs (block_step)
 
     def __init__(self, hparams: HParams | dict, dropout: float = 0.0, random_init: bool = True, name: str = "model",
-                 **kwargs) -> None:
+                 weight_dtype: str = "float32", **kwargs) -> None:
         super().__init__(name=name, **kwargs)
+        if weight_dtype not in ("float32", "int8"):
+            raise ValueError(f"weight_dtype must be float32 or int8, got {weight_dtype!r}")
+        if weight_dtype == "int8" and (tf.as_dtype(self.compute_dtype) != tf.float32 or self.HPARAMS is not HParams):
+            raise ValueError("int8 weights are for GPT-2 models with the float32 dtype policy")
+        self.weight_dtype = weight_dtype
         if isinstance(hparams, dict):
             hparams = self.HPARAMS.from_dict(hparams)
         if not isinstance(hparams, self.HPARAMS):
@@ -66,12 +76,16 @@ class GPT2(keras.Model):
 
     def _make_layers(self, hparams, dropout, normal):
         """Creates the weights; normal(stddev): their initializer."""
-        self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
+        if self.weight_dtype == "int8":
+            self.wte = int8_weight(self, (hparams.n_vocab, hparams.n_embd), False, normal(0.02), "wte")
+        else:
+            self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
         with keras.name_scope(self.name):
             self.embedding_dropout = keras.layers.Dropout(dropout)
             self.blocks = [
-                Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), name=f"h{i}", dtype=self.dtype_policy)
+                Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), self.weight_dtype, name=f"h{i}",
+                      dtype=self.dtype_policy)
                 for i in range(hparams.n_layer)
             ]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
@@ -83,8 +97,11 @@ class GPT2(keras.Model):
         return tf.as_dtype(self.compute_dtype) == tf.float32
 
     def get_config(self):
-        return {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,
-                "dtype": keras.saving.serialize_keras_object(self.dtype_policy), "trainable": self.trainable}
+        config = {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,
+                  "dtype": keras.saving.serialize_keras_object(self.dtype_policy), "trainable": self.trainable}
+        if self.weight_dtype != "float32":
+            config["weight_dtype"] = self.weight_dtype
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -112,7 +129,8 @@ class GPT2(keras.Model):
 
     def embed(self, tokens, positions):
         """tokens, positions: int [...] -> float32 [..., e]."""
-        x = tf.gather(self.wte, tokens) + tf.gather(self.wpe, positions)
+        words = self.wte.gather(tokens) if isinstance(self.wte, Int8Kernel) else tf.gather(self.wte, tokens)
+        x = words + tf.gather(self.wpe, positions)
         return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
 
     def block_step(self, x, weights, batch, dtype, attention, dropout=None):
@@ -133,9 +151,12 @@ class GPT2(keras.Model):
     def logits(self, h):
         """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
         dtype = self.compute_dtype
-        wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
         flat = tf.reshape(h, [-1, h.shape[-1]])
-        logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
+        if isinstance(self.wte, Int8Kernel):
+            logits = int8_matmul(flat, *self.wte.tensors())
+        else:
+            wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
+            logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
         return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
     def check_context(self, length):
@@ -154,6 +175,8 @@ class GPT2(keras.Model):
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
         """tokens: int [b, s]; past: [b, L, 2, h, t_past, d] or None (see class docstring)."""
+        if training:
+            self.check_trainable("training")
         tokens = tf.convert_to_tensor(tokens)
         if tokens.dtype not in (tf.int32, tf.int64):
             tokens = tf.cast(tokens, tf.int32)
@@ -179,6 +202,12 @@ class GPT2(keras.Model):
         if return_hidden_states:
             outputs["hidden_states"] = [tf.reshape(state, [batch, seq, self.hparams.n_embd]) for state in hidden_states]
         return outputs
+
+    def check_trainable(self, purpose="training"):
+        """Raises a one-line ValueError if the weights cannot be trained (int8)."""
+        if self.weight_dtype == "int8":
+            raise ValueError(f"{purpose} needs float weights and this model holds int8 weights (inference only); "
+                             "load it with dtype='float32' (or bfloat16)")
 
     # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
     # input and recompute its activations in the backward pass (gradient checkpointing).

@@ -36,10 +36,10 @@ import tensorflow as tf
 
 from gpt2.sampling import decoder as decoder_lib
 from gpt2.sampling.api import POOL_SIZES, pool_size_for
-from gpt2.sampling.settings import FLOAT_RULES, default_window_keep
+from gpt2.sampling.settings import FLOAT_RULES, SamplingSettings, default_window_keep, pack_rows
 from gpt2.scoring import target_logprobs
 
-PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens
+PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens (a GPT2-ML export: [SEP])
 
 GENERATE_SIGNATURE = [
     tf.TensorSpec([None, None], tf.int32, name="tokens"),
@@ -64,13 +64,20 @@ class ServingModule(tf.Module):
     decode chunk with XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`).
     batch_sizes: the batch sizes the decode loop is built for (default: `default_batch_sizes`);
     a request's rows are padded to the smallest that holds them, and more rows than the largest
-    run in groups of that size, one after another.
+    run in groups of that size, one after another. pad_token: what fills `tokens` past a row's
+    num_tokens (the tokenizer's end of text: GPT-2's <|endoftext|>, GPT2-ML's [SEP]). never_drawn:
+    tokens generation never draws (GPT2-ML's [PAD]): a logit bias of -100 in the graph, the rule of
+    SamplingSettings.banning.
     """
 
-    def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None):
+    def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None,
+                 pad_token=PAD_TOKEN, never_drawn=()):
         super().__init__(name="gpt2")
         hparams = model.hparams
         self.n_ctx, self.n_vocab = hparams.n_ctx, hparams.n_vocab
+        self.pad_token = int(pad_token)
+        banned = SamplingSettings().banning(never_drawn)
+        self.logit_bias = tf.constant(pack_rows([banned], self.n_vocab)["logit_bias"][0]) if never_drawn else None
         self.max_new_tokens = int(max_new_tokens)
         self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(model))))
         if self.max_new_tokens < 1 or self.batch_sizes[0] < 1:
@@ -96,7 +103,7 @@ class ServingModule(tf.Module):
     # ------------------------------------------------------------------ generation
 
     def _decode(self, state, tokens):
-        """The decoder's loop to the end; tokens: int32 [B, N] of PAD_TOKEN. Returns (tokens with
+        """The decoder's loop to the end; tokens: int32 [B, N] of pad_token. Returns (tokens with
         each row's new tokens first, num_tokens int32 [B], whether every row finished)."""
         state, tokens = self._decoder.run_to_end(state, tokens)
         return tokens, state["generated"], tf.reduce_all(state["done"] | ~state["active"])
@@ -139,7 +146,7 @@ class ServingModule(tf.Module):
 
         _, new_tokens, num_tokens = tf.while_loop(
             lambda start, *_: start < batch, group,
-            (tf.constant(0), tf.fill([batch, out_width], PAD_TOKEN), tf.zeros([batch], tf.int32)))
+            (tf.constant(0), tf.fill([batch, out_width], self.pad_token), tf.zeros([batch], tf.int32)))
         return {"tokens": new_tokens, "num_tokens": num_tokens}
 
     def _generate_bucket(self, slots, rows, size, width):
@@ -148,10 +155,12 @@ class ServingModule(tf.Module):
         rows = {name: tf.pad(value, [[0, slots - size]] + [[0, 0]] * (value.shape.rank - 1))
                 for name, value in rows.items()}
         rows = {name: tf.ensure_shape(value, [slots] + value.shape[1:]) for name, value in rows.items()}
-        settings = {  # as gpt2.sampling.settings.pack_rows makes them; no penalties, no logit bias
+        settings = {  # as gpt2.sampling.settings.pack_rows makes them; no penalties, the never_drawn bans
             "temperature": rows["temperature"], "top_k": tf.where(rows["top_k"] >= self.n_vocab, 0, rows["top_k"]),
             "top_p": rows["top_p"], "repetition_penalty": tf.ones([slots]),
         }
+        if self.logit_bias is not None:
+            settings["logit_bias"] = tf.tile(self.logit_bias[None], [slots, 1])
         state = self._decoder.start_state(
             rows["tokens"], tf.maximum(rows["lengths"], 1), settings, rows["seed"], rows["max_new_tokens"],
             stop_token=tf.fill([slots], -1), window_keep=tf.fill([slots], default_window_keep(self.n_ctx)),
@@ -159,7 +168,7 @@ class ServingModule(tf.Module):
         spec = self._decoder.state_spec(slots)
         state = {name: tf.ensure_shape(value, spec[name][0]) for name, value in state.items()}
         state["active"] = tf.range(slots) < size  # padding rows never run
-        new_tokens, num_tokens, finished = self.decode(state, tf.fill([slots, self.max_new_tokens], PAD_TOKEN))
+        new_tokens, num_tokens, finished = self.decode(state, tf.fill([slots, self.max_new_tokens], self.pad_token))
         # Every iteration ingests or decodes something; the loop stops early only if one did not.
         with tf.control_dependencies([_check(finished, "the decoder made no progress; this is a bug")]):
             return new_tokens[:, :width], tf.identity(num_tokens)

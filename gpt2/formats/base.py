@@ -50,6 +50,15 @@ def variable_shapes(hparams):
     return shapes
 
 
+def saving_format(hparams):
+    """The gpt2.formats module that writes a model of `hparams` (its `save_checkpoint`):
+    gpt2ml (their released layout) for GPT2MLHParams, else openai."""
+    from gpt2.formats import gpt2ml, openai
+    from gpt2.hparams import GPT2MLHParams
+
+    return gpt2ml if isinstance(hparams, GPT2MLHParams) else openai
+
+
 def model_variables(model):
     """Maps each OpenAI variable name to the model's Keras variable."""
     variables = {"model/wte": model.wte, "model/wpe": model.wpe}

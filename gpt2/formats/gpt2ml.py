@@ -17,6 +17,7 @@ W/adafactor_v): always skipped. Anything else is refused in one line.
 """
 
 import glob
+import json
 import os
 import re
 
@@ -169,20 +170,112 @@ class GPT2MLWeights(Weights):
         return openai._restore(self._prefix, name, self._dtypes[name])
 
 
+def config_of(hparams):
+    """Their config JSON (GroverConfig's keys, as configs/mega.json) for `hparams`."""
+    return {"vocab_size": hparams.n_vocab, "hidden_size": hparams.n_embd, "num_hidden_layers": hparams.n_layer,
+            "num_attention_heads": hparams.n_head, "intermediate_size": hparams.n_inner, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+            "max_position_embeddings": hparams.n_ctx, "initializer_range": 0.02}
+
+
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+
+
+def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
+    """Writes a GPT2ML `model` as a GPT2-ML folder in their released layout, loadable by their code:
+    model.ckpt-STEP.{index,data-00000-of-00001} (float32 variables under their names, and
+    global_step = STEP), config.json, their vocabulary file (from `encoder_dir`, else from the
+    folder the model was loaded from; none there: the folder keeps its own) and a `checkpoint`
+    state file naming model.ckpt-STEP. The other model.ckpt-N files in the folder are removed.
+
+    Atomic as gpt2.formats.openai.save_checkpoint: everything is written and synced in a staging
+    folder inside `model_dir`; config.json and the vocabulary are moved in (a folder holding a
+    checkpoint of another shape is refused first, so config.json never changes under old
+    weights); the state file is switched, in one rename, to the staged checkpoint, whose files
+    are then linked under their final names, and the state file is switched to those last. No
+    file is ever half-written under its final name. Raises OSError in one line if writing fails.
+    """
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+
+    from encoder.wordpiece import wordpiece_vocab_file
+
+    step = int(step)
+    os.makedirs(model_dir, exist_ok=True)
+    _refuse_other_shape(model.hparams, model_dir)
+    source = encoder_dir or getattr(model, "source_dir", None)
+    vocab = source and wordpiece_vocab_file(source)
+    if vocab and os.path.realpath(vocab) == os.path.realpath(os.path.join(model_dir, os.path.basename(vocab))):
+        vocab = None  # the folder's own
+    name = f"model.ckpt-{step}"
+    staging = tempfile.mkdtemp(prefix=openai.STAGING_PREFIX, dir=model_dir)
+    staged = os.path.join(staging, name)
+    moved = [CONFIG_FILE, *([os.path.basename(vocab)] if vocab else [])]
+    live = False  # True while the state file names the staged checkpoint
+    try:
+        try:
+            variables = model.checkpoint_variables()
+            tensors = [tf.cast(variable.value, tf.float32) for variable in variables.values()]
+            tf.raw_ops.SaveV2(prefix=staged, tensor_names=[*variables, "global_step"],
+                              shape_and_slices=[""] * (len(tensors) + 1),
+                              tensors=[*tensors, tf.constant(step, tf.int64)])
+            with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(config_of(model.hparams), f, indent=2)
+                f.write("\n")
+            if vocab:
+                shutil.copyfile(vocab, os.path.join(staging, moved[1]))
+            for path in openai._bundle_files(staged) + [os.path.join(staging, file) for file in moved]:
+                openai._fsync(path)
+            for file in moved:
+                os.replace(os.path.join(staging, file), os.path.join(model_dir, file))
+            openai._write_state(model_dir, os.path.relpath(staged, model_dir))
+            live = True
+        except (OSError, tf.errors.OpError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
+            raise OSError(error.errno if isinstance(error, OSError) else None,
+                          f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there "
+                          "is unchanged") from None
+        openai._publish(model_dir, staging, staged, name)
+        live = False
+        for path in glob.glob(os.path.join(glob.escape(model_dir), "model.ckpt-*")):
+            match = re.fullmatch(r"(model\.ckpt-\d+)\.(index|meta|data-\d+-of-\d+)", os.path.basename(path))
+            if match and match.group(1) != name:
+                os.remove(path)  # an older step, no longer named by the state file
+    finally:
+        if not live:
+            shutil.rmtree(staging, ignore_errors=True)
+        openai._remove_stale_staging(model_dir)
+
+
+def _refuse_other_shape(hparams, model_dir):
+    """CheckpointError if `model_dir` holds a GPT2-ML checkpoint whose config.json gives another shape."""
+    try:
+        checkpoint_prefix(model_dir)
+        old = _read_config(os.path.join(model_dir, CONFIG_FILE))
+    except (OSError, CheckpointError):
+        return  # nothing loadable to protect
+    if old is None:
+        return
+    old, new = {**_CONFIG_DEFAULTS, **old}, config_of(hparams)
+    changed = [f"{key} {old[key]} -> {new[key]}" for key in _SHAPE_KEYS if old[key] != new[key]]
+    if changed:
+        raise CheckpointError(f"{model_dir} holds a model of another shape ({', '.join(changed)}); save into a new "
+                              "folder or delete it first")
+
+
 def write_checkpoint(hparams, model_dir, value_of, step=0, slots=False, extra=None):
     """Writes a GPT2-ML folder in their released layout: model.ckpt-{step}.{index,data-00000-of-00001}
     and config.json (their keys). value_of(name): each weight's value (float32). slots: also write
     global_step and Adafactor's slots (vr/vc for matrices, v for vectors) as their training does;
     extra: {name: array} more tensors (tests). Each file is written under a temporary name first."""
-    import json
-
     import numpy as np
 
     os.makedirs(model_dir, exist_ok=True)
-    config = {"vocab_size": hparams.n_vocab, "hidden_size": hparams.n_embd, "num_hidden_layers": hparams.n_layer,
-              "num_attention_heads": hparams.n_head, "intermediate_size": hparams.n_inner, "hidden_act": "gelu",
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-              "max_position_embeddings": hparams.n_ctx, "initializer_range": 0.02}
+    config = config_of(hparams)
     staged = os.path.join(model_dir, f".staging-model.ckpt-{step}")
     with BundleWriter(staged) as writer:
         for name, shape in variable_shapes(hparams).items():

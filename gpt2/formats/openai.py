@@ -320,9 +320,10 @@ def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
         _remove_stale_staging(model_dir)
 
 
-def _publish(model_dir, staging, staged):
-    """Step 3 of _write_model_dir: the live staged checkpoint gets the usual names."""
-    final = os.path.join(model_dir, CHECKPOINT_PREFIX)
+def _publish(model_dir, staging, staged, name=CHECKPOINT_PREFIX):
+    """Step 3 of _write_model_dir: the live staged checkpoint gets the usual names (`name`, the
+    final prefix: model.ckpt here, GPT2-ML's model.ckpt-N), then the state file names them."""
+    final = os.path.join(model_dir, name)
     for path in _bundle_files(final):
         os.remove(path)  # no longer named by the state file
     for path in _bundle_files(staged):
@@ -334,7 +335,7 @@ def _publish(model_dir, staging, staged):
             shutil.copyfile(path, copy)
             _fsync(copy)
             os.replace(copy, target)
-    _write_state(model_dir, CHECKPOINT_PREFIX)
+    _write_state(model_dir, name)
 
 
 def _refuse_other_shape(hparams, model_dir):

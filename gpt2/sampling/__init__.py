@@ -7,6 +7,7 @@ decode loop over a pool of slots, and the public functions.
     decoder.py     the compiled loop: prompt ingestion, decoding, the window sliding past n_ctx
     direct.py      the uncompiled sampler short jobs start on (no compile wait)
     pool.py        the loop's state in variables, rows admitted into and released from slots
+    speculative.py speculative decoding of one row on the uncompiled sampler (a draft model, prompt lookup)
     api.py         sample_sequence, stream, generate, sample_rows
 
 Importing this package does not import TensorFlow; the names below load their module on use.
@@ -23,6 +24,8 @@ _LAZY = {
     "sample_rows": "gpt2.sampling.api",
     "stream": "gpt2.sampling.api",
     "generate": "gpt2.sampling.api",
+    "DraftModel": "gpt2.sampling.speculative",
+    "PromptLookup": "gpt2.sampling.speculative",
 }
 
 __all__ = list(_LAZY)

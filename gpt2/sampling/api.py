@@ -150,7 +150,7 @@ class _Lease:
         self.pool.lock.release()
 
 
-def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
+def decode_rows(model, requests, jit_compile=None, iterations_per_run=None, draft=None):
     """Runs Rows to the end. A generator: after each loop iteration that produced tokens,
     yields a list of (request index, token, logprob info or None); info is (token logprob,
     top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
@@ -158,8 +158,15 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None):
 
     iterations_per_run: loop iterations per compiled call (1 streams token by token); by default
     as many as fit in about CALL_SECONDS, so Ctrl-C (handled between calls) stops within that.
-    Short jobs run on the uncompiled sampler instead (see `_plan`), token by token.
+    Short jobs run on the uncompiled sampler instead (see `_plan`), token by token. With a
+    `draft` (see `gpt2.sampling.speculative`) one row runs speculatively, a round at a time.
     """
+    if draft is not None:
+        from gpt2.sampling import speculative
+
+        speculative.check(model, requests, jit_compile)
+        yield from speculative.decode_rows(model, requests, draft)
+        return
     steps = max(request.max_new for request in requests)
     plan = _plan(model, len(requests), [len(request.prompt) for request in requests], steps, jit_compile,
                  any(request.logprobs for request in requests))
@@ -264,7 +271,7 @@ def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, 
 
 
 def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback=None, jit_compile=None,
-                settings=None, window_keep=None, **options):
+                settings=None, window_keep=None, draft=None, **options):
     """The sampler behind `sample_sequence`, with every setting either one value or one per row.
 
     prompts: list of token lists (any lengths up to n_ctx). length and the sampling settings
@@ -273,17 +280,17 @@ def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback
     `settings`: one SamplingSettings or a list of them. seeds: int32 per row (see `row_seeds`);
     None = fresh. Returns a list with each row's new tokens (int32 arrays): `length` of them, or
     fewer ending with stop_token. callback(step, tokens [b]) is called with each step's tokens
-    (see `stream`).
+    (see `stream`). draft: speculative decoding of one prompt (see `sample_sequence`).
     """
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
     rows = [[] for _ in requests]
     if callback is not None:
-        for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token)):
+        for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token, draft)):
             callback(step, tokens)
             for row, token in zip(rows, tokens):
                 row.append(int(token))
         return [np.asarray(_cut(row, request), np.int32) for row, request in zip(rows, requests)]
-    for produced in decode_rows(model, requests, jit_compile):
+    for produced in decode_rows(model, requests, jit_compile, draft=draft):
         for index, token, _ in produced:
             rows[index].append(token)
     return [np.asarray(row, np.int32) for row in rows]
@@ -298,13 +305,13 @@ def _cut(tokens, request):
 
 
 def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_compile=None, settings=None,
-                window_keep=None, **options):
+                window_keep=None, draft=None, **options):
     """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
-    yield from _lockstep(model, requests, jit_compile, stop_token)
+    yield from _lockstep(model, requests, jit_compile, stop_token, draft)
 
 
-def _lockstep(model, requests, jit_compile, stop_token):
+def _lockstep(model, requests, jit_compile, stop_token, draft=None):
     """Each step's tokens, int32 [b]: step i holds token i of every row (rows that have stopped
     repeat stop_token, or 0 without one). Decodes token by token; closing it stops the decode."""
     fill = 0 if stop_token is None else int(stop_token)
@@ -322,7 +329,7 @@ def _lockstep(model, requests, jit_compile, stop_token):
             step += 1
 
     step = 0
-    produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1)
+    produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1, draft=draft)
     try:
         for produced in produced_steps:
             for index, token, _ in produced:
@@ -348,7 +355,7 @@ def stream(model: GPT2, context: Context, length: int, *, seed: int | None = Non
 
 
 def sample_sequence(model: GPT2, context: Context, length: int, *, seed: int | None = None,
-                    stop_token: int | None = None, **options) -> np.ndarray | list[np.ndarray]:
+                    stop_token: int | None = None, draft=None, **options) -> np.ndarray | list[np.ndarray]:
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
     context: int [batch, context_len], or a list of token lists of different lengths (each row
@@ -362,7 +369,10 @@ def sample_sequence(model: GPT2, context: Context, length: int, *, seed: int | N
     after producing it. callback(step, tokens): called with each step's tokens (int32 [batch])
     as they are produced (see `stream`). jit_compile: compile with XLA; None (default) = XLA for
     float32 models, not for bfloat16 ones (oneDNN's bfloat16 matmuls are faster than XLA's on
-    CPU; see BENCHMARKS.md). window_keep: see above.
+    CPU; see BENCHMARKS.md). window_keep: see above. draft: speculative decoding of one prompt
+    within the context: `gpt2.DraftModel(smaller_model)`, `gpt2.PromptLookup(ngram=3)` or
+    "prompt-lookup" (greedy output as without it; sampled output from the same distribution;
+    see `gpt2.sampling.speculative`).
 
     Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
     that stopped early are filled with stop_token); for prompts of different lengths, a list of
@@ -371,7 +381,7 @@ def sample_sequence(model: GPT2, context: Context, length: int, *, seed: int | N
     prompts = context.numpy() if hasattr(context, "numpy") else context
     prompts = [list(row) for row in prompts]
     new_tokens = sample_rows(model, prompts, length, seeds=row_seeds(seed, len(prompts)), stop_token=stop_token,
-                             **options)
+                             draft=draft, **options)
     outputs = [np.concatenate([np.asarray(p, np.int32), n]) for p, n in zip(prompts, new_tokens)]
     if len({len(p) for p in prompts}) > 1:
         return outputs

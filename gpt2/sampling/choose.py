@@ -123,6 +123,22 @@ def choose_tokens(logits, temperature, top_k, top_p, noise):
     return tf.cond(tf.reduce_any(sampling), sample, lambda: greedy)
 
 
+def distribution(logits, temperature, top_k, top_p):
+    """The probabilities `choose_tokens` draws from, float32 [b, V], for sampling rows
+    (temperature > 0): softmax of the logits [b, V] (penalties applied) scaled by the
+    temperature, after top-k and top-p; over the largest candidates when every row's kept set
+    lies among them (as `choose_tokens`), else over the whole vocabulary."""
+    scaled = processors.scale(logits, temperature)
+    values, ids, exact = processors.filter_candidates(scaled, top_k, top_p)
+
+    def from_candidates():
+        rows = tf.broadcast_to(tf.range(tf.shape(ids)[0])[:, None], tf.shape(ids))
+        return tf.scatter_nd(tf.stack([rows, ids], -1), tf.nn.softmax(values, axis=-1), tf.shape(logits))
+
+    return tf.cond(tf.reduce_all(exact), from_candidates,
+                   lambda: tf.nn.softmax(processors.filter_logits(scaled, top_k, top_p), axis=-1))
+
+
 # The per-row values `next_tokens` reads (shapes and dtypes: `decoder.Decoder.state_spec`).
 NEXT_TOKEN_FIELDS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                      "logit_bias", "seed", "generated", "counts", "prompt_seen")

@@ -59,6 +59,14 @@ class DirectSampler:
         signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32),
                      {name: tf.TensorSpec([], tf.resource) for name in self.cache_names}, rows]
         self.step = tf.function(self._step, input_signature=signature, autograph=False)
+        # The same step split in two, for speculative decoding (gpt2/sampling/speculative.py):
+        # `logits` is the model over s tokens, `choose` the token choice at several positions.
+        self.logits = tf.function(self._hidden, input_signature=[*signature[:4], tf.TensorSpec([], tf.int32)],
+                                  autograph=False)
+        choice = [tf.TensorSpec([None, hp.n_vocab], tf.float32), rows, tf.TensorSpec([None], tf.int32)]
+        self.choose = tf.function(lambda *args: self._choose(*args, False), input_signature=choice, autograph=False)
+        self.choose_with_probs = tf.function(lambda *args: self._choose(*args, True), input_signature=choice,
+                                             autograph=False)
         self._layer = layer_function(self._layer_step, xla=False)  # one layer's kernels, not twelve
 
     def new_caches(self, rows, slots):
@@ -102,11 +110,11 @@ class DirectSampler:
 
         return self.model.block_step(x, weights, batch, dtype, attention)[0]
 
-    def _step(self, tokens, position, slots, caches, rows):
-        """tokens int32 [b, s] at positions position.. (every row); caches {k0, v0, ...}:
-        handles of [b * H * M, D] variables (M = slots) holding the first `position` positions,
-        to which this call writes its keys and values; rows: choose.NEXT_TOKEN_FIELDS.
-        Returns (next tokens int32 [b], counts with the next tokens added)."""
+    def _hidden(self, tokens, position, slots, caches, keep):
+        """The model over tokens int32 [b, s] at positions position.. (every row); caches {k0, v0,
+        ...}: handles of [b * H * M, D] variables (M = slots) holding the first `position`
+        positions, to which this call writes its keys and values. Returns the logits of the last
+        `keep` positions, float32 [b, keep, V]."""
         model, hp = self.model, self.model.hparams
         batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
         x = tf.reshape(model.embed(tokens, position + tf.range(length)[None]), [-1, hp.n_embd])
@@ -119,12 +127,35 @@ class DirectSampler:
         for layer, block in enumerate(model.blocks):
             x = self._layer(x, block.inference_weights(), caches[f"k{layer}"], caches[f"v{layer}"], written, read,
                             visible)
-        last = tf.reshape(model.final(x), [batch, length, hp.n_embd])[:, -1]
-        _, chosen = choose.next_tokens(model.logits(last), rows, tf.ones_like(rows["seed"], tf.bool))
+        last = tf.reshape(model.final(x), [batch, length, hp.n_embd])[:, length - keep:]
+        return tf.reshape(model.logits(tf.reshape(last, [-1, hp.n_embd])), [batch, keep, -1])
+
+    def _step(self, tokens, position, slots, caches, rows):
+        """`_hidden` of the last position, then the token choice: rows are choose.NEXT_TOKEN_FIELDS.
+        Returns (next tokens int32 [b], counts with the next tokens added)."""
+        logits = self._hidden(tokens, position, slots, caches, 1)[:, 0]
+        batch = tf.shape(tokens)[0]
+        _, chosen = choose.next_tokens(logits, rows, tf.ones_like(rows["seed"], tf.bool))
         counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1),
                                           tf.ones_like(chosen))
         return chosen, counts
 
+    def _choose(self, logits, row, drafts, probs):
+        """The token choice of one row at n positions that follow each other: logits float32 [n,
+        V]; row: choose.NEXT_TOKEN_FIELDS of one row (batch 1) before drafts [d] (d >= n - 1) were
+        generated; position i comes after drafts[:d - n + 1 + i], whose tokens count as generated
+        (penalties, the draw's index). Returns (tokens int32 [n], and with `probs` the
+        distribution each was drawn from, float32 [n, V] (`choose.distribution`); else [n, 0])."""
+        n, d = tf.shape(logits)[0], tf.shape(drafts)[0]
+        added = tf.cumsum(tf.one_hot(drafts, self.model.hparams.n_vocab, dtype=tf.int32), axis=0)
+        added = tf.concat([tf.zeros_like(row["counts"]), added], 0)[d + 1 - n:]  # [n, V]
+        rows = {name: tf.repeat(value, n, axis=0) for name, value in row.items()}
+        rows["counts"] += added
+        rows["generated"] += tf.range(d + 1 - n, d + 1)
+        processed, chosen = choose.next_tokens(logits, rows, tf.ones([n], tf.bool))
+        if not probs:
+            return chosen, tf.zeros([n, 0])
+        return chosen, choose.distribution(processed, rows["temperature"], rows["top_k"], rows["top_p"])
 
 def prepare(model):
     """Traces the model's step now (e.g. in a thread while the weights are read)."""

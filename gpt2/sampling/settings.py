@@ -146,6 +146,18 @@ class SamplingSettings:
     def replace(self, **changes) -> SamplingSettings:
         return dataclasses.replace(self, **changes)
 
+    def banning(self, tokens: Sequence[int]) -> SamplingSettings:
+        """These settings with a bias of -LOGIT_BIAS_LIMIT (a ban) on each of `tokens` that
+        logit_bias does not set (the user's own bias wins): the one rule by which a tokenizer's
+        `never_drawn` tokens (GPT2-ML's [PAD]) are never drawn, in generate.py and the server."""
+        chosen = {token for token, _ in self.logit_bias}
+        bans = [(int(token), -LOGIT_BIAS_LIMIT) for token in tokens if int(token) not in chosen]
+        if not bans:
+            return self
+        banned = dataclasses.replace(self)
+        object.__setattr__(banned, "logit_bias", tuple(sorted([*self.logit_bias, *bans])))  # past the entry limit
+        return banned
+
 
 def _logit_bias(value):
     if value is None:

@@ -219,8 +219,12 @@ class App:
 
     def _tokenizer_info(self, request):
         eot = self.enc.decode([self.enc.eot_token])
-        return json_response(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
-                                   "unk_token": eot, "pad_token": None, "model_max_length": self.protocol.n_ctx,
+        pad, unk = (getattr(self.enc, name, None) for name in ("pad_token", "unk_token"))  # WordPiece's
+        return json_response(200, {"tokenizer_class": "BertTokenizer" if pad is not None else "GPT2Tokenizer",
+                                   "eos_token": eot, "bos_token": eot,
+                                   "unk_token": eot if unk is None else self.enc.tokens[unk],
+                                   "pad_token": None if pad is None else self.enc.tokens[pad],
+                                   "model_max_length": self.protocol.n_ctx,
                                    "vocab_size": self.protocol.n_vocab})
 
     # ------------------------------------------------------------------ generation

@@ -4,8 +4,14 @@
 `parse_completions` and `parse_chat` turn a decoded JSON body into a `Plan` (the rows to decode and
 how to answer) or raise `ApiError` naming the offending field. Every row's sampling settings are a
 `gpt2.SamplingSettings`, so each rule and message is the library's; a `SettingsError` becomes a
-400 whose `param` is its field. Prompts are checked by byte length before they are BPE-encoded
+400 whose `param` is its field. Prompts are checked by byte length before they are encoded
 (a token is at most `max_token_bytes` bytes), then encoded incrementally up to the context.
+
+Every text -> ids step goes through the served model's tokenizer (`enc`: GPT-2's BPE, or GPT2-ML's
+WordPiece), and so do stop strings (`stop_text`): a WordPiece decoding drops whitespace and lower-cases,
+so chat's "\nUser:" is looked for as the model's text shows it ("user:"). Each row bans the tokens
+the tokenizer declares `never_drawn` (GPT2-ML's [PAD]) unless the request's logit_bias sets them
+(SamplingSettings.banning, generate.py's rule).
 """
 
 import dataclasses
@@ -201,6 +207,7 @@ class Protocol:
         self.max_tokens_limit = max_tokens_limit
         self.max_request_rows = max_request_rows
         self.max_token_bytes = max(len(enc.decode_bytes([i])) for i in range(enc.vocab_size))
+        self.never_drawn = tuple(getattr(enc, "never_drawn", ()))
         self.max_prompt_bytes = n_ctx * self.max_token_bytes
 
     # ------------------------------------------------------------------ prompts
@@ -283,9 +290,18 @@ class Protocol:
                       f"{self.max_request_rows} per request", "n")
         return n
 
+    def stop_text(self, stops):
+        """Stop strings as the model's decoded text shows them: decode(encode(s)) for a tokenizer
+        whose decoding normalises text (WordPiece: lower-cased, no whitespace; those that vanish
+        are dropped); GPT-2's byte-level BPE gives back every string as it is, so they stay."""
+        if not getattr(self.enc, "normalizes_text", False):
+            return list(stops)
+        return [text for text in (self.enc.decode(self.enc.encode(s)) for s in stops) if text]
+
     def _rows(self, prompts, n, settings, seed, max_tokens, logprobs):
         if max_tokens == 0:
             return []
+        settings = settings.banning(self.never_drawn)
         seeds = row_seeds(seed, len(prompts) * n)
         return [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs=logprobs)
                 for p, (_, tokens) in enumerate(prompts) for j in range(n)]
@@ -343,7 +359,7 @@ class Protocol:
         self._check_vocab(settings)
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
         return Plan("completion", rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts],
-                    max_tokens, stops, echo, stream, include_usage, logprobs)
+                    max_tokens, self.stop_text(stops), echo, stream, include_usage, logprobs)
 
     def _check_vocab(self, settings):
         try:
@@ -404,7 +420,7 @@ class Protocol:
             raise bad("only 'response_format': {\"type\": \"text\"} is supported", "response_format",
                       "unsupported_parameter")
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
-        return Plan("chat", rows, n, [text], [tokens], max_tokens, chat.STOPS + stops, False, stream,
+        return Plan("chat", rows, n, [text], [tokens], max_tokens, self.stop_text(chat.STOPS + stops), False, stream,
                     include_usage, logprobs, trim=True, headers=headers)
 
     def _fit_chat(self, turns, body, name):

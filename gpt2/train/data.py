@@ -145,7 +145,9 @@ def _cache_key(files, encoder):
         stat = os.stat(path)
         digest.update(json.dumps([os.path.realpath(path), stat.st_size, stat.st_mtime_ns]).encode())
     digest.update(json.dumps(sorted(encoder.encoder.items())).encode())
-    digest.update(json.dumps(sorted(encoder.bpe_ranks, key=encoder.bpe_ranks.get)).encode())
+    ranks = getattr(encoder, "bpe_ranks", None)  # GPT2-ML's WordPiece has no merges: its vocabulary is all
+    if ranks is not None:
+        digest.update(json.dumps(sorted(ranks, key=ranks.get)).encode())
     return digest.hexdigest()
 
 

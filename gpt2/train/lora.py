@@ -1,9 +1,10 @@
-"""Low-rank adapters (LoRA) on GPT-2's projections: c_attn, attn/c_proj, mlp/c_fc, mlp/c_proj.
+"""Low-rank adapters (LoRA) on GPT-2's projections: c_attn, attn/c_proj, mlp/c_fc, mlp/c_proj
+(GPT2-ML's blocks: query_layer, key_layer, value_layer, context_projection_layer, intermediate, output).
 
 An adapted projection computes x @ w + b + (x @ a @ b_lora) * scale with a [n_in, r] drawn from
 U(-1/sqrt(n_in), 1/sqrt(n_in)), b_lora [r, n_out] starting at zero (so training starts from the
 unchanged model) and scale = alpha / r. Only the adapters train; `merge` folds them into w, so the
-saved model is a plain GPT-2 checkpoint.
+saved model is a plain checkpoint of its kind.
 
 Shapes: n_in, n_out = the projection's input and output widths, r = rank.
 """
@@ -13,8 +14,9 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-# The projections that get adapters, by their path inside a block.
+# The projections that get adapters, by their path inside a block (GPT-2's; GPT2-ML's: ML_TARGETS).
 TARGETS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+ML_TARGETS = ("query_layer", "key_layer", "value_layer", "context_projection_layer", "intermediate", "output")
 
 
 class Adapter:
@@ -28,9 +30,16 @@ class Adapter:
 
 
 def projections(model):
-    """(path, Conv1D) of every adaptable projection, e.g. ('h0/attn/c_attn', layer)."""
+    """(path, Conv1D) of every adaptable projection, e.g. ('h0/attn/c_attn', layer); a GPT2-ML
+    model's all six of each block, e.g. ('layer00/query_layer', layer)."""
+    from gpt2.layers import MLBlock
+
     found = []
     for i, block in enumerate(model.blocks):
+        if isinstance(block, MLBlock):
+            layers = dict(zip(ML_TARGETS, [*block.projections, block.intermediate, block.output_layer]))
+            found += [(f"{block.name}/{path}", layers[path]) for path in ML_TARGETS]
+            continue
         layers = {"attn/c_attn": block.attn.c_attn, "attn/c_proj": block.attn.c_proj,
                   "mlp/c_fc": block.mlp.c_fc, "mlp/c_proj": block.mlp.c_proj}
         found += [(f"h{i}/{path}", layers[path]) for path in TARGETS]
@@ -45,6 +54,7 @@ def add_adapters(model, rank, alpha=None, seed=0):
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.check_trainable("a LoRA adapter")
     scale = float(alpha if alpha is not None else rank) / rank
     rng = np.random.default_rng([seed, rank])
     variables = []

@@ -6,8 +6,6 @@ import math
 import keras
 import tensorflow as tf
 
-from gpt2.formats.base import model_variables
-
 SCHEDULES = ("constant", "cosine")
 
 
@@ -38,8 +36,10 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def no_decay_variables(model):
-    """Biases and LayerNorm gains/biases: OpenAI names ending in /b or /g."""
-    return [v for name, v in model_variables(model).items() if name.endswith(("/b", "/g"))]
+    """Biases and LayerNorm gains/biases: OpenAI names ending in /b or /g (GPT2-ML's: /bias,
+    /gamma, /beta, as their Adafactor excludes them)."""
+    return [v for name, v in model.checkpoint_variables().items()
+            if name.endswith(("/b", "/g", "/bias", "/gamma", "/beta"))]
 
 
 def make_optimizer(model, variables, learning_rate, weight_decay):

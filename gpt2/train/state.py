@@ -1,7 +1,9 @@
-"""The output folder of a training run: the model in OpenAI's layout plus `train_state/`.
+"""The output folder of a training run: the model in its kind's layout plus `train_state/`.
 
     OUTPUT/checkpoint, hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001,
-           encoder.json, vocab.bpe          the model: OpenAI's exact layout and variables
+           encoder.json, vocab.bpe          a GPT-2: OpenAI's exact layout and variables
+    OUTPUT/checkpoint, config.json, model.ckpt-<step>.{index,data-00000-of-00001},
+           clue-vocab.txt                   a GPT2-ML: their released layout and variables
     OUTPUT/train_state/settings.json        the settings the run's result depends on
     OUTPUT/train_state/latest.json          the last save: step and model fingerprint
     OUTPUT/train_state/state-<step>.*       tf.train.Checkpoint: optimizer moments and step,
@@ -10,8 +12,8 @@
 
 A save writes the model (atomically, gpt2.save_checkpoint), then the state, then latest.json via
 os.replace, so latest.json always names a complete pair. It records the sha256 of the model's
-index file (which holds a checksum of every tensor), so a resume notices a model folder that
-changed after the state was written.
+index file (which holds a checksum of every tensor; the one the `checkpoint` state file names),
+so a resume notices a model folder that changed after the state was written.
 
 TensorFlow is imported only where the state is written or read.
 """
@@ -28,8 +30,9 @@ STATE_DIR = "train_state"
 CACHE_DIR = "token_cache"
 SETTINGS_FILE = "settings.json"
 LATEST_FILE = "latest.json"
-MODEL_FILES = ("checkpoint", "hparams.json", "model.ckpt.index")
+MODEL_FILES = ("checkpoint", "hparams.json", "model.ckpt.index", "model.safetensors")
 ENCODER_FILES = ("encoder.json", "vocab.bpe")
+_STEP_INDEX = re.compile(r"model\.ckpt-\d+\.index")
 
 
 class TrainingError(RuntimeError):
@@ -37,8 +40,15 @@ class TrainingError(RuntimeError):
 
 
 def holds_model(folder):
-    """True if `folder` holds a model checkpoint (any of OpenAI's model files)."""
-    return any(os.path.exists(os.path.join(folder, name)) for name in MODEL_FILES)
+    """True if `folder` holds a model checkpoint: any of OpenAI's model files, Hugging Face's
+    model.safetensors, or GPT2-ML's config.json beside a model.ckpt-N.index."""
+    if any(os.path.exists(os.path.join(folder, name)) for name in MODEL_FILES):
+        return True
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return "config.json" in names and any(_STEP_INDEX.fullmatch(name) for name in names)
 
 
 def check_output(output, resume, overwrite):
@@ -130,8 +140,12 @@ def _short(value, limit=40):
 
 
 def model_fingerprint(model_dir):
-    """sha256 of the model's index file: it holds a checksum of every tensor."""
-    return file_sha256(os.path.join(model_dir, "model.ckpt.index"))
+    """sha256 of the model's index file (it holds a checksum of every tensor): the one its
+    `checkpoint` state file names (OpenAI's model.ckpt.index, GPT2-ML's model.ckpt-N.index)."""
+    from gpt2.formats import gpt2ml, openai
+
+    prefix = (gpt2ml.checkpoint_prefix if gpt2ml.claims(model_dir) else openai._checkpoint_prefix)(model_dir)
+    return file_sha256(prefix + ".index")
 
 
 def copy_encoder_files(source_dir, output):
@@ -172,9 +186,9 @@ class TrainState:
         one that save wrote (its weights are read by the caller)."""
         check_settings(self.output, self.settings)
         latest = read_latest(self.dir)
-        if os.path.isfile(os.path.join(self.output, "model.ckpt.index")):
+        try:
             found = model_fingerprint(self.output)
-        else:
+        except (OSError, ValueError):  # CheckpointError: no checkpoint there
             found = None
         if found != latest["model_sha256"]:
             raise TrainingError(

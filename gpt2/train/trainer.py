@@ -29,8 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt2.checkpoint import save_checkpoint
-from gpt2.formats.base import model_variables, variable_shapes
+from gpt2.checkpoint import open_weights, save_checkpoint
+from gpt2.formats import openai as openai_format
+from gpt2.formats.base import saving_format
 from gpt2.train import data as data_lib
 from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog
@@ -181,6 +182,7 @@ class Trainer:
 
         if not isinstance(self.model, GPT2):
             raise TypeError(f"finetune expects a gpt2.GPT2 model, got {type(self.model).__name__}")
+        self.model.check_trainable("fine-tuning")
         created_here = self.strategy.extended.variable_created_in_scope
         if not created_here(_tf_variable(self.model.wte)):
             raise ValueError("create (or load) the model under strategy.scope() of the strategy you train with")
@@ -393,11 +395,13 @@ class Trainer:
     def sample(self):
         """A sample from the fixed prompt (config.sample_prompt, seeded with config.seed)."""
         from gpt2.sampling.api import generate
+        from gpt2.sampling.settings import SamplingSettings
 
         config = self.config
         prompt_length = max(1, len(self.encoder.encode(config.sample_prompt)))
         length = min(config.sample_length, self.model.hparams.n_ctx - prompt_length)
-        return generate(self.model, self.encoder, config.sample_prompt, length=length, top_k=40,
+        settings = SamplingSettings(top_k=40).banning(getattr(self.encoder, "never_drawn", ()))  # GPT2-ML's [PAD]
+        return generate(self.model, self.encoder, config.sample_prompt, length=length, settings=settings,
                         seed=config.seed)[0]
 
     def _log_sample(self, step, log, bar):
@@ -418,26 +422,29 @@ class Trainer:
             return
         self.position.assign(step * self.config.accumulate * self.config.batch_size)
         try:
-            self.state.save(step, self._write_model, is_chief=_is_chief(self.strategy))
+            self.state.save(step, lambda folder: self._write_model(folder, step), is_chief=_is_chief(self.strategy))
         except OSError as error:
             raise TrainingError(f"could not save step {step} to {self.output} "
                                 f"({error.strerror or error}); {self._last_save()}") from None
         self.saved_step = step
         _say(f"step {step}: saved to {self.output}")
 
-    def _write_model(self, folder):
+    def _write_model(self, folder, step=0):
+        """Writes the model in its kind's layout (a GPT2-ML's files numbered `step`)."""
         merged = contextlib.nullcontext()
         if self.config.lora_rank:
             merged = lora_lib.merged(self.model, self._restore_base if self.source_dir else None)
         with merged:
-            save_checkpoint(self.model, folder)
-        copy_encoder_files(self.source_dir, folder)
+            save_checkpoint(self.model, folder, self.source_dir, step=step)
+        if saving_format(self.model.hparams) is openai_format:
+            copy_encoder_files(self.source_dir, folder)
 
     def _restore_base(self, adapted):
-        """Puts back the base weights of LoRA-adapted layers from the source checkpoint."""
-        reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(self.source_dir))
-        for path, layer in adapted:
-            layer.w.assign(reader.get_tensor(f"model/{path}/w").reshape(layer.w.shape))
+        """Puts back the base weights of LoRA-adapted layers from the source folder (any format)."""
+        names = {id(variable): name for name, variable in self.model.checkpoint_variables().items()}
+        with open_weights(self.source_dir) as weights:
+            for _, layer in adapted:
+                layer.w.assign(np.reshape(weights.read(names[id(layer.w)]), layer.w.shape))
 
     @contextlib.contextmanager
     def _catch_interrupt(self):
@@ -464,14 +471,19 @@ def _tf_variable(variable):
 
 
 def _read_weights(model, model_dir):
-    """Assigns the weights of the OpenAI checkpoint in model_dir to `model`, tensor by tensor."""
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
-    shapes = variable_shapes(model.hparams)
-    for name, variable in model_variables(model).items():
-        value = reader.get_tensor(name)
-        if list(value.shape) != shapes[name]:
-            raise TrainingError(f"{model_dir}: {name} has shape {list(value.shape)}, expected {shapes[name]}")
-        variable.assign(value.reshape(variable.shape))
+    """Assigns the weights of the checkpoint in model_dir (the run's own save, in its kind's
+    layout) to `model`, tensor by tensor."""
+    from gpt2.formats.base import CheckpointError
+
+    try:
+        with open_weights(model_dir) as weights:
+            if weights.hparams != model.hparams:
+                raise TrainingError(f"--resume: {model_dir} holds a model of shape {weights.hparams}, this run's "
+                                    f"is {model.hparams}; start over with --overwrite")
+            for name, variable in model.checkpoint_variables().items():
+                variable.assign(np.reshape(weights.read(name), variable.shape))
+    except (CheckpointError, FileNotFoundError) as error:
+        raise TrainingError(f"--resume: {str(error).splitlines()[0]}; start over with --overwrite") from None
 
 
 def _encoder_for(source_dir):

@@ -10,8 +10,9 @@ from gpt2.sampling import api
 from paths import TINY_MODEL
 
 # On the fixture (random weights of std 0.3-0.4, larger than GPT-2's, so errors grow faster)
-# bfloat16 logits stay within 3% of the largest float32 logit (measured: 2.2%).
-RELATIVE_TOLERANCE = 0.03
+# bfloat16 logits stay within 5% of the largest float32 logit (measured: 2.2% on an AVX-512 CPU with
+# bfloat16 instructions, 3.4% on an AVX2-only one (AMD Zen 3), whose bfloat16 kernels round differently).
+RELATIVE_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -76,5 +77,5 @@ def test_greedy_agrees_with_float32_and_the_decoder_with_the_model(tiny_model, b
 
 
 def test_dtype_is_checked():
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, mixed_bfloat16, got 'float16'"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, mixed_bfloat16, int8, got 'float16'"):
         gpt2.load_model(TINY_MODEL, dtype="float16")

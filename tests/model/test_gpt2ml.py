@@ -2,7 +2,6 @@
 (global_step and Adafactor slots included): loading, logits against a float64 NumPy reference of
 their forward pass written here from their train/modeling.py, the cache, and every sampler."""
 
-import math
 import os
 import shutil
 
@@ -13,22 +12,12 @@ import gpt2
 from gpt2 import reference as reference_path
 from gpt2.checkpoint import CheckpointError
 from gpt2.formats import gpt2ml
-from gpt2.hparams import GPT2MLHParams
 from gpt2.model import GPT2ML
 from gpt2.sampling import api
 
-HPARAMS = GPT2MLHParams(n_vocab=300, n_ctx=40, n_embd=16, n_head=4, n_layer=2, n_inner=24)
+from gpt2ml_support import HPARAMS, numpy_forward, random_weights
+
 PROMPT = [5, 17, 3, 42, 8, 260, 0]  # n_vocab >= 256: the samplers filter among 256 candidates
-
-
-def random_weights(hparams, seed=0):
-    """Weights with LayerNorm scales and biases away from 1 and 0, so each one matters."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in gpt2ml.variable_shapes(hparams).items():
-        value = rng.standard_normal(shape) * (0.3 if name.endswith(("kernel", "_embed")) else 0.1)
-        weights[name] = (value + 1.0 if name.endswith("gamma") else value).astype(np.float32)
-    return weights
 
 
 @pytest.fixture(scope="module")
@@ -42,39 +31,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(folder):
     return gpt2.load_model(folder[0])
-
-
-def numpy_forward(weights, tokens, hparams=HPARAMS):
-    """Their forward pass in float64 (train/modeling.py, GroverModel): logits [s, V] of one row."""
-    w = {name: value.astype(np.float64) for name, value in weights.items()}
-    erf = np.vectorize(math.erf)
-
-    def norm(x, scope):
-        mean = x.mean(-1, keepdims=True)
-        var = ((x - mean) ** 2).mean(-1, keepdims=True)
-        return (x - mean) / np.sqrt(var + 1e-5) * w[scope + "/gamma"] + w[scope + "/beta"]
-
-    def dense(x, scope):
-        return x @ w[scope + "/kernel"] + w[scope + "/bias"]
-
-    s, h, d = len(tokens), hparams.n_head, hparams.n_embd // hparams.n_head
-    x = w["newslm/embeddings/word_embed"][tokens] + w["newslm/embeddings/pos_embed"][:s]
-    x = norm(x, "newslm/embeddings/LayerNorm_embed_norm")
-    mask = np.tril(np.ones([s, s]))
-    for layer in range(hparams.n_layer):
-        scope = f"newslm/layer{layer:02d}/"
-        q, k, v = (dense(x, scope + name).reshape(s, h, d).transpose(1, 0, 2)
-                   for name in ("query_layer", "key_layer", "value_layer"))
-        scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
-        scores = scores * mask - 1e10 * (1 - mask)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        context = (probs @ v).transpose(1, 0, 2).reshape(s, h * d)
-        x = x + dense(context, scope + "context_projection_layer")
-        inner = dense(norm(x, scope + "LayerNorm_mlp_ln0"), scope + "intermediate")
-        inner = inner * 0.5 * (1.0 + erf(inner / math.sqrt(2.0)))
-        x = norm(x + dense(inner, scope + "output"), scope + "LayerNorm_mlp_ln1")
-    return x @ w["newslm/embeddings/word_embed"].T
 
 
 def test_their_layout_loads_by_name(folder, model):

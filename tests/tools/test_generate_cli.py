@@ -538,3 +538,13 @@ def test_item17_ctrl_c_while_compiling_the_sampler_exits_with_one_line(tmp_path)
 
     result = _interrupted([sys.executable, "generate.py", *greedy("--prompt", "hi")], env, compiling)
     assert result == (130, "", "error: interrupted\n")
+
+
+def test_a_timeout_the_worker_raises_is_its_error_not_a_wait():
+    # A TimeoutError from the worker (a socket's, say) once read as "not done yet": the wait looped forever.
+    def times_out():
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(TimeoutError, match="read timed out"):
+        generate_cli._wait_for(generate_cli._in_thread(times_out))
+    assert generate_cli._wait_for(generate_cli._in_thread(lambda: 7)) == 7
