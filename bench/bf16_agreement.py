@@ -1,7 +1,7 @@
-"""bfloat16 and int8 weights against float32 on the same random checkpoint: the largest logit
+"""bfloat16, int8 and float16 weights against float32 on the same random checkpoint: the largest logit
 difference and how often greedy decoding picks the same token, over 256 steps.
 
-    python bench/bf16_agreement.py [--shape 124M] [--steps 256] [--prompts 4] [--dtypes bfloat16,int8]
+    python bench/bf16_agreement.py [--shape 124M] [--steps 256] [--prompts 4] [--dtypes bfloat16,int8,float16]
 
 Every model loads the same checkpoint (bench/.cache/<shape>/). Greedy agreement is measured
 teacher-forced: float32 decodes `steps` tokens greedily from each prompt; each model then scores
@@ -24,11 +24,12 @@ def main(argv=None):
     parser.add_argument("--shape", default="124M", choices=list(_common.PRESET_SHAPES))
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16, int8 (default: bfloat16)")
+    parser.add_argument("--dtypes", default="bfloat16",
+                        help="comma-separated: bfloat16, int8, float16 (default: bfloat16)")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if not dtypes or set(dtypes) - {"bfloat16", "int8"}:
-        parser.error("--dtypes takes bfloat16 and/or int8")
+    if not dtypes or set(dtypes) - {"bfloat16", "int8", "float16"}:
+        parser.error("--dtypes takes bfloat16, int8 and/or float16")
     _common.use_repo_checkout()
     import numpy as np
 

@@ -4,10 +4,10 @@
         [--new-tokens 128] [--reps 3] [--peers hf,kerashub,kerashub-xla,openai,llamacpp]
         [--openai-repo PATH] [--llamacpp-types f32,f16,q8_0] [--converter PATH]
         [--ours-xla default|on|off|both|none] [--ours-direct]
-        [--ours-dtypes float32,bfloat16,int8]
+        [--ours-dtypes float32,bfloat16,int8,float16]
         [--threads N] [--json out.json]
 
-Systems (fp32 unless --ours-dtypes adds bfloat16 or int8; same GPT-2 shape, same prompt tokens, greedy, no
+Systems (fp32 unless --ours-dtypes adds bfloat16, int8 or float16; same GPT-2 shape, same prompt tokens, greedy, no
 early stop):
   ours          gpt2.sample_sequence(model, context, N, temperature=0) on the random-weight
                 checkpoint of the shape (written once to bench/.cache/<shape>/ by the project's
@@ -530,8 +530,9 @@ def main(argv=None):
     parser.add_argument("--ours-direct", action="store_true",
                         help="add a row for the uncompiled sampler short jobs start on (ours-direct)")
     parser.add_argument("--ours-dtypes", default="float32",
-                        help="comma-separated dtypes for this project's model: float32, bfloat16, int8 (one "
-                             "row each; bfloat16 rows are named ours-bf16, int8 rows ours-int8)")
+                        help="comma-separated dtypes for this project's model: float32, bfloat16, int8, float16 "
+                             "(one row each; bfloat16 rows are named ours-bf16, int8 rows ours-int8, float16 "
+                             "rows ours-f16)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for every system (torch.set_num_threads, TF intra/inter-op); "
                              "default 0: each framework's own default")
@@ -555,12 +556,12 @@ def main(argv=None):
     if args.prompt_len + args.new_tokens > hparams["n_ctx"]:
         parser.error(f"--prompt-len + --new-tokens must be <= n_ctx ({hparams['n_ctx']})")
     dtypes = [d.strip() for d in args.ours_dtypes.split(",") if d.strip()]
-    if set(dtypes) - {"float32", "bfloat16", "int8"} or not dtypes:
-        parser.error("--ours-dtypes takes float32, bfloat16 and/or int8")
+    if set(dtypes) - {"float32", "bfloat16", "int8", "float16"} or not dtypes:
+        parser.error("--ours-dtypes takes float32, bfloat16, int8 and/or float16")
     variants = OURS_VARIANTS[args.ours_xla] + ([("ours-direct", "direct")] if args.ours_direct else [])
     if not variants:
         parser.error("--ours-xla none leaves no row of ours: add --ours-direct")
-    suffix = {"float32": "", "bfloat16": "-bf16", "int8": "-int8"}
+    suffix = {"float32": "", "bfloat16": "-bf16", "int8": "-int8", "float16": "-f16"}
     systems = [(name + suffix[dtype], "ours", xla, None if dtype == "float32" else dtype)
                for dtype in dtypes for name, xla in variants]
     systems += [(p, "kerashub" if p.startswith("kerashub") else p,

@@ -81,9 +81,10 @@ def check_model_dir(model_dir, skip_optimizer_slots=False):
         return weights.hparams
 
 
-DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "int8")
-# Bytes per weight each dtype holds (int8: the projections and wte; their scales and the rest are few).
-_WEIGHT_BYTES = {"bfloat16": 2, "int8": 1}
+DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "int8", "float16")
+# Bytes per weight each dtype holds (int8, float16: the projections and wte; int8's scales and the rest are few).
+_WEIGHT_BYTES = {"bfloat16": 2, "int8": 1, "float16": 2}
+_NARROW = ("int8", "float16")  # weight-only dtypes: float32 arithmetic on weights held narrow (GPT2.weight_dtype)
 
 
 def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
@@ -95,7 +96,9 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     dtype: "float32", "bfloat16" to hold the weights in bfloat16 (half the memory) and run the
     matmuls in it, "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training), or "int8"
     (weight-only int8 with a float32 scale per output channel, quantized here tensor by tensor as
-    they are read; float32 arithmetic; inference only, GPT-2 folders only); see gpt2.GPT2.
+    they are read; float32 arithmetic; inference only, GPT-2 folders only), or "float16" (the same
+    weights held as float16, no scale: the fast 16-bit mode on CPUs without bfloat16 instructions;
+    a weight beyond float16's range is refused); see gpt2.GPT2.
     dropout: the rate used when called with training=True.
     before_weights(model): called with the model built but no weight read yet, e.g. to compile
     the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
@@ -116,10 +119,10 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
-    options = {"dtype": "float32", "weight_dtype": "int8"} if dtype == "int8" else {"dtype": dtype}
+    options = {"dtype": "float32", "weight_dtype": dtype} if dtype in _NARROW else {"dtype": dtype}
     with open_weights(model_dir, skip_optimizer_slots, config) as weights:
-        if dtype == "int8" and isinstance(weights.hparams, GPT2MLHParams):
-            raise ValueError(f"{model_dir}: int8 weights are for GPT-2 folders; load a GPT2-ML model in float32 "
+        if dtype in _NARROW and isinstance(weights.hparams, GPT2MLHParams):
+            raise ValueError(f"{model_dir}: {dtype} weights are for GPT-2 folders; load a GPT2-ML model in float32 "
                              "or bfloat16")
         check_fits_in_memory(weights.hparams, model_dir, _WEIGHT_BYTES.get(dtype, 4))
         model = model_class(weights.hparams)(weights.hparams, random_init=False, dropout=dropout, **options)

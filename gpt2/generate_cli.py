@@ -101,10 +101,11 @@ def build_parser(prog=None):
     )
 
     model.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+        "--dtype", choices=("float32", "bfloat16", "int8", "float16"), default="float32",
         help="float32 (OpenAI's numbers); bfloat16: weights in half the memory and faster "
              "matmuls on CPUs with bfloat16 support, logits within about 1%%; int8: weights in a "
-             "quarter of the memory (per-channel scales, float32 arithmetic) (default: %(default)s)",
+             "quarter of the memory (per-channel scales, float32 arithmetic); float16: weights in "
+             "half (float32 arithmetic; the fast 16-bit mode on CPUs without bfloat16) (default: %(default)s)",
     )
     model.add_argument(
         "--no-xla", action="store_true",

@@ -8,9 +8,10 @@ h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 
 dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
 matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
-matmuls). Projection kernels (and the model's token embedding) may instead be held as int8 with a
-float32 scale per output channel (`Int8Kernel`, weight-only quantization, a quarter of the
-memory): they are widened to float32 for the product, which stays float32. Whatever the policy,
+matmuls). Projection kernels (and the model's token embedding) may instead be held narrow
+(`NarrowKernel`): int8 with a float32 scale per output channel (weight-only quantization, a
+quarter of the memory) or float16 (half): they are widened to float32 for the product, which
+stays float32. Whatever the policy,
 the residual stream, LayerNorm statistics and the attention softmax are float32. Layers invoke
 their sublayers' `call` directly (Keras' per-call bookkeeping adds nothing here and made up a
 large share of tracing time), so casts are explicit.
@@ -71,14 +72,15 @@ def layer_norm(x, g, b, epsilon=1e-5):
 
 def dense(x, w, b, dtype):
     """x [n, n_in] @ w [n_in, n_out] + b with inputs in `dtype`; float32 [n, n_out]. w: a float
-    kernel, or an (int8 kernel [n_out, n_in], float32 scale [n_out]) pair (`Int8Kernel.tensors()`),
-    multiplied in float32."""
+    kernel, or a narrow kernel's tensors (`NarrowKernel.tensors()`: int8 [n_out, n_in] and its
+    float32 scale [n_out], or float16 [n_out, n_in] alone), multiplied in float32."""
     if isinstance(w, (tuple, list)):
-        return int8_matmul(x, *w) + _cast(b, tf.float32)
+        return narrow_matmul(x, *w) + _cast(b, tf.float32)
     return matmul(_cast(x, dtype), _cast(w, dtype)) + _cast(b, tf.float32)
 
 
-INT8_CHUNK = 64  # output channels `int8_matmul` widens to float32 at a time (at least; at most 64 chunks)
+NARROW_CHUNK = 64  # output channels `narrow_matmul` widens to float32 at a time (at least; at most 64 chunks)
+FLOAT16_MAX = 65504.0  # the largest finite float16
 
 
 def quantize_int8(rows) -> tuple[tf.Tensor, tf.Tensor]:
@@ -98,42 +100,48 @@ def dequantize_int8(q, scale) -> tf.Tensor:
     return tf.cast(q, tf.float32) * _cast(scale, tf.float32)[:, None]
 
 
-def int8_matmul(x, q, scale) -> tf.Tensor:
-    """x float [n, n_in] times the int8 kernel q [n_out, n_in] (one row per output channel) with
-    scale [n_out]: float32 [n, n_out] = (x @ q^T) * scale, q widened to float32 exactly.
+def narrow_matmul(x, q, scale=None) -> tf.Tensor:
+    """x float [n, n_in] times the narrow kernel q [n_out, n_in] (one row per output channel:
+    int8 with its float32 scale [n_out], or float16 with scale None): float32 [n, n_out] =
+    (x @ q^T) * scale, q widened to float32 exactly.
 
     How, for XLA on CPUs (where widening the whole kernel first costs more than float32's own
     product): one row (n == 1, known when traced) is one product, which XLA fuses with the
-    widening; more rows go INT8_CHUNK output channels at a time in a loop, each chunk widened
+    widening; more rows go NARROW_CHUNK output channels at a time in a loop, each chunk widened
     while it is in cache. Plain TensorFlow runs the same ops."""
     x = _cast(x, tf.float32)
-    scale = _cast(scale, tf.float32)
     n_out, n_in = q.shape
-    size = max(INT8_CHUNK, -(-n_out // (64 * INT8_CHUNK)) * INT8_CHUNK)  # the logits: 64 chunks of 832
+    size = max(NARROW_CHUNK, -(-n_out // (64 * NARROW_CHUNK)) * NARROW_CHUNK)  # the logits: 64 chunks of 832
     chunks = n_out // size
     if x.shape[0] == 1 or chunks < 2:
-        return tf.matmul(x, tf.cast(q, tf.float32), transpose_b=True) * scale
+        y = tf.matmul(x, tf.cast(q, tf.float32), transpose_b=True)
+        if scale is None:
+            # Else XLA's CPU backend fuses this one-row product with the bias added after it,
+            # and then widens the whole kernel to float32 first instead of inside the product
+            # (124M float16: ~470 instead of ~45 ms a step); int8's scale multiply keeps them apart.
+            y = tfxla.optimization_barrier(y)[0]
+    else:
+        def step(j, out):
+            rows = tf.cast(tf.slice(q, [j * size, 0], [size, n_in]), tf.float32)
+            return j + 1, out.write(j, tf.matmul(x, rows, transpose_b=True))
 
-    def step(j, out):
-        rows = tf.cast(tf.slice(q, [j * size, 0], [size, n_in]), tf.float32)
-        return j + 1, out.write(j, tf.matmul(x, rows, transpose_b=True))
-
-    rows = tf.shape(x)[0]
-    _, out = tf.while_loop(lambda j, _: j < chunks, step,
-                           (tf.constant(0), tf.TensorArray(tf.float32, chunks, element_shape=[x.shape[0], size])))
-    y = tf.reshape(tf.transpose(out.stack(), [1, 0, 2]), [rows, chunks * size])
-    if chunks * size < n_out:  # the last, partial chunk
-        y = tf.concat([y, tf.matmul(x, tf.cast(q[chunks * size:], tf.float32), transpose_b=True)], 1)
-    return y * scale
+        rows = tf.shape(x)[0]
+        _, out = tf.while_loop(lambda j, _: j < chunks, step,
+                               (tf.constant(0), tf.TensorArray(tf.float32, chunks, element_shape=[x.shape[0], size])))
+        y = tf.reshape(tf.transpose(out.stack(), [1, 0, 2]), [rows, chunks * size])
+        if chunks * size < n_out:  # the last, partial chunk
+            y = tf.concat([y, tf.matmul(x, tf.cast(q[chunks * size:], tf.float32), transpose_b=True)], 1)
+    return y if scale is None else y * _cast(scale, tf.float32)
 
 
-class Int8Kernel:
-    """A float weight held as int8 `q` with a float32 `scale` per output channel (Keras variables,
-    not trainable), q laid out [n_out, n_in] (`quantize_int8`): a Conv1D kernel [n_in, n_out] is
-    held transposed, the token embedding [V, e] as it is (its rows are the logits' channels).
-    Stands in for the float variable where weights are loaded and saved: `assign(float value)`
-    quantizes, `value` dequantizes, `shape` is the float weight's, `dtype` the dtype it takes;
-    `tensors()` is the pair `dense` and `int8_matmul` take."""
+class NarrowKernel:
+    """A float weight held narrow (Keras variables, not trainable), laid out [n_out, n_in]: int8
+    `q` with a float32 `scale` per output channel (`quantize_int8`), or float16 `q` with `scale`
+    None. A Conv1D kernel [n_in, n_out] is held transposed, the token embedding [V, e] as it is
+    (its rows are the logits' channels). Stands in for the float variable where weights are
+    loaded and saved: `assign(float value)` narrows, `value` widens, `shape` is the float weight's,
+    `dtype` the dtype it takes; `tensors()` is what `dense` and `narrow_matmul` take: (q, scale),
+    or (q,) for float16."""
 
     dtype = "float32"
 
@@ -145,9 +153,17 @@ class Int8Kernel:
         return tuple(reversed(self.q.shape)) if self.transposed else tuple(self.q.shape)
 
     def assign(self, value):
-        """Quantizes `value` (the float weight) into q and scale, a block of rows (4M weights) at
-        a time, so the quantizer's float temporaries stay small beside the weight (wte: 154 MiB)."""
+        """Narrows `value` (the float weight) into q (and scale), a block of rows (4M weights) at a
+        time, so the float temporaries stay small beside the weight (wte: 154 MiB). float16
+        refuses a weight beyond its range (|w| > 65504) with a one-line ValueError."""
         rows = tf.transpose(value) if self.transposed else tf.convert_to_tensor(value)
+        if self.scale is None:
+            largest = float(tf.reduce_max(tf.abs(_cast(rows, tf.float32))))
+            if not largest <= FLOAT16_MAX:
+                raise ValueError(f"{self.q.path}: a weight of magnitude {largest:g} does not fit float16 (at most "
+                                 f"{FLOAT16_MAX:g}); load this model with dtype='float32' or 'int8'")
+            self.q.assign(_cast(rows, tf.float16))
+            return
         block = max(1, (1 << 22) // rows.shape[1])
         parts = [quantize_int8(rows[start: start + block]) for start in range(0, rows.shape[0], block)]
         del rows
@@ -156,30 +172,39 @@ class Int8Kernel:
 
     @property
     def value(self):
-        """The dequantized float32 weight, in the float weight's layout."""
-        rows = dequantize_int8(self.q, self.scale)
+        """The widened float32 weight, in the float weight's layout."""
+        rows = tf.cast(self.q, tf.float32) if self.scale is None else dequantize_int8(self.q, self.scale)
         return tf.transpose(rows) if self.transposed else rows
 
     def tensors(self):
-        """(q int8 [n_out, n_in], scale float32 [n_out]) as tensors."""
+        """(q int8 [n_out, n_in], scale float32 [n_out]) or (q float16 [n_out, n_in],) as tensors."""
+        if self.scale is None:
+            return (tf.convert_to_tensor(self.q),)
         return tf.convert_to_tensor(self.q), tf.convert_to_tensor(self.scale)
 
     def gather(self, indices):
-        """Rows `indices` (of the untransposed token embedding), dequantized: float32 [..., e]."""
-        return tf.cast(tf.gather(self.q, indices), tf.float32) * tf.gather(self.scale, indices)[..., None]
+        """Rows `indices` (of the untransposed token embedding), widened: float32 [..., e]."""
+        rows = tf.cast(tf.gather(self.q, indices), tf.float32)
+        return rows if self.scale is None else rows * tf.gather(self.scale, indices)[..., None]
 
 
-def int8_weight(layer, shape, transposed, initializer, name):
-    """An `Int8Kernel` for a float weight of `shape`, made of `layer`'s weights `name` (int8) and
-    `name`_scale. initializer: a Keras initializer (random: drawn in float32, then quantized) or a
-    plain function of (shape, dtype) (as the model's uninitialised one)."""
+NARROW_DTYPES = ("int8", "float16")  # the weight_dtype values held as a NarrowKernel
+
+
+def narrow_weight(layer, shape, transposed, initializer, name, dtype):
+    """A `NarrowKernel` of `dtype` (int8 or float16) for a float weight of `shape`, made of
+    `layer`'s weights `name` (and, for int8, `name`_scale). initializer: a Keras initializer
+    (random: drawn in float32, then narrowed) or a plain function of (shape, dtype) (as the
+    model's uninitialised one)."""
     random = isinstance(initializer, keras.initializers.Initializer)
     rows = tuple(reversed(shape)) if transposed else tuple(shape)
-    q = layer.add_weight(shape=rows, initializer="zeros" if random else initializer, dtype="int8",
+    q = layer.add_weight(shape=rows, initializer="zeros" if random else initializer, dtype=dtype,
                          trainable=False, name=name)
-    scale = layer.add_weight(shape=(rows[0],), initializer="ones" if random else initializer,
-                             trainable=False, name=f"{name}_scale")
-    kernel = Int8Kernel(q, scale, transposed)
+    scale = None
+    if dtype == "int8":
+        scale = layer.add_weight(shape=(rows[0],), initializer="ones" if random else initializer,
+                                 trainable=False, name=f"{name}_scale")
+    kernel = NarrowKernel(q, scale, transposed)
     if random:
         kernel.assign(initializer(shape, "float32"))
     return kernel
@@ -332,13 +357,14 @@ class Conv1D(keras.layers.Layer):
 
     OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
     `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
-    weight_dtype "int8": w is an `Int8Kernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]).
+    weight_dtype "int8": w is a `NarrowKernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]);
+    "float16": a `NarrowKernel` of float16 `w` [n_out, n_in] alone.
     """
 
     def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
-        if weight_dtype == "int8":
-            self.w = int8_weight(self, (n_in, n_out), True, kernel_initializer, weight_names[0])
+        if weight_dtype in NARROW_DTYPES:
+            self.w = narrow_weight(self, (n_in, n_out), True, kernel_initializer, weight_names[0], weight_dtype)
         else:
             self.w = self.add_weight(shape=(n_in, n_out), initializer=kernel_initializer, name=weight_names[0])
         self.b = self.add_weight(shape=(n_out,), initializer="zeros", name=weight_names[1])
@@ -350,9 +376,9 @@ class Conv1D(keras.layers.Layer):
 
     def kernel(self):
         """The weight matrix [n_in, n_out] with any LoRA adapter merged in (what the compiled
-        decoder multiplies by; `call` keeps the adapter separate for training). An int8 kernel:
-        its (q, scale) pair."""
-        if isinstance(self.w, Int8Kernel):
+        decoder multiplies by; `call` keeps the adapter separate for training). A narrow kernel:
+        its `tensors()`."""
+        if isinstance(self.w, NarrowKernel):
             return self.w.tensors()
         if self.lora is None:
             return self.w
@@ -361,7 +387,7 @@ class Conv1D(keras.layers.Layer):
 
     def call(self, x):
         """x: [n, n_in] (any float dtype) -> float32 [n, n_out], multiplied in the compute dtype."""
-        y = dense(x, self.kernel() if isinstance(self.w, Int8Kernel) else self.w, self.b, self.compute_dtype)
+        y = dense(x, self.kernel() if isinstance(self.w, NarrowKernel) else self.w, self.b, self.compute_dtype)
         if self.lora is not None:  # LoRA hook, see above
             dtype = self.compute_dtype
             low = tf.matmul(_cast(x, dtype), _cast(self.lora.a, dtype))
@@ -415,7 +441,7 @@ class _Block(keras.layers.Layer):
         """The weights as tensors in the block function's order (LoRA adapters merged in), for the samplers."""
         def tensor(w):
             w = w.kernel() if isinstance(w, Conv1D) else w
-            return w if isinstance(w, tuple) else tf.convert_to_tensor(w)  # an int8 pair is tensors already
+            return w if isinstance(w, tuple) else tf.convert_to_tensor(w)  # a narrow kernel is tensors already
 
         return tuple(tensor(w) for w in self.layer_weights())
 

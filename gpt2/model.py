@@ -14,7 +14,17 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import GPT2MLHParams, HParams
-from gpt2.layers import Block, Int8Kernel, LayerNorm, MLBlock, int8_matmul, int8_weight, layer_norm, matmul
+from gpt2.layers import (
+    NARROW_DTYPES,
+    Block,
+    LayerNorm,
+    MLBlock,
+    NarrowKernel,
+    layer_norm,
+    matmul,
+    narrow_matmul,
+    narrow_weight,
+)
 
 
 def _uninitialized(shape, dtype=None):
@@ -44,9 +54,11 @@ class GPT2(keras.Model):
     residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
     `weight_dtype="int8"`: weight-only int8 (with the float32 policy): the projection kernels
     and the token embedding are held as int8 with a float32 scale per output channel (per token
-    for wte, which also makes the logits), `gpt2.layers.Int8Kernel`; biases, LayerNorm and wpe stay
-    float32, and so does all arithmetic and the key/value cache. For inference only: training,
-    LoRA and GPT2-ML's variant are refused.
+    for wte, which also makes the logits), `gpt2.layers.NarrowKernel`; biases, LayerNorm and wpe stay
+    float32, and so does all arithmetic and the key/value cache. `weight_dtype="float16"`: the
+    same with those weights held as float16 (no scale; half the memory; on CPUs without bfloat16
+    instructions the fast 16-bit mode, as XLA fuses the widening into the product). For
+    inference only: training, LoRA and GPT2-ML's variant are refused.
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
@@ -56,10 +68,10 @@ class GPT2(keras.Model):
     def __init__(self, hparams: HParams | dict, dropout: float = 0.0, random_init: bool = True, name: str = "model",
                  weight_dtype: str = "float32", **kwargs) -> None:
         super().__init__(name=name, **kwargs)
-        if weight_dtype not in ("float32", "int8"):
-            raise ValueError(f"weight_dtype must be float32 or int8, got {weight_dtype!r}")
-        if weight_dtype == "int8" and (tf.as_dtype(self.compute_dtype) != tf.float32 or self.HPARAMS is not HParams):
-            raise ValueError("int8 weights are for GPT-2 models with the float32 dtype policy")
+        if weight_dtype not in ("float32", *NARROW_DTYPES):
+            raise ValueError(f"weight_dtype must be float32, {', '.join(NARROW_DTYPES)}, got {weight_dtype!r}")
+        if weight_dtype != "float32" and (tf.as_dtype(self.compute_dtype) != tf.float32 or self.HPARAMS is not HParams):
+            raise ValueError(f"{weight_dtype} weights are for GPT-2 models with the float32 dtype policy")
         self.weight_dtype = weight_dtype
         if isinstance(hparams, dict):
             hparams = self.HPARAMS.from_dict(hparams)
@@ -76,8 +88,9 @@ class GPT2(keras.Model):
 
     def _make_layers(self, hparams, dropout, normal):
         """Creates the weights; normal(stddev): their initializer."""
-        if self.weight_dtype == "int8":
-            self.wte = int8_weight(self, (hparams.n_vocab, hparams.n_embd), False, normal(0.02), "wte")
+        if self.weight_dtype in NARROW_DTYPES:
+            self.wte = narrow_weight(self, (hparams.n_vocab, hparams.n_embd), False, normal(0.02), "wte",
+                                     self.weight_dtype)
         else:
             self.wte = self.add_weight(shape=(hparams.n_vocab, hparams.n_embd), initializer=normal(0.02), name="wte")
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
@@ -129,7 +142,7 @@ class GPT2(keras.Model):
 
     def embed(self, tokens, positions):
         """tokens, positions: int [...] -> float32 [..., e]."""
-        words = self.wte.gather(tokens) if isinstance(self.wte, Int8Kernel) else tf.gather(self.wte, tokens)
+        words = self.wte.gather(tokens) if isinstance(self.wte, NarrowKernel) else tf.gather(self.wte, tokens)
         x = words + tf.gather(self.wpe, positions)
         return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
 
@@ -152,8 +165,8 @@ class GPT2(keras.Model):
         """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
         dtype = self.compute_dtype
         flat = tf.reshape(h, [-1, h.shape[-1]])
-        if isinstance(self.wte, Int8Kernel):
-            logits = int8_matmul(flat, *self.wte.tensors())
+        if isinstance(self.wte, NarrowKernel):
+            logits = narrow_matmul(flat, *self.wte.tensors())
         else:
             wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
             logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
@@ -204,10 +217,10 @@ class GPT2(keras.Model):
         return outputs
 
     def check_trainable(self, purpose="training"):
-        """Raises a one-line ValueError if the weights cannot be trained (int8)."""
-        if self.weight_dtype == "int8":
-            raise ValueError(f"{purpose} needs float weights and this model holds int8 weights (inference only); "
-                             "load it with dtype='float32' (or bfloat16)")
+        """Raises a one-line ValueError if the weights cannot be trained (int8, float16)."""
+        if self.weight_dtype != "float32":
+            raise ValueError(f"{purpose} needs trainable weights and this model holds {self.weight_dtype} weights "
+                             "(inference only); load it with dtype='float32' (or bfloat16)")
 
     # Fine-tuning hook (gpt2/train): when set, calls with training=True keep only each block's
     # input and recompute its activations in the backward pass (gradient checkpointing).

@@ -50,8 +50,9 @@ _pools_lock = threading.Lock()
 # warm compilation cache (124M: ~4 s, against ~10 ms more per step at batch 1, ~15-20 ms at batch
 # 8; bench/startup.py, BENCHMARKS.md). For models whose loop runs without XLA (bfloat16) there is
 # no budget: there the uncompiled sampler is also the faster one per step. The environment
-# variable GPT2_DIRECT_TOKENS overrides both (0: always compile). int8 models get a quarter:
-# there the uncompiled sampler's step is about 4x the compiled loop's (124M: ~180 against ~45 ms).
+# variable GPT2_DIRECT_TOKENS overrides both (0: always compile). int8 and float16 models (weights
+# widened in each product) get a quarter: there the uncompiled sampler's step is about 4x the
+# compiled loop's (int8 124M: ~180 against ~45 ms).
 DIRECT_TOKENS = 256
 _direct_tokens = weakref.WeakKeyDictionary()  # model -> tokens made by the uncompiled sampler
 
@@ -63,7 +64,7 @@ def direct_tokens(model=None):
     if not value:
         if model is not None and not model.default_jit_compile:
             return None
-        return DIRECT_TOKENS // 4 if getattr(model, "weight_dtype", "float32") == "int8" else DIRECT_TOKENS
+        return DIRECT_TOKENS // 4 if getattr(model, "weight_dtype", "float32") != "float32" else DIRECT_TOKENS
     if not value.isdigit():
         raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), "
                          f"got {value!r}")

@@ -97,9 +97,9 @@ def build_parser():
                              "address only localhost/127.0.0.1/::1 are accepted (DNS rebinding); with "
                              "--allowed-host the check applies to any address")
     access.add_argument("--no-playground", action="store_true", help="do not serve the playground page at /")
-    add("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-        help="bfloat16 holds the weights in half the memory, int8 in a quarter (per-channel scales), with "
-             "slightly different numbers (default: float32)")
+    add("--dtype", choices=("float32", "bfloat16", "int8", "float16"), default="float32",
+        help="bfloat16 and float16 hold the weights in half the memory, int8 in a quarter (per-channel scales), "
+             "with slightly different numbers; float16 is the fast one on CPUs without bfloat16 (default: float32)")
     add("--no-xla", action="store_true", help="compile without XLA: faster start-up, slower generation "
                                               "(bfloat16 never uses XLA: it is slower there on CPUs)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -77,5 +77,6 @@ def test_greedy_agrees_with_float32_and_the_decoder_with_the_model(tiny_model, b
 
 
 def test_dtype_is_checked():
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, mixed_bfloat16, int8, got 'float16'"):
-        gpt2.load_model(TINY_MODEL, dtype="float16")
+    expected = "dtype must be one of float32, bfloat16, mixed_bfloat16, int8, float16, got 'float8'"
+    with pytest.raises(ValueError, match=expected):
+        gpt2.load_model(TINY_MODEL, dtype="float8")
