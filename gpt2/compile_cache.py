@@ -52,8 +52,9 @@ PRIVATE_PREFIX = ".process-"
 STALE_SECONDS = 7 * 24 * 3600  # private folders of dead processes are removed after this
 ENTRY = re.compile(r"(?P<name>[^/\\]+\.pb)\.sha256-(?P<digest>[0-9a-f]{64})")  # a shared entry's file name
 # What TensorFlow says when an entry it read is not a program (it then fails the call, and keeps
-# failing it for the rest of the process).
-READ_ERRORS = ("Failed to parse serialized", "XlaSerializedCacheEntry")
+# failing it for the rest of the process): a field that fails to parse, or (DataLossError) a file
+# that is neither a binary nor a text-format XlaSerializedCacheEntry.
+READ_ERRORS = ("Failed to parse serialized", "XlaSerializedCacheEntry", "as binary proto")
 
 _lock = threading.Lock()
 _state = {"shared": None, "private": None, "taken": {}, "off": False}

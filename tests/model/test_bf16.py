@@ -7,6 +7,7 @@ import pytest
 import gpt2
 from gpt2.sampling import api
 
+from model_support import naive_greedy
 from paths import TINY_MODEL
 
 # On the fixture (random weights of std 0.3-0.4, larger than GPT-2's, so errors grow faster)
@@ -34,17 +35,6 @@ def test_logits_close_to_float32(tiny_model, bf16_model, reference):
         half = bf16_model(tokens)["logits"].numpy()
         assert half.dtype == np.float32
         assert np.abs(half - full).max() <= RELATIVE_TOLERANCE * np.abs(full).max()
-
-
-def naive_greedy(model, prompt, length):
-    """Greedy by full forward passes; also each step's margin between the best two logits."""
-    tokens, margins = list(prompt), []
-    for _ in range(length):
-        logits = model(np.array([tokens]))["logits"].numpy()[0, -1]
-        best, second = np.sort(logits)[-1], np.sort(logits)[-2]
-        margins.append(best - second)
-        tokens.append(int(logits.argmax()))
-    return tokens, margins
 
 
 @pytest.mark.parametrize("sampler", ["loop", "uncompiled"])

@@ -43,21 +43,24 @@ def entry_path(folder):
     return folder / file_name
 
 
-def largest_field(data):
-    """(start, size) of the largest top-level length-delimited field of a protocol buffer: the
-    compiled code lives in there."""
-    fields, position = [], 0
+def fields(data):
+    """[(start, size)] of the top-level length-delimited fields of a protocol buffer."""
+    found, position = [], 0
     while position < len(data):
         key, position = varint(data, position)
         if key & 7 == 2:
             size, position = varint(data, position)
-            fields.append((size, position))
+            found.append((position, size))
             position += size
         else:
             assert key & 7 == 0
             _, position = varint(data, position)
-    size, start = max(fields)
-    return start, size
+    return found
+
+
+def largest_field(data):
+    """(start, size) of the largest top-level length-delimited field: the compiled code lives in there."""
+    return max(fields(data), key=lambda field: field[1])
 
 
 def varint(data, position):
@@ -106,8 +109,10 @@ def test_item1_item2_cache_is_filled_once_reused_and_survives_tampered_and_unrea
     path = entry_path(cache)
     name = entries(cache)[0]
     data = bytearray(path.read_bytes())
-    start, size = largest_field(data)
-    data[start + size // 2: start + size // 2 + 64] = bytes(range(64))
+    # Every field's contents 0xff (an unending varint opens each nested message), the framing intact:
+    # a few bytes in one field was not enough where the largest field is plain machine code.
+    for start, size in fields(data):
+        data[start : start + size] = b"\xff" * size
     path.unlink()
     forged = cache / f"{name}.tmp"
     forged.write_bytes(bytes(data))

@@ -18,6 +18,7 @@ import gpt2
 from gpt2.layers import NarrowKernel, dequantize_int8, narrow_matmul, quantize_int8
 from gpt2.sampling import api
 
+from model_support import naive_greedy
 from paths import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,17 +110,6 @@ def test_logits_are_float32_on_the_widened_weights_and_close_to_float32(tiny_mod
         assert low.dtype == np.float32
         np.testing.assert_allclose(low, dequantized(tokens)["logits"].numpy(), atol=1e-4, rtol=1e-4)
         assert np.abs(low - full).max() <= RELATIVE_TOLERANCE[narrow_model.weight_dtype] * np.abs(full).max()
-
-
-def naive_greedy(model, prompt, length):
-    """Greedy by full forward passes; also each step's margin between the best two logits."""
-    tokens, margins = list(prompt), []
-    for _ in range(length):
-        logits = model(np.array([tokens]))["logits"].numpy()[0, -1]
-        best, second = np.sort(logits)[-1], np.sort(logits)[-2]
-        margins.append(best - second)
-        tokens.append(int(logits.argmax()))
-    return tokens, margins
 
 
 def encoder():
