@@ -20,7 +20,7 @@ from gpt2 import compile_cache
 from gpt2.formats import gpt2ml, hf, openai
 from gpt2.formats.base import CheckpointError, check_fits_in_memory, saving_format, variable_shapes
 from gpt2.formats.openai import write_checkpoint
-from gpt2.hparams import GPT2ML_PRESETS, OLD_NAMES, PRESETS, GPT2MLHParams, HParams
+from gpt2.hparams import GPT2ML_PRESETS, NARROW_DTYPES, OLD_NAMES, PRESETS, GPT2MLHParams, HParams
 
 if TYPE_CHECKING:
     from gpt2.model import GPT2
@@ -84,7 +84,6 @@ def check_model_dir(model_dir, skip_optimizer_slots=False):
 DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "int8", "float16")
 # Bytes per weight each dtype holds (int8, float16: the projections and wte; int8's scales and the rest are few).
 _WEIGHT_BYTES = {"bfloat16": 2, "int8": 1, "float16": 2}
-_NARROW = ("int8", "float16")  # weight-only dtypes: float32 arithmetic on weights held narrow (GPT2.weight_dtype)
 
 
 def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
@@ -119,9 +118,9 @@ def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(name_or_dir, models_dir)
-    options = {"dtype": "float32", "weight_dtype": dtype} if dtype in _NARROW else {"dtype": dtype}
+    options = {"dtype": "float32", "weight_dtype": dtype} if dtype in NARROW_DTYPES else {"dtype": dtype}
     with open_weights(model_dir, skip_optimizer_slots, config) as weights:
-        if dtype in _NARROW and isinstance(weights.hparams, GPT2MLHParams):
+        if dtype in NARROW_DTYPES and isinstance(weights.hparams, GPT2MLHParams):
             raise ValueError(f"{model_dir}: {dtype} weights are for GPT-2 folders; load a GPT2-ML model in float32 "
                              "or bfloat16")
         check_fits_in_memory(weights.hparams, model_dir, _WEIGHT_BYTES.get(dtype, 4))

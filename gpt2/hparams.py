@@ -12,6 +12,10 @@ import dataclasses
 import json
 import os
 
+# The weight-only dtypes (load_model(dtype=...), GPT2(weight_dtype=...)): float32 arithmetic on projection
+# kernels and wte held narrow (gpt2.layers.NarrowKernel).
+NARROW_DTYPES = ("int8", "float16")
+
 # Upper bounds per field, and on the total number of weights (2**36 float32 = 256 GiB).
 LIMITS = {"n_vocab": 1 << 22, "n_ctx": 1 << 20, "n_embd": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10,
           "n_inner": 1 << 18}

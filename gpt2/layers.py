@@ -27,6 +27,8 @@ import keras
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
+from gpt2.hparams import NARROW_DTYPES
+
 # OpenAI masks attention scores to -1e10 (not -inf), so a fully masked row stays finite.
 MASKED_SCORE = -1e10
 NEG_INF = float("-inf")  # the blocked form's mask: every row there sees at least its own key
@@ -186,9 +188,6 @@ class NarrowKernel:
         """Rows `indices` (of the untransposed token embedding), widened: float32 [..., e]."""
         rows = tf.cast(tf.gather(self.q, indices), tf.float32)
         return rows if self.scale is None else rows * tf.gather(self.scale, indices)[..., None]
-
-
-NARROW_DTYPES = ("int8", "float16")  # the weight_dtype values held as a NarrowKernel
 
 
 def narrow_weight(layer, shape, transposed, initializer, name, dtype):

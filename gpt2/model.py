@@ -13,9 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gpt2.hparams import GPT2MLHParams, HParams
+from gpt2.hparams import NARROW_DTYPES, GPT2MLHParams, HParams
 from gpt2.layers import (
-    NARROW_DTYPES,
     Block,
     LayerNorm,
     MLBlock,
@@ -161,15 +160,20 @@ class GPT2(keras.Model):
 
         return model_variables(self)
 
-    def logits(self, h):
-        """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding)."""
+    def logits(self, h, few_rows=False):
+        """Hidden states after ln_f [..., e] -> float32 logits [..., V] (tied to the token embedding).
+        few_rows: h holds a handful of rows (a speculative verification pass); the float product is
+        then (wte h^T)^T, since TensorFlow's CPU product of [n, e] (1 < n) by wte^T copies the whole
+        transposed embedding first (154 MB for 124M, ~0.5 s) on every call, and this reads wte as it lies."""
         dtype = self.compute_dtype
         flat = tf.reshape(h, [-1, h.shape[-1]])
         if isinstance(self.wte, NarrowKernel):
-            logits = narrow_matmul(flat, *self.wte.tensors())
+            logits = narrow_matmul(flat, *self.wte.tensors())  # reads wte's rows as they lie either way
         else:
             wte = self.wte if self.wte.dtype == dtype else tf.cast(self.wte, dtype)
-            logits = matmul(flat if flat.dtype == dtype else tf.cast(flat, dtype), wte, transpose_b=True)
+            flat = flat if flat.dtype == dtype else tf.cast(flat, dtype)
+            logits = tf.transpose(matmul(wte, flat, transpose_b=True)) if few_rows else matmul(flat, wte,
+                                                                                                  transpose_b=True)
         return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
     def check_context(self, length):

@@ -132,16 +132,8 @@ class DirectSampler:
         if isinstance(keep, int):  # the plain step: one position
             logits = model.logits(h)
         else:
-            logits = tf.cond(keep > 1, lambda: self._several_logits(h), lambda: model.logits(h))
+            logits = tf.cond(keep > 1, lambda: model.logits(h, few_rows=True), lambda: model.logits(h))
         return tf.reshape(logits, [batch, keep, -1])
-
-    def _several_logits(self, h):
-        """`model.logits` of h [n, E] as (wte h^T)^T: TensorFlow's CPU product of [n, E] (1 < n)
-        by wte^T copies the whole transposed embedding first (154 MB for 124M, ~0.5 s) on every
-        call; this one reads wte as it lies."""
-        dtype = self.model.compute_dtype
-        wte = self.model.wte if self.model.wte.dtype == dtype else tf.cast(self.model.wte, dtype)
-        return tf.transpose(layers.matmul(wte, tf.cast(h, dtype), transpose_b=True))
 
     def _step(self, tokens, position, slots, caches, rows):
         """`_hidden` of the last position, then the token choice: rows are choose.NEXT_TOKEN_FIELDS.

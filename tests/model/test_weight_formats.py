@@ -152,6 +152,17 @@ def test_greedy_agrees_with_float32_and_the_sampler_with_the_model(tiny_model, n
     assert np.mean(agree) >= GREEDY_AGREEMENT[dtype] and followed >= 40
 
 
+def test_speculative_decoding_verifies_with_narrow_logits(narrow_model):
+    """A verification pass (several positions' logits at once) on a narrow embedding: the same
+    greedy tokens as plain decoding (regression: the several-rows product took wte as a float tensor)."""
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3]  # prompt lookup proposes 4, 1, 2, ...
+    plain = gpt2.sample_sequence(narrow_model, [prompt], 20, temperature=0, jit_compile=False)
+    lookup = gpt2.PromptLookup()
+    faster = gpt2.sample_sequence(narrow_model, [prompt], 20, temperature=0, jit_compile=False, draft=lookup)
+    np.testing.assert_array_equal(faster, plain)
+    assert lookup.stats.rounds > 0  # some passes verified drafts
+
+
 def test_saving_a_narrow_model_writes_its_widened_weights(narrow_model, reference, tmp_path):
     gpt2.checkpoint.save_checkpoint(narrow_model, tmp_path)
     tokens = np.array(reference["inputs"]["len7"])
