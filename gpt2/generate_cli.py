@@ -70,6 +70,43 @@ def _logit_bias(text):
     return pair
 
 
+def add_speculative_arguments(group):
+    """--draft-model, --prompt-lookup (one or the other) and --draft-tokens, on an argparse group;
+    shared with `python -m gpt2.serve`. See `draft_folder` for their check against the model."""
+    drafts = group.add_mutually_exclusive_group()
+    drafts.add_argument(
+        "--draft-model", metavar="NAME_OR_FOLDER",
+        help="a smaller model with the same vocabulary (e.g. 124M for 355M) proposes tokens that the "
+             "model checks several at a time (default: none)",
+    )
+    drafts.add_argument(
+        "--prompt-lookup", action="store_true",
+        help="propose the tokens that followed the last few tokens' earlier occurrence in the text "
+             "(default: off)",
+    )
+    group.add_argument(
+        "--draft-tokens", type=_positive_int, default=8, metavar="N",
+        help="most tokens proposed per step; the number adapts to how many are accepted (default: 8)",
+    )
+
+
+def draft_folder(args, hparams):
+    """The folder of --draft-model (None without it), checked against the model's hparams before
+    anything is loaded: it must exist and share the model's vocabulary."""
+    from gpt2.checkpoint import read_hparams, resolve_model_dir
+
+    if not args.draft_model:
+        return None
+    try:
+        folder = resolve_model_dir(args.draft_model, args.models_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--draft-model: {error}") from None
+    if read_hparams(folder).n_vocab != hparams.n_vocab:
+        raise ValueError(f"--draft-model {args.draft_model} has another vocabulary than the model; use one of "
+                         "the same family (e.g. 124M for 355M)")
+    return folder
+
+
 def build_parser(prog=None):
     """The argument parser; every option's help states its default."""
     parser = _Parser(
@@ -202,24 +239,9 @@ def build_parser(prog=None):
              "on, except with --unconditional, where documents run on as in OpenAI's samples)",
     )
 
-    speculative = parser.add_argument_group(
+    add_speculative_arguments(parser.add_argument_group(
         "speculative decoding (one sample per batch, prompt + --length within the context; greedy text "
-        "as without it, sampled text from the same distribution)")
-    drafts = speculative.add_mutually_exclusive_group()
-    drafts.add_argument(
-        "--draft-model", metavar="NAME_OR_FOLDER",
-        help="a smaller model with the same vocabulary (e.g. 124M for 355M) proposes tokens that the "
-             "model checks several at a time (default: none)",
-    )
-    drafts.add_argument(
-        "--prompt-lookup", action="store_true",
-        help="propose the tokens that followed the last few tokens' earlier occurrence in the text "
-             "(default: off)",
-    )
-    speculative.add_argument(
-        "--draft-tokens", type=_positive_int, default=8, metavar="N",
-        help="most tokens proposed per step; the number adapts to how many are accepted (default: 8)",
-    )
+        "as without it, sampled text from the same distribution)"))
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -276,13 +298,7 @@ def _run(args):
     # (seconds), so a mistyped name is answered at once.
     model_dir = _find_model(args, resolve_model_dir, OLD_NAMES, PRESETS)
     hparams = read_hparams(model_dir)
-    try:
-        draft_dir = resolve_model_dir(args.draft_model, args.models_dir) if args.draft_model else None
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"--draft-model: {error}") from None
-    if draft_dir and read_hparams(draft_dir).n_vocab != hparams.n_vocab:
-        raise ValueError(f"--draft-model {args.draft_model} has another vocabulary than the model; use one of "
-                         "the same family (e.g. 124M for 355M)")
+    draft_dir = draft_folder(args, hparams)
     enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
     sampler = _Sampler(

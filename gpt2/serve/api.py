@@ -230,7 +230,7 @@ class App:
     # ------------------------------------------------------------------ generation
 
     def _submit(self, request, plan):
-        job = Job(plan.rows, stream=plan.stream)
+        job = Job(plan.rows, stream=plan.stream, seeded=plan.seeded)
         try:
             self.engine.submit(job)
         except QueueFull as error:

@@ -1,6 +1,7 @@
 """`python -m gpt2.serve` / `gpt2-serve`: serve one GPT-2 model over HTTP.
 
     python -m gpt2.serve --model 124M [--models-dir models] [--host 127.0.0.1] [--port 5000]
+    python -m gpt2.serve --model 355M --draft-model 124M      # or --prompt-lookup: speculative decoding
 
 Start-up: the address is claimed first (a taken port fails at once), then every program requests
 use is compiled (before the weights are read, so the compiler's memory is free again when they
@@ -19,6 +20,7 @@ import threading
 import time
 
 from gpt2.cli import EXIT_ERROR, EXIT_OK, Parser, add_model_arguments, fail, main_of, number, positive_int
+from gpt2.generate_cli import add_speculative_arguments, draft_folder
 from gpt2.runtime import import_tensorflow
 from gpt2.serve import protocol
 from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
@@ -88,6 +90,10 @@ def build_parser():
                         help=f"seconds a kept-alive connection may idle (default: {DEFAULTS.idle_timeout:g})")
     limits.add_argument("--shutdown-grace", type=_grace, default=10.0,
                         help="seconds running requests get to finish on SIGTERM / Ctrl-C (default: 10)")
+    add_speculative_arguments(parser.add_argument_group(
+        "speculative decoding (a request row decoded alone, prompt + max_tokens within the context, without "
+        "logprobs, greedy or unseeded: greedy text as without it, sampled text from the same distribution; "
+        "when other requests arrive its current step ends and it continues in the batch)"))
     access = parser.add_argument_group("browsers")
     access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="answer CORS requests from this origin, e.g. http://localhost:3000 (repeatable; "
@@ -175,12 +181,24 @@ def _serve(args, api_key):
 
     import_tensorflow()  # quietly, before anything else imports it
     from encoder import encoder_for_model_dir
-    from gpt2.checkpoint import load_model, resolve_model_dir
+    from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.sampling.api import release_free_memory
     from gpt2.serve.engine import Engine
 
     model_dir = resolve_model_dir(args.model, args.models_dir)
     enc = encoder_for_model_dir(model_dir)
+    draft, draft_name = None, None
+    draft_dir = draft_folder(args, read_hparams(model_dir))
+    if draft_dir:
+        from gpt2.sampling.speculative import DraftModel
+
+        log.info("loading the draft model %s ...", draft_dir)
+        draft = DraftModel(load_model(draft_dir, dtype=args.dtype), tokens=args.draft_tokens)
+        draft_name = args.draft_model
+    elif args.prompt_lookup:
+        from gpt2.sampling.speculative import PromptLookup
+
+        draft, draft_name = PromptLookup(tokens=args.draft_tokens), "prompt-lookup"
     engines = []
 
     def compile_first(model):
@@ -190,7 +208,7 @@ def _serve(args, api_key):
         log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
                         jit_compile=jit, steps_per_run=args.steps_per_run,
-                        stream_steps_per_run=args.stream_steps_per_run)
+                        stream_steps_per_run=args.stream_steps_per_run, draft=draft, draft_name=draft_name)
         engine.warm_up()
         release_free_memory()
         engines.append(engine)
@@ -210,8 +228,9 @@ def _serve(args, api_key):
         log.warning("listening on %s without an API key: anyone who can reach this port can use it", args.host)
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.info("ready in %.1f s", time.perf_counter() - started)
+    speculating = f", speculative decoding with {draft_name}" if draft_name else ""
     print(f"gpt2-serve: serving {model_id} on http://{host}:{server.port} (max batch {args.max_batch}, "
-          f"queue {args.max_queue} rows)", flush=True)
+          f"queue {args.max_queue} rows{speculating})", flush=True)
     serve_until_signalled(server, engine, args.shutdown_grace)
     return EXIT_OK
 

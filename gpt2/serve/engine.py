@@ -19,6 +19,23 @@ prompts x n make k*n rows) and wait in a queue bounded by rows, not requests. Th
 
 A row's tokens depend only on its prompt, settings and seed, never on what else is running.
 
+Speculative decoding (`draft=`: a `gpt2.sampling.speculative` DraftModel or PromptLookup, the
+server's --draft-model / --prompt-lookup): a row admitted alone (no row in the pool, the only row
+picked) runs on the uncompiled sampler with the draft (`speculative.decode_rows`), one round at a
+time between the worker's other duties, unless it must go through the pool: it wants logprobs,
+prompt + max_tokens exceeds the context (of the model or of the draft model; the pool slides the
+window), or it samples (temperature > 0) with a seed the client gave (a seeded row's tokens must
+not depend on what else is running, and speculative sampling draws other tokens than the pool from
+the same distribution). When other rows are admitted while it runs, its current round ends first
+(so a new request waits at most one round: the draft's proposals, at most `tokens` draft-model
+steps or none for prompt lookup, and one model pass over the new tokens, the prompt on the first
+round), then the row is handed to the pool: admitted into a slot with its prompt + the tokens
+made so far, and its slot's penalty counts and generated count set to what plain decoding would
+hold, so it goes on exactly as a pool row that had made those tokens (greedy: the same tokens;
+sampled: the same distribution). It stays in the pool to its end. Greedy rows give the pool's
+tokens either way; stop tokens, stop strings (the client marks the row unneeded), cancellation and
+streaming (a stream gets each round's tokens at once) work as in the pool.
+
 Failures: if a run raises, the rows in the pool get an error, the pool is reset and the worker
 carries on; `max_failures` failures within a minute mark the engine unhealthy (requests and
 /health answer 503). A worker thread found dead is restarted on the next request.
@@ -43,7 +60,8 @@ DEFAULT_STEPS_PER_RUN = 4
 DEFAULT_STREAM_STEPS_PER_RUN = 1
 FAILURE_WINDOW_SECONDS = 60.0
 STAT_KEYS = ("requests", "rows", "rejected_queue_full", "cancelled", "admitted_rows", "finished_rows", "runs",
-             "generated_tokens", "failures", "worker_restarts", "scored_prompts")
+             "generated_tokens", "failures", "worker_restarts", "scored_prompts", "speculative_rows",
+             "speculative_rounds", "handed_to_pool")
 
 
 class QueueFull(Exception):
@@ -61,11 +79,12 @@ class Unavailable(Exception):
 class Job:
     """A request's rows (gpt2.serve.protocol.Row) and the channel its results come back on."""
 
-    def __init__(self, rows, stream=False):
+    def __init__(self, rows, stream=False, seeded=False):
         if not rows:
             raise ValueError("a job needs at least one row")
         self.rows = list(rows)
         self.stream = bool(stream)
+        self.seeded = bool(seeded)  # the client gave the seed: sampled rows go through the pool (see above)
         self.events = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self.cancelled = False
@@ -97,12 +116,14 @@ class Engine:
     a row (<|endoftext|>). steps_per_run: loop iterations per compiled call (new rows join and
     finished rows leave between calls); stream_steps_per_run: the same while a streamed job has
     rows running (its tokens are handed out after each call). jit_compile: XLA. max_failures:
-    failed runs within a minute before the engine reports itself unhealthy.
+    failed runs within a minute before the engine reports itself unhealthy. draft: decode a row
+    admitted alone speculatively (see the module docstring): a gpt2.DraftModel, gpt2.PromptLookup
+    or "prompt-lookup" (None: never); draft_name: how /health names it.
     """
 
     def __init__(self, model, max_batch=8, max_queue=128, stop_token=50256, jit_compile=True,
                  steps_per_run=DEFAULT_STEPS_PER_RUN, max_failures=3,
-                 stream_steps_per_run=DEFAULT_STREAM_STEPS_PER_RUN):
+                 stream_steps_per_run=DEFAULT_STREAM_STEPS_PER_RUN, draft=None, draft_name=None):
         from gpt2.sampling.pool import Pool  # imports TensorFlow
 
         if max_batch < 1 or max_queue < 1 or steps_per_run < 1 or stream_steps_per_run < 1:
@@ -118,7 +139,20 @@ class Engine:
         self.max_failures = max_failures
         self.pool = Pool(model, max_batch, jit_compile=jit_compile,
                          iterations=max(steps_per_run, stream_steps_per_run))
+        self.draft = None
+        if draft is not None:
+            from gpt2.sampling import speculative
+
+            self.draft = speculative.as_draft(draft)
+            own = getattr(self.draft, "model", model).hparams
+            if own.n_vocab != model.hparams.n_vocab:
+                raise ValueError(f"the draft model's vocabulary ({own.n_vocab} tokens) differs from the model's "
+                                 f"({model.hparams.n_vocab}); use a draft model of the same family")
+            self.draft_context = min(own.n_ctx, self.n_ctx)  # prompt + max_tokens of a speculative row
+            self.draft_name = draft_name or ("prompt-lookup" if isinstance(self.draft, speculative.PromptLookup)
+                                             else "draft model")
         self._running = {}  # slot -> (job, row index); the worker's alone
+        self._speculation = None  # the _Speculation running outside the pool; the worker's alone
         self._waiting = collections.deque()  # jobs with rows not yet admitted
         self._waiting_rows = 0
         self._lock = threading.Condition()
@@ -181,7 +215,8 @@ class Engine:
     def queue_state(self):
         with self._lock:
             return {"waiting_requests": len(self._waiting), "waiting_rows": self._waiting_rows,
-                    "running_rows": len(self._running), "max_queue": self.max_queue}
+                    "running_rows": len(self._running) + (self._speculation is not None),
+                    "max_queue": self.max_queue}
 
     def status(self):
         """"ok", "stopping" or "unhealthy"."""
@@ -192,9 +227,15 @@ class Engine:
         return "ok" if self._thread is None or self._thread.is_alive() else "unhealthy"
 
     def health(self):
-        return {"status": self.status(), "error": self.unhealthy, "max_batch": self.max_batch,
-                "steps_per_run": self.steps_per_run, "stream_steps_per_run": self.stream_steps_per_run,
-                "queue": self.queue_state(), "stats": dict(self.stats), "compiled_programs": self.pool.tracing_count()}
+        health = {"status": self.status(), "error": self.unhealthy, "max_batch": self.max_batch,
+                  "steps_per_run": self.steps_per_run, "stream_steps_per_run": self.stream_steps_per_run,
+                  "queue": self.queue_state(), "stats": dict(self.stats),
+                  "compiled_programs": self.pool.tracing_count()}
+        if self.draft is not None:
+            stats = self.draft.stats
+            health["speculative"] = {"draft": self.draft_name, "draft_tokens": self.draft.tokens,
+                                     **dataclasses.asdict(stats), "acceptance": round(stats.acceptance, 4)}
+        return health
 
     # ------------------------------------------------------------------ scoring (echo + logprobs)
 
@@ -239,7 +280,39 @@ class Engine:
                 self.score([[self.stop_token] * min(n + 1, self.n_ctx)])
         log_fn(f"compiled the scoring programs (prompt lengths up to {', '.join(map(str, self.score_lengths))}) "
                f"in {time.perf_counter() - start:.1f} s")
+        if self.draft is not None:
+            start = time.perf_counter()
+            self._warm_up_speculation()
+            log_fn(f"traced the speculative path ({self.draft_name}) in {time.perf_counter() - start:.1f} s")
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+
+    def _warm_up_speculation(self):
+        """Traces (and runs once) every function a speculative row calls: the uncompiled sampler's
+        plain step, its model pass over several tokens and both token choices (greedy, sampled),
+        for the model and for a draft model. Each is traced once for any shape, so nothing is
+        traced while serving."""
+        from gpt2.sampling import direct, speculative
+
+        t = self.stop_token
+        for settings in (SamplingSettings(temperature=0.0), SamplingSettings(temperature=1.0)):
+            # a repeated prompt: prompt lookup proposes drafts, so the verification runs too
+            for _ in speculative.decode_rows(self.model, [Row([t] * 4, settings, 0, 4)], self.draft):
+                pass
+        for _ in direct.decode_rows(self.model, [Row([t], SamplingSettings(temperature=0.0), 0, 2)]):
+            pass
+        for sampler in self.speculative_samplers():
+            for function in (sampler.step, sampler.logits, sampler.choose, sampler.choose_with_probs):
+                function.get_concrete_function()
+        self.draft.stats = speculative.Stats()
+
+    def speculative_samplers(self):
+        """The uncompiled samplers the speculative path runs (the model's, a draft model's); [] without a draft."""
+        from gpt2.sampling import direct
+
+        if self.draft is None:
+            return []
+        models = [self.model, getattr(self.draft, "model", self.model)]
+        return list({id(model): direct.sampler_for(model) for model in models}.values())
 
     def start(self):
         """Starts the worker thread."""
@@ -269,7 +342,7 @@ class Engine:
             job.put(("error", 503, "the server is shutting down", "shutting_down"))
         deadline = time.monotonic() + grace
         with self._lock:
-            while (self._running and time.monotonic() < deadline
+            while ((self._running or self._speculation is not None) and time.monotonic() < deadline
                    and self._thread is not None and self._thread.is_alive()):
                 self._lock.wait(min(0.05, max(deadline - time.monotonic(), 0)))
             self._stopping = True
@@ -292,7 +365,12 @@ class Engine:
         """A run failed: fail its rows, reset the pool; False once the engine gives up."""
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         jobs = {job for job, _ in self._running.values()}
-        log.error("decoding failed (%s); %d running rows get an error", message, len(self._running))
+        rows = len(self._running)
+        if self._speculation is not None:
+            jobs.add(self._speculation.job)
+            rows += 1
+            self._end_speculation()
+        log.error("decoding failed (%s); %d running rows get an error", message, rows)
         log.debug("decoding failure", exc_info=error)
         for job in jobs:
             job.put(("error", 500, f"generation failed: {message}", "generation_failed"))
@@ -326,22 +404,33 @@ class Engine:
                 if self._stopping:
                     self._cut_short()
                     return
-                if not self._running and not self._admissible():
+                if not self._running and self._speculation is None and not self._admissible():
                     self._lock.wait()
                     continue
                 picks = self._pick() if self._admissible() else []
-            if picks:
+            if picks and self._speculation is not None:
+                self._hand_to_pool()  # others join: the speculative row continues in the pool
+            if len(picks) == 1 and not self._running and self._speculable(*picks[0]):
+                self._speculate(*picks[0])
+            elif picks:
                 self._admit(picks)
-            if self._running:
+            if self._speculation is not None:
+                self._speculation_round()
+            elif self._running:
                 self._step()
 
+    def _busy_slots(self):
+        """Slots taken: the pool's rows, and one kept for a speculative row (it may be handed over)."""
+        return len(self._running) + (self._speculation is not None)
+
     def _admissible(self):
-        return bool(self._waiting) and not self._paused and not self._draining and len(self._running) < self.max_batch
+        return (bool(self._waiting) and not self._paused and not self._draining
+                and self._busy_slots() < self.max_batch)
 
     def _pick(self):
         """[(job, row index)] for the free slots: each waiting request (in the order of the module
         docstring) gets up to an equal share of them, then what is left goes in that order."""
-        free = self.max_batch - len(self._running)
+        free = self.max_batch - self._busy_slots()
         picks = []
         share = max(1, free // len(self._waiting))
         order = sorted(self._waiting, key=lambda job: job.enqueued_at + job.rows[0].max_new * self.step_seconds)
@@ -365,6 +454,11 @@ class Engine:
         self.stats["admitted_rows"] += len(picks)
 
     def _drop_unwanted(self):
+        speculation = self._speculation
+        if speculation is not None and (speculation.job.cancelled or speculation.index in speculation.job.unneeded):
+            self._end_speculation()
+            with self._lock:
+                self._lock.notify_all()
         unwanted = [slot for slot, (job, i) in self._running.items() if job.cancelled or i in job.unneeded]
         if unwanted:
             self.pool.release(unwanted)
@@ -404,7 +498,89 @@ class Engine:
                 self._lock.notify_all()
 
     def _cut_short(self):
-        for job in {job for job, _ in self._running.values()}:
+        jobs = {job for job, _ in self._running.values()}
+        if self._speculation is not None:
+            jobs.add(self._speculation.job)
+            self._end_speculation()
+        for job in jobs:
             job.put(("error", 503, "the server is shutting down; the answer was cut short", "shutting_down"))
         self.pool.release(list(self._running))
         self._running.clear()
+
+    # ------------------------------------------------------------------ speculative decoding (one row)
+
+    def _speculable(self, job, i):
+        """Whether row i of job may run speculatively (see the module docstring)."""
+        from gpt2.sampling import speculative
+        from gpt2.sampling.settings import SettingsError
+
+        row = job.rows[i]
+        if self.draft is None or (job.seeded and row.settings.temperature > 0):
+            return False
+        if len(row.prompt) + row.max_new > self.draft_context:
+            return False
+        try:
+            speculative.check(self.model, [row])  # what it refuses: logprobs, past the context
+        except SettingsError:
+            return False
+        return True
+
+    def _speculate(self, job, i):
+        from gpt2.sampling import speculative
+
+        row = dataclasses.replace(job.rows[i], stop_token=self.stop_token)
+        self._speculation = _Speculation(job, i, row, speculative.decode_rows(self.model, [row], self.draft))
+        self.stats["admitted_rows"] += 1
+        self.stats["speculative_rows"] += 1
+
+    def _speculation_round(self):
+        """One round of the speculative row: its tokens go to the job; a finished row ends."""
+        speculation = self._speculation
+        ids = [token for _, token, _ in next(speculation.rounds)]
+        speculation.tokens += ids
+        row = speculation.row
+        done = len(speculation.tokens) >= row.max_new or ids[-1] == row.stop_token
+        self.stats["speculative_rounds"] += 1
+        self.stats["generated_tokens"] += len(ids)
+        speculation.job.put(("tokens", speculation.index, ids, None, done))
+        if done:
+            self._end_speculation()
+            self.stats["finished_rows"] += 1
+            with self._lock:
+                self._lock.notify_all()
+
+    def _end_speculation(self):
+        """Stops the speculative row (its caches are freed)."""
+        speculation, self._speculation = self._speculation, None
+        speculation.rounds.close()
+
+    def _hand_to_pool(self):
+        """The speculative row goes on in a pool slot as a row that made its tokens there: its
+        prompt + those tokens are ingested, and its penalty counts and generated count (the
+        position in its random stream, and what max_new is compared with) are what the pool's
+        own decoding would hold after them."""
+        import numpy as np
+
+        speculation = self._speculation
+        self._end_speculation()
+        slot = next(slot for slot in range(self.max_batch) if slot not in self._running)
+        row, made = speculation.row, speculation.tokens
+        self.pool.admit([slot], [dataclasses.replace(row, prompt=list(row.prompt) + made)])
+        index = np.array([[slot]], np.int32)
+        counts = np.bincount(np.array(made, np.int64), minlength=self.pool.n_vocab).astype(np.int32)
+        self.pool.state["counts"].scatter_nd_update(index, counts[None])
+        self.pool.state["generated"].scatter_nd_update(index, np.array([len(made)], np.int32))
+        self._running[slot] = (speculation.job, speculation.index)
+        self.stats["handed_to_pool"] += 1
+
+
+@dataclasses.dataclass
+class _Speculation:
+    """The row decoded speculatively: its job and index there, the Row (with the stop token), the
+    generator of its rounds (speculative.decode_rows) and the tokens it made so far."""
+
+    job: Job
+    index: int
+    row: Row
+    rounds: object
+    tokens: list = dataclasses.field(default_factory=list)

@@ -71,7 +71,8 @@ class Plan:
     is echoed (max_tokens 0). prompt_texts, prompt_tokens: per prompt. stops: stop strings.
     logprobs: None or the number of alternatives per token (completions 0..5, chat 0..5).
     trim: strip the choice text's surrounding whitespace (chat). headers: extra response headers
-    (X-Chat-History when --chat-history truncate changed the request).
+    (X-Chat-History when --chat-history truncate changed the request). seeded: the request gave a
+    seed (its sampled rows must repeat whatever else runs: the engine keeps them in the pool).
     """
 
     kind: str
@@ -87,6 +88,7 @@ class Plan:
     logprobs: int = None
     trim: bool = False
     headers: dict = dataclasses.field(default_factory=dict)
+    seeded: bool = False
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -327,7 +329,7 @@ class Protocol:
         seed = self._seed(body)
         prompts = [(text, self.encode(text, "text"))]
         return Plan("generate", self._rows(prompts, 1, settings, seed, length, False), 1, [text],
-                    [prompts[0][1]], length)
+                    [prompts[0][1]], length, seeded=seed is not None)
 
     # ------------------------------------------------------------------ /v1/completions
 
@@ -359,7 +361,8 @@ class Protocol:
         self._check_vocab(settings)
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
         return Plan("completion", rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts],
-                    max_tokens, self.stop_text(stops), echo, stream, include_usage, logprobs)
+                    max_tokens, self.stop_text(stops), echo, stream, include_usage, logprobs,
+                    seeded=seed is not None)
 
     def _check_vocab(self, settings):
         try:
@@ -421,7 +424,7 @@ class Protocol:
                       "unsupported_parameter")
         rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
         return Plan("chat", rows, n, [text], [tokens], max_tokens, self.stop_text(chat.STOPS + stops), False, stream,
-                    include_usage, logprobs, trim=True, headers=headers)
+                    include_usage, logprobs, trim=True, headers=headers, seeded=seed is not None)
 
     def _fit_chat(self, turns, body, name):
         """--chat-history truncate: the oldest turns that are not system turns are dropped (the
