@@ -22,15 +22,20 @@ PENALISED = SamplingSettings(temperature=0, frequency_penalty=0.7, presence_pena
 
 
 class GatedLookup(speculative.PromptLookup):
-    """Prompt lookup that can hold the worker inside a round (in `propose`) until the test opens it."""
+    """Prompt lookup that can hold the worker inside a round (in `propose`, after `skip` more
+    proposals) until the test opens it."""
 
     def __init__(self):
         super().__init__()
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()
+        self.skip = 0
 
     def propose(self, *args):
+        if self.skip > 0:
+            self.skip -= 1
+            return super().propose(*args)
         self.entered.set()
         assert self.open.wait(30), "the gate was never opened"
         return super().propose(*args)
@@ -125,11 +130,13 @@ def test_a_request_arriving_mid_row_hands_the_row_to_the_pool_with_the_same_toke
     server, pool = servers["lookup"], servers["pool"]
     gate = server.engine.draft
     handed = server.engine.stats["handed_to_pool"]
-    first = dict(prompt=COPY, max_tokens=50, frequency_penalty=0.7, presence_penalty=0.3, repetition_penalty=1.2)
+    # penalties: the pool must count the tokens made before the hand-over
+    first = dict(prompt=COPY, max_tokens=50, frequency_penalty=2.0, presence_penalty=1.0)
     second = dict(prompt=PROMPTS[0], max_tokens=30)
     results = {}
     gate.open.clear()
     gate.entered.clear()
+    gate.skip = 3  # held in its 4th round: a dozen tokens made
     try:
         a = threading.Thread(target=lambda: results.update(a=complete(server, **first)))
         a.start()
