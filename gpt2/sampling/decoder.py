@@ -32,7 +32,7 @@ import tensorflow as tf
 from gpt2 import layers
 from gpt2.sampling import choose
 
-CHUNK = 32  # prompt tokens one row ingests per loop iteration
+CHUNK = 128  # prompt tokens one row ingests per loop iteration (128: the cache stays N + BLOCK slots for n_ctx 1024)
 
 # Per-row values that stay fixed while a row runs (set when it is admitted).
 SETTING_FIELDS = {
