@@ -67,6 +67,7 @@ def stub_model(shape, dtype):
     hparams = HParams(**_common.PRESET_SHAPES[shape])
     compute = "bfloat16" if dtype == "bfloat16" else "float32"
     return types.SimpleNamespace(hparams=hparams, blocks=[None] * hparams.n_layer, compute_dtype=compute,
+                                 cache_dtype="float16" if dtype == "float16" else compute,
                                  weight_dtype=dtype if dtype in ("int8", "float16") else "float32")
 
 
