@@ -56,7 +56,8 @@ class GPT2(keras.Model):
     for wte, which also makes the logits), `gpt2.layers.NarrowKernel`; biases, LayerNorm and wpe stay
     float32, and so does all arithmetic and the key/value cache. `weight_dtype="float16"`: the
     same with those weights held as float16 (no scale; half the memory; on CPUs without bfloat16
-    instructions the fast 16-bit mode, as XLA fuses the widening into the product). For
+    instructions the fast 16-bit mode, as XLA fuses the widening into the product), and the
+    samplers' key/value cache held as float16 too (`cache_dtype`; attention widens it). For
     inference only: training, LoRA and GPT2-ML's variant are refused.
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
@@ -107,6 +108,13 @@ class GPT2(keras.Model):
         """Whether the compiled sampler and scorer use XLA by default: yes in float32; no in
         bfloat16, where XLA's CPU dots are several times slower than oneDNN's."""
         return tf.as_dtype(self.compute_dtype) == tf.float32
+
+    @property
+    def cache_dtype(self) -> tf.DType:
+        """The dtype the samplers hold the key/value cache in: 16-bit for 16-bit models (bfloat16
+        under the bfloat16 policies, float16 for float16 weights), float32 otherwise (float32, int8).
+        Attention reads it back as float32."""
+        return tf.float16 if self.weight_dtype == "float16" else tf.as_dtype(self.compute_dtype)
 
     def get_config(self):
         config = {"hparams": dataclasses.asdict(self.hparams), "dropout": self.dropout_rate, "name": self.name,

@@ -66,7 +66,8 @@ class Decoder:
         self.n_embd = hp.n_embd
         self.cache_slots = _round_up(hp.n_ctx + CHUNK, layers.BLOCK)
         self.window_slots = hp.n_ctx + CHUNK
-        self.cache_dtype = tf.as_dtype(model.compute_dtype)
+        self.cache_dtype = tf.as_dtype(model.cache_dtype)  # what the cache holds (attention widens it)
+        self.compute_dtype = tf.as_dtype(model.compute_dtype)  # the matmuls'
         self._layer_function = layer_function(self._layer, xla)
 
     # ------------------------------------------------------------------ state
@@ -140,7 +141,7 @@ class Decoder:
     def _layer(self, x, weights, keys, values, first_row, cached, num_blocks, batch):
         """The model's block step over this layer's cache keys, values (traced once, called per block)."""
         attention = layers.blocked_attention(keys, values, first_row, cached, num_blocks, self.xla)
-        return self.model.block_step(x, weights, batch, self.cache_dtype, attention)
+        return self.model.block_step(x, weights, batch, self.compute_dtype, attention)
 
     def _forward(self, x, state, batch, first_row, cached):
         """x float32 [batch * s, E] at the positions after each row's cached [batch] slots.

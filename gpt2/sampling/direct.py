@@ -52,7 +52,7 @@ class DirectSampler:
         compile_cache.enable()  # its first call reads XLA's flags: the compiled loop comes later
         hp = model.hparams
         self.model = model
-        self.cache_dtype = tf.as_dtype(model.compute_dtype)
+        self.cache_dtype = tf.as_dtype(model.cache_dtype)
         self.cache_names = [f"{kind}{layer}" for layer in range(hp.n_layer) for kind in "kv"]
         spec = Decoder(model).state_spec()  # shapes with any number of rows
         rows = {name: tf.TensorSpec(*spec[name]) for name in choose.NEXT_TOKEN_FIELDS}
@@ -108,7 +108,7 @@ class DirectSampler:
                 prefix.append(tf.reshape(rows_read, [batch, hp.n_head, attended, hp.head_dim]))
             return layers.attend(q, *prefix, visible), k, v
 
-        return self.model.block_step(x, weights, batch, dtype, attention)[0]
+        return self.model.block_step(x, weights, batch, self.model.compute_dtype, attention)[0]
 
     def _hidden(self, tokens, position, slots, caches, keep):
         """The model over tokens int32 [b, s] at positions position.. (every row); caches {k0, v0,

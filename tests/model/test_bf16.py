@@ -3,9 +3,12 @@ decoding that follows float32 wherever float32's choice is not a near tie."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import gpt2
 from gpt2.sampling import api
+from gpt2.sampling.decoder import Decoder
+from gpt2.sampling.direct import sampler_for
 
 from model_support import naive_greedy
 from paths import TINY_MODEL
@@ -26,6 +29,15 @@ def test_weights_are_bfloat16_and_half_the_bytes(tiny_model, bf16_model):
     size = lambda model: sum(int(np.prod(v.shape)) * (2 if v.dtype == "bfloat16" else 4) for v in model.weights)
     assert size(bf16_model) * 2 == size(tiny_model)
     assert not bf16_model.default_jit_compile and tiny_model.default_jit_compile
+
+
+def test_the_cache_is_bfloat16(tiny_model, bf16_model):
+    """Both samplers hold a bfloat16 model's keys and values in bfloat16 (attention widens them)."""
+    assert bf16_model.cache_dtype == tf.bfloat16 and tiny_model.cache_dtype == tf.float32
+    spec = Decoder(bf16_model, 1).state_spec()
+    assert spec["k0"][1] == spec["v0"][1] == tf.bfloat16
+    assert sampler_for(bf16_model).cache_dtype == tf.bfloat16
+    assert Decoder(bf16_model, 1).cache_bytes() * 2 == Decoder(tiny_model, 1).cache_bytes()
 
 
 def test_logits_close_to_float32(tiny_model, bf16_model, reference):

@@ -17,6 +17,8 @@ import tensorflow as tf
 import gpt2
 from gpt2.layers import NarrowKernel, dequantize_int8, narrow_matmul, quantize_int8
 from gpt2.sampling import api
+from gpt2.sampling.decoder import Decoder
+from gpt2.sampling.direct import sampler_for
 
 from model_support import naive_greedy
 from paths import TINY_MODEL
@@ -150,6 +152,18 @@ def test_greedy_agrees_with_float32_and_the_sampler_with_the_model(tiny_model, n
     pools = api._pools.get(narrow_model, {})
     assert list(pools) == ([(1, True)] if dtype == "float16" else [])  # (slots, jit_compile)
     assert np.mean(agree) >= GREEDY_AGREEMENT[dtype] and followed >= 40
+
+
+def test_the_cache_is_16_bit_for_float16_weights_and_float32_otherwise(tiny_model, narrow_model):
+    """float16 weights: both samplers hold keys and values in float16 (half the bytes; attention
+    widens them); int8 and float32 models keep a float32 cache."""
+    expected = tf.float16 if narrow_model.weight_dtype == "float16" else tf.float32
+    for model, dtype in ((narrow_model, expected), (tiny_model, tf.float32)):
+        assert model.cache_dtype == dtype
+        spec = Decoder(model, 1).state_spec()
+        assert spec["k0"][1] == spec["v0"][1] == dtype
+        assert sampler_for(model).cache_dtype == dtype
+    assert Decoder(narrow_model, 1).cache_bytes() * 4 == Decoder(tiny_model, 1).cache_bytes() * expected.size
 
 
 def test_speculative_decoding_verifies_with_narrow_logits(narrow_model):
