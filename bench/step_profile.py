@@ -1,7 +1,7 @@
 """Where a step goes: the whole step for caches of growing size against the weight matmuls
-alone, per dtype, for the uncompiled sampler and (float32) the compiled loop.
+alone, per dtype, for the uncompiled sampler and (every dtype but bfloat16) the compiled loop.
 
-    python bench/step_profile.py [--shape 124M] [--batch 8] [--dtypes bfloat16,float32]
+    python bench/step_profile.py [--shape 124M] [--batch 8] [--dtypes bfloat16,float32] [--compiled-only]
 
 For each dtype: ms per greedy step of `gpt2.sampling.direct` (32-token prompts, its key/value
 cache sized for 128, 480 and 990 new tokens: 159, 511 and 1021 positions; steps 5-68 timed, so
@@ -10,11 +10,12 @@ one plain graph of every weight matmul of a step (the 12 blocks' four projection
 logits) and the logits matmul alone at the same batch. The step minus the matmuls is attention,
 the cache update and the token choice.
 
-For float32, whose long jobs run in the XLA-compiled loop, also: ms per step of that loop
+For float32, float16 and int8, whose long jobs run in the XLA-compiled loop, also: ms per step of that loop
 (greedy, `gpt2.sample_sequence` with GPT2_DIRECT_TOKENS=0; 160 new tokens minus 32, so the
 prompt and the call's fixed cost cancel), the same weight-matmul graph compiled by XLA (the floor
 under the loop's step), and a sum of every weight (each read once: the floor memory bandwidth
-sets; a bfloat16 model reads half the bytes).
+sets; 16-bit weights read half the bytes, int8 a quarter). `--compiled-only` skips the
+uncompiled sampler's steps.
 """
 
 import argparse
@@ -34,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--shape", default="124M")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="skip the uncompiled sampler's steps: the compiled loop against its matmuls only")
     args = parser.parse_args(argv)
     model_dir = _common.cached_checkpoint(args.shape)
     from gpt2.runtime import import_tensorflow
@@ -63,7 +66,7 @@ def main(argv=None):
             steps.close()
             return (time.perf_counter() - start) / measured * 1000
 
-        for new in (128, 480, 990):
+        for new in () if args.compiled_only else (128, 480, 990):
             step_ms(new, 8)  # first call of this shape
             best = min(step_ms(new) for _ in range(2))
             print(f"| {dtype} | step, cache of {PROMPT + new - 1} positions | {best:.1f} |")
@@ -85,18 +88,19 @@ def main(argv=None):
             return model.logits(x)
 
         @tf.function(autograph=False)
-        def read_weights(x):  # each float32 weight read once: the memory-bandwidth floor of a step
-            return tf.add_n([tf.reduce_sum(w) for w in model.weights]) + x[0, 0]
+        def read_weights(x):  # each weight read once, as held: the memory-bandwidth floor of a step
+            return tf.add_n([tf.cast(tf.reduce_sum(w), tf.float32) for w in model.weights]) + x[0, 0]
 
         x = tf.random.normal([args.batch, n_embd])
         timed = [(matmuls, "every weight matmul of a step (blocks + logits)"), (logits, "the logits matmul alone")]
-        if dtype == "float32":
+        compiled = dtype != "bfloat16"  # bfloat16's loop runs without XLA
+        if compiled:
             timed.append((tf.function(matmuls.python_function, autograph=False, jit_compile=True),
                           "every weight matmul of a step, XLA-compiled"))
             timed.append((read_weights, "reading every weight once (the memory-bandwidth floor)"))
         for function, what in timed:
             print(f"| {dtype} | {what} | {best_ms(function, x):.1f} |")
-        if dtype == "float32":
+        if compiled:
             os.environ["GPT2_DIRECT_TOKENS"] = "0"  # the compiled loop for every call
             context = np.array([list(range(100 + i, 100 + i + PROMPT)) for i in range(args.batch)], np.int32)
 
