@@ -275,19 +275,14 @@ def _content_problem(filename, path):
             if size < 48 or f.read(8) != _TABLE_MAGIC:
                 return "not a TensorFlow checkpoint index (no table footer)"
     elif filename == "model.ckpt.meta":
-        return _meta_graph_problem(path)
-    return None
+        from google.protobuf.message import DecodeError
+        from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
 
-
-def _meta_graph_problem(path):
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
-
-    try:
-        with open(path, "rb") as f:
-            MetaGraphDef.FromString(f.read())
-    except (DecodeError, RuntimeError, ValueError):
-        return "not a TensorFlow MetaGraphDef"
+        try:
+            with open(path, "rb") as f:
+                MetaGraphDef.FromString(f.read())
+        except (DecodeError, RuntimeError, ValueError):
+            return "not a TensorFlow MetaGraphDef"
     return None
 
 

@@ -447,7 +447,7 @@ class _Sampler:
         sys.setswitchinterval(1e-4)  # the reading thread gets the GIL back at once between ops
 
         def load_and_trace():
-            model = _load_model(model_dir, load_model, **self.load_options())
+            model = _load_model(model_dir, load_model, dtype=self.args.dtype, before_weights=self._compile_sampler)
             if self._tracing is not None:
                 self._tracing.result()  # raises what tracing raised
             return model
@@ -466,42 +466,31 @@ class _Sampler:
 
             self.draft = PromptLookup(tokens=self.args.draft_tokens)
 
-    def load_options(self):
-        """load_model's options: the dtype, and, before the weights are read, compiling the
-        sampler when the run will need it, else tracing the uncompiled sampler (short runs, see
-        gpt2.sampling.api) in a thread while they are read."""
+    def _compile_sampler(self, model):
+        """Run by load_model before the weights are read: compiles the sampler when the run will need it, else
+        traces the uncompiled sampler (short runs, see gpt2.sampling.api) in a thread while they are read."""
+        from gpt2.sampling import api, direct
 
-        def compile_sampler(model):
-            from gpt2.sampling import api, direct
-
-            rows = min(self.args.batch_size, self.args.nsamples)
-            speculative = self.args.draft_model or self.args.prompt_lookup  # uncompiled: nothing to compile
-            if not speculative and api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
-                                tokens=self.args.length * self.args.nsamples):
-                say_compiling("sampler")
-                api.prepare(model, rows, self.jit_compile)
-            else:  # trace the uncompiled sampler while the weights are read
-                self._tracing = _in_thread(direct.prepare, model)
-
-        return dict(dtype=self.args.dtype, before_weights=compile_sampler)
+        rows = min(self.args.batch_size, self.args.nsamples)
+        speculative = self.args.draft_model or self.args.prompt_lookup  # uncompiled: nothing to compile
+        if not speculative and api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
+                                                tokens=self.args.length * self.args.nsamples):
+            say_compiling("sampler")
+            api.prepare(model, rows, self.jit_compile)
+        else:  # trace the uncompiled sampler while the weights are read
+            self._tracing = _in_thread(direct.prepare, model)
 
     def check_prompt(self, prompt_ids):
         """The prompt's ids; ValueError if it is longer than the model's context."""
         return self._lib.check_prompt(prompt_ids, self.hparams.n_vocab, self.hparams.n_ctx, field="the prompt")
 
-    def seeds(self, prompt_number):
-        """One seed per sample. With --seed, sample i of prompt n gets the same seed whatever the
-        batch size, and each prompt of an interactive session gets new ones."""
-        nsamples = self.args.nsamples
-        if self.args.seed is None:
-            return self._lib.row_seeds(None, nsamples)
-        return self._lib.row_seeds(self.args.seed, (prompt_number + 1) * nsamples)[prompt_number * nsamples:]
-
     def print_samples(self, prompt_ids, prompt_number):
         from gpt2.sampling import api
 
         args, out = self.args, sys.stdout
-        seeds = self.seeds(prompt_number)
+        # One seed per sample: with --seed, sample i of prompt n gets the same seed whatever the batch size, and each
+        # prompt of an interactive session gets new ones (without --seed, fresh entropy).
+        seeds = self._lib.row_seeds(args.seed, (prompt_number + 1) * args.nsamples)[prompt_number * args.nsamples:]
         per_batch = min(args.batch_size, args.nsamples)
         for first in range(0, args.nsamples, per_batch):
             count = min(per_batch, args.nsamples - first)
