@@ -111,24 +111,17 @@ def missing_files(model_dir):
     return "; ".join(described + ([f"{', '.join(parts)} partly downloaded"] if parts else []))
 
 
-def download_model(
-    name: str,
-    models_dir: str | os.PathLike = "models",
-    base_url: str | None = None,
-    progress: bool = True,
-    retries: int = 5,
-    backoff: float = 1.0,
-    timeout: float | tuple[float, float] = (10.0, 60.0),
-) -> str:
+def download_model(name: str, models_dir: str | os.PathLike = "models", base_url: str | None = None,
+                   progress: bool = True, retries: int = 5, backoff: float = 1.0,
+                   timeout: float | tuple[float, float] = (10.0, 60.0)) -> str:
     """Downloads model `name` into `<models_dir>/<name>/`, verifies it and returns that path.
 
     name: "124M", "355M", "774M" or "1558M" (old names "117M", "345M" are accepted).
     base_url: server root holding `<name>/<file>`; default $GPT2_BASE_URL, else OpenAI's.
     progress: show a tqdm bar per file on stderr.
-    retries: extra attempts per file after a connection error, stall, short body or
-        5xx, sleeping `backoff * 2**k` seconds (capped at 60) before each; an attempt
-        that enlarged the partial file resets the count, so a slow but moving
-        download of a big file is never abandoned.
+    retries: extra attempts per file after a connection error, stall, short body or 5xx, sleeping
+        `backoff * 2**k` seconds (capped at 60) before each; an attempt that enlarged the partial file resets
+        the count, so a slow but moving download of a big file is never abandoned.
     timeout: (connect, read) seconds for requests; `read` bounds a stall between bytes.
     Files already present are verified (see the module docstring), not fetched again, so
     running it again completes or repairs a folder. Raises DownloadError with a one-line
