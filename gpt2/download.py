@@ -194,12 +194,8 @@ def _check_present(path, filename, record, manifest):
 
 def _compare_with_server(session, manifest, path, filename, url, timeout):
     """None once a file this tool did not fetch (e.g. left by an older downloader, or put there by
-    hand) is shown to be the server's, and recorded; else why it is not.
-
-    GPT-2's BPE files are known by their sha256. Any other file must have the size the server
-    announces to a HEAD request and the MD5 it gives (`Content-MD5`, as Azure Blob Storage sends,
-    or `x-goog-hash: md5=`); a server that gives no MD5 cannot vouch for it, so it is fetched again.
-    """
+    hand) is shown to be the server's (by sha256, or size and MD5: see the module docstring and
+    _server_md5), and recorded; else why it is not."""
     if filename in KNOWN_FILES:  # _content_problem compared its sha256 with GPT-2's
         manifest.record(filename, path, file_sha256(path), {})
         return None
