@@ -3,6 +3,7 @@ usage errors, number types, and one helper (main_of) that runs a command's body 
 reported in one line. Library code does not import this module (see gpt2.runtime)."""
 
 import argparse
+import contextlib
 import sys
 
 DEFAULT_MODEL = "124M"
@@ -40,10 +41,8 @@ non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
 def fail(message, code):
     """Prints `error: message` as one line on stderr and returns `code`."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
         sys.stdout.flush()
-    except (OSError, ValueError, AttributeError):  # a full disk, a closed or missing stdout
-        pass
     print("error: " + " ".join(lines), file=sys.stderr, flush=True)
     return code
 

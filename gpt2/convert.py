@@ -95,18 +95,16 @@ def move_into_place(staging, dst):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m gpt2.convert",
-        description="Convert a GPT-2 folder between OpenAI's checkpoint layout and Hugging Face's "
-                    "(config.json + model.safetensors). The weights are copied bit for bit.",
-    )
+        prog="python -m gpt2.convert", description="Convert a GPT-2 folder between OpenAI's checkpoint layout and "
+                                                   "Hugging Face's (config.json + model.safetensors). The weights are "
+                                                   "copied bit for bit.")
     parser.add_argument("--to", required=True, choices=FORMATS,
                         help="layout to write: hf (config.json, model.safetensors, vocab.json, merges.txt, "
-                             "generation_config.json) or openai (hparams.json, checkpoint, model.ckpt.*, "
-                             "encoder.json, vocab.bpe); required")
+                             "generation_config.json) or openai (hparams.json, checkpoint, model.ckpt.*, encoder.json, "
+                             "vocab.bpe); required")
     parser.add_argument("src", metavar="SRC", help="model folder in either layout, or a model name under --models-dir")
     parser.add_argument("dst", metavar="DST", help="folder to write; must not exist or be empty")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty DST (default: off: refuse)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (default: off: refuse)")
     parser.add_argument("--models-dir", default="models", metavar="DIR",
                         help="where a model name SRC is looked up (default: models)")
     parser.add_argument("--skip-optimizer-slots", action="store_true",

@@ -55,15 +55,8 @@ from gpt2.hparams import OLD_NAMES, PRESETS, HParams
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_BASE_URL"
-FILES = (
-    "checkpoint",
-    "encoder.json",
-    "hparams.json",  # before the data file, whose size check needs it
-    DATA_FILE,
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "vocab.bpe",
-)
+# hparams.json comes before the data file, whose size check needs it.
+FILES = ("checkpoint", "encoder.json", "hparams.json", DATA_FILE, "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 OPTIONAL_FILES = ("model.ckpt.meta",)
 NEEDED_FILES = ("checkpoint", "hparams.json", DATA_FILE, "model.ckpt.index")  # to load the weights
 # (size, sha256) of the files that are the same in every released model.
@@ -94,9 +87,7 @@ def resolve_name(name):
         return new_name
     if name not in PRESETS:
         old = ", ".join(f"{old} = {new}" for old, new in OLD_NAMES.items())
-        raise DownloadError(
-            f"unknown model {name!r}; valid names: {', '.join(PRESETS)} (old names: {old})"
-        )
+        raise DownloadError(f"unknown model {name!r}; valid names: {', '.join(PRESETS)} (old names: {old})")
     return name
 
 
@@ -120,24 +111,17 @@ def missing_files(model_dir):
     return "; ".join(described + ([f"{', '.join(parts)} partly downloaded"] if parts else []))
 
 
-def download_model(
-    name: str,
-    models_dir: str | os.PathLike = "models",
-    base_url: str | None = None,
-    progress: bool = True,
-    retries: int = 5,
-    backoff: float = 1.0,
-    timeout: float | tuple[float, float] = (10.0, 60.0),
-) -> str:
+def download_model(name: str, models_dir: str | os.PathLike = "models", base_url: str | None = None,
+                   progress: bool = True, retries: int = 5, backoff: float = 1.0,
+                   timeout: float | tuple[float, float] = (10.0, 60.0)) -> str:
     """Downloads model `name` into `<models_dir>/<name>/`, verifies it and returns that path.
 
     name: "124M", "355M", "774M" or "1558M" (old names "117M", "345M" are accepted).
     base_url: server root holding `<name>/<file>`; default $GPT2_BASE_URL, else OpenAI's.
     progress: show a tqdm bar per file on stderr.
-    retries: extra attempts per file after a connection error, stall, short body or
-        5xx, sleeping `backoff * 2**k` seconds (capped at 60) before each; an attempt
-        that enlarged the partial file resets the count, so a slow but moving
-        download of a big file is never abandoned.
+    retries: extra attempts per file after a connection error, stall, short body or 5xx, sleeping
+        `backoff * 2**k` seconds (capped at 60) before each; an attempt that enlarged the partial file resets
+        the count, so a slow but moving download of a big file is never abandoned.
     timeout: (connect, read) seconds for requests; `read` bounds a stall between bytes.
     Files already present are verified (see the module docstring), not fetched again, so
     running it again completes or repairs a folder. Raises DownloadError with a one-line
@@ -156,12 +140,14 @@ def download_model(
         manifest = _Manifest(model_dir)
         with requests.Session() as session:
             for filename in FILES:
-                _ensure_file(
-                    session, manifest, model_dir, filename, f"{base_url}/{name}/{filename}",
-                    label=f"{name}/{filename}", progress=progress, retries=retries, backoff=backoff,
-                    timeout=timeout,
-                )
-        _verify_model_dir(model_dir)
+                _ensure_file(session, manifest, model_dir, filename, f"{base_url}/{name}/{filename}",
+                             label=f"{name}/{filename}", progress=progress, retries=retries, backoff=backoff,
+                             timeout=timeout)
+        try:  # the folder against its own hparams.json (the index only, not the weights)
+            check_model_dir(model_dir)
+        except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+            raise DownloadError(f"{error} (downloaded files kept in {model_dir}: the server's files do not fit "
+                                "together)") from None
         return model_dir
     finally:
         lock.release()
@@ -179,19 +165,15 @@ def _ensure_file(session, manifest, model_dir, filename, url, **options):
     previous = manifest.files.get(filename)
     if os.path.isfile(path):
         problem = _check_present(path, filename, previous, manifest)
-        if problem is None and previous is None:  # plausible, but not fetched by this tool: ask the server
+        unknown = problem is None and previous is None
+        if unknown:  # plausible, but not fetched by this tool: ask the server
             problem = _compare_with_server(session, manifest, path, filename, url, options["timeout"])
-            if problem is None:
-                return
-            # Kept until the fetched file has passed every check (os.replace), then replaced.
-            print(f"warning: {path}: {problem}; fetching it again", file=sys.stderr, flush=True)
-            _download_file(session, manifest, url, path, previous=previous, **options)
-            return
         if problem is None:
             return
         print(f"warning: {path}: {problem}; fetching it again", file=sys.stderr, flush=True)
-        os.remove(path)
-        manifest.forget(filename)
+        if not unknown:  # an unknown file is kept until the fetched one has passed every check (os.replace)
+            os.remove(path)
+            manifest.forget(filename)
     _download_file(session, manifest, url, path, previous=previous, **options)
 
 
@@ -212,12 +194,8 @@ def _check_present(path, filename, record, manifest):
 
 def _compare_with_server(session, manifest, path, filename, url, timeout):
     """None once a file this tool did not fetch (e.g. left by an older downloader, or put there by
-    hand) is shown to be the server's, and recorded; else why it is not.
-
-    GPT-2's BPE files are known by their sha256. Any other file must have the size the server
-    announces to a HEAD request and the MD5 it gives (`Content-MD5`, as Azure Blob Storage sends,
-    or `x-goog-hash: md5=`); a server that gives no MD5 cannot vouch for it, so it is fetched again.
-    """
+    hand) is shown to be the server's (by sha256, or size and MD5: see the module docstring and
+    _server_md5), and recorded; else why it is not."""
     if filename in KNOWN_FILES:  # _content_problem compared its sha256 with GPT-2's
         manifest.record(filename, path, file_sha256(path), {})
         return None
@@ -286,19 +264,14 @@ def _content_problem(filename, path):
             if size < 48 or f.read(8) != _TABLE_MAGIC:
                 return "not a TensorFlow checkpoint index (no table footer)"
     elif filename == "model.ckpt.meta":
-        return _meta_graph_problem(path)
-    return None
+        from google.protobuf.message import DecodeError
+        from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
 
-
-def _meta_graph_problem(path):
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
-
-    try:
-        with open(path, "rb") as f:
-            MetaGraphDef.FromString(f.read())
-    except (DecodeError, RuntimeError, ValueError):
-        return "not a TensorFlow MetaGraphDef"
+        try:
+            with open(path, "rb") as f:
+                MetaGraphDef.FromString(f.read())
+        except (DecodeError, RuntimeError, ValueError):
+            return "not a TensorFlow MetaGraphDef"
     return None
 
 
@@ -394,14 +367,8 @@ def _fetch(session, manifest, url, part, *, label, progress, timeout):
             manifest.start(filename, dict(validators, size=_total_size(response, 0)))
         total = _total_size(response, offset)
         with open(part, "ab" if offset else "wb") as f, tqdm.tqdm(
-            desc=label,
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-        ) as bar:
+                desc=label, total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not progress) as bar:
             for chunk in response.iter_content(CHUNK_SIZE):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -539,7 +506,7 @@ class _FolderLock:
             except FileNotFoundError:  # the holder failed and removed the empty folder
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 continue
-            if _try_lock(fd) and self._still_linked(fd):
+            if _lock(fd) and self._still_linked(fd):
                 self._fd = fd
                 return
             os.close(fd)
@@ -564,7 +531,7 @@ class _FolderLock:
             return
         if os.name != "nt":
             _remove(self.path)
-        _unlock(self._fd)
+        _lock(self._fd, unlock=True)
         os.close(self._fd)
         self._fd = None
         if os.name == "nt":
@@ -572,45 +539,23 @@ class _FolderLock:
                 os.remove(self.path)
 
 
-def _try_lock(fd):
+def _lock(fd, unlock=False):
+    """Takes the lock on `fd` without waiting (False if another process holds it), or drops it."""
     try:
         if os.name == "nt":
             import msvcrt
 
             os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK if unlock else msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:
+        if unlock:
+            raise
         return False
-
-
-def _unlock(fd):
-    if os.name == "nt":
-        import msvcrt
-
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _verify_model_dir(model_dir):
-    """Checks the downloaded folder against its own hparams.json (index only, not the weights).
-
-    Raises DownloadError (one line) on any problem, leaving the files in place.
-    """
-    try:
-        return check_model_dir(model_dir)
-    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
-        raise DownloadError(
-            f"{error} (downloaded files kept in {model_dir}: the server's files do not fit together)"
-        ) from None
 
 
 def main(argv=None):
@@ -619,32 +564,23 @@ def main(argv=None):
     from gpt2.runtime import quiet_tensorflow
 
     parser = argparse.ArgumentParser(
-        prog="download_model.py",
-        description=(
-            "Download released GPT-2 models into MODELS_DIR/<name>/ and verify them. Interrupted "
-            "downloads resume; files already present are verified, not fetched again, so running "
-            "it again completes or repairs a folder."
-        ),
-        epilog=f"default server: {DEFAULT_BASE_URL}",
-    )
-    parser.add_argument(
-        "names", nargs="+", metavar="name",
-        help=f"model size: {', '.join(PRESETS)} (old names {', '.join(OLD_NAMES)} are accepted)",
-    )
+        prog="download_model.py", epilog=f"default server: {DEFAULT_BASE_URL}",
+        description="Download released GPT-2 models into MODELS_DIR/<name>/ and verify them. Interrupted downloads "
+                    "resume; files already present are verified, not fetched again, so running it again completes "
+                    "or repairs a folder.")
+    parser.add_argument("names", nargs="+", metavar="name",
+                        help=f"model size: {', '.join(PRESETS)} (old names {', '.join(OLD_NAMES)} are accepted)")
     parser.add_argument("--models-dir", default="models", help="where to put the models (default: models)")
-    parser.add_argument(
-        "--base-url",
-        help=f"server holding <name>/<file>, e.g. a mirror (default: ${BASE_URL_ENV} if set, else OpenAI's)",
-    )
+    parser.add_argument("--base-url", help=f"server holding <name>/<file>, e.g. a mirror (default: ${BASE_URL_ENV} "
+                                           "if set, else OpenAI's)")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars (default: shown)")
 
     def body(args):
         quiet_tensorflow()  # before TensorFlow is first imported
         names = list(dict.fromkeys(resolve_name(name) for name in args.names))
         for name in names:
-            model_dir = download_model(
-                name, models_dir=args.models_dir, base_url=args.base_url, progress=not args.no_progress
-            )
+            model_dir = download_model(name, models_dir=args.models_dir, base_url=args.base_url,
+                                       progress=not args.no_progress)
             print(f"{name}: ready in {model_dir}")
         return cli.EXIT_OK
 

@@ -18,9 +18,7 @@ import math
 import sys
 
 from gpt2 import cli
-from gpt2.cli import EXIT_OK, add_model_arguments, say_compiling
-from gpt2.cli import Parser as _Parser
-from gpt2.cli import positive_int as _positive_int
+from gpt2.cli import EXIT_OK, add_model_arguments, positive_int, say_compiling
 from gpt2.runtime import import_tensorflow, quiet_tensorflow
 
 READ_BLOCK = 1 << 20
@@ -28,48 +26,34 @@ READ_BLOCK = 1 << 20
 
 def build_parser(prog="python -m gpt2.evaluate"):
     """The argument parser; every option's help states its default."""
-    parser = _Parser(
-        prog=prog,
-        description=(
-            "Score text files with GPT-2: tokens scored, mean negative log-likelihood (nats per "
-            "token), perplexity and bits per byte, per file and in total. Each file is encoded "
-            "with <|endoftext|> in front, so every token of its text is scored, in sliding "
-            "windows of the model's context: by default lm-evaluation-harness's rolling windows, "
-            "with --windows hf Hugging Face's documented recipe."
-        ),
-        epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
-    )
+    parser = cli.Parser(
+        prog=prog, epilog="example: python -m gpt2.evaluate --model 124M --json wiki.test.raw",
+        description="Score text files with GPT-2: tokens scored, mean negative log-likelihood (nats per token), "
+                    "perplexity and bits per byte, per file and in total. Each file is encoded with <|endoftext|> in "
+                    "front, so every token of its text is scored, in sliding windows of the model's context: by "
+                    "default lm-evaluation-harness's rolling windows, with --windows hf Hugging Face's documented "
+                    "recipe.")
     parser.add_argument("files", nargs="+", metavar="FILE", help="text files to score (UTF-8 unless --encoding)")
     add_model_arguments(parser, role="the model to score with")
-    parser.add_argument(
-        "--stride", type=_positive_int, metavar="S",
-        help="tokens between window starts, at most the model's context; after the first "
-             "window each token is predicted from at least context - S + 1 tokens; S = context "
-             "gives disjoint windows (default: half the context, 512 for the released models)",
-    )
-    parser.add_argument(
-        "--windows", choices=("rolling", "hf"), default="rolling",
-        help="window convention: rolling feeds a context of tokens and scores the context's worth of "
-             "tokens after them, every token but the first exactly once (lm-evaluation-harness's rolling "
-             "windows); hf is Hugging Face's documented recipe, whose windows hold the tokens they "
-             "predict (at most context - 1 per window) and weigh each window's mean by its labels "
-             "less one, to reproduce its published numbers exactly (default: rolling)",
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive_int, metavar="B",
-        help="windows per compiled call (default: as many as keep the logits near 512 MiB, "
-             "2 for the released models)",
-    )
-    parser.add_argument(
-        "--encoding", default="utf-8", metavar="NAME",
-        help="the files' text encoding, any name Python knows (latin-1, cp1252, utf-16, ...); a UTF-8 "
-             "byte order mark at the start is not text (default: utf-8)",
-    )
-    parser.add_argument(
-        "--json", action="store_true",
-        help="print only one JSON object with the keys tokens, nll (mean, nats/token), "
-             "perplexity and bits_per_byte, for all files together (default: a table)",
-    )
+    parser.add_argument("--stride", type=positive_int, metavar="S",
+                        help="tokens between window starts, at most the model's context; after the first window each "
+                             "token is predicted from at least context - S + 1 tokens; S = context gives disjoint "
+                             "windows (default: half the context, 512 for the released models)")
+    parser.add_argument("--windows", choices=("rolling", "hf"), default="rolling",
+                        help="window convention: rolling feeds a context of tokens and scores the context's worth of "
+                             "tokens after them, every token but the first exactly once (lm-evaluation-harness's "
+                             "rolling windows); hf is Hugging Face's documented recipe, whose windows hold the tokens "
+                             "they predict (at most context - 1 per window) and weigh each window's mean by its "
+                             "labels less one, to reproduce its published numbers exactly (default: rolling)")
+    parser.add_argument("--batch-size", type=positive_int, metavar="B",
+                        help="windows per compiled call (default: as many as keep the logits near 512 MiB, 2 for the "
+                             "released models)")
+    parser.add_argument("--encoding", default="utf-8", metavar="NAME",
+                        help="the files' text encoding, any name Python knows (latin-1, cp1252, utf-16, ...); a UTF-8 "
+                             "byte order mark at the start is not text (default: utf-8)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only one JSON object with the keys tokens, nll (mean, nats/token), perplexity and "
+                             "bits_per_byte, for all files together (default: a table)")
     return parser
 
 
@@ -156,12 +140,7 @@ def _load_model(model_dir, load_model):
 def _summary(tokens, total_nll, size):
     """The figures of `tokens` tokens with summed NLL `total_nll` (nats) over `size` bytes."""
     mean = total_nll / tokens
-    return {
-        "tokens": tokens,
-        "nll": mean,
-        "perplexity": math.exp(mean),
-        "bits_per_byte": total_nll / math.log(2) / size,
-    }
+    return dict(tokens=tokens, nll=mean, perplexity=math.exp(mean), bits_per_byte=total_nll / math.log(2) / size)
 
 
 def _print_table(rows):
@@ -170,10 +149,8 @@ def _print_table(rows):
     lines = [header]
     for name, tokens, total_nll, size in rows:
         figures = _summary(tokens, total_nll, size)
-        lines.append((
-            name, str(tokens), f"{figures['nll']:.4f}", f"{figures['perplexity']:.3f}",
-            f"{figures['bits_per_byte']:.4f}",
-        ))
+        lines.append((name, str(tokens), f"{figures['nll']:.4f}", f"{figures['perplexity']:.3f}",
+                      f"{figures['bits_per_byte']:.4f}"))
     width = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         cells = [line[0].ljust(width[0])] + [cell.rjust(w) for cell, w in zip(line[1:], width[1:])]

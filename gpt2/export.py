@@ -24,10 +24,7 @@ import tempfile
 import time
 
 from gpt2 import cli
-from gpt2.cli import DEFAULT_MODELS_DIR, EXIT_OK, add_model_arguments
-from gpt2.cli import Parser as _Parser
-from gpt2.cli import non_negative_int as _non_negative_int
-from gpt2.cli import positive_int as _positive_int
+from gpt2.cli import DEFAULT_MODELS_DIR, EXIT_OK, add_model_arguments, non_negative_int, positive_int
 from gpt2.runtime import import_tensorflow
 
 DEFAULT_VERSION = 1
@@ -38,7 +35,7 @@ ASSET_NAMES = ("encoder.json", "vocab.bpe")
 def _batch_sizes(text):
     """argparse type of --batch-sizes: comma-separated integers >= 1."""
     try:
-        return [_positive_int(part.strip()) for part in text.split(",")]
+        return [positive_int(part.strip()) for part in text.split(",")]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be integers >= 1 separated by commas, got {text!r}") from None
 
@@ -63,11 +60,10 @@ def export_model(model, output, version=DEFAULT_VERSION, overwrite=False, models
     from gpt2.checkpoint import resolve_model_dir
 
     model_dir = resolve_model_dir(model, models_dir)
-    steps = 5
 
-    def say(step, message):
+    def say(step, message):  # of 5 steps
         if progress is not None:
-            progress(step, steps, message)
+            progress(step, 5, message)
 
     say(1, f"loading {model_dir}")
     import_tensorflow()  # quietly, before anything else imports it
@@ -130,30 +126,26 @@ def folder_bytes(path):
 
 def build_parser(prog="python -m gpt2.export"):
     """The argument parser; every option's help states its default."""
-    parser = _Parser(
-        prog=prog,
-        description=(
-            "Export a GPT-2 model as a TensorFlow SavedModel for TF Serving: OUT/VERSION/ with "
-            "saved_model.pb, variables/ and assets/ (encoder.json, vocab.bpe). Signatures: "
-            "serving_default (generation with the compiled sampler), logits and score."
-        ),
-        epilog="example: python -m gpt2.export --model 124M --output exports/gpt2",
-    )
+    parser = cli.Parser(
+        prog=prog, epilog="example: python -m gpt2.export --model 124M --output exports/gpt2",
+        description="Export a GPT-2 model as a TensorFlow SavedModel for TF Serving: OUT/VERSION/ with saved_model.pb, "
+                    "variables/ and assets/ (encoder.json, vocab.bpe). Signatures: serving_default (generation with "
+                    "the compiled sampler), logits and score.")
     add_model_arguments(parser, role="the model to export")
     parser.add_argument("--output", required=True, metavar="OUT",
                         help="the model's base folder for TF Serving; the export goes to OUT/VERSION (required)")
-    parser.add_argument("--version", type=_non_negative_int, default=DEFAULT_VERSION, metavar="N",
+    parser.add_argument("--version", type=non_negative_int, default=DEFAULT_VERSION, metavar="N",
                         help=f"version number: the subfolder of OUT to write (default: {DEFAULT_VERSION})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUT/VERSION (default: off: refuse)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                         help="the most new tokens one request may ask for; larger max_new_tokens are refused "
                              f"(default: {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--batch-sizes", type=_batch_sizes, metavar="B,B,...",
-                        help="batch sizes the decode loop is built and compiled for: a request's rows are padded "
-                             "to the smallest that holds them, and run in groups of the largest when there are "
-                             "more; fewer sizes export faster (default: 1,2,4,8, and up to 64 while their "
-                             "key/value cache fits in 1 GiB: 1,2,4,8 for 124M)")
+                        help="batch sizes the decode loop is built and compiled for: a request's rows are padded to "
+                             "the smallest that holds them, and run in groups of the largest when there are more; "
+                             "fewer sizes export faster (default: 1,2,4,8, and up to 64 while their key/value cache "
+                             "fits in 1 GiB: 1,2,4,8 for 124M)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="do not compile the decode loop with XLA: slower, but served without "
                              "--xla_cpu_compilation_enabled (default: compiled with XLA)")

@@ -13,6 +13,7 @@ takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, 
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import sys
 import textwrap
@@ -20,9 +21,6 @@ import threading
 
 from gpt2 import cli
 from gpt2.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, add_model_arguments, say_compiling
-from gpt2.cli import Parser as _Parser
-from gpt2.cli import fail as _fail
-from gpt2.cli import positive_int as _positive_int
 from gpt2.runtime import import_tensorflow, quiet_tensorflow
 
 DEFAULT_LENGTH = 128
@@ -74,20 +72,14 @@ def add_speculative_arguments(group):
     """--draft-model, --prompt-lookup (one or the other) and --draft-tokens, on an argparse group;
     shared with `python -m gpt2.serve`. See `draft_folder` for their check against the model."""
     drafts = group.add_mutually_exclusive_group()
-    drafts.add_argument(
-        "--draft-model", metavar="NAME_OR_FOLDER",
-        help="a smaller model with the same vocabulary (e.g. 124M for 355M) proposes tokens that the "
-             "model checks several at a time (default: none)",
-    )
-    drafts.add_argument(
-        "--prompt-lookup", action="store_true",
-        help="propose the tokens that followed the last few tokens' earlier occurrence in the text "
-             "(default: off)",
-    )
-    group.add_argument(
-        "--draft-tokens", type=_positive_int, default=8, metavar="N",
-        help="most tokens proposed per step; the number adapts to how many are accepted (default: 8)",
-    )
+    drafts.add_argument("--draft-model", metavar="NAME_OR_FOLDER",
+                        help="a smaller model with the same vocabulary (e.g. 124M for 355M) proposes tokens that "
+                             "the model checks several at a time (default: none)")
+    drafts.add_argument("--prompt-lookup", action="store_true",
+                        help="propose the tokens that followed the last few tokens' earlier occurrence in the text "
+                             "(default: off)")
+    group.add_argument("--draft-tokens", type=cli.positive_int, default=8, metavar="N",
+                       help="most tokens proposed per step; the number adapts to how many are accepted (default: 8)")
 
 
 def draft_folder(args, hparams):
@@ -107,9 +99,27 @@ def draft_folder(args, hparams):
     return folder
 
 
+# The sampling settings checked by gpt2.sampling.settings: (name, type, default, metavar, help).
+_SETTINGS = (
+    ("temperature", float, 1.0, "T", "divides the logits before sampling: lower is more predictable, 0 = greedy "
+                                     "(always the most likely token) (default: 1.0)"),
+    ("top_k", int, DEFAULT_TOP_K, "K",
+     f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})"),
+    ("top_p", float, 1.0, "P", "nucleus sampling: sample only among the most likely tokens whose probabilities add "
+                               "up to P, 1.0 = off, 0 = only the most likely (default: 1.0)"),
+    ("presence_penalty", float, 0.0, "X", "OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of "
+                                          "every token already generated (default: 0 = off)"),
+    ("frequency_penalty", float, 0.0, "X", "OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit "
+                                           "once per time it was generated (default: 0 = off)"),
+    ("repetition_penalty", float, 1.0, "X", "CTRL / Hugging Face repetition penalty > 0 over the prompt and the "
+                                            "generated tokens: their positive logits are divided by it, negative ones "
+                                            "multiplied (default: 1 = off; 1.2 is a common choice)"),
+)
+
+
 def build_parser(prog=None):
     """The argument parser; every option's help states its default."""
-    parser = _Parser(
+    parser = cli.Parser(
         prog=prog,
         description=textwrap.fill(
             "Generate text with OpenAI's GPT-2. Each sample is printed under a "
@@ -124,141 +134,78 @@ def build_parser(prog=None):
             "  generate.py --prompt 'Hello, my name is' --nsamples 3\n"
             "  generate.py --model 355M --download --interactive\n"
             "  generate.py --model path/to/model_folder --unconditional --seed 1 --length 200\n"
-            "Errors print one line 'error: ...' on stderr; exit codes: 0 ok, 1 error, 2 bad "
-            "usage, 130 interrupted."
+            "Errors print one line 'error: ...' on stderr; exit codes: 0 ok, 1 error, 2 bad usage, 130 interrupted."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
     add_model_arguments(model)
-    model.add_argument(
-        "--download", action="store_true",
-        help="download the model into --models-dir first if it is not there (default: off: a "
-             "missing model is an error that says how to download it)",
-    )
+    model.add_argument("--download", action="store_true",
+                       help="download the model into --models-dir first if it is not there (default: off: a "
+                            "missing model is an error that says how to download it)")
+    model.add_argument("--dtype", choices=("float32", "bfloat16", "int8", "float16"), default="float32",
+                       help="float32 (OpenAI's numbers); bfloat16: weights in half the memory and faster matmuls on "
+                            "CPUs with bfloat16 support, logits within about 1%%; int8: weights in a quarter of the "
+                            "memory (per-channel scales, float32 arithmetic); float16: weights in half (float32 "
+                            "arithmetic; the fast 16-bit mode on CPUs without bfloat16) (default: %(default)s)")
+    model.add_argument("--no-xla", action="store_true",
+                       help="run the sampler without XLA: compiles faster (a few seconds), generates slower in "
+                            "float32; mostly for debugging (default: XLA in float32, none in bfloat16, where "
+                            "oneDNN is faster; see BENCHMARKS.md)")
 
-    model.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "int8", "float16"), default="float32",
-        help="float32 (OpenAI's numbers); bfloat16: weights in half the memory and faster "
-             "matmuls on CPUs with bfloat16 support, logits within about 1%%; int8: weights in a "
-             "quarter of the memory (per-channel scales, float32 arithmetic); float16: weights in "
-             "half (float32 arithmetic; the fast 16-bit mode on CPUs without bfloat16) (default: %(default)s)",
-    )
-    model.add_argument(
-        "--no-xla", action="store_true",
-        help="run the sampler without XLA: compiles faster (a few seconds), generates slower in "
-             "float32; mostly for debugging (default: XLA in float32, none in bfloat16, where "
-             "oneDNN is faster; see BENCHMARKS.md)",
-    )
-
-    source = parser.add_argument_group(
-        "prompt source (pick one; default: see above)"
-    ).add_mutually_exclusive_group()
+    source = parser.add_argument_group("prompt source (pick one; default: see above)").add_mutually_exclusive_group()
     source.add_argument("--prompt", metavar="TEXT", help="the prompt text (default: none)")
-    source.add_argument(
-        "--prompt-file", metavar="PATH",
-        help="read the prompt from a UTF-8 text file, '-' for stdin; one trailing newline is "
-             "dropped (default: none)",
-    )
-    source.add_argument(
-        "--interactive", action="store_true",
-        help=f"ask for prompts ('{INTERACTIVE_PROMPT.strip()}') until end of input (Ctrl-D, or "
-             "Ctrl-Z Enter on Windows) or Ctrl-C; Ctrl-C while generating stops that prompt's "
-             "samples (default: off)",
-    )
-    source.add_argument(
-        "--unconditional", action="store_true",
-        help="no prompt: samples start from <|endoftext|> (default: off)",
-    )
+    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 text file, '-' for stdin; "
+                                                              "one trailing newline is dropped (default: none)")
+    source.add_argument("--interactive", action="store_true",
+                        help=f"ask for prompts ('{INTERACTIVE_PROMPT.strip()}') until end of input (Ctrl-D, or "
+                             "Ctrl-Z Enter on Windows) or Ctrl-C; Ctrl-C while generating stops that prompt's "
+                             "samples (default: off)")
+    source.add_argument("--unconditional", action="store_true",
+                        help="no prompt: samples start from <|endoftext|> (default: off)")
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument(
-        "--length", type=_positive_int, default=DEFAULT_LENGTH, metavar="N",
-        help="new tokens per sample, any number: past the model's context (1024 tokens for the "
-             "released models) the window slides, see --window-keep (default: %(default)s)",
-    )
-    sampling.add_argument(
-        "--nsamples", type=_positive_int, default=1, metavar="N",
-        help="samples per prompt (default: 1)",
-    )
-    sampling.add_argument(
-        "--batch-size", type=_positive_int, default=1, metavar="N",
-        help="samples computed together in one batch; nsamples need not be a multiple of it (the "
-             "last batch is smaller). With a fixed --seed, sample N is the same for every batch "
-             "size (default: 1)",
-    )
-    sampling.add_argument(
-        "--temperature", type=_setting("temperature", float), default=1.0, metavar="T",
-        help="divides the logits before sampling: lower is more predictable, 0 = greedy "
-             "(always the most likely token) (default: 1.0)",
-    )
-    sampling.add_argument(
-        "--top-k", type=_setting("top_k", int), default=DEFAULT_TOP_K, metavar="K",
-        help=f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})",
-    )
-    sampling.add_argument(
-        "--top-p", type=_setting("top_p", float), default=1.0, metavar="P",
-        help="nucleus sampling: sample only among the most likely tokens whose probabilities add "
-             "up to P, 1.0 = off, 0 = only the most likely (default: 1.0)",
-    )
-    sampling.add_argument(
-        "--presence-penalty", type=_setting("presence_penalty", float), default=0.0, metavar="X",
-        help="OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token "
-             "already generated (default: 0 = off)",
-    )
-    sampling.add_argument(
-        "--frequency-penalty", type=_setting("frequency_penalty", float), default=0.0, metavar="X",
-        help="OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit once per time "
-             "it was generated (default: 0 = off)",
-    )
-    sampling.add_argument(
-        "--repetition-penalty", type=_setting("repetition_penalty", float), default=1.0, metavar="X",
-        help="CTRL / Hugging Face repetition penalty > 0 over the prompt and the generated tokens: "
-             "their positive logits are divided by it, negative ones multiplied (default: 1 = off; "
-             "1.2 is a common choice)",
-    )
-    sampling.add_argument(
-        "--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN=BIAS",
-        help="add BIAS (in [-100, 100]) to a token id's logit; -100 bans it, 100 forces it; "
-             "repeatable (default: none)",
-    )
-    sampling.add_argument(
-        "--window-keep", type=_setting("window_keep", int), metavar="N",
-        help="past the context, the window the model sees keeps its last N tokens and goes on "
-             "(default: half the context, 512 for the released models)",
-    )
-    sampling.add_argument(
-        "--seed", type=_setting("seed", int), metavar="N",
-        help="random seed (an integer >= 0) for reproducible samples (default: none: different "
-             "samples on every run)",
-    )
-    sampling.add_argument(
-        "--stop-at-eot", action=argparse.BooleanOptionalAction, default=None,
-        help="end a sample early when the model writes <|endoftext|> (not printed); with "
-             "--no-stop-at-eot it is printed as text and sampling goes on to --length (default: "
-             "on, except with --unconditional, where documents run on as in OpenAI's samples)",
-    )
+    sampling.add_argument("--length", type=cli.positive_int, default=DEFAULT_LENGTH, metavar="N",
+                          help="new tokens per sample, any number: past the model's context (1024 tokens for the "
+                               "released models) the window slides, see --window-keep (default: %(default)s)")
+    sampling.add_argument("--nsamples", type=cli.positive_int, default=1, metavar="N",
+                          help="samples per prompt (default: 1)")
+    sampling.add_argument("--batch-size", type=cli.positive_int, default=1, metavar="N",
+                          help="samples computed together in one batch; nsamples need not be a multiple of it (the "
+                               "last batch is smaller). With a fixed --seed, sample N is the same for every batch "
+                               "size (default: 1)")
+    for name, kind, default, metavar, help_ in _SETTINGS:
+        sampling.add_argument("--" + name.replace("_", "-"), type=_setting(name, kind), default=default,
+                              metavar=metavar, help=help_)
+    sampling.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN=BIAS",
+                          help="add BIAS (in [-100, 100]) to a token id's logit; -100 bans it, 100 forces it; "
+                               "repeatable (default: none)")
+    sampling.add_argument("--window-keep", type=_setting("window_keep", int), metavar="N",
+                          help="past the context, the window the model sees keeps its last N tokens and goes on "
+                               "(default: half the context, 512 for the released models)")
+    sampling.add_argument("--seed", type=_setting("seed", int), metavar="N",
+                          help="random seed (an integer >= 0) for reproducible samples (default: none: different "
+                               "samples on every run)")
+    sampling.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=None,
+                          help="end a sample early when the model writes <|endoftext|> (not printed); with "
+                               "--no-stop-at-eot it is printed as text and sampling goes on to --length (default: "
+                               "on, except with --unconditional, where documents run on as in OpenAI's samples)")
 
     add_speculative_arguments(parser.add_argument_group(
         "speculative decoding (one sample per batch, prompt + --length within the context; greedy text "
         "as without it, sampled text from the same distribution)"))
 
-    output = parser.add_argument_group("output")
-    output.add_argument(
+    parser.add_argument_group("output").add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=None,
-        help="print each sample token by token as it is generated; needs one sample per batch "
-             "(--batch-size 1 or --nsamples 1) (default: on with --interactive when the batch "
-             "holds one sample, else off: each sample is printed once its batch is done)",
-    )
+        help="print each sample token by token as it is generated; needs one sample per batch (--batch-size 1 or "
+             "--nsamples 1) (default: on with --interactive when the batch holds one sample, else off: each sample "
+             "is printed once its batch is done)")
     return parser
 
 
 def main(argv=None):
-    """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code.
-
-    Parsing comes first and imports nothing heavy, so `--help` and usage errors do not wait for
-    TensorFlow (as long as importing the `gpt2` package itself does not import it).
-    """
+    """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit code. Parsing imports
+    nothing heavy, so `--help` and usage errors do not wait for TensorFlow."""
     return cli.main_of(build_parser(prog=None if argv is None else "generate.py"), argv, _checked_run)
 
 
@@ -268,20 +215,20 @@ def _checked_run(args):
     if (args.draft_model or args.prompt_lookup) and min(args.batch_size, args.nsamples) > 1:
         raise cli.UsageError("speculative decoding makes one sample at a time: use it with --batch-size 1")
     if sys.stdout is None:  # e.g. started with `>&-`: fail before loading anything
-        return _fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
+        return cli.fail("standard output is closed; redirect it to a file (or /dev/null)", EXIT_ERROR)
     _tolerate_unencodable_text()
     stdout = sys.stdout
     sys.stdout = _CheckedOutput(stdout)
     try:
         return _run(args)
     except _Abandoned:
-        _exit_now(_fail("interrupted", EXIT_INTERRUPTED))
+        _exit_now(cli.fail("interrupted", EXIT_INTERRUPTED))
     except BrokenPipeError:  # e.g. `generate.py ... | head`: stop quietly
         _silence_stdout()
         return EXIT_ERROR
     except _OutputError as error:  # e.g. the disk holding a redirected stdout is full
         _silence_stdout()
-        return _fail(error, EXIT_ERROR)
+        return cli.fail(error, EXIT_ERROR)
     finally:
         sys.stdout = stdout
 
@@ -301,12 +248,8 @@ def _run(args):
     draft_dir = draft_folder(args, hparams)
     enc = encoder_for_model_dir(model_dir)
     stop_at_eot = args.stop_at_eot if args.stop_at_eot is not None else mode != "unconditional"
-    sampler = _Sampler(
-        args, enc, hparams, settings_lib,
-        stop_token=enc.eot_token if stop_at_eot else None,
-        stream=args.stream if args.stream is not None else (
-            mode == "interactive" and min(args.batch_size, args.nsamples) == 1),
-    )
+    stream = mode == "interactive" and min(args.batch_size, args.nsamples) == 1 if args.stream is None else args.stream
+    sampler = _Sampler(args, enc, hparams, settings_lib, enc.eot_token if stop_at_eot else None, stream)
     if mode == "interactive":
         sampler.load(model_dir, load_model, draft_dir)
         return _interactive(sampler)
@@ -364,17 +307,15 @@ def _exit_now(code):
     new entries are not published (the interrupted compile made none), and its private folder is
     removed by the next run."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
     os._exit(code)
 
 
 def _find_model(args, resolve_model_dir, old_names, presets):
     """The model folder of --model; downloads a released model first with --download, and
     finishes a download that was interrupted (a folder of a released name missing files)."""
-    from gpt2.download import missing_files
+    from gpt2.download import download_model, missing_files
 
     name = old_names.get(args.model, args.model)
     try:
@@ -390,12 +331,8 @@ def _find_model(args, resolve_model_dir, old_names, presets):
         if not missing:
             return model_dir
         if not args.download:
-            raise FileNotFoundError(
-                f"{model_dir} is an unfinished download ({missing}); finish it with --download or "
-                f"python download_model.py {name} --models-dir {args.models_dir}"
-            )
-    from gpt2.download import download_model
-
+            raise FileNotFoundError(f"{model_dir} is an unfinished download ({missing}); finish it with --download or "
+                                    f"python download_model.py {name} --models-dir {args.models_dir}")
     print(f"downloading {name} into {os.path.join(args.models_dir, name)}", file=sys.stderr, flush=True)
     return download_model(name, args.models_dir)
 
@@ -419,12 +356,10 @@ def _prompt_source(args):
         return "interactive", None
     if sys.stdin is None:
         raise ValueError("no prompt: give --prompt, --prompt-file, --interactive or --unconditional")
-    text = _drop_final_newline(_clean(sys.stdin.read()))
+    text = _clean(sys.stdin.read()).removesuffix("\n")
     if not text:
-        raise ValueError(
-            "no prompt: standard input was empty; give --prompt, --prompt-file, --interactive "
-            "or --unconditional"
-        )
+        raise ValueError("no prompt: standard input was empty; give --prompt, --prompt-file, --interactive or "
+                         "--unconditional")
     return "prompt", text
 
 
@@ -442,7 +377,7 @@ def _read_prompt_file(path):
             raise ValueError(f"{path}: prompt file is not UTF-8 text ({error.reason} at byte {error.start})") from None
         except OSError as error:
             raise OSError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
-    text = _drop_final_newline(text)
+    text = text.removesuffix("\n")
     if not text:
         raise ValueError(f"{path}: the prompt is empty; use --unconditional to sample without a prompt")
     return text
@@ -471,7 +406,7 @@ def _interactive(sampler):
             sampler.print_samples(prompt_ids, prompt_number)
         except ValueError as error:
             out.flush()
-            _fail(error, EXIT_ERROR)
+            cli.fail(error, EXIT_ERROR)
             continue
         except KeyboardInterrupt:
             out.write("\n")
@@ -490,9 +425,7 @@ class _Sampler:
         self.model = None
         self._lib = settings_lib
         self.settings = settings_lib.SamplingSettings(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            repetition_penalty=args.repetition_penalty, logit_bias=args.logit_bias,
+            **{name: getattr(args, name) for name, *_ in _SETTINGS}, logit_bias=args.logit_bias,
         ).banning(getattr(enc, "never_drawn", ())).check_vocab(hparams.n_vocab)
         self.window_keep = settings_lib.check_window_keep(args.window_keep, hparams.n_ctx, "--window-keep")
         self.stop_token = stop_token
@@ -514,7 +447,7 @@ class _Sampler:
         sys.setswitchinterval(1e-4)  # the reading thread gets the GIL back at once between ops
 
         def load_and_trace():
-            model = _load_model(model_dir, load_model, **self.load_options())
+            model = _load_model(model_dir, load_model, dtype=self.args.dtype, before_weights=self._compile_sampler)
             if self._tracing is not None:
                 self._tracing.result()  # raises what tracing raised
             return model
@@ -533,42 +466,31 @@ class _Sampler:
 
             self.draft = PromptLookup(tokens=self.args.draft_tokens)
 
-    def load_options(self):
-        """load_model's options: the dtype, and, before the weights are read, compiling the
-        sampler when the run will need it, else tracing the uncompiled sampler (short runs, see
-        gpt2.sampling.api) in a thread while they are read."""
+    def _compile_sampler(self, model):
+        """Run by load_model before the weights are read: compiles the sampler when the run will need it, else
+        traces the uncompiled sampler (short runs, see gpt2.sampling.api) in a thread while they are read."""
+        from gpt2.sampling import api, direct
 
-        def compile_sampler(model):
-            from gpt2.sampling import api, direct
-
-            rows = min(self.args.batch_size, self.args.nsamples)
-            speculative = self.args.draft_model or self.args.prompt_lookup  # uncompiled: nothing to compile
-            if not speculative and api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
-                                tokens=self.args.length * self.args.nsamples):
-                self._say_compiling()
-                api.prepare(model, rows, self.jit_compile)
-            else:  # trace the uncompiled sampler while the weights are read
-                self._tracing = _in_thread(direct.prepare, model)
-
-        return dict(dtype=self.args.dtype, before_weights=compile_sampler)
+        rows = min(self.args.batch_size, self.args.nsamples)
+        speculative = self.args.draft_model or self.args.prompt_lookup  # uncompiled: nothing to compile
+        if not speculative and api.will_compile(model, rows, 1, self.args.length, self.jit_compile,
+                                                tokens=self.args.length * self.args.nsamples):
+            say_compiling("sampler")
+            api.prepare(model, rows, self.jit_compile)
+        else:  # trace the uncompiled sampler while the weights are read
+            self._tracing = _in_thread(direct.prepare, model)
 
     def check_prompt(self, prompt_ids):
         """The prompt's ids; ValueError if it is longer than the model's context."""
         return self._lib.check_prompt(prompt_ids, self.hparams.n_vocab, self.hparams.n_ctx, field="the prompt")
 
-    def seeds(self, prompt_number):
-        """One seed per sample. With --seed, sample i of prompt n gets the same seed whatever the
-        batch size, and each prompt of an interactive session gets new ones."""
-        nsamples = self.args.nsamples
-        if self.args.seed is None:
-            return self._lib.row_seeds(None, nsamples)
-        return self._lib.row_seeds(self.args.seed, (prompt_number + 1) * nsamples)[prompt_number * nsamples:]
-
     def print_samples(self, prompt_ids, prompt_number):
         from gpt2.sampling import api
 
         args, out = self.args, sys.stdout
-        seeds = self.seeds(prompt_number)
+        # One seed per sample: with --seed, sample i of prompt n gets the same seed whatever the batch size, and each
+        # prompt of an interactive session gets new ones (without --seed, fresh entropy).
+        seeds = self._lib.row_seeds(args.seed, (prompt_number + 1) * args.nsamples)[prompt_number * args.nsamples:]
         per_batch = min(args.batch_size, args.nsamples)
         for first in range(0, args.nsamples, per_batch):
             count = min(per_batch, args.nsamples - first)
@@ -576,7 +498,7 @@ class _Sampler:
                            stop_token=self.stop_token, jit_compile=self.jit_compile, draft=self.draft)
             if self.draft is None and api.will_compile(self.model, count, len(prompt_ids), args.length,
                                                        self.jit_compile):
-                self._say_compiling()
+                say_compiling("sampler")
                 if self.abandon_compiles:
                     _wait_for(_in_thread(api.prepare, self.model, count, self.jit_compile))
             if self.stream and count == 1:
@@ -592,11 +514,6 @@ class _Sampler:
                 out.flush()
         out.write("=" * 80 + "\n")
         out.flush()
-
-    @staticmethod
-    def _say_compiling():
-        """Tells the user why the first sample of a batch size takes a while."""
-        say_compiling("sampler")
 
     def _stream_one(self, steps, out):
         """Writes one row's text as its tokens arrive (complete characters only)."""
@@ -629,10 +546,6 @@ def _clean(text):
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def _drop_final_newline(text):
-    return text[:-1] if text.endswith("\n") else text
-
-
 def _isatty(stream):
     try:
         return stream is not None and stream.isatty()
@@ -647,10 +560,8 @@ def _tolerate_unencodable_text():
     for stream, errors in ((sys.stdout, "replace"), (sys.stdin, "surrogateescape")):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
-            try:
+            with contextlib.suppress(ValueError, OSError, TypeError):
                 reconfigure(errors=errors)
-            except (ValueError, OSError, TypeError):
-                pass
 
 
 class _OutputError(OSError):
@@ -683,9 +594,7 @@ class _CheckedOutput:
 
 def _silence_stdout():
     """After a broken pipe, point stdout at the null device so the exit-time flush stays quiet."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass

@@ -60,19 +60,15 @@ class _QuietImport:
         exec_module = getattr(spec.loader, "exec_module", None)
         if exec_module is None:
             return spec
-        remove = self._remove
 
         def quiet_exec_module(module):
-            remove()
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             with _stderr_caught():
                 exec_module(module)
 
         spec.loader.exec_module = quiet_exec_module
         return spec
-
-    def _remove(self):
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
 
 
 @contextlib.contextmanager
@@ -80,10 +76,8 @@ def _stderr_caught():
     """Runs the block with file descriptor 2 pointed at a temporary file, whose content is written
     to stderr if the block raises an exception (not for Ctrl-C). Without a real descriptor 2
     (embedded interpreters) the block runs plainly."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass
     try:
         saved = os.dup(2)
     except OSError:
