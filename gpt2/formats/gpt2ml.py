@@ -22,7 +22,7 @@ import os
 import re
 
 from gpt2.formats import openai
-from gpt2.formats.base import CheckpointError, Weights, mismatch_problems
+from gpt2.formats.base import CheckpointError, check_variables, read_json
 from gpt2.formats.bundle import DATA_SUFFIX, BundleWriter
 from gpt2.hparams import GPT2ML_PRESETS, GPT2MLHParams
 
@@ -90,15 +90,12 @@ def checkpoint_prefix(model_dir):
 
 def _read_config(path):
     """Their config JSON as a dict, or None if there is none."""
-    from gpt2.formats.hf import MAX_CONFIG_BYTES, _read_json
+    from gpt2.formats.hf import MAX_CONFIG_BYTES
 
     try:
-        config = _read_json(path, MAX_CONFIG_BYTES)
+        return read_json(path, MAX_CONFIG_BYTES, expect_object=True)
     except FileNotFoundError:
         return None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def hparams_from_config(config, n_vocab, source=CONFIG_FILE):
@@ -139,11 +136,7 @@ def _checked(model_dir, config=None):
     skipped = {name for name in found if name in SKIPPED or (
         name.endswith(SLOT_SUFFIXES) and name.rsplit("/", 1)[0] in expected)}
     found = {name: shape for name, shape in found.items() if name not in skipped}
-    misshaped = [f"{name} {list(found[name])} (expected {expected[name]})"
-                 for name in sorted(set(expected) & set(found)) if list(found[name]) != expected[name]]
-    problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
-    if problems:
-        raise CheckpointError(f"{prefix}: does not match {source}: {'; '.join(problems)}")
+    check_variables(prefix, source, found, expected)
     dtypes = reader.get_variable_to_dtype_map()
     openai._check_data_size(prefix, expected, {name: dtypes[name] for name in expected})
     return hparams, prefix, dtypes
@@ -157,17 +150,7 @@ def read_hparams(model_dir, config=None):
 def open_weights(model_dir, skip_optimizer_slots=False, config=None):
     """The checked weights of a GPT2-ML folder (see gpt2.formats); Adafactor's slots and global_step
     are always skipped (skip_optimizer_slots is accepted for the common signature)."""
-    return GPT2MLWeights(model_dir, config)
-
-
-class GPT2MLWeights(Weights):
-    """GPT2-ML's checkpoint as a tensor source (see open_weights), by Grover's variable names."""
-
-    def __init__(self, model_dir, config=None):
-        self.hparams, self._prefix, self._dtypes = _checked(model_dir, config)
-
-    def read(self, name):
-        return openai._restore(self._prefix, name, self._dtypes[name])
+    return openai.CheckpointWeights(*_checked(model_dir, config))
 
 
 def config_of(hparams):
@@ -189,15 +172,11 @@ def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     folder the model was loaded from; none there: the folder keeps its own) and a `checkpoint`
     state file naming model.ckpt-STEP. The other model.ckpt-N files in the folder are removed.
 
-    Atomic as gpt2.formats.openai.save_checkpoint: everything is written and synced in a staging
-    folder inside `model_dir`; config.json and the vocabulary are moved in (a folder holding a
-    checkpoint of another shape is refused first, so config.json never changes under old
-    weights); the state file is switched, in one rename, to the staged checkpoint, whose files
-    are then linked under their final names, and the state file is switched to those last. No
-    file is ever half-written under its final name. Raises OSError in one line if writing fails.
+    Atomic as gpt2.formats.openai.save_checkpoint (see publish_model_dir); a folder holding a
+    checkpoint of another shape is refused first, so config.json never changes under old weights.
+    Raises OSError in one line if writing fails.
     """
     import shutil
-    import tempfile
 
     import tensorflow as tf
 
@@ -211,44 +190,24 @@ def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     if vocab and os.path.realpath(vocab) == os.path.realpath(os.path.join(model_dir, os.path.basename(vocab))):
         vocab = None  # the folder's own
     name = f"model.ckpt-{step}"
-    staging = tempfile.mkdtemp(prefix=openai.STAGING_PREFIX, dir=model_dir)
-    staged = os.path.join(staging, name)
     moved = [CONFIG_FILE, *([os.path.basename(vocab)] if vocab else [])]
-    live = False  # True while the state file names the staged checkpoint
-    try:
-        try:
-            variables = model.checkpoint_variables()
-            tensors = [tf.cast(variable.value, tf.float32) for variable in variables.values()]
-            tf.raw_ops.SaveV2(prefix=staged, tensor_names=[*variables, "global_step"],
-                              shape_and_slices=[""] * (len(tensors) + 1),
-                              tensors=[*tensors, tf.constant(step, tf.int64)])
-            with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump(config_of(model.hparams), f, indent=2)
-                f.write("\n")
-            if vocab:
-                shutil.copyfile(vocab, os.path.join(staging, moved[1]))
-            for path in openai._bundle_files(staged) + [os.path.join(staging, file) for file in moved]:
-                openai._fsync(path)
-            for file in moved:
-                os.replace(os.path.join(staging, file), os.path.join(model_dir, file))
-            openai._write_state(model_dir, os.path.relpath(staged, model_dir))
-            live = True
-        except (OSError, tf.errors.OpError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
-            raise OSError(error.errno if isinstance(error, OSError) else None,
-                          f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there "
-                          "is unchanged") from None
-        openai._publish(model_dir, staging, staged, name)
-        live = False
-        for path in glob.glob(os.path.join(glob.escape(model_dir), "model.ckpt-*")):
-            match = re.fullmatch(r"(model\.ckpt-\d+)\.(index|meta|data-\d+-of-\d+)", os.path.basename(path))
-            if match and match.group(1) != name:
-                os.remove(path)  # an older step, no longer named by the state file
-    finally:
-        if not live:
-            shutil.rmtree(staging, ignore_errors=True)
-        openai._remove_stale_staging(model_dir)
+
+    def write_staged(staging, staged):
+        variables = model.checkpoint_variables()
+        tensors = [tf.cast(variable.value, tf.float32) for variable in variables.values()]
+        tf.raw_ops.SaveV2(prefix=staged, tensor_names=[*variables, "global_step"],
+                          shape_and_slices=[""] * (len(tensors) + 1), tensors=[*tensors, tf.constant(step, tf.int64)])
+        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config_of(model.hparams), f, indent=2)
+            f.write("\n")
+        if vocab:
+            shutil.copyfile(vocab, os.path.join(staging, moved[1]))
+
+    openai.publish_model_dir(model_dir, write_staged, moved, name)
+    for path in glob.glob(os.path.join(glob.escape(model_dir), "model.ckpt-*")):
+        match = re.fullmatch(r"(model\.ckpt-\d+)\.(index|meta|data-\d+-of-\d+)", os.path.basename(path))
+        if match and match.group(1) != name:
+            os.remove(path)  # an older step, no longer named by the state file
 
 
 def _refuse_other_shape(hparams, model_dir):
