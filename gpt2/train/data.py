@@ -78,9 +78,10 @@ def load_tokens(specs, encoder, cache_dir=None, progress=False):
     `fingerprint` (in `TokenData`) identifies the data for resuming.
     Raises DatasetError for unreadable, binary or non-UTF-8 files, bad token files and empty data.
     """
+    specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     files = expand_paths(specs)
     if not files:
-        raise DatasetError(f"{' '.join(map(os.fspath, _as_list(specs)))}: no files found")
+        raise DatasetError(f"{' '.join(map(os.fspath, specs))}: no files found")
     n_vocab = encoder.vocab_size
     key = _cache_key(files, encoder)
     if cache_dir is None:
@@ -90,10 +91,6 @@ def load_tokens(specs, encoder, cache_dir=None, progress=False):
     if not os.path.isfile(path):
         _write_cache(path, _documents(files, encoder, n_vocab, progress))
     return TokenData(np.load(path, mmap_mode="r"), key, files)
-
-
-def _as_list(specs):
-    return [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
 
 
 class TokenData:
@@ -113,10 +110,9 @@ class TokenData:
 
     def check_ids(self, n_vocab, name="dataset"):
         """Raises DatasetError if a token id is not below n_vocab (the model's vocabulary)."""
-        largest = max((int(self.tokens[i:i + COPY_CHUNK_TOKENS].max())
-                       for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
-        smallest = min((int(self.tokens[i:i + COPY_CHUNK_TOKENS].min())
-                        for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
+        chunks = [self.tokens[i:i + COPY_CHUNK_TOKENS] for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)]
+        smallest = min((int(chunk.min()) for chunk in chunks), default=0)
+        largest = max((int(chunk.max()) for chunk in chunks), default=0)
         if smallest < 0 or largest >= n_vocab:
             raise DatasetError(f"the {name} holds token ids {smallest}..{largest}, but the model's "
                                f"vocabulary is 0..{n_vocab - 1}")
