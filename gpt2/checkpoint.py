@@ -159,9 +159,7 @@ def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str 
     its files). Atomic: an interruption leaves the old checkpoint or the new one loadable. The
     tokenizer files come from `encoder_dir`, else from the folder the model was loaded from."""
     module = saving_format(model.hparams)
-    if module is gpt2ml:
-        return module.save_checkpoint(model, model_dir, encoder_dir, step=step)
-    return module.save_checkpoint(model, model_dir, encoder_dir)
+    module.save_checkpoint(model, model_dir, encoder_dir, **({"step": step} if module is gpt2ml else {}))
 
 
 # --random's GPT2-ML shapes: gpt2ml-<their preset name>.

@@ -92,10 +92,6 @@ class ServingModule(tf.Module):
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
         self.score = tf.function(self._score, input_signature=SCORE_SIGNATURE, autograph=False)
 
-    @property
-    def _model(self):
-        return self._decoder.model
-
     def signatures(self):
         """The `signatures=` argument of tf.saved_model.save."""
         return {"serving_default": self.generate, "logits": self.logits, "score": self.score}
@@ -183,7 +179,7 @@ class ServingModule(tf.Module):
         ]
         with tf.control_dependencies(checks):
             tokens = tf.identity(tokens)
-        return {"logits": self._model(tokens, training=False)["logits"]}
+        return {"logits": self._decoder.model(tokens, training=False)["logits"]}
 
     def _score(self, tokens, lengths):
         batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
@@ -198,7 +194,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies(checks):
             tokens = tf.where(valid, tokens, 0)  # padding may hold any id
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logprobs, _, _ = target_logprobs(self._model, inputs, targets)
+        logprobs, _, _ = target_logprobs(self._decoder.model, inputs, targets)
         return {"token_logprobs": tf.where(valid[:, 1:], logprobs, 0.0)}
 
     def _check_ids(self, tokens, valid, name):

@@ -76,6 +76,16 @@ def model_variables(model):
     return variables
 
 
+def refuse_other_shape(model_dir, old, new):
+    """Raises CheckpointError if the shape settings `old` of the model in `model_dir` differ from
+    `new` (both {name: value}): replacing it could not be atomic (its settings file and the
+    weights would change in two steps)."""
+    changed = ", ".join(f"{name} {old[name]} -> {new[name]}" for name in new if old[name] != new[name])
+    if changed:
+        raise CheckpointError(f"{model_dir} holds a model of another shape ({changed}); save into a new folder or "
+                              "delete it first")
+
+
 def check_variables(where, source, found, expected, more_problems=()):
     """Raises one CheckpointError ("`where`: does not match `source`: ...") listing the tensors of
     `expected` ({name: shape}) that `found` ({name: shape}) lacks, the names it should not have,

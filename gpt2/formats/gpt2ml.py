@@ -22,7 +22,7 @@ import os
 import re
 
 from gpt2.formats import openai
-from gpt2.formats.base import CheckpointError, check_variables, read_json
+from gpt2.formats.base import CheckpointError, check_variables, read_json, refuse_other_shape
 from gpt2.formats.bundle import DATA_SUFFIX, BundleWriter
 from gpt2.hparams import GPT2ML_PRESETS, GPT2MLHParams
 
@@ -127,11 +127,8 @@ def _checked(model_dir, config=None):
         raise FileNotFoundError(f"{config}: config file not found")
     if values is None:
         source = f"the built-in {PRESET} preset (no {CONFIG_FILE} in {model_dir})"
-        preset = GPT2ML_PRESETS[PRESET]
-        values = {"hidden_size": preset.n_embd, "num_hidden_layers": preset.n_layer,
-                  "num_attention_heads": preset.n_head, "intermediate_size": preset.n_inner,
-                  "max_position_embeddings": preset.n_ctx}
-    hparams = hparams_from_config(values, int(embed[0]), source if isinstance(source, str) else "config")
+        values = config_of(GPT2ML_PRESETS[PRESET])
+    hparams = hparams_from_config(values, int(embed[0]), source)
     expected = variable_shapes(hparams)
     skipped = {name for name in found if name in SKIPPED or (
         name.endswith(SLOT_SUFFIXES) and name.rsplit("/", 1)[0] in expected)}
@@ -211,19 +208,15 @@ def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
 
 
 def _refuse_other_shape(hparams, model_dir):
-    """CheckpointError if `model_dir` holds a GPT2-ML checkpoint whose config.json gives another shape."""
+    """base.refuse_other_shape for a GPT2-ML checkpoint and its config.json in `model_dir`, if any."""
     try:
         checkpoint_prefix(model_dir)
         old = _read_config(os.path.join(model_dir, CONFIG_FILE))
     except (OSError, CheckpointError):
         return  # nothing loadable to protect
-    if old is None:
-        return
-    old, new = {**_CONFIG_DEFAULTS, **old}, config_of(hparams)
-    changed = [f"{key} {old[key]} -> {new[key]}" for key in _SHAPE_KEYS if old[key] != new[key]]
-    if changed:
-        raise CheckpointError(f"{model_dir} holds a model of another shape ({', '.join(changed)}); save into a new "
-                              "folder or delete it first")
+    if old is not None:
+        new = config_of(hparams)
+        refuse_other_shape(model_dir, {**_CONFIG_DEFAULTS, **old}, {key: new[key] for key in _SHAPE_KEYS})
 
 
 def write_checkpoint(hparams, model_dir, value_of, step=0, slots=False, extra=None):

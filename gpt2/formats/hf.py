@@ -162,23 +162,6 @@ def read_hparams(model_dir):
     return hparams_from_config(read_config(model_dir), os.path.join(model_dir, CONFIG_FILE))
 
 
-def _safetensors():
-    try:
-        import safetensors
-    except ImportError:
-        raise CheckpointError(HINT.format("reading")) from None
-    return safetensors
-
-
-def _safe_open(safetensors, path):
-    """safe_open reading with pread(2) where the installed safetensors can (0.8 on): a memory
-    map would count the whole file in the process's resident memory until it is closed."""
-    try:
-        return safetensors.safe_open(path, framework="np", backend="pread")
-    except TypeError:
-        return safetensors.safe_open(path, framework="np")
-
-
 def weight_files(model_dir):
     """The safetensors files of a Hugging Face folder: [model.safetensors] or its shards.
 
@@ -241,10 +224,16 @@ class HFTensors(Weights):
             raise
 
     def _open(self, paths):
-        safetensors = _safetensors()
+        try:
+            import safetensors
+        except ImportError:
+            raise CheckpointError(HINT.format("reading")) from None
         for path in paths:
             try:
-                handle = _safe_open(safetensors, path)
+                try:  # pread(2) where safetensors can (0.8 on): a memory map counts the file as resident until closed
+                    handle = safetensors.safe_open(path, framework="np", backend="pread")
+                except TypeError:
+                    handle = safetensors.safe_open(path, framework="np")
             except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ...: one line
                 raise CheckpointError(
                     f"{path}: unreadable safetensors file ({first_line(error)}); download it again") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import glob
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2.formats import base
 from gpt2.formats.base import CheckpointError, Weights, check_variables, first_line, model_variables, variable_shapes
 from gpt2.formats.bundle import BundleWriter
 from gpt2.hparams import HParams, summarize
@@ -344,22 +346,14 @@ def _publish(model_dir, staging, staged, name):
 
 
 def _refuse_other_shape(hparams, model_dir):
-    """Raises CheckpointError if `model_dir` holds a checkpoint whose hparams differ from `hparams`
-    (replacing it could not be atomic: hparams.json and the weights would change in two steps)."""
+    """base.refuse_other_shape for the checkpoint and hparams.json in `model_dir`, if any."""
     if not os.path.isfile(os.path.join(model_dir, "checkpoint")):
         return
     try:
         old = HParams.from_json(os.path.join(model_dir, "hparams.json"))
     except (OSError, ValueError):
         return  # nothing loadable to protect
-    if old != hparams:
-        changed = ", ".join(
-            f"{name} {getattr(old, name)} -> {getattr(hparams, name)}"
-            for name in old.__dataclass_fields__ if getattr(old, name) != getattr(hparams, name)
-        )
-        raise CheckpointError(
-            f"{model_dir} holds a model of another shape ({changed}); save into a new folder or delete it first"
-        )
+    base.refuse_other_shape(model_dir, dataclasses.asdict(old), dataclasses.asdict(hparams))
 
 
 def _encoder_sources(model_dir, encoder_dir):

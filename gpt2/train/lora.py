@@ -75,18 +75,13 @@ def adapter_variables(model):
     return [v for _, layer in projections(model) if layer.lora is not None for v in (layer.lora.a, layer.lora.b)]
 
 
-def _delta(layer):
-    """The adapter's change to w: a @ b * scale, float32 [n_in, n_out]."""
-    lora = layer.lora
-    return tf.matmul(tf.convert_to_tensor(lora.a), tf.convert_to_tensor(lora.b)) * lora.scale
-
-
 def merge(model):
     """Folds every adapter into its projection's weights (w += a @ b * scale) and removes it:
     the model computes the same logits and is a plain GPT-2 again."""
     for _, layer in projections(model):
         if layer.lora is not None:
-            layer.w.assign_add(_delta(layer))
+            lora = layer.lora
+            layer.w.assign_add(tf.matmul(tf.convert_to_tensor(lora.a), tf.convert_to_tensor(lora.b)) * lora.scale)
             layer.lora = None
 
 
@@ -102,9 +97,7 @@ def merged(model, restore_weights=None):
     adapted = [(path, layer) for path, layer in projections(model) if layer.lora is not None]
     saved = None if restore_weights is not None else [layer.w.numpy() for _, layer in adapted]
     adapters = [layer.lora for _, layer in adapted]
-    for _, layer in adapted:
-        layer.w.assign_add(_delta(layer))
-        layer.lora = None
+    merge(model)
     try:
         yield model
     finally:
