@@ -201,13 +201,9 @@ def weight_files(model_dir):
 
 
 class HFTensors(Weights):
-    """The weights of a Hugging Face GPT-2 folder, read one tensor at a time.
-
-    Opening checks config.json and every tensor's name, shape and dtype from the files' headers
-    (and reads an lm_head.weight, if there is one, to check that it equals wte). `read(name)`
-    returns OpenAI variable `name` as a new float32 NumPy array of OpenAI's shape (float16 and
-    bfloat16 values are cast). Use as a context manager, or call `close()`.
-    """
+    """The weights of a Hugging Face GPT-2 folder, read one tensor at a time. Opening checks
+    config.json and every tensor's name, shape and dtype from the files' headers (and that an
+    lm_head.weight, if any, equals wte); `read` casts float16 and bfloat16 values."""
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
@@ -302,10 +298,8 @@ def aligned_empty(shape):
 
 def write_hf_weights(hparams, value_of, model_dir):
     """Writes config.json, model.safetensors (save_pretrained's names: `transformer.` prefix, no
-    lm_head since it is tied) and generation_config.json into the existing folder `model_dir`.
-
-    `value_of(openai_name)` returns the variable's values (any float32 array-like of its shape).
-    """
+    lm_head since it is tied) and generation_config.json into the existing folder `model_dir`;
+    `value_of(openai_name)` gives each variable's values (any float32 array-like of its shape)."""
     try:
         from safetensors.numpy import save_file
     except ImportError:

@@ -125,14 +125,10 @@ def optimizer_slots(names, weights):
 
 
 def check_model_dir(model_dir, skip_optimizer_slots=False):
-    """Checks a model folder without reading the weights; returns its HParams.
-
-    hparams.json must parse, and the checkpoint index must hold exactly the variables and shapes
-    that those hparams imply (a fine-tuned model of any shape passes); with `skip_optimizer_slots`
-    a training run's optimizer slots beside them (W/Adam, W/Adam_1, beta1_power, ...) are allowed
-    and ignored. Raises CheckpointError (or FileNotFoundError/ValueError from hparams) with every
-    problem listed in one line.
-    """
+    """Checks a model folder without reading the weights; returns its HParams. The index must hold
+    exactly the variables and shapes hparams.json implies; with `skip_optimizer_slots` a training
+    run's optimizer slots (W/Adam, W/Adam_1, beta1_power, ...) are allowed and ignored. Raises
+    CheckpointError (or FileNotFoundError/ValueError from hparams) listing every problem in one line."""
     return _checked(model_dir, skip_optimizer_slots)[0]
 
 
@@ -218,16 +214,10 @@ class CheckpointWeights(Weights):
 
 
 def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike | None = None) -> None:
-    """Writes `model` as a complete OpenAI GPT-2 folder: hparams.json, checkpoint,
-    model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
-
+    """Writes `model` as a complete OpenAI GPT-2 folder, atomically (see publish_model_dir):
+    hparams.json, checkpoint, model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
     The BPE files come from `encoder_dir` if given (and holding both), else from the folder the
-    model was loaded from, else those already in `model_dir` stay, else the GPT-2 files bundled
-    with the `encoder` package.
-    Overwriting a checkpoint is atomic: an interruption at any point leaves the old or the new
-    one loadable (see publish_model_dir). Raises OSError in one line if writing fails (e.g. the
-    disk is full), with the previous checkpoint left as it was.
-    """
+    model was loaded from, else those already in `model_dir` stay, else the `encoder` package's."""
     import tensorflow as tf
 
     variables = model_variables(model)

@@ -108,16 +108,14 @@ def finetune(model: GPT2, dataset, output: str | os.PathLike | None = None, *, v
              encoder: Encoder | None = None, source_dir: str | os.PathLike | None = None,
              strategy: tf.distribute.Strategy | None = None, resume: bool = False, overwrite: bool = False,
              **settings) -> TrainResult:
-    """Fine-tunes `model` in place on `dataset`; returns a TrainResult.
+    """Fine-tunes `model` (a gpt2.GPT2, created under `strategy.scope()` if given) in place on `dataset`.
 
-    model: a gpt2.GPT2 (created under `strategy.scope()` when a strategy is given).
     dataset, val_dataset: text/token file paths, folders or globs (see gpt2.train.data), a 1-D
-    integer array of token ids, or a TokenData. output: a model folder to write (OpenAI's layout,
-    with `train_state/` beside it; None = no saves). source_dir: the folder the model was loaded
-    from (its encoder files are copied; LoRA restores base weights from it after a save).
-    settings: the fields of TrainConfig (steps, batch_size, learning_rate, lora_rank, ...).
-    Ctrl-C stops after the current step and saves; NaN loss raises TrainingError. Turns on
-    TensorFlow's op determinism for the rest of the process (exact resume needs it).
+    integer array of token ids, or a TokenData. output: a model folder to write, `train_state/`
+    beside it (None: no saves). source_dir: the folder the model was loaded from (its encoder
+    files are copied; LoRA restores base weights from it after a save). settings: TrainConfig's
+    fields. Ctrl-C stops after the current step and saves; NaN loss raises TrainingError. Turns
+    on TensorFlow's op determinism for the rest of the process (exact resume needs it).
     """
     trainer = Trainer(model, dataset, output, config=TrainConfig(**settings), val_dataset=val_dataset,
                       encoder=encoder, source_dir=source_dir, strategy=strategy,
