@@ -18,7 +18,6 @@ so a resume notices a model folder that changed after the state was written.
 TensorFlow is imported only where the state is written or read.
 """
 
-import filecmp
 import json
 import os
 import re
@@ -31,7 +30,6 @@ CACHE_DIR = "token_cache"
 SETTINGS_FILE = "settings.json"
 LATEST_FILE = "latest.json"
 MODEL_FILES = ("checkpoint", "hparams.json", "model.ckpt.index", "model.safetensors")
-ENCODER_FILES = ("encoder.json", "vocab.bpe")
 _STEP_INDEX = re.compile(r"model\.ckpt-\d+\.index")
 
 
@@ -146,22 +144,6 @@ def model_fingerprint(model_dir):
 
     prefix = (gpt2ml.checkpoint_prefix if gpt2ml.claims(model_dir) else openai._checkpoint_prefix)(model_dir)
     return file_sha256(prefix + ".index")
-
-
-def copy_encoder_files(source_dir, output):
-    """Copies encoder.json and vocab.bpe from `source_dir` (or the package's own GPT-2 files when
-    it has none) into `output`, unless identical files are there already (e.g. written by
-    save_checkpoint); each through a temporary name and os.replace."""
-    import encoder
-
-    if source_dir is None or not all(os.path.isfile(os.path.join(source_dir, n)) for n in ENCODER_FILES):
-        source_dir = os.path.dirname(os.path.abspath(encoder.encoder.__file__))
-    for name in ENCODER_FILES:
-        source, target = os.path.join(source_dir, name), os.path.join(output, name)
-        if os.path.isfile(target) and filecmp.cmp(source, target, shallow=False):
-            continue
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
 
 
 class TrainState:

@@ -30,13 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.checkpoint import open_weights, save_checkpoint
-from gpt2.formats import openai as openai_format
-from gpt2.formats.base import saving_format
 from gpt2.train import data as data_lib
 from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog
 from gpt2.train.optim import SCHEDULES, WarmupSchedule, make_optimizer
-from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output, copy_encoder_files
+from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output
 
 if TYPE_CHECKING:
     from encoder import Encoder
@@ -402,14 +400,11 @@ class Trainer:
         _say(f"step {step}: saved to {self.output}")
 
     def _write_model(self, folder, step=0):
-        """Writes the model in its kind's layout (a GPT2-ML's files numbered `step`)."""
-        merged = contextlib.nullcontext()
-        if self.config.lora_rank:
-            merged = lora_lib.merged(self.model, self._restore_base if self.source_dir else None)
-        with merged:
+        """Writes the model in its kind's layout (a GPT2-ML's files numbered `step`) with the
+        tokenizer files of `source_dir` (see gpt2.save_checkpoint)."""
+        restore = self._restore_base if self.source_dir else None
+        with lora_lib.merged(self.model, restore) if self.config.lora_rank else contextlib.nullcontext():
             save_checkpoint(self.model, folder, self.source_dir, step=step)
-        if saving_format(self.model.hparams) is openai_format:
-            copy_encoder_files(self.source_dir, folder)
 
     def _restore_base(self, adapted):
         """Puts back the base weights of LoRA-adapted layers from the source folder (any format)."""
