@@ -41,18 +41,12 @@ from gpt2.scoring import target_logprobs
 
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens (a GPT2-ML export: [SEP])
 
-GENERATE_SIGNATURE = [
-    tf.TensorSpec([None, None], tf.int32, name="tokens"),
-    tf.TensorSpec([None], tf.int32, name="lengths"),
-    tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
-    tf.TensorSpec([None], tf.float32, name="temperature"),
-    tf.TensorSpec([None], tf.int32, name="top_k"),
-    tf.TensorSpec([None], tf.float32, name="top_p"),
-    tf.TensorSpec([None], tf.int32, name="seed"),
-]
-LOGITS_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")]
-SCORE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
-                   tf.TensorSpec([None], tf.int32, name="lengths")]
+GENERATE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")] + [
+    tf.TensorSpec([None], dtype, name=name) for name, dtype in [
+        ("lengths", tf.int32), ("max_new_tokens", tf.int32), ("temperature", tf.float32), ("top_k", tf.int32),
+        ("top_p", tf.float32), ("seed", tf.int32)]]
+LOGITS_SIGNATURE = GENERATE_SIGNATURE[:1]  # tokens
+SCORE_SIGNATURE = GENERATE_SIGNATURE[:2]  # tokens, lengths
 
 
 class ServingModule(tf.Module):

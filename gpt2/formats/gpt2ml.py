@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 PRESET = "1.5B"
 SKIPPED = ("global_step",)
 SLOT_SUFFIXES = ("/adafactor_vr", "/adafactor_vc", "/adafactor_v")
-# GroverConfig's defaults for the keys that shape the model.
+# GroverConfig's defaults for the keys that shape the model (those a save compares).
 _CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "intermediate_size": 3072, "max_position_embeddings": 512}
 _STEP = re.compile(r"model\.ckpt-(\d+)\.index")
@@ -158,10 +158,6 @@ def config_of(hparams):
             "max_position_embeddings": hparams.n_ctx, "initializer_range": 0.02}
 
 
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings")
-
-
 def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     """Writes a GPT2ML `model` as a GPT2-ML folder in their released layout, loadable by their code:
     model.ckpt-STEP.{index,data-00000-of-00001} (float32 variables under their names, and
@@ -216,7 +212,7 @@ def _refuse_other_shape(hparams, model_dir):
         return  # nothing loadable to protect
     if old is not None:
         new = config_of(hparams)
-        refuse_other_shape(model_dir, {**_CONFIG_DEFAULTS, **old}, {key: new[key] for key in _SHAPE_KEYS})
+        refuse_other_shape(model_dir, {**_CONFIG_DEFAULTS, **old}, {key: new[key] for key in _CONFIG_DEFAULTS})
 
 
 def write_checkpoint(hparams, model_dir, value_of, step=0, slots=False, extra=None):
