@@ -38,11 +38,8 @@ class DatasetError(ValueError):
 
 
 def expand_paths(specs):
-    """The files of `specs` (paths, folders searched recursively, glob patterns), in order.
-
-    Hidden files and folders (names starting with '.') inside folders are skipped. Raises
-    DatasetError for a path that does not exist or a pattern that matches nothing.
-    """
+    """The files of `specs` (paths, folders searched recursively skipping hidden names, glob
+    patterns), in order; DatasetError for a path that does not exist or a pattern matching nothing."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     files = []
@@ -71,13 +68,9 @@ def _walk(folder):
 
 
 def load_tokens(specs, encoder, cache_dir=None, progress=False):
-    """All documents of `specs` (see `expand_paths`) as one 1-D token array (uint16 [n]).
-
-    Documents are joined with `encoder.eot_token`. With `cache_dir` the array is written there
-    once and returned as a read-only memory map; otherwise it is built in memory. The array's
-    `fingerprint` (in `TokenData`) identifies the data for resuming.
-    Raises DatasetError for unreadable, binary or non-UTF-8 files, bad token files and empty data.
-    """
+    """All documents of `specs` (see `expand_paths`), joined with `encoder.eot_token`, as TokenData
+    (uint16 [n]); with `cache_dir` written there once and read back as a read-only memory map.
+    DatasetError for unreadable, binary or non-UTF-8 files, bad token files and empty data."""
     specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     files = expand_paths(specs)
     if not files:

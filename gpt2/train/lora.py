@@ -88,12 +88,8 @@ def merge(model):
 @contextlib.contextmanager
 def merged(model, restore_weights=None):
     """Within the block, `model` holds the merged weights and no adapters (e.g. to save it);
-    afterwards the adapters are back and the projections' weights are exactly what they were.
-
-    restore_weights(list of (path, Conv1D)) must put back the original weights of those layers
-    (e.g. by re-reading them from the checkpoint they came from); without it, they are kept in
-    host memory meanwhile.
-    """
+    afterwards the adapters and the exact weights are back: restore_weights(list of (path, Conv1D))
+    puts back those layers' weights (e.g. from their checkpoint), else they wait in host memory."""
     adapted = [(path, layer) for path, layer in projections(model) if layer.lora is not None]
     saved = None if restore_weights is not None else [layer.w.numpy() for _, layer in adapted]
     adapters = [layer.lora for _, layer in adapted]

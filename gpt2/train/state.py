@@ -50,11 +50,9 @@ def holds_model(folder):
 
 
 def check_output(output, resume, overwrite):
-    """Refuses an output folder that would lose someone's work, before anything is loaded.
-
-    Without resume, a folder holding a model or a training state needs `overwrite` (which then
-    drops the old training state). With resume, the folder must hold a training state.
-    """
+    """Refuses an output folder that would lose someone's work, before anything is loaded: without
+    resume, a folder holding a model or a training state needs `overwrite` (which then drops the
+    old training state); with resume, it must hold a training state."""
     state_dir = os.path.join(output, STATE_DIR)
     latest = os.path.join(state_dir, LATEST_FILE)
     if resume:
