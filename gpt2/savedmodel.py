@@ -51,17 +51,13 @@ SCORE_SIGNATURE = GENERATE_SIGNATURE[:2]  # tokens, lengths
 
 class ServingModule(tf.Module):
     """The exported object: `generate`, `logits` and `score` tf.functions over `model`'s weights,
-    and the BPE files as assets (`encoder_files`: paths of encoder.json and vocab.bpe, copied into
-    the SavedModel's assets/ under those names by `gpt2.export`).
+    and the BPE files (`encoder_files`: encoder.json, vocab.bpe) as assets, which `gpt2.export` copies.
 
-    max_new_tokens: the largest max_new_tokens a request may ask for. jit_compile: compile the
-    decode chunk with XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`).
-    batch_sizes: the batch sizes the decode loop is built for (default: `default_batch_sizes`);
-    a request's rows are padded to the smallest that holds them, and more rows than the largest
-    run in groups of that size, one after another. pad_token: what fills `tokens` past a row's
-    num_tokens (the tokenizer's end of text: GPT-2's <|endoftext|>, GPT2-ML's [SEP]). never_drawn:
-    tokens generation never draws (GPT2-ML's [PAD]): a logit bias of -100 in the graph, the rule of
-    SamplingSettings.banning.
+    max_new_tokens: the largest a request may ask for. jit_compile: compile the decode loop with
+    XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`). batch_sizes: the decode loop's
+    (default: `default_batch_sizes`; rows are padded and grouped as the module docstring says).
+    pad_token: what fills `tokens` past a row's num_tokens (GPT-2's <|endoftext|>, GPT2-ML's [SEP]).
+    never_drawn: tokens never drawn (GPT2-ML's [PAD]): a logit bias of -100, as SamplingSettings.banning.
     """
 
     def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None,

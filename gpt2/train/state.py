@@ -188,10 +188,8 @@ class TrainState:
         return latest["step"]
 
     def save(self, step, write_model, is_chief=True):
-        """Writes the model (write_model(folder)), then the state, then latest.json.
-
-        Non-chief workers of a multi-worker run take part in the state write (it is collective)
-        into a scratch folder that is deleted."""
+        """Writes the model (write_model(folder)), then the state, then latest.json. Non-chief
+        workers take part in the (collective) state write into a scratch folder that is deleted."""
         if not is_chief:
             scratch = os.path.join(self.dir, f".worker-scratch-{os.getpid()}")
             os.makedirs(scratch, exist_ok=True)
