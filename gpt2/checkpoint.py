@@ -56,8 +56,7 @@ def folder_format(model_dir):
 
 
 def open_weights(model_dir, skip_optimizer_slots=False, config=None):
-    """The weights of a model folder in any format, checked but not yet read (see gpt2.formats); a
-    Hugging Face folder needs the safetensors package. skip_optimizer_slots: see check_model_dir.
+    """The weights of a model folder in any format, checked but not yet read (see gpt2.formats).
     config: a GPT2-ML folder's config (a dict or a JSON file; default: its config.json, else the
     1.5B preset); other formats refuse it."""
     module = folder_format(model_dir)
@@ -89,26 +88,21 @@ _WEIGHT_BYTES = {"bfloat16": 2, "int8": 1, "float16": 2}
 def load_model(name_or_dir: str | os.PathLike, models_dir: str | os.PathLike = "models", dtype: str = "float32",
                dropout: float = 0.0, before_weights: Callable[[GPT2], object] | None = None,
                skip_optimizer_slots: bool = False, config: dict | str | os.PathLike | None = None) -> GPT2:
-    """Loads a GPT-2 folder (`name_or_dir` is a folder, or a name under `models_dir`) in OpenAI's
-    layout or Hugging Face's (config.json + model.safetensors, see gpt2.formats.hf).
+    """Loads a model folder in any format (`name_or_dir` is a folder, or a name under `models_dir`).
 
-    dtype: "float32", "bfloat16" to hold the weights in bfloat16 (half the memory) and run the
-    matmuls in it, "mixed_bfloat16" (float32 weights, bfloat16 matmuls: for training), or "int8"
-    (weight-only int8 with a float32 scale per output channel, quantized here tensor by tensor as
-    they are read; float32 arithmetic; inference only, GPT-2 folders only), or "float16" (the same
-    weights held as float16, no scale: the fast 16-bit mode on CPUs without bfloat16 instructions;
-    a weight beyond float16's range is refused); see gpt2.GPT2.
-    dropout: the rate used when called with training=True.
-    before_weights(model): called with the model built but no weight read yet, e.g. to compile
-    the sampler first (`gpt2.sampling.api.prepare`), so the memory compiling takes is free
-    again before the weights need theirs. skip_optimizer_slots: load a checkpoint that a TF1
-    training run saved with its optimizer's slots (W/Adam, ...), ignoring them (else refused).
-    config: a GPT2-ML folder's config (see open_weights).
+    dtype: "float32", "bfloat16" (weights and matmuls, half the memory), "mixed_bfloat16" (float32
+    weights, bfloat16 matmuls: for training), "int8" (weight-only, a float32 scale per output
+    channel, quantized tensor by tensor as read; inference only, GPT-2 folders only) or "float16"
+    (weights only, no scale; a weight beyond its range is refused); see gpt2.GPT2.
+    dropout: the rate used when called with training=True. before_weights(model): called with the
+    model built but no weight read yet (e.g. `gpt2.sampling.api.prepare`), so the memory compiling
+    takes is free again before the weights need theirs. skip_optimizer_slots: ignore a TF1 training
+    run's optimizer slots (W/Adam, ...; else refused). config: a GPT2-ML folder's (see open_weights).
 
-    Returns a `gpt2.GPT2` (a `gpt2.model.GPT2ML` for a GPT2-ML folder) with the folder's weights.
-    The variables start uninitialised (their memory untouched) and each tensor is read and handed
-    to its variable one at a time: loading holds the weights once (plus, for a Hugging Face folder, the largest tensor).
-    Turns on the compilation cache (gpt2.compile_cache), as the samplers do.
+    Returns a `gpt2.GPT2` (a `gpt2.model.GPT2ML` for a GPT2-ML folder). The variables start
+    uninitialised and each tensor is read and handed to its variable one at a time: loading holds
+    the weights once (plus, for a Hugging Face folder, the largest tensor). Turns on the
+    compilation cache (gpt2.compile_cache), as the samplers do.
     """
     compile_cache.enable()  # before TensorFlow's first function call reads XLA's flags
     import tensorflow as tf
@@ -152,16 +146,12 @@ def _as_tensor(value):
 
 def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike | None = None,
                     step: int = 0) -> None:
-    """Writes `model` as a complete model folder in the layout of its kind (formats.base.saving_format):
-    a GPT-2 in OpenAI's (hparams.json, checkpoint, model.ckpt.*, encoder.json, vocab.bpe: see
-    gpt2.formats.openai.save_checkpoint), a GPT2-ML in their released one (config.json, checkpoint,
-    model.ckpt-STEP.*, the vocabulary file: see gpt2.formats.gpt2ml.save_checkpoint; `step` numbers
-    its files). Atomic: an interruption leaves the old checkpoint or the new one loadable. The
-    tokenizer files come from `encoder_dir`, else from the folder the model was loaded from."""
+    """Writes `model` as a complete model folder, atomically, in the layout of its kind: a GPT-2 in
+    OpenAI's (gpt2.formats.openai.save_checkpoint), a GPT2-ML in their released one, its files
+    numbered `step` (gpt2.formats.gpt2ml.save_checkpoint). The tokenizer files come from
+    `encoder_dir`, else from the folder the model was loaded from."""
     module = saving_format(model.hparams)
-    if module is gpt2ml:
-        return module.save_checkpoint(model, model_dir, encoder_dir, step=step)
-    return module.save_checkpoint(model, model_dir, encoder_dir)
+    module.save_checkpoint(model, model_dir, encoder_dir, **({"step": step} if module is gpt2ml else {}))
 
 
 # --random's GPT2-ML shapes: gpt2ml-<their preset name>.
@@ -170,11 +160,9 @@ GPT2ML_RANDOM = {f"gpt2ml-{name}": hparams for name, hparams in GPT2ML_PRESETS.i
 
 def write_random_checkpoint(preset_or_hparams: str | HParams, model_dir: str | os.PathLike, seed: int = 0) -> None:
     """Writes a checkpoint of a preset shape ('124M', ..., 'gpt2ml-1.5B') or HParams with random
-    weights, for benchmarks and tests where the released weights are not available (1558M in well
-    under 1 GB of memory: see write_checkpoint). A GPT2-ML shape (GPT2MLHParams) is written in
-    their exact released layout: model.ckpt-220000 with global_step and Adafactor's slots, and
-    config.json (gpt2.formats.gpt2ml.write_checkpoint); no vocabulary file (theirs cannot be made
-    here: put their clue-vocab.txt beside it)."""
+    weights, for benchmarks and tests (1558M in well under 1 GB of memory: see write_checkpoint). A
+    GPT2-ML shape is written in their released layout (model.ckpt-220000 with global_step and
+    Adafactor's slots, config.json) without a vocabulary file: put their clue-vocab.txt beside it."""
     if isinstance(preset_or_hparams, str):
         hparams = GPT2ML_RANDOM.get(preset_or_hparams) or PRESETS[preset_or_hparams]
     else:

@@ -33,6 +33,7 @@ compile. A TF_XLA_FLAGS that already names a cache folder is kept (and not check
 """
 
 import atexit
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -316,10 +317,8 @@ def _link_or_copy(source, target):
 
 
 def _remove(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def _remove_stale(shared):

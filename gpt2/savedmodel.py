@@ -41,33 +41,23 @@ from gpt2.scoring import target_logprobs
 
 PAD_TOKEN = 50256  # <|endoftext|>: fills `tokens` past each row's num_tokens (a GPT2-ML export: [SEP])
 
-GENERATE_SIGNATURE = [
-    tf.TensorSpec([None, None], tf.int32, name="tokens"),
-    tf.TensorSpec([None], tf.int32, name="lengths"),
-    tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
-    tf.TensorSpec([None], tf.float32, name="temperature"),
-    tf.TensorSpec([None], tf.int32, name="top_k"),
-    tf.TensorSpec([None], tf.float32, name="top_p"),
-    tf.TensorSpec([None], tf.int32, name="seed"),
-]
-LOGITS_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")]
-SCORE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
-                   tf.TensorSpec([None], tf.int32, name="lengths")]
+GENERATE_SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="tokens")] + [
+    tf.TensorSpec([None], dtype, name=name) for name, dtype in [
+        ("lengths", tf.int32), ("max_new_tokens", tf.int32), ("temperature", tf.float32), ("top_k", tf.int32),
+        ("top_p", tf.float32), ("seed", tf.int32)]]
+LOGITS_SIGNATURE = GENERATE_SIGNATURE[:1]  # tokens
+SCORE_SIGNATURE = GENERATE_SIGNATURE[:2]  # tokens, lengths
 
 
 class ServingModule(tf.Module):
     """The exported object: `generate`, `logits` and `score` tf.functions over `model`'s weights,
-    and the BPE files as assets (`encoder_files`: paths of encoder.json and vocab.bpe, copied into
-    the SavedModel's assets/ under those names by `gpt2.export`).
+    and the BPE files (`encoder_files`: encoder.json, vocab.bpe) as assets, which `gpt2.export` copies.
 
-    max_new_tokens: the largest max_new_tokens a request may ask for. jit_compile: compile the
-    decode chunk with XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`).
-    batch_sizes: the batch sizes the decode loop is built for (default: `default_batch_sizes`);
-    a request's rows are padded to the smallest that holds them, and more rows than the largest
-    run in groups of that size, one after another. pad_token: what fills `tokens` past a row's
-    num_tokens (the tokenizer's end of text: GPT-2's <|endoftext|>, GPT2-ML's [SEP]). never_drawn:
-    tokens generation never draws (GPT2-ML's [PAD]): a logit bias of -100 in the graph, the rule of
-    SamplingSettings.banning.
+    max_new_tokens: the largest a request may ask for. jit_compile: compile the decode loop with
+    XLA (TF Serving then needs `--xla_cpu_compilation_enabled=true`). batch_sizes: the decode loop's
+    (default: `default_batch_sizes`; rows are padded and grouped as the module docstring says).
+    pad_token: what fills `tokens` past a row's num_tokens (GPT-2's <|endoftext|>, GPT2-ML's [SEP]).
+    never_drawn: tokens never drawn (GPT2-ML's [PAD]): a logit bias of -100, as SamplingSettings.banning.
     """
 
     def __init__(self, model, max_new_tokens, encoder_files=(), jit_compile=True, batch_sizes=None,
@@ -91,10 +81,6 @@ class ServingModule(tf.Module):
         self.generate = tf.function(self._generate, input_signature=GENERATE_SIGNATURE, autograph=False)
         self.logits = tf.function(self._logits, input_signature=LOGITS_SIGNATURE, autograph=False)
         self.score = tf.function(self._score, input_signature=SCORE_SIGNATURE, autograph=False)
-
-    @property
-    def _model(self):
-        return self._decoder.model
 
     def signatures(self):
         """The `signatures=` argument of tf.saved_model.save."""
@@ -183,7 +169,7 @@ class ServingModule(tf.Module):
         ]
         with tf.control_dependencies(checks):
             tokens = tf.identity(tokens)
-        return {"logits": self._model(tokens, training=False)["logits"]}
+        return {"logits": self._decoder.model(tokens, training=False)["logits"]}
 
     def _score(self, tokens, lengths):
         batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
@@ -198,7 +184,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies(checks):
             tokens = tf.where(valid, tokens, 0)  # padding may hold any id
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logprobs, _, _ = target_logprobs(self._model, inputs, targets)
+        logprobs, _, _ = target_logprobs(self._decoder.model, inputs, targets)
         return {"token_logprobs": tf.where(valid[:, 1:], logprobs, 0.0)}
 
     def _check_ids(self, tokens, valid, name):

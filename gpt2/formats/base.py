@@ -3,6 +3,7 @@ variable names and shapes (every format is read into them), one-line messages, f
 check that a model fits in memory."""
 
 import hashlib
+import json
 import os
 import sys
 
@@ -75,17 +76,48 @@ def model_variables(model):
     return variables
 
 
-def mismatch_problems(missing, unexpected, misshaped):
-    """The parts of a one-line error about tensors a folder lacks, should not have, or holds in
-    the wrong shape (each list cut short with a count when long)."""
-    problems = []
-    if missing:
-        problems.append(f"missing {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listed(unexpected)}")
-    if misshaped:
-        problems.append(f"wrong shape: {summarize(misshaped, sep=', ')}")
-    return problems
+def refuse_other_shape(model_dir, old, new):
+    """Raises CheckpointError if the shape settings `old` of the model in `model_dir` differ from
+    `new` (both {name: value}): replacing it could not be atomic (its settings file and the
+    weights would change in two steps)."""
+    changed = ", ".join(f"{name} {old[name]} -> {new[name]}" for name in new if old[name] != new[name])
+    if changed:
+        raise CheckpointError(f"{model_dir} holds a model of another shape ({changed}); save into a new folder or "
+                              "delete it first")
+
+
+def check_variables(where, source, found, expected, more_problems=()):
+    """Raises one CheckpointError ("`where`: does not match `source`: ...") listing the tensors of
+    `expected` ({name: shape}) that `found` ({name: shape}) lacks, the names it should not have,
+    those in the wrong shape (each list cut short with a count when long) and `more_problems`."""
+    misshaped = [f"{name} {list(found[name])} (expected {expected[name]})"
+                 for name in sorted(set(expected) & set(found)) if list(found[name]) != expected[name]]
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    problems = [f"missing {_listed(missing)}"] if missing else []
+    problems += [f"unexpected {_listed(unexpected)}"] if unexpected else []
+    problems += [f"wrong shape: {summarize(misshaped, sep=', ')}"] if misshaped else []
+    problems += more_problems
+    if problems:
+        raise CheckpointError(f"{where}: does not match {source}: {'; '.join(problems)}")
+
+
+def read_json(path, limit, expect_object=False):
+    """A JSON file's value; CheckpointError (one line) for a file over `limit` bytes, invalid JSON,
+    JSON nested too deeply for Python's parser or, with `expect_object`, not an object.
+    FileNotFoundError passes through."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: larger than {limit >> 20} MiB, too large for this file; is it the right file?")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a usable JSON file (nested too deeply)") from None
+    if expect_object and not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _listed(names, limit=5):

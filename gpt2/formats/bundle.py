@@ -181,11 +181,9 @@ def _block(items):
 
 
 class BundleWriter:
-    """Writes `prefix.index` and `prefix.data-00000-of-00001`, one tensor per `add` call.
-
-    Use as a context manager; the index is written when the block exits without an error. Both
-    files are written in place: write into a staging folder and move them to their final names.
-    """
+    """Writes `prefix.index` and `prefix.data-00000-of-00001`, one tensor per `add` call; a context
+    manager that writes the index when the block exits without an error. Both files are written in
+    place: write into a staging folder and move them to their final names."""
 
     def __init__(self, prefix):
         self.prefix = prefix

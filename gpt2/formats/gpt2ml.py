@@ -22,7 +22,7 @@ import os
 import re
 
 from gpt2.formats import openai
-from gpt2.formats.base import CheckpointError, Weights, mismatch_problems
+from gpt2.formats.base import CheckpointError, check_variables, read_json, refuse_other_shape
 from gpt2.formats.bundle import DATA_SUFFIX, BundleWriter
 from gpt2.hparams import GPT2ML_PRESETS, GPT2MLHParams
 
@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 PRESET = "1.5B"
 SKIPPED = ("global_step",)
 SLOT_SUFFIXES = ("/adafactor_vr", "/adafactor_vc", "/adafactor_v")
-# GroverConfig's defaults for the keys that shape the model.
+# GroverConfig's defaults for the keys that shape the model (those a save compares).
 _CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "intermediate_size": 3072, "max_position_embeddings": 512}
 _STEP = re.compile(r"model\.ckpt-(\d+)\.index")
@@ -90,15 +90,12 @@ def checkpoint_prefix(model_dir):
 
 def _read_config(path):
     """Their config JSON as a dict, or None if there is none."""
-    from gpt2.formats.hf import MAX_CONFIG_BYTES, _read_json
+    from gpt2.formats.hf import MAX_CONFIG_BYTES
 
     try:
-        config = _read_json(path, MAX_CONFIG_BYTES)
+        return read_json(path, MAX_CONFIG_BYTES, expect_object=True)
     except FileNotFoundError:
         return None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def hparams_from_config(config, n_vocab, source=CONFIG_FILE):
@@ -130,20 +127,13 @@ def _checked(model_dir, config=None):
         raise FileNotFoundError(f"{config}: config file not found")
     if values is None:
         source = f"the built-in {PRESET} preset (no {CONFIG_FILE} in {model_dir})"
-        preset = GPT2ML_PRESETS[PRESET]
-        values = {"hidden_size": preset.n_embd, "num_hidden_layers": preset.n_layer,
-                  "num_attention_heads": preset.n_head, "intermediate_size": preset.n_inner,
-                  "max_position_embeddings": preset.n_ctx}
-    hparams = hparams_from_config(values, int(embed[0]), source if isinstance(source, str) else "config")
+        values = config_of(GPT2ML_PRESETS[PRESET])
+    hparams = hparams_from_config(values, int(embed[0]), source)
     expected = variable_shapes(hparams)
     skipped = {name for name in found if name in SKIPPED or (
         name.endswith(SLOT_SUFFIXES) and name.rsplit("/", 1)[0] in expected)}
     found = {name: shape for name, shape in found.items() if name not in skipped}
-    misshaped = [f"{name} {list(found[name])} (expected {expected[name]})"
-                 for name in sorted(set(expected) & set(found)) if list(found[name]) != expected[name]]
-    problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
-    if problems:
-        raise CheckpointError(f"{prefix}: does not match {source}: {'; '.join(problems)}")
+    check_variables(prefix, source, found, expected)
     dtypes = reader.get_variable_to_dtype_map()
     openai._check_data_size(prefix, expected, {name: dtypes[name] for name in expected})
     return hparams, prefix, dtypes
@@ -157,17 +147,7 @@ def read_hparams(model_dir, config=None):
 def open_weights(model_dir, skip_optimizer_slots=False, config=None):
     """The checked weights of a GPT2-ML folder (see gpt2.formats); Adafactor's slots and global_step
     are always skipped (skip_optimizer_slots is accepted for the common signature)."""
-    return GPT2MLWeights(model_dir, config)
-
-
-class GPT2MLWeights(Weights):
-    """GPT2-ML's checkpoint as a tensor source (see open_weights), by Grover's variable names."""
-
-    def __init__(self, model_dir, config=None):
-        self.hparams, self._prefix, self._dtypes = _checked(model_dir, config)
-
-    def read(self, name):
-        return openai._restore(self._prefix, name, self._dtypes[name])
+    return openai.CheckpointWeights(*_checked(model_dir, config))
 
 
 def config_of(hparams):
@@ -178,10 +158,6 @@ def config_of(hparams):
             "max_position_embeddings": hparams.n_ctx, "initializer_range": 0.02}
 
 
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings")
-
-
 def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     """Writes a GPT2ML `model` as a GPT2-ML folder in their released layout, loadable by their code:
     model.ckpt-STEP.{index,data-00000-of-00001} (float32 variables under their names, and
@@ -189,15 +165,11 @@ def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     folder the model was loaded from; none there: the folder keeps its own) and a `checkpoint`
     state file naming model.ckpt-STEP. The other model.ckpt-N files in the folder are removed.
 
-    Atomic as gpt2.formats.openai.save_checkpoint: everything is written and synced in a staging
-    folder inside `model_dir`; config.json and the vocabulary are moved in (a folder holding a
-    checkpoint of another shape is refused first, so config.json never changes under old
-    weights); the state file is switched, in one rename, to the staged checkpoint, whose files
-    are then linked under their final names, and the state file is switched to those last. No
-    file is ever half-written under its final name. Raises OSError in one line if writing fails.
+    Atomic as gpt2.formats.openai.save_checkpoint (see publish_model_dir); a folder holding a
+    checkpoint of another shape is refused first, so config.json never changes under old weights.
+    Raises OSError in one line if writing fails.
     """
     import shutil
-    import tempfile
 
     import tensorflow as tf
 
@@ -211,60 +183,36 @@ def save_checkpoint(model, model_dir, encoder_dir=None, step=0):
     if vocab and os.path.realpath(vocab) == os.path.realpath(os.path.join(model_dir, os.path.basename(vocab))):
         vocab = None  # the folder's own
     name = f"model.ckpt-{step}"
-    staging = tempfile.mkdtemp(prefix=openai.STAGING_PREFIX, dir=model_dir)
-    staged = os.path.join(staging, name)
     moved = [CONFIG_FILE, *([os.path.basename(vocab)] if vocab else [])]
-    live = False  # True while the state file names the staged checkpoint
-    try:
-        try:
-            variables = model.checkpoint_variables()
-            tensors = [tf.cast(variable.value, tf.float32) for variable in variables.values()]
-            tf.raw_ops.SaveV2(prefix=staged, tensor_names=[*variables, "global_step"],
-                              shape_and_slices=[""] * (len(tensors) + 1),
-                              tensors=[*tensors, tf.constant(step, tf.int64)])
-            with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump(config_of(model.hparams), f, indent=2)
-                f.write("\n")
-            if vocab:
-                shutil.copyfile(vocab, os.path.join(staging, moved[1]))
-            for path in openai._bundle_files(staged) + [os.path.join(staging, file) for file in moved]:
-                openai._fsync(path)
-            for file in moved:
-                os.replace(os.path.join(staging, file), os.path.join(model_dir, file))
-            openai._write_state(model_dir, os.path.relpath(staged, model_dir))
-            live = True
-        except (OSError, tf.errors.OpError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
-            raise OSError(error.errno if isinstance(error, OSError) else None,
-                          f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there "
-                          "is unchanged") from None
-        openai._publish(model_dir, staging, staged, name)
-        live = False
-        for path in glob.glob(os.path.join(glob.escape(model_dir), "model.ckpt-*")):
-            match = re.fullmatch(r"(model\.ckpt-\d+)\.(index|meta|data-\d+-of-\d+)", os.path.basename(path))
-            if match and match.group(1) != name:
-                os.remove(path)  # an older step, no longer named by the state file
-    finally:
-        if not live:
-            shutil.rmtree(staging, ignore_errors=True)
-        openai._remove_stale_staging(model_dir)
+
+    def write_staged(staging, staged):
+        variables = model.checkpoint_variables()
+        tensors = [tf.cast(variable.value, tf.float32) for variable in variables.values()]
+        tf.raw_ops.SaveV2(prefix=staged, tensor_names=[*variables, "global_step"],
+                          shape_and_slices=[""] * (len(tensors) + 1), tensors=[*tensors, tf.constant(step, tf.int64)])
+        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config_of(model.hparams), f, indent=2)
+            f.write("\n")
+        if vocab:
+            shutil.copyfile(vocab, os.path.join(staging, moved[1]))
+
+    openai.publish_model_dir(model_dir, write_staged, moved, name)
+    for path in glob.glob(os.path.join(glob.escape(model_dir), "model.ckpt-*")):
+        match = re.fullmatch(r"(model\.ckpt-\d+)\.(index|meta|data-\d+-of-\d+)", os.path.basename(path))
+        if match and match.group(1) != name:
+            os.remove(path)  # an older step, no longer named by the state file
 
 
 def _refuse_other_shape(hparams, model_dir):
-    """CheckpointError if `model_dir` holds a GPT2-ML checkpoint whose config.json gives another shape."""
+    """base.refuse_other_shape for a GPT2-ML checkpoint and its config.json in `model_dir`, if any."""
     try:
         checkpoint_prefix(model_dir)
         old = _read_config(os.path.join(model_dir, CONFIG_FILE))
     except (OSError, CheckpointError):
         return  # nothing loadable to protect
-    if old is None:
-        return
-    old, new = {**_CONFIG_DEFAULTS, **old}, config_of(hparams)
-    changed = [f"{key} {old[key]} -> {new[key]}" for key in _SHAPE_KEYS if old[key] != new[key]]
-    if changed:
-        raise CheckpointError(f"{model_dir} holds a model of another shape ({', '.join(changed)}); save into a new "
-                              "folder or delete it first")
+    if old is not None:
+        new = config_of(hparams)
+        refuse_other_shape(model_dir, {**_CONFIG_DEFAULTS, **old}, {key: new[key] for key in _CONFIG_DEFAULTS})
 
 
 def write_checkpoint(hparams, model_dir, value_of, step=0, slots=False, extra=None):

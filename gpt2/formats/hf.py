@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from gpt2.formats.base import CheckpointError, Weights, first_line, mismatch_problems, variable_shapes
+from gpt2.formats.base import CheckpointError, Weights, check_variables, first_line, read_json, variable_shapes
 from gpt2.hparams import HParams
 
 CONFIG_FILE = "config.json"
@@ -36,8 +36,7 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
-INSTALL_HINT = "reading Hugging Face folders needs the safetensors package: pip install 'gpt2-tf2[hf]'"
-WRITE_HINT = "writing Hugging Face folders needs the safetensors package: pip install 'gpt2-tf2[hf]'"
+HINT = "{} Hugging Face folders needs the safetensors package: pip install 'gpt2-tf2[hf]'"
 EOT_ID = 50256
 # Arrays from `HFTensors.read` start on this boundary (TensorFlow's buffer alignment), so that
 # load_model can hand them to TensorFlow without a copy.
@@ -98,31 +97,13 @@ def hf_shape(shape):
     return shape[1:] if len(shape) == 3 else shape
 
 
-def _read_json(path, limit):
-    """A JSON file's value; CheckpointError (one line) for a file over `limit` bytes, invalid
-    JSON or JSON nested too deeply for Python's parser. FileNotFoundError passes through."""
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path}: larger than {limit >> 20} MiB, too large for this file; is it the right file?")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not a usable JSON file (nested too deeply)") from None
-
-
 def read_config(model_dir):
     """The config.json of a Hugging Face folder as a dict; one-line errors for a bad file."""
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
-        config = _read_json(path, MAX_CONFIG_BYTES)
+        return read_json(path, MAX_CONFIG_BYTES, expect_object=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; is {model_dir} a Hugging Face model folder?") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def hparams_from_config(config, source=CONFIG_FILE):
@@ -181,23 +162,6 @@ def read_hparams(model_dir):
     return hparams_from_config(read_config(model_dir), os.path.join(model_dir, CONFIG_FILE))
 
 
-def _safetensors():
-    try:
-        import safetensors
-    except ImportError:
-        raise CheckpointError(INSTALL_HINT) from None
-    return safetensors
-
-
-def _safe_open(safetensors, path):
-    """safe_open reading with pread(2) where the installed safetensors can (0.8 on): a memory
-    map would count the whole file in the process's resident memory until it is closed."""
-    try:
-        return safetensors.safe_open(path, framework="np", backend="pread")
-    except TypeError:
-        return safetensors.safe_open(path, framework="np")
-
-
 def weight_files(model_dir):
     """The safetensors files of a Hugging Face folder: [model.safetensors] or its shards.
 
@@ -209,7 +173,7 @@ def weight_files(model_dir):
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
         try:
-            shards = list(_read_json(index, MAX_INDEX_BYTES)["weight_map"].values())
+            shards = list(read_json(index, MAX_INDEX_BYTES)["weight_map"].values())
         except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
         for shard in shards:
@@ -237,13 +201,9 @@ def weight_files(model_dir):
 
 
 class HFTensors(Weights):
-    """The weights of a Hugging Face GPT-2 folder, read one tensor at a time.
-
-    Opening checks config.json and every tensor's name, shape and dtype from the files' headers
-    (and reads an lm_head.weight, if there is one, to check that it equals wte). `read(name)`
-    returns OpenAI variable `name` as a new float32 NumPy array of OpenAI's shape (float16 and
-    bfloat16 values are cast). Use as a context manager, or call `close()`.
-    """
+    """The weights of a Hugging Face GPT-2 folder, read one tensor at a time. Opening checks
+    config.json and every tensor's name, shape and dtype from the files' headers (and that an
+    lm_head.weight, if any, equals wte); `read` casts float16 and bfloat16 values."""
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
@@ -260,10 +220,16 @@ class HFTensors(Weights):
             raise
 
     def _open(self, paths):
-        safetensors = _safetensors()
+        try:
+            import safetensors
+        except ImportError:
+            raise CheckpointError(HINT.format("reading")) from None
         for path in paths:
             try:
-                handle = _safe_open(safetensors, path)
+                try:  # pread(2) where safetensors can (0.8 on): a memory map counts the file as resident until closed
+                    handle = safetensors.safe_open(path, framework="np", backend="pread")
+                except TypeError:
+                    handle = safetensors.safe_open(path, framework="np")
             except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ...: one line
                 raise CheckpointError(
                     f"{path}: unreadable safetensors file ({first_line(error)}); download it again") from None
@@ -272,31 +238,20 @@ class HFTensors(Weights):
                 self._where.setdefault(key, handle)
 
     def _check(self):
-        stored = list(self._where)
-        prefix = PREFIX if any(key.startswith(PREFIX) for key in stored) else ""
-        expected = {prefix + hf: openai for openai, hf in self._names.items()}
-        self._stored = {openai: key for key, openai in expected.items()}
-        missing = sorted(set(expected) - set(stored))
-        unexpected = sorted(
-            key for key in stored
-            if key not in expected and key != LM_HEAD and not _MASK_BUFFER.fullmatch(key.removeprefix(prefix))
-        )
-        misshaped, wrong_dtype = [], []
-        for key in sorted(set(expected) & set(stored)):
-            part = self._where[key].get_slice(key)
-            shape, want = list(part.get_shape()), hf_shape(self._shapes[expected[key]])
-            if shape != want:
-                misshaped.append(f"{key} {shape} (expected {want})")
-            if part.get_dtype() not in _FLOAT_DTYPES:
-                wrong_dtype.append(f"{key} {part.get_dtype()}")
-        problems = mismatch_problems(missing, unexpected, misshaped)
-        if wrong_dtype:
-            problems.append(f"not floating point: {', '.join(wrong_dtype)}")
-        if problems:
-            raise CheckpointError(
-                f"{self._weights_name()}: does not match {os.path.join(self.model_dir, CONFIG_FILE)}: "
-                f"{'; '.join(problems)}"
-            )
+        prefix = PREFIX if any(key.startswith(PREFIX) for key in self._where) else ""
+        expected = {prefix + hf: hf_shape(self._shapes[openai]) for openai, hf in self._names.items()}
+        self._stored = {openai: prefix + hf for openai, hf in self._names.items()}
+        found, wrong_dtype = {}, []  # the shapes of expected keys; unexpected keys (mask buffers aside): None
+        for key in sorted(self._where):
+            if key in expected:
+                part = self._where[key].get_slice(key)
+                found[key] = part.get_shape()
+                if part.get_dtype() not in _FLOAT_DTYPES:
+                    wrong_dtype.append(f"{key} {part.get_dtype()}")
+            elif key != LM_HEAD and not _MASK_BUFFER.fullmatch(key.removeprefix(prefix)):
+                found[key] = None
+        check_variables(self._weights_name(), os.path.join(self.model_dir, CONFIG_FILE), found, expected,
+                        [f"not floating point: {', '.join(wrong_dtype)}"] if wrong_dtype else [])
         if LM_HEAD in self._where and not np.array_equal(self._get(LM_HEAD), self.read("model/wte")):
             raise CheckpointError(
                 f"{self._weights_name()}: {LM_HEAD} differs from {prefix}wte.weight: GPT-2 ties its output "
@@ -343,14 +298,12 @@ def aligned_empty(shape):
 
 def write_hf_weights(hparams, value_of, model_dir):
     """Writes config.json, model.safetensors (save_pretrained's names: `transformer.` prefix, no
-    lm_head since it is tied) and generation_config.json into the existing folder `model_dir`.
-
-    `value_of(openai_name)` returns the variable's values (any float32 array-like of its shape).
-    """
+    lm_head since it is tied) and generation_config.json into the existing folder `model_dir`;
+    `value_of(openai_name)` gives each variable's values (any float32 array-like of its shape)."""
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise CheckpointError(WRITE_HINT) from None
+        raise CheckpointError(HINT.format("writing")) from None
     tensors = {}
     for name, hf in hf_names(hparams).items():
         value = np.asarray(value_of(name), dtype=np.float32)

@@ -5,13 +5,14 @@ the TF checkpoint `model.ckpt.index` + `model.ckpt.data-00000-of-00001` with var
 `model/wte`, `model/wpe`, `model/h{i}/ln_1/g`, `model/h{i}/attn/c_attn/w` ([1, n_embd, 3 n_embd]),
 ..., `model/ln_f/b` (gpt2.formats.base.variable_shapes). OpenAI's `model.ckpt.meta` (a TF1 graph) is
 neither needed nor written. A TF1 training run's optimizer slots beside the weights are named and,
-on request, skipped. Writing stages the new files and publishes them atomically (_write_model_dir).
+on request, skipped. Writing stages the new files and publishes them atomically (publish_model_dir).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import glob
 import os
 import shutil
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpt2.formats.base import CheckpointError, Weights, first_line, mismatch_problems, model_variables, variable_shapes
+from gpt2.formats import base
+from gpt2.formats.base import CheckpointError, Weights, check_variables, first_line, model_variables, variable_shapes
 from gpt2.formats.bundle import BundleWriter
 from gpt2.hparams import HParams, summarize
 from gpt2.runtime import current_umask
@@ -56,12 +58,12 @@ def _checkpoint_prefix(model_dir):
     if not prefix:
         raise CheckpointError(f"{state_file}: no model_checkpoint_path line")
     prefix = prefix if os.path.isabs(prefix) else os.path.join(model_dir, prefix)
-    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+    for path in [prefix + ".index", *_data_files(prefix)]:
         if os.path.exists(path) and not os.path.isfile(path):
             raise CheckpointError(f"{path}: is a folder, not a checkpoint file; download the model again")
     if not os.path.isfile(prefix + ".index"):
         raise CheckpointError(f"{prefix}.index: checkpoint index not found; download the model again")
-    if not glob.glob(glob.escape(prefix) + ".data-*"):
+    if not _data_files(prefix):
         raise CheckpointError(f"{prefix}.data-00000-of-00001: checkpoint data not found; download the model again")
     return prefix
 
@@ -91,7 +93,7 @@ def _tf_prefix(prefix):
     alias_dir = tempfile.mkdtemp(prefix="gpt2-checkpoint-")
     atexit.register(shutil.rmtree, alias_dir, True)
     alias = os.path.join(alias_dir, CHECKPOINT_PREFIX)
-    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+    for path in [prefix + ".index", *_data_files(prefix)]:
         target = alias + path[len(prefix):]
         try:
             os.symlink(os.path.abspath(path), target)
@@ -122,16 +124,11 @@ def optimizer_slots(names, weights):
     )
 
 
-
 def check_model_dir(model_dir, skip_optimizer_slots=False):
-    """Checks a model folder without reading the weights; returns its HParams.
-
-    hparams.json must parse, and the checkpoint index must hold exactly the variables and shapes
-    that those hparams imply (a fine-tuned model of any shape passes); with `skip_optimizer_slots`
-    a training run's optimizer slots beside them (W/Adam, W/Adam_1, beta1_power, ...) are allowed
-    and ignored. Raises CheckpointError (or FileNotFoundError/ValueError from hparams) with every
-    problem listed in one line.
-    """
+    """Checks a model folder without reading the weights; returns its HParams. The index must hold
+    exactly the variables and shapes hparams.json implies; with `skip_optimizer_slots` a training
+    run's optimizer slots (W/Adam, W/Adam_1, beta1_power, ...) are allowed and ignored. Raises
+    CheckpointError (or FileNotFoundError/ValueError from hparams) listing every problem in one line."""
     return _checked(model_dir, skip_optimizer_slots)[0]
 
 
@@ -151,18 +148,14 @@ def _checked(model_dir, skip_optimizer_slots):
             f"python -m gpt2.convert --to openai --skip-optimizer-slots {model_dir} NEW_FOLDER"
         )
     found = {name: shape for name, shape in found.items() if name not in slots}
-    misshaped = [
-        f"{name} {list(found[name])} (expected {expected[name]})"
-        for name in sorted(set(expected) & set(found))
-        if list(found[name]) != expected[name]
-    ]
-    problems = mismatch_problems(sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), misshaped)
-    if problems:
-        raise CheckpointError(f"{prefix}: does not match {model_dir}/hparams.json: {'; '.join(problems)}")
+    check_variables(prefix, f"{model_dir}/hparams.json", found, expected)
     dtypes = reader.get_variable_to_dtype_map()
     _check_data_size(prefix, expected, {name: dtype for name, dtype in dtypes.items() if name in found})
     return hparams, prefix, dtypes
 
+
+def _data_files(prefix):
+    return glob.glob(glob.escape(prefix) + ".data-*")
 
 
 def _check_data_size(prefix, shapes, dtypes):
@@ -172,7 +165,7 @@ def _check_data_size(prefix, shapes, dtypes):
         raise CheckpointError(
             f"{prefix}: GPT-2 weights must be floating point, but {summarize(not_float, sep=', ')} are not"
         )
-    data_files = glob.glob(glob.escape(prefix) + ".data-*")
+    data_files = _data_files(prefix)
     size = sum(os.path.getsize(path) for path in data_files)
     needed = sum(int(np.prod(shape)) * dtypes[name].size for name, shape in shapes.items())
     if size < needed:
@@ -194,7 +187,6 @@ def _restore(prefix, name, dtype):
     return value if dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
-
 def claims(model_dir):
     """True for a folder with OpenAI's hparams.json (the format of any folder no other one claims)."""
     return os.path.isfile(os.path.join(model_dir, "hparams.json"))
@@ -205,34 +197,27 @@ def read_hparams(model_dir):
     return HParams.from_json(os.path.join(model_dir, "hparams.json"))
 
 
-
 def open_weights(model_dir, skip_optimizer_slots=False):
     """The checked weights of an OpenAI folder (see gpt2.formats): each read restores one tensor
     straight into TensorFlow memory. skip_optimizer_slots: see check_model_dir."""
-    return OpenAIWeights(model_dir, skip_optimizer_slots)
+    return CheckpointWeights(*_checked(model_dir, skip_optimizer_slots))
 
 
-class OpenAIWeights(Weights):
-    """OpenAI's checkpoint as a tensor source (see open_weights)."""
+class CheckpointWeights(Weights):
+    """A checked TF checkpoint (OpenAI's or GPT2-ML's) as a tensor source, by its variable names."""
 
-    def __init__(self, model_dir, skip_optimizer_slots=False):
-        self.hparams, self._prefix, self._dtypes = _checked(model_dir, skip_optimizer_slots)
+    def __init__(self, hparams, prefix, dtypes):
+        self.hparams, self._prefix, self._dtypes = hparams, prefix, dtypes
 
     def read(self, name):
         return _restore(self._prefix, name, self._dtypes[name])
 
 
 def save_checkpoint(model: GPT2, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike | None = None) -> None:
-    """Writes `model` as a complete OpenAI GPT-2 folder: hparams.json, checkpoint,
-    model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
-
+    """Writes `model` as a complete OpenAI GPT-2 folder, atomically (see publish_model_dir):
+    hparams.json, checkpoint, model.ckpt.{index,data-00000-of-00001}, encoder.json and vocab.bpe.
     The BPE files come from `encoder_dir` if given (and holding both), else from the folder the
-    model was loaded from, else those already in `model_dir` stay, else the GPT-2 files bundled
-    with the `encoder` package.
-    Overwriting a checkpoint is atomic: an interruption at any point leaves the old or the new
-    one loadable (see _write_model_dir). Raises OSError in one line if writing fails (e.g. the
-    disk is full), with the previous checkpoint left as it was.
-    """
+    model was loaded from, else those already in `model_dir` stay, else the `encoder` package's."""
     import tensorflow as tf
 
     variables = model_variables(model)
@@ -260,7 +245,6 @@ def write_checkpoint(hparams, model_dir, value_of, encoder_dir=None):
     _write_model_dir(hparams, model_dir, write_tensors, encoder_dir)
 
 
-
 STAGING_PREFIX = ".saving-"
 # gpt2.download's record of the files it fetched; a folder saved into is no longer that download.
 DOWNLOAD_MANIFEST = ".download.json"
@@ -268,35 +252,48 @@ ENCODER_FILES = ("encoder.json", "vocab.bpe")
 
 
 def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
-    """Writes a model folder; `write_tensors(prefix)` writes the checkpoint files of `prefix`.
-
-    An interruption at any point leaves the old checkpoint or the new one loadable:
-    1. everything new is written into a staging folder inside `model_dir` (and synced to disk);
-    2. hparams.json and the BPE files are moved in (hparams.json unchanged, checked first: a
-       folder holding another shape is refused), then the `checkpoint` state file is replaced in
-       one rename by one naming the staged prefix: from here on the new checkpoint loads;
-    3. the old model.ckpt.* files are deleted, the staged ones linked (or copied) under those names,
-       and the state file switched to model.ckpt in one more rename; the staging folder goes.
-    If step 3 fails the new checkpoint stays loadable from its staging folder (a warning says so).
-    """
-    import tensorflow as tf
-
+    """Writes an OpenAI model folder; `write_tensors(prefix)` writes the checkpoint files of
+    `prefix`. hparams.json is checked first: a folder holding another shape is refused (replacing
+    it could not be atomic: hparams.json and the weights would change in two steps)."""
     os.makedirs(model_dir, exist_ok=True)
     _refuse_other_shape(hparams, model_dir)
     encoder_sources = _encoder_sources(model_dir, encoder_dir)
+
+    def write_staged(staging, staged):
+        write_tensors(staged)
+        hparams.to_json(os.path.join(staging, "hparams.json"))
+        for name, source in encoder_sources:
+            shutil.copyfile(source, os.path.join(staging, name))
+
+    publish_model_dir(model_dir, write_staged, ["hparams.json", *(name for name, _ in encoder_sources)])
+
+
+def publish_model_dir(model_dir, write_staged, moved, name=CHECKPOINT_PREFIX):
+    """Writes checkpoint `name` (OpenAI's model.ckpt, GPT2-ML's model.ckpt-N) and the files `moved`
+    into `model_dir`; `write_staged(staging, staged)` writes the checkpoint files of prefix `staged`
+    and the files `moved` into the folder `staging`.
+
+    An interruption at any point leaves the old checkpoint or the new one loadable:
+    1. everything new is written into a staging folder inside `model_dir` (and synced to disk);
+    2. the `moved` files are moved in, then the `checkpoint` state file is replaced in one rename
+       by one naming the staged prefix: from here on the new checkpoint loads;
+    3. the old checkpoint files are deleted, the staged ones linked (or copied) under `name`, and
+       the state file switched to `name` in one more rename; the staging folder goes.
+    If step 3 fails the new checkpoint stays loadable from its staging folder (a warning says so).
+    Raises OSError in one line if writing fails, with the previous checkpoint left as it was.
+    """
+    import tensorflow as tf
+
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir)
-    staged = os.path.join(staging, CHECKPOINT_PREFIX)
+    staged = os.path.join(staging, name)
     live = False  # True while the state file names the staged checkpoint
     try:
         try:
-            write_tensors(staged)
-            hparams.to_json(os.path.join(staging, "hparams.json"))
-            for name, source in encoder_sources:
-                shutil.copyfile(source, os.path.join(staging, name))
-            for path in _bundle_files(staged) + [os.path.join(staging, "hparams.json")]:
+            write_staged(staging, staged)
+            for path in _bundle_files(staged) + [os.path.join(staging, file) for file in moved]:
                 _fsync(path)
-            for name in ["hparams.json", *(name for name, _ in encoder_sources)]:
-                os.replace(os.path.join(staging, name), os.path.join(model_dir, name))
+            for file in moved:
+                os.replace(os.path.join(staging, file), os.path.join(model_dir, file))
             _write_state(model_dir, os.path.relpath(staged, model_dir))
             live = True
         except (OSError, tf.errors.OpError) as error:
@@ -307,11 +304,11 @@ def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
                 f"cannot save the checkpoint in {model_dir}: {reason}; the previous checkpoint there is unchanged",
             ) from None
         try:
-            _publish(model_dir, staging, staged)
+            _publish(model_dir, staging, staged, name)
             live = False
         except OSError as error:
             warnings.warn(f"{model_dir}: the checkpoint was saved under {staging} (renaming it to "
-                          f"{CHECKPOINT_PREFIX} failed: {error}); it loads from there", stacklevel=3)
+                          f"{name} failed: {error}); it loads from there", stacklevel=4)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(model_dir, DOWNLOAD_MANIFEST))
     finally:
@@ -320,9 +317,9 @@ def _write_model_dir(hparams, model_dir, write_tensors, encoder_dir):
         _remove_stale_staging(model_dir)
 
 
-def _publish(model_dir, staging, staged, name=CHECKPOINT_PREFIX):
-    """Step 3 of _write_model_dir: the live staged checkpoint gets the usual names (`name`, the
-    final prefix: model.ckpt here, GPT2-ML's model.ckpt-N), then the state file names them."""
+def _publish(model_dir, staging, staged, name):
+    """Step 3 of publish_model_dir: the live staged checkpoint gets the final names (prefix `name`),
+    then the state file names them."""
     final = os.path.join(model_dir, name)
     for path in _bundle_files(final):
         os.remove(path)  # no longer named by the state file
@@ -339,22 +336,14 @@ def _publish(model_dir, staging, staged, name=CHECKPOINT_PREFIX):
 
 
 def _refuse_other_shape(hparams, model_dir):
-    """Raises CheckpointError if `model_dir` holds a checkpoint whose hparams differ from `hparams`
-    (replacing it could not be atomic: hparams.json and the weights would change in two steps)."""
+    """base.refuse_other_shape for the checkpoint and hparams.json in `model_dir`, if any."""
     if not os.path.isfile(os.path.join(model_dir, "checkpoint")):
         return
     try:
         old = HParams.from_json(os.path.join(model_dir, "hparams.json"))
     except (OSError, ValueError):
         return  # nothing loadable to protect
-    if old != hparams:
-        changed = ", ".join(
-            f"{name} {getattr(old, name)} -> {getattr(hparams, name)}"
-            for name in old.__dataclass_fields__ if getattr(old, name) != getattr(hparams, name)
-        )
-        raise CheckpointError(
-            f"{model_dir} holds a model of another shape ({changed}); save into a new folder or delete it first"
-        )
+    base.refuse_other_shape(model_dir, dataclasses.asdict(old), dataclasses.asdict(hparams))
 
 
 def _encoder_sources(model_dir, encoder_dir):

@@ -8,17 +8,14 @@ one-line `error: ...` on stderr; Ctrl-C saves and exits with 130 (continue with 
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import textwrap
 
 from gpt2 import cli
-from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, add_model_arguments
-from gpt2.cli import Parser as _Parser
-from gpt2.cli import non_negative_int as _non_negative_int
-from gpt2.cli import number as _number
-from gpt2.cli import positive_int as _positive_int
+from gpt2.cli import EXIT_INTERRUPTED, EXIT_OK, add_model_arguments, non_negative_int, number, positive_int
 from gpt2.runtime import import_tensorflow
 
 DEFAULTS = dict(
@@ -29,17 +26,17 @@ DEFAULTS = dict(
 )
 STRATEGIES = ("none", "mirrored", "multi-worker")
 
-_positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
-_non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-_dropout = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-_seq_len = _number(int, lambda v: v >= 2, "an integer >= 2")
+_positive_float = number(float, lambda v: 0 < v < math.inf, "a positive number")
+_non_negative_float = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_fraction = number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_dropout = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_seq_len = number(int, lambda v: v >= 2, "an integer >= 2")
 
 
 def build_parser(prog=None):
     """The argument parser; every option's help states its default."""
     d = DEFAULTS
-    parser = _Parser(
+    parser = cli.Parser(
         prog=prog,
         description=textwrap.fill(
             "Fine-tune GPT-2 on your text. The result is a model folder in OpenAI's layout "
@@ -82,26 +79,26 @@ def build_parser(prog=None):
                      help="held-out data, same forms as --dataset (default: none)")
     val.add_argument("--val-fraction", type=_fraction, metavar="F",
                      help="hold out the last fraction F of the dataset's tokens (default: none)")
-    group.add_argument("--val-every", type=_non_negative_int, default=d["val_every"], metavar="N",
+    group.add_argument("--val-every", type=non_negative_int, default=d["val_every"], metavar="N",
                        help=f"validation loss every N steps and at the end, 0 = only at the end "
                             f"(default: {d['val_every']})")
-    group.add_argument("--val-batches", type=_positive_int, default=d["val_batches"], metavar="N",
+    group.add_argument("--val-batches", type=positive_int, default=d["val_batches"], metavar="N",
                        help=f"validation batches (of --batch-size windows) to average (default: {d['val_batches']})")
     group.add_argument("--seq-len", type=_seq_len, metavar="N",
                        help="tokens per training window (default: the model's context, n_ctx: 1024)")
 
     group = parser.add_argument_group("optimization")
-    group.add_argument("--steps", type=_positive_int, default=d["steps"], metavar="N",
+    group.add_argument("--steps", type=positive_int, default=d["steps"], metavar="N",
                        help=f"optimizer steps to reach (a resumed run counts on) (default: {d['steps']})")
-    group.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], metavar="N",
+    group.add_argument("--batch-size", type=positive_int, default=d["batch_size"], metavar="N",
                        help="windows per micro-batch, over all devices (default: "
                             f"{d['batch_size']})")
-    group.add_argument("--accumulate", type=_positive_int, default=d["accumulate"], metavar="N",
+    group.add_argument("--accumulate", type=positive_int, default=d["accumulate"], metavar="N",
                        help="micro-batches per optimizer step (gradient accumulation: equal to an "
                             f"N times larger batch) (default: {d['accumulate']})")
     group.add_argument("--learning-rate", type=_positive_float, default=d["learning_rate"], metavar="LR",
                        help=f"peak learning rate (default: {d['learning_rate']})")
-    group.add_argument("--warmup-steps", type=_non_negative_int, default=d["warmup_steps"], metavar="N",
+    group.add_argument("--warmup-steps", type=non_negative_int, default=d["warmup_steps"], metavar="N",
                        help=f"linear warm-up steps (default: {d['warmup_steps']})")
     group.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d["lr_schedule"],
                        help="after warm-up: constant, or cosine decay to 0 at --steps (default: "
@@ -113,7 +110,7 @@ def build_parser(prog=None):
                        help=f"clip gradients to this global norm, 0 = off (default: {d['clip_norm']})")
     group.add_argument("--dropout", type=_dropout, default=d["dropout"], metavar="P",
                        help=f"dropout rate (OpenAI's release: 0) (default: {d['dropout']})")
-    group.add_argument("--seed", type=_non_negative_int, default=d["seed"], metavar="N",
+    group.add_argument("--seed", type=non_negative_int, default=d["seed"], metavar="N",
                        help="seed of the data order, dropout and LoRA initialisation: the run is "
                             f"a deterministic function of seed, data and settings (default: {d['seed']})")
     group.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
@@ -124,7 +121,7 @@ def build_parser(prog=None):
     group.add_argument("--recompute", action="store_true",
                        help="gradient checkpointing: recompute each block's activations in the "
                             "backward pass (less memory, about a third more compute) (default: off)")
-    group.add_argument("--lora-rank", type=_non_negative_int, default=d["lora_rank"], metavar="R",
+    group.add_argument("--lora-rank", type=non_negative_int, default=d["lora_rank"], metavar="R",
                        help="train only rank-R adapters on c_attn, c_proj and c_fc; they are merged "
                             "into the weights saved, 0 = train every weight (default: 0)")
     group.add_argument("--lora-alpha", type=_positive_float, metavar="A",
@@ -134,14 +131,14 @@ def build_parser(prog=None):
                             "and softmax (default: float32)")
 
     group = parser.add_argument_group("saving, samples and logs")
-    group.add_argument("--save-every", type=_non_negative_int, default=d["save_every"], metavar="N",
+    group.add_argument("--save-every", type=non_negative_int, default=d["save_every"], metavar="N",
                        help="save every N steps, 0 = only at the end; a save also happens at the end "
                             f"and on Ctrl-C (default: {d['save_every']})")
-    group.add_argument("--sample-every", type=_non_negative_int, default=d["sample_every"], metavar="N",
+    group.add_argument("--sample-every", type=non_negative_int, default=d["sample_every"], metavar="N",
                        help="print a sample from --sample-prompt every N steps, 0 = never (default: 0)")
     group.add_argument("--sample-prompt", default="", metavar="TEXT",
                        help="prompt of the samples (default: none: they start at <|endoftext|>)")
-    group.add_argument("--sample-length", type=_positive_int, default=d["sample_length"], metavar="N",
+    group.add_argument("--sample-length", type=positive_int, default=d["sample_length"], metavar="N",
                        help=f"tokens per sample (default: {d['sample_length']})")
     group.add_argument("--logdir", metavar="DIR",
                        help="write TensorBoard logs here: train/val loss, learning rate, gradient norm, "
@@ -197,26 +194,17 @@ def _run(args, output):
         _say_resuming(output)
     import_tensorflow()  # quietly, before anything else imports it
     from gpt2.checkpoint import load_model
-    from gpt2.train.trainer import finetune
+    from gpt2.train.trainer import TrainConfig, finetune
 
     strategy = _strategy(args.strategy)
-    load_options = {"dropout": args.dropout}
-    if args.compute_dtype == "bfloat16":
-        load_options["dtype"] = _mixed_bfloat16(load_model)
     with strategy.scope():
-        model = load_model(source_dir, **load_options)
-    result = finetune(
-        model, args.dataset, output, val_dataset=args.val_dataset, source_dir=source_dir,
-        strategy=strategy, resume=args.resume, overwrite=args.overwrite,
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, accumulate=args.accumulate,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay, clip_norm=args.clip_norm, seed=args.seed,
-        save_every=args.save_every, sample_every=args.sample_every, sample_prompt=args.sample_prompt,
-        sample_length=args.sample_length, val_fraction=args.val_fraction or 0.0, val_every=args.val_every,
-        val_batches=args.val_batches, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        recompute=args.recompute, jit_compile=args.jit_compile, logdir=args.logdir,
-        progress=not args.no_progress,
-    )
+        model = load_model(source_dir, dtype="mixed_bfloat16" if args.compute_dtype == "bfloat16" else "float32",
+                           dropout=args.dropout)
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    settings = {name: value for name, value in vars(args).items() if name in fields}  # the options of those names
+    settings.update(val_fraction=args.val_fraction or 0.0, progress=not args.no_progress)
+    result = finetune(model, args.dataset, output, val_dataset=args.val_dataset, source_dir=source_dir,
+                      strategy=strategy, resume=args.resume, overwrite=args.overwrite, **settings)
     loss = f", loss {result.loss:.4f}" if result.loss is not None else ""
     print(f"step {result.step}{loss}; the model is in {output}: python generate.py --model {output}",
           file=sys.stderr, flush=True)
@@ -243,16 +231,6 @@ def _strategy(name):
             raise ValueError("--strategy multi-worker needs $TF_CONFIG (the cluster and this worker's task)")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-def _mixed_bfloat16(load_model):
-    """The dtype argument for bfloat16 compute, if this gpt2 version's load_model takes one."""
-    import inspect
-
-    if "dtype" not in inspect.signature(load_model).parameters:
-        raise ValueError("--compute-dtype bfloat16 needs a gpt2.load_model with dtype policies; "
-                         "this version has none yet (use float32)")
-    return "mixed_bfloat16"
 
 
 if __name__ == "__main__":

@@ -38,11 +38,8 @@ class DatasetError(ValueError):
 
 
 def expand_paths(specs):
-    """The files of `specs` (paths, folders searched recursively, glob patterns), in order.
-
-    Hidden files and folders (names starting with '.') inside folders are skipped. Raises
-    DatasetError for a path that does not exist or a pattern that matches nothing.
-    """
+    """The files of `specs` (paths, folders searched recursively skipping hidden names, glob
+    patterns), in order; DatasetError for a path that does not exist or a pattern matching nothing."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     files = []
@@ -71,16 +68,13 @@ def _walk(folder):
 
 
 def load_tokens(specs, encoder, cache_dir=None, progress=False):
-    """All documents of `specs` (see `expand_paths`) as one 1-D token array (uint16 [n]).
-
-    Documents are joined with `encoder.eot_token`. With `cache_dir` the array is written there
-    once and returned as a read-only memory map; otherwise it is built in memory. The array's
-    `fingerprint` (in `TokenData`) identifies the data for resuming.
-    Raises DatasetError for unreadable, binary or non-UTF-8 files, bad token files and empty data.
-    """
+    """All documents of `specs` (see `expand_paths`), joined with `encoder.eot_token`, as TokenData
+    (uint16 [n]); with `cache_dir` written there once and read back as a read-only memory map.
+    DatasetError for unreadable, binary or non-UTF-8 files, bad token files and empty data."""
+    specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     files = expand_paths(specs)
     if not files:
-        raise DatasetError(f"{' '.join(map(os.fspath, _as_list(specs)))}: no files found")
+        raise DatasetError(f"{' '.join(map(os.fspath, specs))}: no files found")
     n_vocab = encoder.vocab_size
     key = _cache_key(files, encoder)
     if cache_dir is None:
@@ -90,10 +84,6 @@ def load_tokens(specs, encoder, cache_dir=None, progress=False):
     if not os.path.isfile(path):
         _write_cache(path, _documents(files, encoder, n_vocab, progress))
     return TokenData(np.load(path, mmap_mode="r"), key, files)
-
-
-def _as_list(specs):
-    return [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
 
 
 class TokenData:
@@ -113,10 +103,9 @@ class TokenData:
 
     def check_ids(self, n_vocab, name="dataset"):
         """Raises DatasetError if a token id is not below n_vocab (the model's vocabulary)."""
-        largest = max((int(self.tokens[i:i + COPY_CHUNK_TOKENS].max())
-                       for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
-        smallest = min((int(self.tokens[i:i + COPY_CHUNK_TOKENS].min())
-                        for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)), default=0)
+        chunks = [self.tokens[i:i + COPY_CHUNK_TOKENS] for i in range(0, len(self.tokens), COPY_CHUNK_TOKENS)]
+        smallest = min((int(chunk.min()) for chunk in chunks), default=0)
+        largest = max((int(chunk.max()) for chunk in chunks), default=0)
         if smallest < 0 or largest >= n_vocab:
             raise DatasetError(f"the {name} holds token ids {smallest}..{largest}, but the model's "
                                f"vocabulary is 0..{n_vocab - 1}")

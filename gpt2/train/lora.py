@@ -75,36 +75,25 @@ def adapter_variables(model):
     return [v for _, layer in projections(model) if layer.lora is not None for v in (layer.lora.a, layer.lora.b)]
 
 
-def _delta(layer):
-    """The adapter's change to w: a @ b * scale, float32 [n_in, n_out]."""
-    lora = layer.lora
-    return tf.matmul(tf.convert_to_tensor(lora.a), tf.convert_to_tensor(lora.b)) * lora.scale
-
-
 def merge(model):
     """Folds every adapter into its projection's weights (w += a @ b * scale) and removes it:
     the model computes the same logits and is a plain GPT-2 again."""
     for _, layer in projections(model):
         if layer.lora is not None:
-            layer.w.assign_add(_delta(layer))
+            lora = layer.lora
+            layer.w.assign_add(tf.matmul(tf.convert_to_tensor(lora.a), tf.convert_to_tensor(lora.b)) * lora.scale)
             layer.lora = None
 
 
 @contextlib.contextmanager
 def merged(model, restore_weights=None):
     """Within the block, `model` holds the merged weights and no adapters (e.g. to save it);
-    afterwards the adapters are back and the projections' weights are exactly what they were.
-
-    restore_weights(list of (path, Conv1D)) must put back the original weights of those layers
-    (e.g. by re-reading them from the checkpoint they came from); without it, they are kept in
-    host memory meanwhile.
-    """
+    afterwards the adapters and the exact weights are back: restore_weights(list of (path, Conv1D))
+    puts back those layers' weights (e.g. from their checkpoint), else they wait in host memory."""
     adapted = [(path, layer) for path, layer in projections(model) if layer.lora is not None]
     saved = None if restore_weights is not None else [layer.w.numpy() for _, layer in adapted]
     adapters = [layer.lora for _, layer in adapted]
-    for _, layer in adapted:
-        layer.w.assign_add(_delta(layer))
-        layer.lora = None
+    merge(model)
     try:
         yield model
     finally:

@@ -18,7 +18,6 @@ so a resume notices a model folder that changed after the state was written.
 TensorFlow is imported only where the state is written or read.
 """
 
-import filecmp
 import json
 import os
 import re
@@ -31,7 +30,6 @@ CACHE_DIR = "token_cache"
 SETTINGS_FILE = "settings.json"
 LATEST_FILE = "latest.json"
 MODEL_FILES = ("checkpoint", "hparams.json", "model.ckpt.index", "model.safetensors")
-ENCODER_FILES = ("encoder.json", "vocab.bpe")
 _STEP_INDEX = re.compile(r"model\.ckpt-\d+\.index")
 
 
@@ -52,11 +50,9 @@ def holds_model(folder):
 
 
 def check_output(output, resume, overwrite):
-    """Refuses an output folder that would lose someone's work, before anything is loaded.
-
-    Without resume, a folder holding a model or a training state needs `overwrite` (which then
-    drops the old training state). With resume, the folder must hold a training state.
-    """
+    """Refuses an output folder that would lose someone's work, before anything is loaded: without
+    resume, a folder holding a model or a training state needs `overwrite` (which then drops the
+    old training state); with resume, it must hold a training state."""
     state_dir = os.path.join(output, STATE_DIR)
     latest = os.path.join(state_dir, LATEST_FILE)
     if resume:
@@ -148,22 +144,6 @@ def model_fingerprint(model_dir):
     return file_sha256(prefix + ".index")
 
 
-def copy_encoder_files(source_dir, output):
-    """Copies encoder.json and vocab.bpe from `source_dir` (or the package's own GPT-2 files when
-    it has none) into `output`, unless identical files are there already (e.g. written by
-    save_checkpoint); each through a temporary name and os.replace."""
-    import encoder
-
-    if source_dir is None or not all(os.path.isfile(os.path.join(source_dir, n)) for n in ENCODER_FILES):
-        source_dir = os.path.dirname(os.path.abspath(encoder.encoder.__file__))
-    for name in ENCODER_FILES:
-        source, target = os.path.join(source_dir, name), os.path.join(output, name)
-        if os.path.isfile(target) and filecmp.cmp(source, target, shallow=False):
-            continue
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
-
-
 class TrainState:
     """Saves and restores a run's state (see the module docstring) beside its model folder."""
 
@@ -208,10 +188,8 @@ class TrainState:
         return latest["step"]
 
     def save(self, step, write_model, is_chief=True):
-        """Writes the model (write_model(folder)), then the state, then latest.json.
-
-        Non-chief workers of a multi-worker run take part in the state write (it is collective)
-        into a scratch folder that is deleted."""
+        """Writes the model (write_model(folder)), then the state, then latest.json. Non-chief
+        workers take part in the (collective) state write into a scratch folder that is deleted."""
         if not is_chief:
             scratch = os.path.join(self.dir, f".worker-scratch-{os.getpid()}")
             os.makedirs(scratch, exist_ok=True)

@@ -30,13 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.checkpoint import open_weights, save_checkpoint
-from gpt2.formats import openai as openai_format
-from gpt2.formats.base import saving_format
 from gpt2.train import data as data_lib
 from gpt2.train import lora as lora_lib
 from gpt2.train.logs import SummaryLog
 from gpt2.train.optim import SCHEDULES, WarmupSchedule, make_optimizer
-from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output, copy_encoder_files
+from gpt2.train.state import CACHE_DIR, TrainingError, TrainState, check_output
 
 if TYPE_CHECKING:
     from encoder import Encoder
@@ -73,8 +71,7 @@ class TrainConfig:
 
     def check(self):
         """Raises ValueError naming the first bad setting."""
-        positive = ("steps", "batch_size", "accumulate", "val_batches", "sample_length")
-        for name in positive:
+        for name in ("steps", "batch_size", "accumulate", "val_batches", "sample_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "sample_every", "val_every", "lora_rank", "seed"):
@@ -109,26 +106,19 @@ def finetune(model: GPT2, dataset, output: str | os.PathLike | None = None, *, v
              encoder: Encoder | None = None, source_dir: str | os.PathLike | None = None,
              strategy: tf.distribute.Strategy | None = None, resume: bool = False, overwrite: bool = False,
              **settings) -> TrainResult:
-    """Fine-tunes `model` in place on `dataset`; returns a TrainResult.
+    """Fine-tunes `model` (a gpt2.GPT2, created under `strategy.scope()` if given) in place on `dataset`.
 
-    model: a gpt2.GPT2 (created under `strategy.scope()` when a strategy is given).
     dataset, val_dataset: text/token file paths, folders or globs (see gpt2.train.data), a 1-D
-    integer array of token ids, or a TokenData. output: a model folder to write (OpenAI's layout,
-    with `train_state/` beside it; None = no saves). source_dir: the folder the model was loaded
-    from (its encoder files are copied; LoRA restores base weights from it after a save).
-    settings: the fields of TrainConfig (steps, batch_size, learning_rate, lora_rank, ...).
-    Ctrl-C stops after the current step and saves; NaN loss raises TrainingError. Turns on
-    TensorFlow's op determinism for the rest of the process (exact resume needs it).
+    integer array of token ids, or a TokenData. output: a model folder to write, `train_state/`
+    beside it (None: no saves). source_dir: the folder the model was loaded from (its encoder
+    files are copied; LoRA restores base weights from it after a save). settings: TrainConfig's
+    fields. Ctrl-C stops after the current step and saves; NaN loss raises TrainingError. Turns
+    on TensorFlow's op determinism for the rest of the process (exact resume needs it).
     """
     trainer = Trainer(model, dataset, output, config=TrainConfig(**settings), val_dataset=val_dataset,
                       encoder=encoder, source_dir=source_dir, strategy=strategy,
                       resume=resume, overwrite=overwrite)
     return trainer.run()
-
-
-def enable_determinism():
-    """Makes TensorFlow's ops deterministic for the rest of the process (needed for exact resume)."""
-    tf.config.experimental.enable_op_determinism()
 
 
 class Trainer:
@@ -147,7 +137,7 @@ class Trainer:
             check_output(output, resume, overwrite)
         elif resume:
             raise TrainingError("resume needs an output folder")
-        enable_determinism()
+        tf.config.experimental.enable_op_determinism()  # for the rest of the process: exact resume needs it
         self._check_model()
         self.seq_len = config.seq_len or model.hparams.n_ctx
         if self.seq_len > model.hparams.n_ctx:
@@ -155,23 +145,31 @@ class Trainer:
         replicas = self.strategy.num_replicas_in_sync
         if config.batch_size % replicas:
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {replicas} replicas")
-        self.encoder = encoder or _encoder_for(source_dir)
+        if encoder is None:
+            from encoder import encoder_for_model_dir, get_encoder
+
+            encoder = encoder_for_model_dir(source_dir) if source_dir else get_encoder()
+        self.encoder = encoder
         self._load_data(dataset, val_dataset)
         self.current_step = 0  # optimizer steps taken (restored by resume)
         self.schedule = WarmupSchedule(config.learning_rate, config.warmup_steps, config.steps, config.lr_schedule)
         with self.strategy.scope():
-            self.variables = self._trainable_variables()
+            model.recompute = config.recompute
+            self.variables = (lora_lib.add_adapters(model, config.lora_rank, config.lora_alpha, config.seed)
+                              if config.lora_rank else list(model.trainable_variables))
             self.optimizer = make_optimizer(model, self.variables, self.schedule, config.weight_decay)
         self._seed_dropout()
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
         self.state = None
         if output is not None:
-            self.state = TrainState(output, self.settings(), self._trackables())
+            trackables = {"optimizer_variables": list(self.optimizer.variables), "data_position": self.position,
+                          "dropout_rng": [g.state for g in self._dropout_generators()]}
+            if config.lora_rank:
+                trackables["lora_adapters"] = list(self.variables)
+            self.state = TrainState(output, self.settings(), trackables)
             if resume:
                 self._resume()
-        self._step_fn = None
-        self._batches = None
-        self._val_fn = None
+        self._step_fn = self._batches = self._val_fn = None
         self.saved_step = self.state.last_step() if (self.state and resume) else None
         self.interrupted = False
 
@@ -183,8 +181,8 @@ class Trainer:
         if not isinstance(self.model, GPT2):
             raise TypeError(f"finetune expects a gpt2.GPT2 model, got {type(self.model).__name__}")
         self.model.check_trainable("fine-tuning")
-        created_here = self.strategy.extended.variable_created_in_scope
-        if not created_here(_tf_variable(self.model.wte)):
+        wte = self.model.wte
+        if not self.strategy.extended.variable_created_in_scope(wte.value if isinstance(wte, keras.Variable) else wte):
             raise ValueError("create (or load) the model under strategy.scope() of the strategy you train with")
         if lora_lib.adapter_variables(self.model):
             raise ValueError("the model already has LoRA adapters; merge them (gpt2.train.lora.merge) first")
@@ -205,13 +203,6 @@ class Trainer:
         self.windows = data_lib.Windows(train, self.seq_len, config.seed, name="dataset")
         self.val_windows = data_lib.Windows(val, self.seq_len, name="validation set") if val is not None else None
 
-    def _trainable_variables(self):
-        config = self.config
-        self.model.recompute = config.recompute
-        if config.lora_rank:
-            return lora_lib.add_adapters(self.model, config.lora_rank, config.lora_alpha, config.seed)
-        return list(self.model.trainable_variables)
-
     def _dropout_generators(self):
         return [layer.seed_generator for layer in self.model._flatten_layers()
                 if getattr(layer, "seed_generator", None) is not None]
@@ -223,16 +214,6 @@ class Trainer:
         for generator, seed in zip(generators, seeds):
             generator.state.assign(np.array([seed, 0], generator.state.dtype))
 
-    def _trackables(self):
-        trackables = {
-            "optimizer_variables": list(self.optimizer.variables),
-            "data_position": self.position,
-            "dropout_rng": [g.state for g in self._dropout_generators()],
-        }
-        if self.config.lora_rank:
-            trackables["lora_adapters"] = list(self.variables)
-        return trackables
-
     def settings(self):
         """The settings the run's result depends on (a resume must match them)."""
         config, model = self.config, self.model
@@ -242,26 +223,12 @@ class Trainer:
             from gpt2.train.state import model_fingerprint
 
             base = model_fingerprint(self.source_dir)
-        return {
-            "hparams": dataclasses.asdict(model.hparams),
-            "dataset": self.data.fingerprint,
-            "seed": config.seed,
-            "batch_size": config.batch_size,
-            "seq_len": self.seq_len,
-            "accumulate": config.accumulate,
-            "learning_rate": config.learning_rate,
-            "warmup_steps": config.warmup_steps,
-            "lr_schedule": config.lr_schedule,
-            "steps": config.steps if config.lr_schedule == "cosine" else None,
-            "weight_decay": config.weight_decay,
-            "clip_norm": config.clip_norm,
-            "dropout": max(dropout, default=0.0),
-            "lora_rank": config.lora_rank,
-            "lora_alpha": config.lora_alpha,
-            "dtype_policy": model.dtype_policy.name,
-            "jit_compile": config.jit_compile,
-            "base_model": base,
-        }
+        same = ("seed", "batch_size", "accumulate", "learning_rate", "warmup_steps", "lr_schedule", "weight_decay",
+                "clip_norm", "lora_rank", "lora_alpha", "jit_compile")
+        return {**{name: getattr(config, name) for name in same}, "hparams": dataclasses.asdict(model.hparams),
+                "dataset": self.data.fingerprint, "seq_len": self.seq_len,
+                "steps": config.steps if config.lr_schedule == "cosine" else None,
+                "dropout": max(dropout, default=0.0), "dtype_policy": model.dtype_policy.name, "base_model": base}
 
     def _resume(self):
         step = self.state.restore()
@@ -350,7 +317,10 @@ class Trainer:
         tokens_per_step = config.accumulate * config.batch_size * self.seq_len
         timed_steps, timed_seconds = 0, 0.0  # after the first step, which includes tracing
         log = SummaryLog(config.logdir)
-        bar = _progress(config, self.current_step)
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=self.current_step, unit="step", disable=not config.progress,
+                   dynamic_ncols=True)
         try:
             with self._catch_interrupt():
                 while self.current_step < config.steps and not self.interrupted:
@@ -430,14 +400,11 @@ class Trainer:
         _say(f"step {step}: saved to {self.output}")
 
     def _write_model(self, folder, step=0):
-        """Writes the model in its kind's layout (a GPT2-ML's files numbered `step`)."""
-        merged = contextlib.nullcontext()
-        if self.config.lora_rank:
-            merged = lora_lib.merged(self.model, self._restore_base if self.source_dir else None)
-        with merged:
+        """Writes the model in its kind's layout (a GPT2-ML's files numbered `step`) with the
+        tokenizer files of `source_dir` (see gpt2.save_checkpoint)."""
+        restore = self._restore_base if self.source_dir else None
+        with lora_lib.merged(self.model, restore) if self.config.lora_rank else contextlib.nullcontext():
             save_checkpoint(self.model, folder, self.source_dir, step=step)
-        if saving_format(self.model.hparams) is openai_format:
-            copy_encoder_files(self.source_dir, folder)
 
     def _restore_base(self, adapted):
         """Puts back the base weights of LoRA-adapted layers from the source folder (any format)."""
@@ -466,10 +433,6 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
 
-def _tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
 def _read_weights(model, model_dir):
     """Assigns the weights of the checkpoint in model_dir (the run's own save, in its kind's
     layout) to `model`, tensor by tensor."""
@@ -486,24 +449,12 @@ def _read_weights(model, model_dir):
         raise TrainingError(f"--resume: {str(error).splitlines()[0]}; start over with --overwrite") from None
 
 
-def _encoder_for(source_dir):
-    from encoder import encoder_for_model_dir, get_encoder
-
-    return encoder_for_model_dir(source_dir) if source_dir else get_encoder()
-
-
 def _is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
     return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
                                             and "chief" not in resolver.cluster_spec().as_dict())
-
-
-def _progress(config, step):
-    from tqdm import tqdm
-
-    return tqdm(total=config.steps, initial=step, unit="step", disable=not config.progress, dynamic_ncols=True)
 
 
 def _say(message):
