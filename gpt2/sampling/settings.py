@@ -76,9 +76,8 @@ def is_int(value):
 
 def _as_int(value):
     """An integer, or an integral float (JSON clients send 40.0); None otherwise."""
-    if is_int(value):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+    if is_int(value) or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                         and float(value).is_integer()):
         return int(value)
     return None
 
@@ -94,22 +93,11 @@ def _as_number(value):
     return number if math.isfinite(number) else None
 
 
-def _number(field, value, low, high, rule):
-    number = _as_number(value)
-    if number is None or not low <= number <= high:
-        raise SettingsError(field, f"{field} must be {rule}, got {shown(value)}")
-    return number
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """How one row picks its tokens (see the module docstring for the order and meaning).
-
-    temperature: in [0, 100], 0 = greedy. top_k: >= 0, 0 = off. top_p: in [0, 1], 1 = off, 0 =
-    only the most likely token. presence_penalty, frequency_penalty: in [-2, 2], 0 = off.
-    repetition_penalty: in [0.01, 100], 1 = off. logit_bias: {token id: bias in [-100, 100]} (ids
-    may be strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
-    Every float range keeps the sampler's float32 arithmetic finite (see the module docstring).
+    """How one row picks its tokens (the module docstring gives the order and meaning, FLOAT_RULES
+    the ranges). top_k: >= 0, 0 = off. logit_bias: {token id: bias in [-100, 100]} (ids may be
+    strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
     """
 
     temperature: float = 1.0
@@ -129,7 +117,11 @@ class SamplingSettings:
                     raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
                 set_(self, "top_k", top_k)
             else:
-                set_(self, name, _number(name, getattr(self, name), *FLOAT_RULES[name]))
+                low, high, rule = FLOAT_RULES[name]
+                number = _as_number(getattr(self, name))
+                if number is None or not low <= number <= high:
+                    raise SettingsError(name, f"{name} must be {rule}, got {shown(getattr(self, name))}")
+                set_(self, name, number)
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
@@ -227,13 +219,10 @@ def check_prompt(tokens, n_vocab, n_ctx, field="prompt"):
     if len(tokens) > n_ctx:
         raise SettingsError(field, f"{field} is {len(tokens)} tokens, more than the model's context of "
                             f"{n_ctx}; shorten it")
-    ids = []
-    for token in tokens:
-        token_id = _as_int(token)
-        if token_id is None or not 0 <= token_id < n_vocab:
-            bad = [t for t in tokens if _as_int(t) is None or not 0 <= _as_int(t) < n_vocab]
-            raise SettingsError(field, f"{field} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5]}")
-        ids.append(token_id)
+    ids = [_as_int(token) for token in tokens]
+    bad = [token for token, token_id in zip(tokens, ids) if token_id is None or not 0 <= token_id < n_vocab]
+    if bad:
+        raise SettingsError(field, f"{field} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5]}")
     return ids
 
 
@@ -295,17 +284,10 @@ def pack_rows(settings, n_vocab):
     """
     for row in settings:
         row.check_vocab(n_vocab)
-    packed = {
-        "temperature": np.array([s.temperature for s in settings], np.float32),
-        "top_k": np.array([s.top_k if s.top_k < n_vocab else 0 for s in settings], np.int32),
-        "top_p": np.array([s.top_p for s in settings], np.float32),
-        "presence_penalty": np.array([s.presence_penalty for s in settings], np.float32),
-        "frequency_penalty": np.array([s.frequency_penalty for s in settings], np.float32),
-        "repetition_penalty": np.array([s.repetition_penalty for s in settings], np.float32),
-    }
-    bias = np.zeros([len(settings), n_vocab], np.float32)
+    packed = {name: np.array([getattr(s, name) for s in settings], np.float32) for name in FLOAT_RULES}
+    packed["top_k"] = np.array([s.top_k if s.top_k < n_vocab else 0 for s in settings], np.int32)
+    packed["logit_bias"] = np.zeros([len(settings), n_vocab], np.float32)
     for row, setting in enumerate(settings):
         for token, value in setting.logit_bias:
-            bias[row, token] = value
-    packed["logit_bias"] = bias
+            packed["logit_bias"][row, token] = value
     return packed
