@@ -9,10 +9,9 @@ h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
 matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
 matmuls). Projection kernels (and the model's token embedding) may instead be held narrow
-(`NarrowKernel`): int8 with a float32 scale per output channel (weight-only quantization, a
-quarter of the memory) or float16 (half): they are widened to float32 for the product, which
-stays float32. Whatever the policy,
-the residual stream, LayerNorm statistics and the attention softmax are float32. Layers invoke
+(`NarrowKernel`: int8 with a float32 scale per output channel, or float16), widened to float32
+for the product. Whatever the policy, the residual stream, LayerNorm statistics and the
+attention softmax are float32. Layers invoke
 their sublayers' `call` directly (Keras' per-call bookkeeping adds nothing here and made up a
 large share of tracing time), so casts are explicit.
 
@@ -141,9 +140,7 @@ class NarrowKernel:
     `q` with a float32 `scale` per output channel (`quantize_int8`), or float16 `q` with `scale`
     None. A Conv1D kernel [n_in, n_out] is held transposed, the token embedding [V, e] as it is
     (its rows are the logits' channels). Stands in for the float variable where weights are
-    loaded and saved: `assign(float value)` narrows, `value` widens, `shape` is the float weight's,
-    `dtype` the dtype it takes; `tensors()` is what `dense` and `narrow_matmul` take: (q, scale),
-    or (q,) for float16."""
+    loaded and saved: `assign` narrows, `value` widens, `shape` and `dtype` are the float weight's."""
 
     dtype = "float32"
 
@@ -179,7 +176,8 @@ class NarrowKernel:
         return tf.transpose(rows) if self.transposed else rows
 
     def tensors(self):
-        """(q int8 [n_out, n_in], scale float32 [n_out]) or (q float16 [n_out, n_in],) as tensors."""
+        """What `dense` and `narrow_matmul` take: (q int8 [n_out, n_in], scale float32 [n_out]), or
+        (q float16 [n_out, n_in],)."""
         if self.scale is None:
             return (tf.convert_to_tensor(self.q),)
         return tf.convert_to_tensor(self.q), tf.convert_to_tensor(self.scale)
@@ -334,10 +332,8 @@ def dynamic_slice(tensor, begin, size, xla=True):
 
 
 class LayerNorm(keras.layers.Layer):
-    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`
-    (stored under `weight_names`: GPT2-ML's are gamma, beta).
-
-    Statistics in float32; returns float32 (the caller casts for its matmul)."""
+    """`layer_norm` with OpenAI's weights `g`, `b` (stored under `weight_names`: GPT2-ML's are
+    gamma, beta); float32 [..., e] (the caller casts for its matmul)."""
 
     def __init__(self, n_embd, epsilon=1e-5, weight_names=("g", "b"), **kwargs):
         super().__init__(**kwargs)
@@ -347,7 +343,6 @@ class LayerNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        """x: [..., e] -> float32 [..., e]."""
         return layer_norm(x, self.g, self.b, self.epsilon)
 
 
@@ -422,19 +417,9 @@ class MLP(_Projections):
 
 
 class _Block(keras.layers.Layer):
-    """What GPT-2's and GPT2-ML's blocks share: `function` (the block step) run on `layer_weights()`."""
-
-    @staticmethod
-    def function(x, weights, batch, n_head, dtype, attention, dropout=None):
-        """The block step: `block` or `ml_block`."""
-        raise NotImplementedError
-
-    def layer_weights(self):
-        raise NotImplementedError
-
-    def dropout_layers(self):
-        """The attention output's and the MLP output's Dropout layers."""
-        raise NotImplementedError
+    """What GPT-2's and GPT2-ML's blocks share: a subclass's `function` (the block step, `block` or
+    `ml_block`) run on its `layer_weights()`, with its `dropout_layers()` (the attention output's
+    and the MLP output's)."""
 
     def inference_weights(self):
         """The weights as tensors in the block function's order (LoRA adapters merged in), for the samplers."""
@@ -492,6 +477,7 @@ class MLBlock(_Block):
     def function(*args, **kwargs):
         """`ml_block` (looked up when called, as Block's)."""
         return ml_block(*args, **kwargs)
+
     PROJECTIONS = ("query_layer", "key_layer", "value_layer", "context_projection_layer")
 
     def __init__(self, n_embd, n_head, n_inner, dropout, kernel_initializer, **kwargs):

@@ -14,16 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import NARROW_DTYPES, GPT2MLHParams, HParams
-from gpt2.layers import (
-    Block,
-    LayerNorm,
-    MLBlock,
-    NarrowKernel,
-    layer_norm,
-    matmul,
-    narrow_matmul,
-    narrow_weight,
-)
+from gpt2.layers import Block, LayerNorm, MLBlock, NarrowKernel, layer_norm, matmul, narrow_matmul, narrow_weight
 
 
 def _uninitialized(shape, dtype=None):
@@ -41,24 +32,18 @@ class GPT2(keras.Model):
 
     `model(tokens, past=None)` returns a dict like OpenAI's `model.model`: `logits` [b, s, V]
     (float32) and `present` [b, L, 2, h, s, d] (keys and values of this call, to pass back as
-    `past`). With `return_hidden_states=True` it also holds `hidden_states`: L + 1 float32 tensors
-    [b, s, e], the embeddings and the output of each block (before the final LayerNorm).
+    `past`); with `return_hidden_states=True` also `hidden_states`: L + 1 float32 [b, s, e], the
+    embeddings and each block's output (before the final LayerNorm).
 
-    `dropout` (embeddings, attention and MLP outputs) applies only when called with
-    `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
-    `random_init=False` leaves them uninitialised (not even their memory is touched) for weights
-    that are about to be loaded: loading then holds the weights once, not twice.
-    `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
-    bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
-    residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
-    `weight_dtype="int8"`: weight-only int8 (with the float32 policy): the projection kernels
-    and the token embedding are held as int8 with a float32 scale per output channel (per token
-    for wte, which also makes the logits), `gpt2.layers.NarrowKernel`; biases, LayerNorm and wpe stay
-    float32, and so does all arithmetic and the key/value cache. `weight_dtype="float16"`: the
-    same with those weights held as float16 (no scale; half the memory; on CPUs without bfloat16
-    instructions the fast 16-bit mode, as XLA fuses the widening into the product), and the
-    samplers' key/value cache held as float16 too (`cache_dtype`; attention widens it). For
-    inference only: training, LoRA and GPT2-ML's variant are refused.
+    `dropout` applies only with `training=True`. Weights start as OpenAI's initialisation
+    (normal, std 0.02; wpe 0.01); `random_init=False` leaves them uninitialised (their memory
+    untouched) for weights about to be loaded, so loading holds them once. `dtype`: a Keras dtype
+    policy, "float32", "bfloat16" or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for
+    training); the residual stream, LayerNorm statistics, softmax and logits are float32 in all.
+    `weight_dtype` "int8" or "float16" (float32 policy, inference only; not GPT2-ML): projection
+    kernels and wte held narrow (`gpt2.layers.NarrowKernel`: int8 with a float32 scale per output
+    channel, or float16, which XLA widens inside the product), all arithmetic float32; float16
+    models also hold the samplers' key/value cache in float16 (`cache_dtype`).
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
@@ -96,11 +81,8 @@ class GPT2(keras.Model):
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
         with keras.name_scope(self.name):
             self.embedding_dropout = keras.layers.Dropout(dropout)
-            self.blocks = [
-                Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), self.weight_dtype, name=f"h{i}",
-                      dtype=self.dtype_policy)
-                for i in range(hparams.n_layer)
-            ]
+            self.blocks = [Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), self.weight_dtype,
+                                 name=f"h{i}", dtype=self.dtype_policy) for i in range(hparams.n_layer)]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
 
     @property
@@ -135,8 +117,7 @@ class GPT2(keras.Model):
     # export paths are given `tokens` int32 [b, s]; outputs are those of `call` (logits, present).
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
-        """Keras' `Model.export`; `input_signature` defaults to int32 tokens [b, s] (no call needed
-        first). The export's `serve(tokens)` returns `model(tokens)`."""
+        """Keras' `Model.export`, its `serve(tokens)` returning `model(tokens)`."""
         if input_signature is None:
             input_signature = [TOKENS_SPEC]
         return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
@@ -220,10 +201,8 @@ class GPT2(keras.Model):
             presents.append(present)
             hidden_states.append(x)
         h = self.final(x)
-        outputs = {
-            "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
-            "present": tf.stack(presents, axis=1),
-        }
+        outputs = {"logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
+                   "present": tf.stack(presents, axis=1)}
         if return_hidden_states:
             outputs["hidden_states"] = [tf.reshape(state, [batch, seq, self.hparams.n_embd]) for state in hidden_states]
         return outputs
@@ -279,11 +258,8 @@ class GPT2ML(GPT2):
         with keras.name_scope(self.name):
             self.embeddings = _MLEmbeddings(hparams, normal, name="embeddings", dtype=self.dtype_policy)
             self.embedding_dropout = keras.layers.Dropout(dropout)
-            self.blocks = [
-                MLBlock(hparams.n_embd, hparams.n_head, hparams.n_inner, dropout, normal(0.02), name=f"layer{i:02d}",
-                        dtype=self.dtype_policy)
-                for i in range(hparams.n_layer)
-            ]
+            self.blocks = [MLBlock(hparams.n_embd, hparams.n_head, hparams.n_inner, dropout, normal(0.02),
+                                   name=f"layer{i:02d}", dtype=self.dtype_policy) for i in range(hparams.n_layer)]
 
     @property
     def wte(self):

@@ -105,16 +105,12 @@ def choose_tokens(logits, temperature, top_k, top_p, noise):
             values, ids, exact = processors.filter_candidates(scaled, top_k, top_p)
             return gumbel_choice(values, ids, noise), exact
 
-        from_candidates, exact = tf.cond(
-            tf.reduce_any(filtering & sampling), candidates, lambda: (greedy, tf.zeros_like(filtering))
-        )
+        from_candidates, exact = tf.cond(tf.reduce_any(filtering & sampling), candidates,
+                                         lambda: (greedy, tf.zeros_like(filtering)))
 
         def from_vocabulary():
-            filtered = tf.cond(
-                tf.reduce_any(filtering & ~exact & sampling),
-                lambda: processors.filter_logits(scaled, top_k, top_p),
-                lambda: scaled,
-            )
+            filtered = tf.cond(tf.reduce_any(filtering & ~exact & sampling),
+                               lambda: processors.filter_logits(scaled, top_k, top_p), lambda: scaled)
             return vocabulary_choice(filtered, noise)
 
         drawn = tf.cond(tf.reduce_all(exact | ~sampling), lambda: from_candidates, from_vocabulary)
@@ -149,22 +145,18 @@ def next_tokens(logits, rows, ready):
     extensions: repetition/presence/frequency penalties and logit bias, then `choose_tokens`
     with the row's own draw. One rule for the compiled loop and the uncompiled sampler.
 
-    logits: float32 [b, V]; rows: a dict of per-row tensors: temperature, top_p,
-    presence_penalty, frequency_penalty, repetition_penalty float32 [b], top_k, seed, generated
-    (tokens made so far: the draw's index in the row's stream) int32 [b], logit_bias float32
-    [b, V], counts int32 [b, V] (generated tokens), prompt_seen bool [b, V]; ready: bool [b],
-    the rows taking a token now (the others' choices are ignored; they only skip work).
-    Returns (the processed logits [b, V], tokens int32 [b])."""
+    logits: float32 [b, V]; rows: {NEXT_TOKEN_FIELDS name: per-row tensor [b] or [b, V]}
+    (`generated`: tokens made so far, the draw's index in the row's stream; `counts`: of each
+    generated token); ready: bool [b], the rows taking a token now (the others' choices are
+    ignored; they only skip work). Returns (the processed logits [b, V], tokens int32 [b])."""
     counts = rows["counts"]
     penalised = (tf.not_equal(rows["repetition_penalty"], 1.0) | tf.not_equal(rows["presence_penalty"], 0.0)
                  | tf.not_equal(rows["frequency_penalty"], 0.0))
-    logits = tf.cond(
-        tf.reduce_any(ready & penalised),
-        lambda: processors.apply_penalties(
-            logits, counts, rows["prompt_seen"] | (counts > 0), rows["presence_penalty"],
-            rows["frequency_penalty"], rows["repetition_penalty"], rows["logit_bias"]),
-        lambda: logits + rows["logit_bias"],
-    )
+    logits = tf.cond(tf.reduce_any(ready & penalised),
+                     lambda: processors.apply_penalties(logits, counts, rows["prompt_seen"] | (counts > 0),
+                                                        rows["presence_penalty"], rows["frequency_penalty"],
+                                                        rows["repetition_penalty"], rows["logit_bias"]),
+                     lambda: logits + rows["logit_bias"])
 
     def noise(ids):
         return gumbel_noise(rows["seed"], rows["generated"], ids)

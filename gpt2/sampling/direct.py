@@ -190,7 +190,6 @@ def decode_rows(model, requests):
     slots_tensor = tf.constant(slots, tf.int32)  # made once, passed every step
     try:
         position = 0
-        made = [0] * count
         running = set(range(count))
         for step in range(steps):
             rows["generated"] = tf.fill([count], step)
@@ -198,13 +197,9 @@ def decode_rows(model, requests):
                                                   rows)
             position += tokens.shape[1]
             tokens = chosen.numpy()[:, None]
-            produced = []
-            for i in sorted(running):
-                token = int(tokens[i, 0])
-                produced.append((i, token, None))
-                made[i] += 1
-                if made[i] >= requests[i].max_new or token == requests[i].stop_token:
-                    running.discard(i)
+            produced = [(i, int(tokens[i, 0]), None) for i in sorted(running)]  # step + 1 tokens each
+            running -= {i for i, token, _ in produced
+                        if step + 1 >= requests[i].max_new or token == requests[i].stop_token}
             yield produced
             if not running:
                 return

@@ -93,6 +93,14 @@ def _as_number(value):
     return number if math.isfinite(number) else None
 
 
+def _checked(value, field, low, high, rule, convert=_as_int):
+    """convert(value) if it is not None and in [low, high], else a SettingsError naming `field`."""
+    number = convert(value)
+    if number is None or not low <= number <= high:
+        raise SettingsError(field, f"{field} must be {rule}, got {shown(value)}")
+    return number
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """How one row picks its tokens (the module docstring gives the order and meaning, FLOAT_RULES
@@ -109,20 +117,13 @@ class SamplingSettings:
     logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
-        set_ = object.__setattr__
         for name in SETTING_RULES_ORDER:
             if name == "top_k":
-                top_k = _as_int(self.top_k)
-                if top_k is None or top_k < 0:
-                    raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
-                set_(self, "top_k", top_k)
+                value = _checked(self.top_k, name, 0, math.inf, "an integer >= 0 (0 = off)")
             else:
-                low, high, rule = FLOAT_RULES[name]
-                number = _as_number(getattr(self, name))
-                if number is None or not low <= number <= high:
-                    raise SettingsError(name, f"{name} must be {rule}, got {shown(getattr(self, name))}")
-                set_(self, name, number)
-        set_(self, "logit_bias", _logit_bias(self.logit_bias))
+                value = _checked(getattr(self, name), name, *FLOAT_RULES[name], convert=_as_number)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -186,12 +187,7 @@ def _logit_bias(value):
 
 def check_seed(seed, field="seed"):
     """None (fresh entropy) or an integer in [0, 2**64); returns it as int or None."""
-    if seed is None:
-        return None
-    value = _as_int(seed)
-    if value is None or not 0 <= value < SEED_LIMIT:
-        raise SettingsError(field, f"{field} must be an integer in [0, 2**64), got {shown(seed)}")
-    return value
+    return None if seed is None else _checked(seed, field, 0, SEED_LIMIT - 1, "an integer in [0, 2**64)")
 
 
 def row_seeds(seed, count):
@@ -203,9 +199,7 @@ def row_seeds(seed, count):
 
 def check_length(length, field="length", limit=None):
     """New tokens to generate: an integer >= 1 (and <= `limit` when given)."""
-    value = _as_int(length)
-    if value is None or value < 1:
-        raise SettingsError(field, f"{field} must be an integer >= 1, got {shown(length)}")
+    value = _checked(length, field, 1, math.inf, "an integer >= 1")
     if limit is not None and value > limit:
         raise SettingsError(field, f"{field} must be at most {limit}, got {value}")
     return value
@@ -234,10 +228,7 @@ def check_window_keep(window_keep, n_ctx, field="window_keep"):
     """Tokens kept when the window slides past n_ctx: an integer in [1, n_ctx - 1]; None = n_ctx // 2."""
     if window_keep is None:
         return default_window_keep(n_ctx)
-    value = _as_int(window_keep)
-    if value is None or not 1 <= value < n_ctx:
-        raise SettingsError(field, f"{field} must be an integer in [1, {n_ctx - 1}], got {shown(window_keep)}")
-    return value
+    return _checked(window_keep, field, 1, n_ctx - 1, f"an integer in [1, {n_ctx - 1}]")
 
 
 @dataclasses.dataclass

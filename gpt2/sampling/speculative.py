@@ -24,11 +24,10 @@ Exactness:
   acceptance tests and draft draws use a NumPy stream seeded by the row's seed, so a seeded call
   repeats, but its tokens are not those of plain seeded sampling (the same distribution only).
 
-Draft length adapts: it grows by one after a round that kept every draft and shrinks after a
-rejection, within [1, the draft's `tokens`]. When a single draft token is rejected outright, the
-next rounds are plain steps (1, 4, 16 ... up to PAUSE_LIMIT of them) before trying again, so a
-draft that never agrees costs a few tries (and a draft model's reading of the prompt), not a
-draft step per token.
+Draft length adapts within [1, the draft's `tokens`]: one more after a round that kept every
+draft, fewer after a rejection. When a single draft token is rejected outright, the next 1, 4,
+16 ... PAUSE_LIMIT rounds are plain steps, so a draft that never agrees costs a few tries, not
+a draft step per token.
 
 Limits (each refused with a one-line SettingsError): one row, prompt + new tokens within the
 context (no sliding window), no log-probabilities, not the compiled loop (jit_compile=True).
@@ -77,7 +76,7 @@ class DraftModel:
 
             model = load_model(model, **load_options)
         self.model = model
-        self.tokens = _check_tokens(tokens)
+        self.tokens = _at_least_one(tokens, "draft tokens")
         self.stats = Stats()
 
     def start(self, target, slots):
@@ -96,10 +95,8 @@ class PromptLookup:
     tokens (n = ngram, then shorter), the tokens that followed. tokens: most drafts per round."""
 
     def __init__(self, ngram: int = 3, tokens: int = DEFAULT_TOKENS) -> None:
-        if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 1:
-            raise SettingsError("draft", f"PromptLookup ngram must be an integer >= 1, got {ngram!r}")
-        self.ngram = ngram
-        self.tokens = _check_tokens(tokens)
+        self.ngram = _at_least_one(ngram, "PromptLookup ngram")
+        self.tokens = _at_least_one(tokens, "draft tokens")
         self.stats = Stats()
 
     def start(self, target, slots):
@@ -125,10 +122,10 @@ class PromptLookup:
         pass
 
 
-def _check_tokens(tokens):
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-        raise SettingsError("draft", f"draft tokens must be an integer >= 1, got {tokens!r}")
-    return tokens
+def _at_least_one(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SettingsError("draft", f"{what} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def as_draft(draft):
