@@ -11,9 +11,8 @@ matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and fas
 matmuls). Projection kernels (and the model's token embedding) may instead be held narrow
 (`NarrowKernel`: int8 with a float32 scale per output channel, or float16), widened to float32
 for the product. Whatever the policy, the residual stream, LayerNorm statistics and the
-attention softmax are float32. Layers invoke
-their sublayers' `call` directly (Keras' per-call bookkeeping adds nothing here and made up a
-large share of tracing time), so casts are explicit.
+attention softmax are float32. Layers invoke their sublayers' `call` directly (Keras' per-call
+bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
 
 Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`; GPT2-ML's
 `newslm/layer03/query_layer/kernel`): composite layers create their children inside their own name scope.
@@ -45,11 +44,9 @@ def gelu_erf(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention, float32: one masked softmax over the given keys.
-
-    q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
-    query may see a key. Returns float32 [b, h, s, d].
-    """
+    """Scaled dot-product attention, float32: one masked softmax over the given keys. q: [b, h, s,
+    d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a query may see
+    a key. Returns float32 [b, h, s, d]."""
     q, k, v = (_cast(x, tf.float32) for x in (q, k, v))
     scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(q.shape[-1]))
     scores = tf.where(mask, scores, MASKED_SCORE)
@@ -253,8 +250,7 @@ def ml_block(x, weights, batch, n_head, dtype, attention, dropout=None):
     """GPT2-ML's (Grover's) block, `block`'s arguments and result (weights: `MLBlock`'s): no
     LayerNorm before attention, separate q, k, v projections, x + attn(x), then
     mlp_ln1(x + output(gelu_erf(intermediate(mlp_ln0(x))))): the stream leaves it normalised."""
-    (q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b,
-     ln0_g, ln0_b, fc_w, fc_b, out_w, out_b, ln1_g, ln1_b) = weights
+    q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, ln0_g, ln0_b, fc_w, fc_b, out_w, out_b, ln1_g, ln1_b = weights
     attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
     q, k, v = (to_heads(_linear(x, w, b, dtype), batch, n_head) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     a, k, v = attention(q, k, v)
@@ -347,13 +343,10 @@ class LayerNorm(keras.layers.Layer):
 
 
 class Conv1D(keras.layers.Layer):
-    """OpenAI's `conv1d`: a dense projection x @ w + b with w stored [n_in, n_out].
-
-    OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
-    `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
-    weight_dtype "int8": w is a `NarrowKernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]);
-    "float16": a `NarrowKernel` of float16 `w` [n_out, n_in] alone.
-    """
+    """OpenAI's `conv1d`: a dense projection x @ w + b with w stored [n_in, n_out] (OpenAI's
+    checkpoint keeps a leading axis of 1, which the loader drops) under `weight_names` (GPT2-ML's:
+    kernel, bias). weight_dtype int8 or float16: w is a `NarrowKernel` (`w` [n_out, n_in], and
+    for int8 `w_scale` [n_out])."""
 
     def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)

@@ -165,18 +165,13 @@ class GPT2(keras.Model):
                                                                                                   transpose_b=True)
         return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
-    def check_context(self, length):
-        """Raises a one-line ValueError if `length` positions (a Python int) exceed n_ctx."""
-        if length > self.hparams.n_ctx:
-            raise ValueError(f"{length} positions do not fit the model's context of {self.hparams.n_ctx} "
-                             "tokens; shorten the input (gpt2.perplexity scores longer texts)")
-
     def __call__(self, tokens, past=None, *args, **kwargs):
         # Checked before Keras' __call__, which would wrap the error in a many-line report.
         seq = getattr(tokens, "shape", np.shape(tokens))
         past_len = 0 if past is None else getattr(past, "shape", np.shape(past))[-2]
-        if len(seq) == 2 and seq[1] is not None and past_len is not None:
-            self.check_context(seq[1] + past_len)
+        if len(seq) == 2 and seq[1] is not None and past_len is not None and seq[1] + past_len > self.hparams.n_ctx:
+            raise ValueError(f"{seq[1] + past_len} positions do not fit the model's context of {self.hparams.n_ctx} "
+                             "tokens; shorten the input (gpt2.perplexity scores longer texts)")
         return super().__call__(tokens, past, *args, **kwargs)
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):

@@ -23,6 +23,7 @@ n = tokens of one row.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -205,10 +206,8 @@ def _array_of(tokens, ndim, expected):
 
 def _rows_of(tokens, n_vocab):
     array = _array_of(tokens, 2, "2-D [rows, tokens] or a list of token lists")
-    if array is not None:
-        tokens = list(array)
     try:
-        rows = list(tokens)
+        rows = list(tokens if array is None else array)
     except TypeError:
         raise ValueError("tokens must be a list of token lists (one per row)") from None
     if rows and all(isinstance(row, (int, np.integer)) for row in rows):
@@ -313,20 +312,12 @@ def _token_chunks(tokens, n_vocab):
     if array is not None:
         yield _as_ids(array, n_vocab, "tokens")
         return
-    scalars = []
-    for item in tokens:
-        if np.ndim(item) == 0:
-            scalars.append(item)
-            if len(scalars) >= 4096:
-                yield _as_ids(scalars, n_vocab, "tokens")
-                scalars = []
-            continue
-        if scalars:
-            yield _as_ids(scalars, n_vocab, "tokens")
-            scalars = []
-        yield _as_ids(item, n_vocab, "a chunk of tokens")
-    if scalars:
-        yield _as_ids(scalars, n_vocab, "tokens")
+    for scalars, items in itertools.groupby(tokens, key=lambda item: np.ndim(item) == 0):
+        if not scalars:
+            for chunk in items:
+                yield _as_ids(chunk, n_vocab, "a chunk of tokens")
+        while scalars and (ids := list(itertools.islice(items, 4096))):
+            yield _as_ids(ids, n_vocab, "tokens")
 
 
 class _Stream:

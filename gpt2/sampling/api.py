@@ -67,8 +67,7 @@ def direct_tokens(model=None):
             return None
         return DIRECT_TOKENS // 4 if getattr(model, "weight_dtype", "float32") != "float32" else DIRECT_TOKENS
     if not value.isdigit():
-        raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), "
-                         f"got {value!r}")
+        raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), got {value!r}")
     return int(value)
 
 
@@ -243,10 +242,10 @@ def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, 
         columns = {name: _per_row(value, rows, name) for name, value in options.items()}
         per_row = [SamplingSettings(**{name: column[i] for name, column in columns.items()}) for i in range(rows)]
     seeds = row_seeds(None, rows) if seeds is None else _per_row(seeds, rows, "seeds")
+    lengths = _per_row(length, rows, "length")
     return [Row.checked(list(prompt), setting, np.int32(seed), n, hparams.n_vocab, hparams.n_ctx, stop_token,
                         window_keep, field=f"prompt {i}")
-            for i, (prompt, setting, seed, n) in enumerate(zip(prompts, per_row, seeds,
-                                                                _per_row(length, rows, "length")))]
+            for i, (prompt, setting, seed, n) in enumerate(zip(prompts, per_row, seeds, lengths))]
 
 
 def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback=None, jit_compile=None,
@@ -264,21 +263,14 @@ def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback
     if callback is not None:
         for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token, draft)):
             callback(step, tokens)
-            for row, token in zip(rows, tokens):
-                row.append(int(token))
-        return [np.asarray(_cut(row, request), np.int32) for row, request in zip(rows, requests)]
-    for produced in decode_rows(model, requests, jit_compile, draft=draft):
-        for index, token, _ in produced:
-            rows[index].append(token)
+            for row, token, request in zip(rows, tokens, requests):
+                if len(row) < request.max_new and request.stop_token not in row[-1:]:  # the row runs on
+                    row.append(int(token))
+    else:
+        for produced in decode_rows(model, requests, jit_compile, draft=draft):
+            for index, token, _ in produced:
+                rows[index].append(token)
     return [np.asarray(row, np.int32) for row in rows]
-
-
-def _cut(tokens, request):
-    """A row's tokens up to its length and through its first stop token."""
-    tokens = tokens[: request.max_new]
-    if request.stop_token in tokens:
-        tokens = tokens[: tokens.index(request.stop_token) + 1]
-    return tokens
 
 
 def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_compile=None, settings=None,
@@ -290,33 +282,23 @@ def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_comp
 
 def _lockstep(model, requests, jit_compile, stop_token, draft=None):
     """Each step's tokens, int32 [b]: step i holds token i of every row (rows that have stopped
-    repeat stop_token, or 0 without one). Decodes token by token; closing it stops the decode."""
+    repeat stop_token, or 0 without one), yielded once every row has made token i or stopped.
+    Decodes token by token; closing it stops the decode."""
     fill = 0 if stop_token is None else int(stop_token)
-    rows = [[] for _ in requests]
-
-    def finished(index):
-        row = rows[index]
-        return len(row) >= requests[index].max_new or (row and row[-1] == requests[index].stop_token)
-
-    def ready_steps(step, final):
-        while not all(len(row) <= step and finished(i) for i, row in enumerate(rows)):
-            if not final and any(len(row) <= step and not finished(i) for i, row in enumerate(rows)):
-                break
-            yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
-            step += 1
-
-    step = 0
+    rows, finished, step = [[] for _ in requests], [False] * len(requests), 0
     produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1, draft=draft)
     try:
         for produced in produced_steps:
             for index, token, _ in produced:
                 rows[index].append(token)
-            for tokens in ready_steps(step, final=False):
+                request = requests[index]
+                finished[index] = len(rows[index]) >= request.max_new or token == request.stop_token
+            while (all(len(row) > step or finished[i] for i, row in enumerate(rows))
+                   and any(len(row) > step for row in rows)):
+                yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
                 step += 1
-                yield tokens
     finally:
         produced_steps.close()
-    yield from ready_steps(step, final=True)
 
 
 def stream(model: GPT2, context: Context, length: int, *, seed: int | None = None, **options) -> Iterator[np.ndarray]:

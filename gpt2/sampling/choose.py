@@ -85,15 +85,14 @@ def vocabulary_choice(logits, noise):
 
 
 def choose_tokens(logits, temperature, top_k, top_p, noise):
-    """Picks each row's next token. logits: float32 [b, V] (penalties applied); temperature,
-    top_p: float32 [b]; top_k: int32 [b]; noise(ids int32 [b, n] or [1, n]) -> float32 [b, n]:
-    the row's Gumbel noise for those tokens (`gumbel_noise`). Returns int32 [b].
+    """Picks each row's next token, int32 [b]. logits: float32 [b, V] (penalties applied);
+    temperature, top_p: float32 [b]; top_k: int32 [b]; noise(ids int32 [b, n] or [1, n]) -> the
+    rows' Gumbel noise for those tokens, float32 [b, n] (`gumbel_noise`).
 
     Temperature 0 is greedy. Otherwise OpenAI's order: scale by the temperature, top-k, top-p,
     draw. Rows whose kept set lies among the largest CANDIDATES logits (the usual case) draw from
-    those (`gumbel_choice`); the others filter and draw over the whole vocabulary
-    (`vocabulary_choice`). Which of the two a row takes depends only on the row.
-    """
+    those (`gumbel_choice`), the others over the whole vocabulary (`vocabulary_choice`): which,
+    depends only on the row."""
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     sampling = temperature > 0.0
 

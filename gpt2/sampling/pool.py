@@ -80,10 +80,8 @@ class Pool:
         self.n_ctx = model.hparams.n_ctx
         self.n_vocab = model.hparams.n_vocab
         with tf.init_scope():
-            self.state = {
-                name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
-                for name, (shape, dtype) in self.decoder.state_spec().items()
-            }
+            self.state = {name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
+                          for name, (shape, dtype) in self.decoder.state_spec().items()}
         self._changing = [name for name in self.state if name not in FIXED_IN_RUN]
         if jit_compile:
             compile_cache.enable()  # before this process's first XLA compile
