@@ -118,9 +118,8 @@ class GPT2(keras.Model):
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Keras' `Model.export`, its `serve(tokens)` returning `model(tokens)`."""
-        if input_signature is None:
-            input_signature = [TOKENS_SPEC]
-        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=[TOKENS_SPEC] if input_signature is None else input_signature, **kwargs)
 
     @tf.function(input_signature=[TOKENS_SPEC], autograph=False)
     def serve(self, tokens):

@@ -301,9 +301,7 @@ WINDOWS = ("rolling", "hf")
 
 def window_count(n_tokens, n_ctx, stride, windows="rolling"):
     """How many windows `perplexity` runs over n_tokens tokens (for progress bars)."""
-    if n_tokens < 2:
-        return 0
-    return 1 + max(-(-(n_tokens - (1 if windows == "rolling" else 0) - n_ctx) // stride), 0)
+    return 0 if n_tokens < 2 else 1 + max(-(-(n_tokens - (1 if windows == "rolling" else 0) - n_ctx) // stride), 0)
 
 
 def _token_chunks(tokens, n_vocab):

@@ -276,8 +276,8 @@ def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback
 def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_compile=None, settings=None,
                 window_keep=None, draft=None, **options):
     """`stream` with the arguments of `sample_rows` (per-row settings and seeds)."""
-    yield from _lockstep(model, _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options),
-                         jit_compile, stop_token, draft)
+    requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
+    yield from _lockstep(model, requests, jit_compile, stop_token, draft)
 
 
 def _lockstep(model, requests, jit_compile, stop_token, draft=None):
