@@ -235,12 +235,10 @@ class GPT2(keras.Model):
 
 @keras.saving.register_keras_serializable(package="gpt2")
 class GPT2ML(GPT2):
-    """GPT2-ML (imcaspar/gpt2-ml, Grover's model): GPT2's interface and drivers with its own steps.
-    The token + position embeddings are LayerNorm'ed (`embed`), each block is gpt2.layers.ml_block
-    (MLBlock), there is no final LayerNorm (`final` is the identity), logits are tied to word_embed
-    with no bias. Keras paths are Grover's TF1 variable names (`newslm/embeddings/word_embed`,
-    `newslm/layer00/query_layer/kernel`, ...): the checkpoint loads and saves by name.
-    """
+    """GPT2-ML (imcaspar/gpt2-ml, Grover's model): GPT2's interface and drivers with its own steps:
+    LayerNorm'ed embeddings (`embed`), gpt2.layers.ml_block, no final LayerNorm, logits tied to
+    word_embed. Keras paths are Grover's TF1 variable names (`newslm/layer00/query_layer/kernel`,
+    ...): the checkpoint loads and saves by name."""
 
     HPARAMS = GPT2MLHParams
     BLOCK = MLBlock

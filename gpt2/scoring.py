@@ -235,14 +235,10 @@ def score(model: GPT2, tokens: Sequence[Sequence[int]], top_k: int = 0, batch_si
 
 
 def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=None):
-    """OpenAI's legacy `echo` + `logprobs`: for each row, a `TokenScores` with one entry per
-    token (len(row) entries), the first token's empty as OpenAI's `null`: logprob NaN, top_ids -1,
-    top_logprobs NaN.
-
-    tokens: a list of token-id lists (see `score`); top_n: alternatives per position (OpenAI
-    allows 0..5). For a completion's logprobs, score prompt + completion and take the
-    completion's part: the values are the model's distribution before temperature/top-k/top-p.
-    """
+    """OpenAI's legacy `echo` + `logprobs`: for each row (see `score`), a `TokenScores` with one
+    entry per token, the first token's empty as OpenAI's `null` (logprob NaN, top_ids -1,
+    top_logprobs NaN); top_n: alternatives per position (OpenAI allows 0..5). For a completion's
+    logprobs, score prompt + completion and take the completion's part."""
     rows, top_n, batch_size = _check_score_args(model, tokens, top_n, batch_size, "top_n")
     results = _score_rows(model, rows, top_n, batch_size, jit_compile)
     first = TokenScores(np.full([1], np.nan, np.float32), np.full([1, top_n], -1, np.int32),
@@ -387,8 +383,7 @@ def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | No
     logits within LOGITS_BUDGET_BYTES; 2 for GPT-2's 1024-token context). progress: called with
     the number of windows just scored after each call.
 
-    Returns a `PerplexityResult`: total_nll (nats), tokens scored (len - 1), windows, and the
-    mean_nll and perplexity properties.
+    Returns a `PerplexityResult` (total_nll in nats, tokens scored, windows, mean_nll, perplexity).
     """
     if windows not in WINDOWS:
         raise ValueError(f"windows must be one of {', '.join(map(repr, WINDOWS))}, got {windows!r}")

@@ -266,13 +266,9 @@ SETTING_NAMES = tuple(field.name for field in dataclasses.fields(SamplingSetting
 
 
 def pack_rows(settings, n_vocab):
-    """Per-row settings as NumPy arrays for the compiled sampler (one rule for turning a
-    SamplingSettings into numbers; e.g. top_k >= n_vocab becomes 0 = off).
-
-    settings: a sequence of SamplingSettings, one per row. Returns a dict of arrays [b]:
-    temperature, top_p, presence_penalty, frequency_penalty, repetition_penalty (float32), top_k
-    (int32), and logit_bias float32 [b, n_vocab] (zeros unless some row has a bias).
-    """
+    """One SamplingSettings per row as NumPy arrays for the compiled sampler (one rule for turning
+    settings into numbers; e.g. top_k >= n_vocab becomes 0 = off): the float settings float32 [b],
+    top_k int32 [b], logit_bias float32 [b, n_vocab] (zeros unless some row has a bias)."""
     for row in settings:
         row.check_vocab(n_vocab)
     packed = {name: np.array([getattr(s, name) for s in settings], np.float32) for name in FLOAT_RULES}
