@@ -66,9 +66,8 @@ class HParams:
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not problems and self.parameter_count > MAX_PARAMETERS:
-            problems.append(
-                f"these shapes make {self.parameter_count:,} weights, more than the {MAX_PARAMETERS:,} allowed"
-            )
+            problems.append(f"these shapes make {self.parameter_count:,} weights, more than the {MAX_PARAMETERS:,} "
+                            "allowed")
         if problems:
             raise ValueError(f"hparams: {summarize(problems)}")
 
@@ -134,7 +133,6 @@ PRESETS = {
     "774M": HParams(n_embd=1280, n_head=20, n_layer=36),
     "1558M": HParams(n_embd=1600, n_head=25, n_layer=48),
 }
-
 
 
 @dataclasses.dataclass(frozen=True)

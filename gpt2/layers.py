@@ -9,12 +9,10 @@ h = n_head, d = head_dim = e / h, n = any number of rows (b * s flattened).
 dtypes: each layer follows its Keras dtype policy: weights are stored in `variable_dtype` and
 matmuls run in `compute_dtype` (float32, or bfloat16 for half the memory and faster oneDNN
 matmuls). Projection kernels (and the model's token embedding) may instead be held narrow
-(`NarrowKernel`): int8 with a float32 scale per output channel (weight-only quantization, a
-quarter of the memory) or float16 (half): they are widened to float32 for the product, which
-stays float32. Whatever the policy,
-the residual stream, LayerNorm statistics and the attention softmax are float32. Layers invoke
-their sublayers' `call` directly (Keras' per-call bookkeeping adds nothing here and made up a
-large share of tracing time), so casts are explicit.
+(`NarrowKernel`: int8 with a float32 scale per output channel, or float16), widened to float32
+for the product. Whatever the policy, the residual stream, LayerNorm statistics and the
+attention softmax are float32. Layers invoke their sublayers' `call` directly (Keras' per-call
+bookkeeping adds nothing here and made up a large share of tracing time), so casts are explicit.
 
 Every weight's Keras path is OpenAI's variable name (`model/h3/attn/c_proj/w`; GPT2-ML's
 `newslm/layer03/query_layer/kernel`): composite layers create their children inside their own name scope.
@@ -46,11 +44,9 @@ def gelu_erf(x):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention, float32: one masked softmax over the given keys.
-
-    q: [b, h, s, d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a
-    query may see a key. Returns float32 [b, h, s, d].
-    """
+    """Scaled dot-product attention, float32: one masked softmax over the given keys. q: [b, h, s,
+    d]; k, v: [b, h, t, d]; mask: bool, broadcastable to [b, h, s, t], True where a query may see
+    a key. Returns float32 [b, h, s, d]."""
     q, k, v = (_cast(x, tf.float32) for x in (q, k, v))
     scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(q.shape[-1]))
     scores = tf.where(mask, scores, MASKED_SCORE)
@@ -141,9 +137,7 @@ class NarrowKernel:
     `q` with a float32 `scale` per output channel (`quantize_int8`), or float16 `q` with `scale`
     None. A Conv1D kernel [n_in, n_out] is held transposed, the token embedding [V, e] as it is
     (its rows are the logits' channels). Stands in for the float variable where weights are
-    loaded and saved: `assign(float value)` narrows, `value` widens, `shape` is the float weight's,
-    `dtype` the dtype it takes; `tensors()` is what `dense` and `narrow_matmul` take: (q, scale),
-    or (q,) for float16."""
+    loaded and saved: `assign` narrows, `value` widens, `shape` and `dtype` are the float weight's."""
 
     dtype = "float32"
 
@@ -179,7 +173,8 @@ class NarrowKernel:
         return tf.transpose(rows) if self.transposed else rows
 
     def tensors(self):
-        """(q int8 [n_out, n_in], scale float32 [n_out]) or (q float16 [n_out, n_in],) as tensors."""
+        """What `dense` and `narrow_matmul` take: (q int8 [n_out, n_in], scale float32 [n_out]), or
+        (q float16 [n_out, n_in],)."""
         if self.scale is None:
             return (tf.convert_to_tensor(self.q),)
         return tf.convert_to_tensor(self.q), tf.convert_to_tensor(self.scale)
@@ -255,8 +250,7 @@ def ml_block(x, weights, batch, n_head, dtype, attention, dropout=None):
     """GPT2-ML's (Grover's) block, `block`'s arguments and result (weights: `MLBlock`'s): no
     LayerNorm before attention, separate q, k, v projections, x + attn(x), then
     mlp_ln1(x + output(gelu_erf(intermediate(mlp_ln0(x))))): the stream leaves it normalised."""
-    (q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b,
-     ln0_g, ln0_b, fc_w, fc_b, out_w, out_b, ln1_g, ln1_b) = weights
+    q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, ln0_g, ln0_b, fc_w, fc_b, out_w, out_b, ln1_g, ln1_b = weights
     attn_dropout, mlp_dropout = dropout or [lambda y: y] * 2
     q, k, v = (to_heads(_linear(x, w, b, dtype), batch, n_head) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     a, k, v = attention(q, k, v)
@@ -334,10 +328,8 @@ def dynamic_slice(tensor, begin, size, xla=True):
 
 
 class LayerNorm(keras.layers.Layer):
-    """x -> (x - mean) / sqrt(var + 1e-5) * g + b over the last axis; OpenAI's weights `g`, `b`
-    (stored under `weight_names`: GPT2-ML's are gamma, beta).
-
-    Statistics in float32; returns float32 (the caller casts for its matmul)."""
+    """`layer_norm` with OpenAI's weights `g`, `b` (stored under `weight_names`: GPT2-ML's are
+    gamma, beta); float32 [..., e] (the caller casts for its matmul)."""
 
     def __init__(self, n_embd, epsilon=1e-5, weight_names=("g", "b"), **kwargs):
         super().__init__(**kwargs)
@@ -347,18 +339,14 @@ class LayerNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        """x: [..., e] -> float32 [..., e]."""
         return layer_norm(x, self.g, self.b, self.epsilon)
 
 
 class Conv1D(keras.layers.Layer):
-    """OpenAI's `conv1d`: a dense projection x @ w + b with w stored [n_in, n_out].
-
-    OpenAI's checkpoint keeps a leading axis of 1 ([1, n_in, n_out]); the loader drops it.
-    `weight_names`: the stored names of w, b (GPT2-ML's dense layers: kernel, bias).
-    weight_dtype "int8": w is a `NarrowKernel` (int8 `w` [n_out, n_in] and float32 `w_scale` [n_out]);
-    "float16": a `NarrowKernel` of float16 `w` [n_out, n_in] alone.
-    """
+    """OpenAI's `conv1d`: a dense projection x @ w + b with w stored [n_in, n_out] (OpenAI's
+    checkpoint keeps a leading axis of 1, which the loader drops) under `weight_names` (GPT2-ML's:
+    kernel, bias). weight_dtype int8 or float16: w is a `NarrowKernel` (`w` [n_out, n_in], and
+    for int8 `w_scale` [n_out])."""
 
     def __init__(self, n_in, n_out, kernel_initializer, weight_names=("w", "b"), weight_dtype="float32", **kwargs):
         super().__init__(**kwargs)
@@ -422,19 +410,9 @@ class MLP(_Projections):
 
 
 class _Block(keras.layers.Layer):
-    """What GPT-2's and GPT2-ML's blocks share: `function` (the block step) run on `layer_weights()`."""
-
-    @staticmethod
-    def function(x, weights, batch, n_head, dtype, attention, dropout=None):
-        """The block step: `block` or `ml_block`."""
-        raise NotImplementedError
-
-    def layer_weights(self):
-        raise NotImplementedError
-
-    def dropout_layers(self):
-        """The attention output's and the MLP output's Dropout layers."""
-        raise NotImplementedError
+    """What GPT-2's and GPT2-ML's blocks share: a subclass's `function` (the block step, `block` or
+    `ml_block`) run on its `layer_weights()`, with its `dropout_layers()` (the attention output's
+    and the MLP output's)."""
 
     def inference_weights(self):
         """The weights as tensors in the block function's order (LoRA adapters merged in), for the samplers."""
@@ -492,6 +470,7 @@ class MLBlock(_Block):
     def function(*args, **kwargs):
         """`ml_block` (looked up when called, as Block's)."""
         return ml_block(*args, **kwargs)
+
     PROJECTIONS = ("query_layer", "key_layer", "value_layer", "context_projection_layer")
 
     def __init__(self, n_embd, n_head, n_inner, dropout, kernel_initializer, **kwargs):

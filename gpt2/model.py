@@ -14,16 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.hparams import NARROW_DTYPES, GPT2MLHParams, HParams
-from gpt2.layers import (
-    Block,
-    LayerNorm,
-    MLBlock,
-    NarrowKernel,
-    layer_norm,
-    matmul,
-    narrow_matmul,
-    narrow_weight,
-)
+from gpt2.layers import Block, LayerNorm, MLBlock, NarrowKernel, layer_norm, matmul, narrow_matmul, narrow_weight
 
 
 def _uninitialized(shape, dtype=None):
@@ -41,24 +32,18 @@ class GPT2(keras.Model):
 
     `model(tokens, past=None)` returns a dict like OpenAI's `model.model`: `logits` [b, s, V]
     (float32) and `present` [b, L, 2, h, s, d] (keys and values of this call, to pass back as
-    `past`). With `return_hidden_states=True` it also holds `hidden_states`: L + 1 float32 tensors
-    [b, s, e], the embeddings and the output of each block (before the final LayerNorm).
+    `past`); with `return_hidden_states=True` also `hidden_states`: L + 1 float32 [b, s, e], the
+    embeddings and each block's output (before the final LayerNorm).
 
-    `dropout` (embeddings, attention and MLP outputs) applies only when called with
-    `training=True`. Weights start as OpenAI's initialisation (normal, std 0.02; wpe 0.01);
-    `random_init=False` leaves them uninitialised (not even their memory is touched) for weights
-    that are about to be loaded: loading then holds the weights once, not twice.
-    `dtype`: a Keras dtype policy: "float32" (default), "bfloat16" (weights and matmuls in
-    bfloat16) or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for training). The
-    residual stream, LayerNorm statistics, softmax and logits are float32 in every policy.
-    `weight_dtype="int8"`: weight-only int8 (with the float32 policy): the projection kernels
-    and the token embedding are held as int8 with a float32 scale per output channel (per token
-    for wte, which also makes the logits), `gpt2.layers.NarrowKernel`; biases, LayerNorm and wpe stay
-    float32, and so does all arithmetic and the key/value cache. `weight_dtype="float16"`: the
-    same with those weights held as float16 (no scale; half the memory; on CPUs without bfloat16
-    instructions the fast 16-bit mode, as XLA fuses the widening into the product), and the
-    samplers' key/value cache held as float16 too (`cache_dtype`; attention widens it). For
-    inference only: training, LoRA and GPT2-ML's variant are refused.
+    `dropout` applies only with `training=True`. Weights start as OpenAI's initialisation
+    (normal, std 0.02; wpe 0.01); `random_init=False` leaves them uninitialised (their memory
+    untouched) for weights about to be loaded, so loading holds them once. `dtype`: a Keras dtype
+    policy, "float32", "bfloat16" or "mixed_bfloat16" (float32 weights, bfloat16 matmuls, for
+    training); the residual stream, LayerNorm statistics, softmax and logits are float32 in all.
+    `weight_dtype` "int8" or "float16" (float32 policy, inference only; not GPT2-ML): projection
+    kernels and wte held narrow (`gpt2.layers.NarrowKernel`: int8 with a float32 scale per output
+    channel, or float16, which XLA widens inside the product), all arithmetic float32; float16
+    models also hold the samplers' key/value cache in float16 (`cache_dtype`).
     Variable paths are OpenAI's names (`model/h0/attn/c_attn/w`, with the default name).
     """
 
@@ -96,11 +81,8 @@ class GPT2(keras.Model):
         self.wpe = self.add_weight(shape=(hparams.n_ctx, hparams.n_embd), initializer=normal(0.01), name="wpe")
         with keras.name_scope(self.name):
             self.embedding_dropout = keras.layers.Dropout(dropout)
-            self.blocks = [
-                Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), self.weight_dtype, name=f"h{i}",
-                      dtype=self.dtype_policy)
-                for i in range(hparams.n_layer)
-            ]
+            self.blocks = [Block(hparams.n_embd, hparams.n_head, dropout, normal(0.02), self.weight_dtype,
+                                 name=f"h{i}", dtype=self.dtype_policy) for i in range(hparams.n_layer)]
             self.ln_f = LayerNorm(hparams.n_embd, name="ln_f", dtype=self.dtype_policy)
 
     @property
@@ -135,11 +117,9 @@ class GPT2(keras.Model):
     # export paths are given `tokens` int32 [b, s]; outputs are those of `call` (logits, present).
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
-        """Keras' `Model.export`; `input_signature` defaults to int32 tokens [b, s] (no call needed
-        first). The export's `serve(tokens)` returns `model(tokens)`."""
-        if input_signature is None:
-            input_signature = [TOKENS_SPEC]
-        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        """Keras' `Model.export`, its `serve(tokens)` returning `model(tokens)`."""
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=[TOKENS_SPEC] if input_signature is None else input_signature, **kwargs)
 
     @tf.function(input_signature=[TOKENS_SPEC], autograph=False)
     def serve(self, tokens):
@@ -184,18 +164,13 @@ class GPT2(keras.Model):
                                                                                                   transpose_b=True)
         return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
-    def check_context(self, length):
-        """Raises a one-line ValueError if `length` positions (a Python int) exceed n_ctx."""
-        if length > self.hparams.n_ctx:
-            raise ValueError(f"{length} positions do not fit the model's context of {self.hparams.n_ctx} "
-                             "tokens; shorten the input (gpt2.perplexity scores longer texts)")
-
     def __call__(self, tokens, past=None, *args, **kwargs):
         # Checked before Keras' __call__, which would wrap the error in a many-line report.
         seq = getattr(tokens, "shape", np.shape(tokens))
         past_len = 0 if past is None else getattr(past, "shape", np.shape(past))[-2]
-        if len(seq) == 2 and seq[1] is not None and past_len is not None:
-            self.check_context(seq[1] + past_len)
+        if len(seq) == 2 and seq[1] is not None and past_len is not None and seq[1] + past_len > self.hparams.n_ctx:
+            raise ValueError(f"{seq[1] + past_len} positions do not fit the model's context of {self.hparams.n_ctx} "
+                             "tokens; shorten the input (gpt2.perplexity scores longer texts)")
         return super().__call__(tokens, past, *args, **kwargs)
 
     def call(self, tokens, past=None, return_hidden_states=False, training=None):
@@ -220,10 +195,8 @@ class GPT2(keras.Model):
             presents.append(present)
             hidden_states.append(x)
         h = self.final(x)
-        outputs = {
-            "logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
-            "present": tf.stack(presents, axis=1),
-        }
+        outputs = {"logits": tf.reshape(self.logits(h), [batch, seq, self.hparams.n_vocab]),
+                   "present": tf.stack(presents, axis=1)}
         if return_hidden_states:
             outputs["hidden_states"] = [tf.reshape(state, [batch, seq, self.hparams.n_embd]) for state in hidden_states]
         return outputs
@@ -262,12 +235,10 @@ class GPT2(keras.Model):
 
 @keras.saving.register_keras_serializable(package="gpt2")
 class GPT2ML(GPT2):
-    """GPT2-ML (imcaspar/gpt2-ml, Grover's model): GPT2's interface and drivers with its own steps.
-    The token + position embeddings are LayerNorm'ed (`embed`), each block is gpt2.layers.ml_block
-    (MLBlock), there is no final LayerNorm (`final` is the identity), logits are tied to word_embed
-    with no bias. Keras paths are Grover's TF1 variable names (`newslm/embeddings/word_embed`,
-    `newslm/layer00/query_layer/kernel`, ...): the checkpoint loads and saves by name.
-    """
+    """GPT2-ML (imcaspar/gpt2-ml, Grover's model): GPT2's interface and drivers with its own steps:
+    LayerNorm'ed embeddings (`embed`), gpt2.layers.ml_block, no final LayerNorm, logits tied to
+    word_embed. Keras paths are Grover's TF1 variable names (`newslm/layer00/query_layer/kernel`,
+    ...): the checkpoint loads and saves by name."""
 
     HPARAMS = GPT2MLHParams
     BLOCK = MLBlock
@@ -279,11 +250,8 @@ class GPT2ML(GPT2):
         with keras.name_scope(self.name):
             self.embeddings = _MLEmbeddings(hparams, normal, name="embeddings", dtype=self.dtype_policy)
             self.embedding_dropout = keras.layers.Dropout(dropout)
-            self.blocks = [
-                MLBlock(hparams.n_embd, hparams.n_head, hparams.n_inner, dropout, normal(0.02), name=f"layer{i:02d}",
-                        dtype=self.dtype_policy)
-                for i in range(hparams.n_layer)
-            ]
+            self.blocks = [MLBlock(hparams.n_embd, hparams.n_head, hparams.n_inner, dropout, normal(0.02),
+                                   name=f"layer{i:02d}", dtype=self.dtype_policy) for i in range(hparams.n_layer)]
 
     @property
     def wte(self):

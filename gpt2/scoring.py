@@ -23,6 +23,7 @@ n = tokens of one row.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -46,12 +47,9 @@ SMALL_TOP_K = 5
 
 
 class TokenScores(NamedTuple):
-    """The scores of one row, one entry per scored position (see `score` and `echo_logprobs`).
-
-    logprobs: float32 [m], log p(token | tokens before it).
-    top_ids: int32 [m, k], the k most likely tokens at that position, most likely first.
-    top_logprobs: float32 [m, k], their log-probabilities.
-    """
+    """The scores of one row, one entry per scored position (see `score` and `echo_logprobs`):
+    logprobs float32 [m], log p(token | tokens before it); top_ids int32 [m, k], the k most likely
+    tokens there, most likely first; top_logprobs float32 [m, k], their log-probabilities."""
 
     logprobs: np.ndarray
     top_ids: np.ndarray
@@ -81,10 +79,8 @@ class PerplexityResult:
 # ----------------------------------------------------------------------------- compiled part
 
 class _Scorer:
-    """The compiled scoring functions of one model, one per number of alternatives k.
-
-    `traces` counts how often any of them was traced (a test checks it stays bounded).
-    """
+    """The compiled scoring functions of one model, one per number of alternatives k. `traces`
+    counts how often any of them was traced (a test checks it stays bounded)."""
 
     def __init__(self, model, jit_compile):
         self.model = model
@@ -95,16 +91,10 @@ class _Scorer:
             compile_cache.enable()  # before this process's first XLA compile
 
     def __call__(self, inputs, targets, top_k):
-        """inputs, targets: int32 [b, L] (targets[:, i] is the token after inputs[:, i]).
-
-        Returns numpy (target logprobs float32 [b, L], top ids int32 [b, L, k], top logprobs
-        float32 [b, L, k]).
-        """
+        """`target_logprobs` as NumPy arrays."""
         if top_k not in self._functions:
-            self._functions[top_k] = tf.function(
-                lambda inputs, targets: self._logprobs(inputs, targets, top_k),
-                jit_compile=self.jit_compile, autograph=False,
-            )
+            self._functions[top_k] = tf.function(lambda inputs, targets: self._logprobs(inputs, targets, top_k),
+                                                 jit_compile=self.jit_compile, autograph=False)
         try:
             logprobs, top_ids, top_logprobs = self._functions[top_k](inputs, targets)
         except tf.errors.OpError as error:
@@ -142,8 +132,7 @@ _scorers = weakref.WeakKeyDictionary()
 def compiled_scorer(model, jit_compile=None):
     """The (cached) `_Scorer` of `model`; exposed for tests that count traces."""
     per_model = _scorers.setdefault(model, {})
-    if jit_compile is None:
-        jit_compile = model.default_jit_compile
+    jit_compile = model.default_jit_compile if jit_compile is None else jit_compile
     if jit_compile not in per_model:
         per_model[jit_compile] = _Scorer(model, jit_compile)
     return per_model[jit_compile]
@@ -217,10 +206,8 @@ def _array_of(tokens, ndim, expected):
 
 def _rows_of(tokens, n_vocab):
     array = _array_of(tokens, 2, "2-D [rows, tokens] or a list of token lists")
-    if array is not None:
-        tokens = list(array)
     try:
-        rows = list(tokens)
+        rows = list(tokens if array is None else array)
     except TypeError:
         raise ValueError("tokens must be a list of token lists (one per row)") from None
     if rows and all(isinstance(row, (int, np.integer)) for row in rows):
@@ -232,18 +219,15 @@ def score(model: GPT2, tokens: Sequence[Sequence[int]], top_k: int = 0, batch_si
           jit_compile: bool | None = None) -> list[np.ndarray] | list[TokenScores]:
     """Per-token log-probabilities: log p(token_t | tokens_<t) for t = 1..n-1 of each row.
 
-    model: a `gpt2.GPT2`. tokens: a list of token-id lists (ragged lengths allowed, 0 to
-    n_ctx + 1 tokens each: the last token is only predicted), or int [rows, n].
-    top_k: also return, per position, the top_k most likely tokens and their log-probabilities,
-    computed from the same float values as the tokens' own (when a token is the most likely one,
-    its logprob equals top_logprobs[0] exactly). batch_size: rows per compiled call (default: as
-    many as keep the logits within LOGITS_BUDGET_BYTES). jit_compile: compile with XLA (None: the model's default,
-    see GPT2.default_jit_compile).
+    tokens: token-id lists (ragged, 0 to n_ctx + 1 tokens each: the last is only predicted), or
+    int [rows, n]. top_k: also the top_k most likely tokens per position and their logprobs, from
+    the same float values as the tokens' own (a most likely token's logprob equals
+    top_logprobs[0] exactly). batch_size: rows per compiled call (default: as many as keep the
+    logits within LOGITS_BUDGET_BYTES). jit_compile: XLA (None: GPT2.default_jit_compile).
 
-    Returns one entry per row, in input order: with top_k=0, a float32 array of len(row) - 1
-    logprobs (empty for rows of 0 or 1 tokens); with top_k > 0, a `TokenScores` (logprobs [n-1],
-    top_ids [n-1, top_k], top_logprobs [n-1, top_k]). `np.stack` the plain arrays of equal-length
-    rows for a [rows, n-1] array. Values are the model's distribution before temperature/top-k/top-p.
+    Returns one entry per row, in input order: with top_k=0, float32 [len(row) - 1] (empty for
+    rows of 0 or 1 tokens; `np.stack` equal-length rows); with top_k > 0, a `TokenScores`. Values
+    are the model's distribution before temperature/top-k/top-p.
     """
     rows, top_k, batch_size = _check_score_args(model, tokens, top_k, batch_size)
     results = _score_rows(model, rows, top_k, batch_size, jit_compile)
@@ -251,41 +235,30 @@ def score(model: GPT2, tokens: Sequence[Sequence[int]], top_k: int = 0, batch_si
 
 
 def echo_logprobs(model, tokens, top_n=0, batch_size=None, jit_compile=None):
-    """OpenAI's legacy `echo` + `logprobs`: for each row, a `TokenScores` with one entry per
-    token (len(row) entries), the first token's empty as OpenAI's `null`: logprob NaN, top_ids -1,
-    top_logprobs NaN.
-
-    tokens: a list of token-id lists (see `score`); top_n: alternatives per position (OpenAI
-    allows 0..5). For a completion's logprobs, score prompt + completion and take the
-    completion's part: the values are the model's distribution before temperature/top-k/top-p.
-    """
+    """OpenAI's legacy `echo` + `logprobs`: for each row (see `score`), a `TokenScores` with one
+    entry per token, the first token's empty as OpenAI's `null` (logprob NaN, top_ids -1,
+    top_logprobs NaN); top_n: alternatives per position (OpenAI allows 0..5). For a completion's
+    logprobs, score prompt + completion and take the completion's part."""
     rows, top_n, batch_size = _check_score_args(model, tokens, top_n, batch_size, "top_n")
     results = _score_rows(model, rows, top_n, batch_size, jit_compile)
-    first = TokenScores(
-        np.full([1], np.nan, np.float32), np.full([1, top_n], -1, np.int32), np.full([1, top_n], np.nan, np.float32)
-    )
-    return [
-        TokenScores(*(np.concatenate([a, b]) for a, b in zip(first, scores))) if len(row) else scores
-        for row, scores in zip(rows, results)
-    ]
+    first = TokenScores(np.full([1], np.nan, np.float32), np.full([1, top_n], -1, np.int32),
+                        np.full([1, top_n], np.nan, np.float32))
+    return [TokenScores(*(np.concatenate([a, b]) for a, b in zip(first, scores))) if len(row) else scores
+            for row, scores in zip(rows, results)]
 
 
 def _check_score_args(model, tokens, top_k, batch_size, top_k_name="top_k"):
     """Validated (rows as int32 arrays, top_k, batch_size) or a ValueError saying what is wrong."""
     hparams = model.hparams
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 0 <= top_k <= hparams.n_vocab:
-        raise ValueError(
-            f"{top_k_name} must be an integer between 0 and n_vocab ({hparams.n_vocab}), got {top_k!r}"
-        )
+        raise ValueError(f"{top_k_name} must be an integer between 0 and n_vocab ({hparams.n_vocab}), got {top_k!r}")
     if batch_size is not None:
         batch_size = _check_positive_int(batch_size, "batch_size")
     rows = _rows_of(tokens, hparams.n_vocab)
     for i, row in enumerate(rows):
         if len(row) > hparams.n_ctx + 1:
-            raise ValueError(
-                f"row {i} has {len(row)} tokens; score takes at most n_ctx + 1 = {hparams.n_ctx + 1} "
-                f"(the model's context plus the predicted last token); use gpt2.perplexity for longer text"
-            )
+            raise ValueError(f"row {i} has {len(row)} tokens; score takes at most n_ctx + 1 = {hparams.n_ctx + 1} "
+                             "(the model's context plus the predicted last token); use gpt2.perplexity for longer text")
     return rows, int(top_k), batch_size
 
 
@@ -294,9 +267,8 @@ def _score_rows(model, rows, top_k, batch_size, jit_compile):
     hparams = model.hparams
     computed_k = SMALL_TOP_K if 0 < top_k <= SMALL_TOP_K else top_k
     scorer = compiled_scorer(model, jit_compile)
-    results = [
-        TokenScores(np.zeros([0], np.float32), np.zeros([0, top_k], np.int32), np.zeros([0, top_k], np.float32))
-    ] * len(rows)
+    results = [TokenScores(np.zeros([0], np.float32), np.zeros([0, top_k], np.int32),
+                           np.zeros([0, top_k], np.float32))] * len(rows)
     # Longest rows first, so that each batch holds rows of similar lengths.
     order = [i for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])) if len(rows[i]) >= 2]
     start = 0
@@ -325,9 +297,7 @@ WINDOWS = ("rolling", "hf")
 
 def window_count(n_tokens, n_ctx, stride, windows="rolling"):
     """How many windows `perplexity` runs over n_tokens tokens (for progress bars)."""
-    if n_tokens < 2:
-        return 0
-    return 1 + max(-(-(n_tokens - (1 if windows == "rolling" else 0) - n_ctx) // stride), 0)
+    return 0 if n_tokens < 2 else 1 + max(-(-(n_tokens - (1 if windows == "rolling" else 0) - n_ctx) // stride), 0)
 
 
 def _token_chunks(tokens, n_vocab):
@@ -336,20 +306,12 @@ def _token_chunks(tokens, n_vocab):
     if array is not None:
         yield _as_ids(array, n_vocab, "tokens")
         return
-    scalars = []
-    for item in tokens:
-        if np.ndim(item) == 0:
-            scalars.append(item)
-            if len(scalars) >= 4096:
-                yield _as_ids(scalars, n_vocab, "tokens")
-                scalars = []
-            continue
-        if scalars:
-            yield _as_ids(scalars, n_vocab, "tokens")
-            scalars = []
-        yield _as_ids(item, n_vocab, "a chunk of tokens")
-    if scalars:
-        yield _as_ids(scalars, n_vocab, "tokens")
+    for scalars, items in itertools.groupby(tokens, key=lambda item: np.ndim(item) == 0):
+        if not scalars:
+            for chunk in items:
+                yield _as_ids(chunk, n_vocab, "a chunk of tokens")
+        while scalars and (ids := list(itertools.islice(items, 4096))):
+            yield _as_ids(ids, n_vocab, "tokens")
 
 
 class _Stream:
@@ -376,50 +338,25 @@ class _Stream:
         self.buffer, self.offset = self.buffer[before - self.offset :], before
 
 
-def _windows(chunks, n_ctx, stride):
-    """The windows over a token stream, holding only about one window of it at a time.
-
-    Window w feeds tokens [w * stride, w * stride + n_ctx) and predicts the token after each, so
-    it can score tokens up to w * stride + n_ctx; it scores those no earlier window scored.
-    Yields (inputs int32 [l], targets int32 [l], first, None): targets[first:] are scored.
-    """
+def _windows(chunks, n_ctx, stride, hf=False):
+    """`perplexity`'s windows over a token stream, holding about one window of it at a time:
+    (inputs int32 [l], targets int32 [l], first, weight); targets[first:] are scored (those no
+    earlier window scored). hf: Hugging Face's recipe step for step, a window feeding n_ctx tokens
+    and predicting inside itself, its mean NLL weighted by (end - previous end) - 1, the recipe's
+    `num_loss_tokens` (valid labels less one for the shift); rolling windows' weight is None."""
     stream = _Stream(chunks)
-    start, next_unscored = 0, 1
+    start, scored_to = 0, 0 if hf else 1  # rolling windows never score token 0
     while True:
-        window, last = stream.span(start, start + n_ctx + 1)
+        window, last = stream.span(start, start + n_ctx + (0 if hf else 1))
         end = start + len(window)
-        if end <= next_unscored:  # every token is scored (or there are fewer than 2)
+        if end - start < 2 or end <= scored_to:  # fewer than 2 tokens, or every token is scored
             return
-        yield window[:-1], window[1:], next_unscored - start - 1, None
-        next_unscored = end
+        yield window[:-1], window[1:], max(scored_to - start - 1, 0), end - scored_to - 1 if hf else None
         if last:
             return
+        scored_to = end
         start += stride
         stream.forget(start)
-
-
-def _hf_windows(chunks, n_ctx, stride):
-    """Hugging Face's windows over a token stream (its recipe, step for step): for begin = 0,
-    stride, 2 stride, ... the model is fed tokens [begin, end), end = min(begin + n_ctx, N), with
-    labels masked up to the previous window's end, until a window reaches the end. A window
-    predicts only inside itself (at most n_ctx - 1 tokens); it scores the tokens after the previous
-    window's end, and its mean NLL is weighted by (end - previous end) - 1, the recipe's
-    `num_loss_tokens` (valid labels less one for the shift).
-    Yields (inputs int32 [l], targets int32 [l], first, weight): targets[first:] are scored.
-    """
-    stream = _Stream(chunks)
-    begin, previous_end = 0, 0
-    while True:
-        window, last = stream.span(begin, begin + n_ctx)
-        end = begin + len(window)
-        if end - begin < 2 or end <= previous_end:  # fewer than 2 tokens, or the last window was the end
-            return
-        yield window[:-1], window[1:], max(previous_end - begin - 1, 0), end - previous_end - 1
-        if last:
-            return
-        previous_end = end
-        begin += stride
-        stream.forget(begin)
 
 
 def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | None = None,
@@ -446,12 +383,10 @@ def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | No
     logits within LOGITS_BUDGET_BYTES; 2 for GPT-2's 1024-token context). progress: called with
     the number of windows just scored after each call.
 
-    Returns a `PerplexityResult`: total_nll (nats), tokens scored (len - 1), windows, and the
-    mean_nll and perplexity properties.
+    Returns a `PerplexityResult` (total_nll in nats, tokens scored, windows, mean_nll, perplexity).
     """
     if windows not in WINDOWS:
         raise ValueError(f"windows must be one of {', '.join(map(repr, WINDOWS))}, got {windows!r}")
-    make_windows = _windows if windows == "rolling" else _hf_windows
     hparams = model.hparams
     n_ctx = hparams.n_ctx
     stride = n_ctx // 2 if stride is None else _check_positive_int(stride, "stride")
@@ -474,9 +409,8 @@ def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | No
         else:
             n_rows = _rows_bucket(len(batch), batch_size)
             length = length_bucket(max(len(inputs) for inputs, _, _, _ in batch), n_ctx)
-        logprobs, _, _ = scorer(
-            _pad([w[0] for w in batch], n_rows, length), _pad([w[1] for w in batch], n_rows, length), 0
-        )
+        logprobs, _, _ = scorer(_pad([w[0] for w in batch], n_rows, length),
+                                _pad([w[1] for w in batch], n_rows, length), 0)
         for row, (inputs, _, first, weight) in zip(logprobs, batch):
             kept = row[first : len(inputs)]
             nll = -float(np.sum(kept, dtype=np.float64))
@@ -491,7 +425,7 @@ def perplexity(model: GPT2, tokens: Sequence[int] | np.ndarray, stride: int | No
             progress(len(batch))
 
     batch = []
-    for window in make_windows(_token_chunks(tokens, hparams.n_vocab), n_ctx, stride):
+    for window in _windows(_token_chunks(tokens, hparams.n_vocab), n_ctx, stride, hf=windows == "hf"):
         batch.append(window)
         if len(batch) == batch_size:
             run(batch)

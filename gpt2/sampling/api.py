@@ -41,6 +41,7 @@ Context = np.ndarray | Sequence[Sequence[int]]
 POOL_SIZES = (1, 2, 4, 8, 16, 32, 64)
 ALWAYS_ALLOWED_SLOTS = 8  # larger pools only while their key/value cache fits LARGE_POOL_BYTES
 LARGE_POOL_BYTES = 1 << 30
+CALL_SECONDS = 0.25  # target duration of one compiled call when not streaming
 
 _pools = weakref.WeakKeyDictionary()  # model -> {(slots, jit_compile): [Pool, ...]}
 _pools_lock = threading.Lock()
@@ -66,8 +67,7 @@ def direct_tokens(model=None):
             return None
         return DIRECT_TOKENS // 4 if getattr(model, "weight_dtype", "float32") != "float32" else DIRECT_TOKENS
     if not value.isdigit():
-        raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), "
-                         f"got {value!r}")
+        raise ValueError(f"GPT2_DIRECT_TOKENS must be a whole number of tokens (0: always compile), got {value!r}")
     return int(value)
 
 
@@ -155,15 +155,13 @@ class _Lease:
 
 
 def decode_rows(model, requests, jit_compile=None, iterations_per_run=None, draft=None):
-    """Runs Rows to the end. A generator: after each loop iteration that produced tokens,
-    yields a list of (request index, token, logprob info or None); info is (token logprob,
-    top ids int32 [T], top logprobs [T]) when the request asked for logprobs. Closing the
-    generator stops the decode.
+    """Runs Rows to the end. A generator: after each loop iteration that produced tokens, yields
+    [(request index, token, info)]; info is (token logprob, top ids int32 [T], top logprobs [T])
+    when the request asked for logprobs, else None. Closing the generator stops the decode.
 
     iterations_per_run: loop iterations per compiled call (1 streams token by token); by default
     as many as fit in about CALL_SECONDS, so Ctrl-C (handled between calls) stops within that.
-    Short jobs run on the uncompiled sampler instead (see `_plan`), token by token. With a
-    `draft` (see `gpt2.sampling.speculative`) one row runs speculatively, a round at a time.
+    Short jobs run on the uncompiled sampler (see `_plan`); a `draft` runs one row speculatively.
     """
     if draft is not None:
         from gpt2.sampling import speculative
@@ -179,7 +177,7 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None, draf
             _direct_tokens[model] = _direct_tokens.get(model, 0) + len(requests) * steps
         yield from direct.decode_rows(model, requests)
         return
-    budget = _IterationBudget(iterations_per_run)
+    iterations = iterations_per_run or 4  # unless fixed, adapted so one call lasts about CALL_SECONDS
     with _Lease(model, len(requests), jit_compile) as pool:
         waiting = list(range(len(requests)))
         in_slot = {}  # slot -> request index
@@ -189,10 +187,12 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None, draf
                 admitted, waiting = waiting[: len(free)], waiting[len(free):]
                 pool.admit(free, [requests[i] for i in admitted])
                 in_slot.update(zip(free, admitted))
-            with budget:
-                outputs, done, _ = pool.run(budget.iterations)
-            budget.ran(outputs["tokens"].shape[1])
+            start = time.perf_counter()
+            outputs, done, _ = pool.run(iterations)
             tokens = outputs["tokens"]
+            if not iterations_per_run and tokens.shape[1] >= iterations:  # a short call (rows finished) says little
+                per_iteration = (time.perf_counter() - start) / max(tokens.shape[1], 1)
+                iterations = int(min(max(CALL_SECONDS / max(per_iteration, 1e-6), 1), RUN_ITERATIONS))
             for column in range(tokens.shape[1]):
                 produced = []
                 for slot, index in in_slot.items():
@@ -212,31 +212,6 @@ def decode_rows(model, requests, jit_compile=None, iterations_per_run=None, draf
                 del in_slot[slot]
 
 
-CALL_SECONDS = 0.25  # target duration of one compiled call when not streaming
-
-
-class _IterationBudget:
-    """How many loop iterations the next compiled call may run: fixed when asked, else adapted
-    from the last call's duration so one call lasts about CALL_SECONDS."""
-
-    def __init__(self, fixed=None):
-        self.fixed = fixed
-        self.iterations = fixed or 4
-        self._start = None
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc_info):
-        self._elapsed = time.perf_counter() - self._start
-
-    def ran(self, count):
-        if self.fixed or count < self.iterations:  # a short call (rows finished) says little
-            return
-        per_iteration = self._elapsed / max(count, 1)
-        self.iterations = int(min(max(CALL_SECONDS / max(per_iteration, 1e-6), 1), RUN_ITERATIONS))
-
-
 def _per_row(value, rows, name):
     if isinstance(value, (list, tuple, np.ndarray)):
         values = list(value)
@@ -247,9 +222,8 @@ def _per_row(value, rows, name):
 
 
 def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options):
-    """Rows, validated; `settings` (one SamplingSettings or one per row) or `options` (the
-    SamplingSettings fields as keywords, each one value or one per row), and length and seeds,
-    may each be given per row."""
+    """Rows, validated: `settings` or `options` (SamplingSettings' fields as keywords), length and
+    seeds may each be one value or one per row."""
     unknown = sorted(set(options) - set(SETTING_NAMES))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r} (sampling settings: {', '.join(SETTING_NAMES)})")
@@ -268,10 +242,10 @@ def _requests(model, prompts, length, seeds, stop_token, window_keep, settings, 
         columns = {name: _per_row(value, rows, name) for name, value in options.items()}
         per_row = [SamplingSettings(**{name: column[i] for name, column in columns.items()}) for i in range(rows)]
     seeds = row_seeds(None, rows) if seeds is None else _per_row(seeds, rows, "seeds")
+    lengths = _per_row(length, rows, "length")
     return [Row.checked(list(prompt), setting, np.int32(seed), n, hparams.n_vocab, hparams.n_ctx, stop_token,
                         window_keep, field=f"prompt {i}")
-            for i, (prompt, setting, seed, n) in enumerate(zip(prompts, per_row, seeds,
-                                                                _per_row(length, rows, "length")))]
+            for i, (prompt, setting, seed, n) in enumerate(zip(prompts, per_row, seeds, lengths))]
 
 
 def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback=None, jit_compile=None,
@@ -279,33 +253,24 @@ def sample_rows(model, prompts, length, *, seeds=None, stop_token=None, callback
     """The sampler behind `sample_sequence`, with every setting either one value or one per row.
 
     prompts: list of token lists (any lengths up to n_ctx). length and the sampling settings
-    (keywords named as `SamplingSettings`' fields: temperature, top_k, top_p, presence_penalty,
-    frequency_penalty, repetition_penalty, logit_bias): a value or a list with one per prompt; or
+    (`SamplingSettings`' fields as keywords): each a value or a list with one per prompt; or
     `settings`: one SamplingSettings or a list of them. seeds: int32 per row (see `row_seeds`);
-    None = fresh. Returns a list with each row's new tokens (int32 arrays): `length` of them, or
-    fewer ending with stop_token. callback(step, tokens [b]) is called with each step's tokens
-    (see `stream`). draft: speculative decoding of one prompt (see `sample_sequence`).
+    None = fresh. Returns each row's new tokens (int32): `length`, or fewer ending with
+    stop_token. callback, draft: see `sample_sequence`.
     """
     requests = _requests(model, prompts, length, seeds, stop_token, window_keep, settings, options)
     rows = [[] for _ in requests]
     if callback is not None:
         for step, tokens in enumerate(_lockstep(model, requests, jit_compile, stop_token, draft)):
             callback(step, tokens)
-            for row, token in zip(rows, tokens):
-                row.append(int(token))
-        return [np.asarray(_cut(row, request), np.int32) for row, request in zip(rows, requests)]
-    for produced in decode_rows(model, requests, jit_compile, draft=draft):
-        for index, token, _ in produced:
-            rows[index].append(token)
+            for row, token, request in zip(rows, tokens, requests):
+                if len(row) < request.max_new and request.stop_token not in row[-1:]:  # the row runs on
+                    row.append(int(token))
+    else:
+        for produced in decode_rows(model, requests, jit_compile, draft=draft):
+            for index, token, _ in produced:
+                rows[index].append(token)
     return [np.asarray(row, np.int32) for row in rows]
-
-
-def _cut(tokens, request):
-    """A row's tokens up to its length and through its first stop token."""
-    tokens = tokens[: request.max_new]
-    if request.stop_token in tokens:
-        tokens = tokens[: tokens.index(request.stop_token) + 1]
-    return tokens
 
 
 def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_compile=None, settings=None,
@@ -317,33 +282,23 @@ def stream_rows(model, prompts, length, *, seeds=None, stop_token=None, jit_comp
 
 def _lockstep(model, requests, jit_compile, stop_token, draft=None):
     """Each step's tokens, int32 [b]: step i holds token i of every row (rows that have stopped
-    repeat stop_token, or 0 without one). Decodes token by token; closing it stops the decode."""
+    repeat stop_token, or 0 without one), yielded once every row has made token i or stopped.
+    Decodes token by token; closing it stops the decode."""
     fill = 0 if stop_token is None else int(stop_token)
-    rows = [[] for _ in requests]
-
-    def finished(index):
-        row = rows[index]
-        return len(row) >= requests[index].max_new or (row and row[-1] == requests[index].stop_token)
-
-    def ready_steps(step, final):
-        while not all(len(row) <= step and finished(i) for i, row in enumerate(rows)):
-            if not final and any(len(row) <= step and not finished(i) for i, row in enumerate(rows)):
-                break
-            yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
-            step += 1
-
-    step = 0
+    rows, finished, step = [[] for _ in requests], [False] * len(requests), 0
     produced_steps = decode_rows(model, requests, jit_compile, iterations_per_run=1, draft=draft)
     try:
         for produced in produced_steps:
             for index, token, _ in produced:
                 rows[index].append(token)
-            for tokens in ready_steps(step, final=False):
+                request = requests[index]
+                finished[index] = len(rows[index]) >= request.max_new or token == request.stop_token
+            while (all(len(row) > step or finished[i] for i, row in enumerate(rows))
+                   and any(len(row) > step for row in rows)):
+                yield np.array([row[step] if len(row) > step else fill for row in rows], np.int32)
                 step += 1
-                yield tokens
     finally:
         produced_steps.close()
-    yield from ready_steps(step, final=True)
 
 
 def stream(model: GPT2, context: Context, length: int, *, seed: int | None = None, **options) -> Iterator[np.ndarray]:
@@ -362,25 +317,21 @@ def sample_sequence(model: GPT2, context: Context, length: int, *, seed: int | N
                     stop_token: int | None = None, draft=None, **options) -> np.ndarray | list[np.ndarray]:
     """Samples `length` new tokens after each prompt, with OpenAI's sampler semantics.
 
-    context: int [batch, context_len], or a list of token lists of different lengths (each row
-    gives what it would alone). length: any number of new tokens; past the model's context the
-    window slides (it keeps its last `window_keep` tokens, default n_ctx // 2, recomputed at
-    positions 0..window_keep-1). The sampling settings are keywords named as
-    `gpt2.SamplingSettings`' fields (temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off;
-    presence_penalty, frequency_penalty, repetition_penalty, logit_bias {token id: bias}), or
-    `settings=` one SamplingSettings instead. seed: an int makes the output reproducible (each
-    row draws from its own stream); None draws a fresh one. stop_token (e.g. 50256): a row stops
-    after producing it. callback(step, tokens): called with each step's tokens (int32 [batch])
-    as they are produced (see `stream`). jit_compile: compile with XLA; None (default) = XLA for
-    float32 models, not for bfloat16 ones (oneDNN's bfloat16 matmuls are faster than XLA's on
-    CPU; see BENCHMARKS.md). window_keep: see above. draft: speculative decoding of one prompt
-    within the context: `gpt2.DraftModel(smaller_model)`, `gpt2.PromptLookup(ngram=3)` or
-    "prompt-lookup" (greedy output as without it; sampled output from the same distribution;
-    see `gpt2.sampling.speculative`).
+    context: int [batch, context_len], or token lists of different lengths (each row gives what
+    it would alone). length: any number; past n_ctx the window slides, keeping its last
+    `window_keep` tokens (default n_ctx // 2, recomputed at positions 0..window_keep-1). Sampling
+    settings: `gpt2.SamplingSettings`' fields as keywords (temperature 0 = greedy, top_k 0 = off,
+    top_p 1 = off, penalties, logit_bias {token id: bias}), or `settings=` one SamplingSettings.
+    seed: an int makes the output reproducible (each row draws from its own stream); None = fresh.
+    stop_token (e.g. 50256): a row stops after it. callback(step, tokens int32 [batch]): called
+    with each step's tokens (see `stream`). jit_compile: XLA; None = XLA for float32 models, not
+    for bfloat16 ones (oneDNN's bfloat16 matmuls are faster on CPU; BENCHMARKS.md). draft:
+    speculative decoding of one prompt within the context, `gpt2.DraftModel(smaller_model)`,
+    `gpt2.PromptLookup(ngram=3)` or "prompt-lookup" (greedy output as without it, sampled output
+    from the same distribution; see `gpt2.sampling.speculative`).
 
-    Returns int32 [batch, context_len + new tokens] when every prompt has the same length (rows
-    that stopped early are filled with stop_token); for prompts of different lengths, a list of
-    1-D int32 arrays, each prompt + its new tokens.
+    Returns int32 [batch, context_len + length] when the prompts have one length (rows that
+    stopped early are filled with stop_token), else a list of 1-D int32 arrays (prompt + new).
     """
     prompts = context.numpy() if hasattr(context, "numpy") else context
     prompts = [list(row) for row in prompts]

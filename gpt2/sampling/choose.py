@@ -85,15 +85,14 @@ def vocabulary_choice(logits, noise):
 
 
 def choose_tokens(logits, temperature, top_k, top_p, noise):
-    """Picks each row's next token. logits: float32 [b, V] (penalties applied); temperature,
-    top_p: float32 [b]; top_k: int32 [b]; noise(ids int32 [b, n] or [1, n]) -> float32 [b, n]:
-    the row's Gumbel noise for those tokens (`gumbel_noise`). Returns int32 [b].
+    """Picks each row's next token, int32 [b]. logits: float32 [b, V] (penalties applied);
+    temperature, top_p: float32 [b]; top_k: int32 [b]; noise(ids int32 [b, n] or [1, n]) -> the
+    rows' Gumbel noise for those tokens, float32 [b, n] (`gumbel_noise`).
 
     Temperature 0 is greedy. Otherwise OpenAI's order: scale by the temperature, top-k, top-p,
     draw. Rows whose kept set lies among the largest CANDIDATES logits (the usual case) draw from
-    those (`gumbel_choice`); the others filter and draw over the whole vocabulary
-    (`vocabulary_choice`). Which of the two a row takes depends only on the row.
-    """
+    those (`gumbel_choice`), the others over the whole vocabulary (`vocabulary_choice`): which,
+    depends only on the row."""
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     sampling = temperature > 0.0
 
@@ -105,16 +104,12 @@ def choose_tokens(logits, temperature, top_k, top_p, noise):
             values, ids, exact = processors.filter_candidates(scaled, top_k, top_p)
             return gumbel_choice(values, ids, noise), exact
 
-        from_candidates, exact = tf.cond(
-            tf.reduce_any(filtering & sampling), candidates, lambda: (greedy, tf.zeros_like(filtering))
-        )
+        from_candidates, exact = tf.cond(tf.reduce_any(filtering & sampling), candidates,
+                                         lambda: (greedy, tf.zeros_like(filtering)))
 
         def from_vocabulary():
-            filtered = tf.cond(
-                tf.reduce_any(filtering & ~exact & sampling),
-                lambda: processors.filter_logits(scaled, top_k, top_p),
-                lambda: scaled,
-            )
+            filtered = tf.cond(tf.reduce_any(filtering & ~exact & sampling),
+                               lambda: processors.filter_logits(scaled, top_k, top_p), lambda: scaled)
             return vocabulary_choice(filtered, noise)
 
         drawn = tf.cond(tf.reduce_all(exact | ~sampling), lambda: from_candidates, from_vocabulary)
@@ -149,22 +144,18 @@ def next_tokens(logits, rows, ready):
     extensions: repetition/presence/frequency penalties and logit bias, then `choose_tokens`
     with the row's own draw. One rule for the compiled loop and the uncompiled sampler.
 
-    logits: float32 [b, V]; rows: a dict of per-row tensors: temperature, top_p,
-    presence_penalty, frequency_penalty, repetition_penalty float32 [b], top_k, seed, generated
-    (tokens made so far: the draw's index in the row's stream) int32 [b], logit_bias float32
-    [b, V], counts int32 [b, V] (generated tokens), prompt_seen bool [b, V]; ready: bool [b],
-    the rows taking a token now (the others' choices are ignored; they only skip work).
-    Returns (the processed logits [b, V], tokens int32 [b])."""
+    logits: float32 [b, V]; rows: {NEXT_TOKEN_FIELDS name: per-row tensor [b] or [b, V]}
+    (`generated`: tokens made so far, the draw's index in the row's stream; `counts`: of each
+    generated token); ready: bool [b], the rows taking a token now (the others' choices are
+    ignored; they only skip work). Returns (the processed logits [b, V], tokens int32 [b])."""
     counts = rows["counts"]
     penalised = (tf.not_equal(rows["repetition_penalty"], 1.0) | tf.not_equal(rows["presence_penalty"], 0.0)
                  | tf.not_equal(rows["frequency_penalty"], 0.0))
-    logits = tf.cond(
-        tf.reduce_any(ready & penalised),
-        lambda: processors.apply_penalties(
-            logits, counts, rows["prompt_seen"] | (counts > 0), rows["presence_penalty"],
-            rows["frequency_penalty"], rows["repetition_penalty"], rows["logit_bias"]),
-        lambda: logits + rows["logit_bias"],
-    )
+    logits = tf.cond(tf.reduce_any(ready & penalised),
+                     lambda: processors.apply_penalties(logits, counts, rows["prompt_seen"] | (counts > 0),
+                                                        rows["presence_penalty"], rows["frequency_penalty"],
+                                                        rows["repetition_penalty"], rows["logit_bias"]),
+                     lambda: logits + rows["logit_bias"])
 
     def noise(ids):
         return gumbel_noise(rows["seed"], rows["generated"], ids)

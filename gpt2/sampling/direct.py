@@ -1,15 +1,11 @@
 """The uncompiled sampler: one step of the model and the token choice as a plain TensorFlow graph
 (no XLA), run once per token from Python, with a key/value cache sized to the job.
 
-Why it exists: the compiled loop (`decoder`, `pool`) is the fastest per token, but every process
-pays about 4 s (124M) to trace and lower it before the persistent compilation cache can even be
-asked, and about 10 s more to compile it the first time. This graph is traced in about half a
-second and its steps are somewhat slower, so a short job prints its text seconds sooner.
-`gpt2.sampling.api` uses it for a model until its tokens add up to what compiling would have cost
-(`api.direct_tokens(model)`), then compiles; for bfloat16 models, whose loop runs without XLA,
-it is also the faster per step, so they keep using it. It serves up to 8 rows whose prompts have
-one length and whose text fits in n_ctx (no sliding window): what generate.py and most library
-calls ask for.
+Why it exists: every process pays about 4 s (124M) to trace and lower the compiled loop
+(`decoder`, `pool`) before the persistent compilation cache can even be asked, and about 10 s
+more to compile it the first time; this graph is traced in about half a second, so a short job
+prints its text seconds sooner (`gpt2.sampling.api` says which jobs). It serves up to 8 rows
+whose prompts have one length and whose text fits in n_ctx (no sliding window).
 
 It shares the compiled loop's math: the model's `block_step` (attention here is
 `layers.attend`, one masked softmax over the cache slots filled so far) and the choice as
@@ -46,7 +42,7 @@ _samplers_lock = threading.Lock()
 
 class DirectSampler:
     """`step(tokens, position, slots, caches, rows)` for one model: traced once (any b, s and M),
-    never compiled. `caches` are the resource handles of a job's `new_caches(rows, slots)`."""
+    never compiled; `caches`: a job's `new_caches(rows, slots)`."""
 
     def __init__(self, model):
         compile_cache.enable()  # its first call reads XLA's flags: the compiled loop comes later
@@ -141,8 +137,7 @@ class DirectSampler:
         logits = self._hidden(tokens, position, slots, caches, 1)[:, 0]
         batch = tf.shape(tokens)[0]
         _, chosen = choose.next_tokens(logits, rows, tf.ones_like(rows["seed"], tf.bool))
-        counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1),
-                                          tf.ones_like(chosen))
+        counts = tf.tensor_scatter_nd_add(rows["counts"], tf.stack([tf.range(batch), chosen], 1), tf.ones_like(chosen))
         return chosen, counts
 
     def _choose(self, logits, row, drafts, probs):
@@ -190,21 +185,15 @@ def decode_rows(model, requests):
     slots_tensor = tf.constant(slots, tf.int32)  # made once, passed every step
     try:
         position = 0
-        made = [0] * count
         running = set(range(count))
         for step in range(steps):
             rows["generated"] = tf.fill([count], step)
-            chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), slots_tensor, caches,
-                                                  rows)
+            chosen, rows["counts"] = sampler.step(tokens, tf.constant(position, tf.int32), slots_tensor, caches, rows)
             position += tokens.shape[1]
             tokens = chosen.numpy()[:, None]
-            produced = []
-            for i in sorted(running):
-                token = int(tokens[i, 0])
-                produced.append((i, token, None))
-                made[i] += 1
-                if made[i] >= requests[i].max_new or token == requests[i].stop_token:
-                    running.discard(i)
+            produced = [(i, int(tokens[i, 0]), None) for i in sorted(running)]  # step + 1 tokens each
+            running -= {i for i, token, _ in produced
+                        if step + 1 >= requests[i].max_new or token == requests[i].stop_token}
             yield produced
             if not running:
                 return

@@ -3,8 +3,7 @@
 `Pool(model, slots)` owns the variables of one `Decoder` state and one compiled program, `run`,
 that advances every active row by up to a given number of loop iterations (updating the
 variables in place under XLA). Rows are admitted into free slots and released from Python
-between runs, so the same program serves the library (a batch of prompts, streamed or not) and the
-server's continuous batching (requests joining and leaving a running decode).
+between runs, so one program serves the library's batches and the server's continuous batching.
 
 Shapes: B = slots, V = n_vocab, K = iterations recorded per run call, T = TOP_LOGPROBS.
 """
@@ -80,10 +79,8 @@ class Pool:
         self.n_ctx = model.hparams.n_ctx
         self.n_vocab = model.hparams.n_vocab
         with tf.init_scope():
-            self.state = {
-                name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
-                for name, (shape, dtype) in self.decoder.state_spec().items()
-            }
+            self.state = {name: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"decode_{name}")
+                          for name, (shape, dtype) in self.decoder.state_spec().items()}
         self._changing = [name for name in self.state if name not in FIXED_IN_RUN]
         if jit_compile:
             compile_cache.enable()  # before this process's first XLA compile

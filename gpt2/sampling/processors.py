@@ -41,11 +41,8 @@ def _sortable_keys(x):
 def _largest_key_where(keys, holds):
     """Per row, the largest t in the int32 range with holds(keys >= t) true, for a `holds` that is
     true at the smallest t and monotone. keys: int64 [b, V]; holds: bool [b, V] mask -> bool [b].
-    Returns int64 [b, 1].
-
-    A 32-step bisection: no sort of the vocabulary (XLA's CPU sort of 50257 values costs more
-    than a whole decode step).
-    """
+    Returns int64 [b, 1]. A 32-step bisection: no sort of the vocabulary (XLA's CPU sort of 50257
+    values costs more than a whole decode step)."""
     low = tf.fill(tf.shape(keys)[:1], tf.constant(-(2**31), tf.int64))
     high = tf.fill(tf.shape(keys)[:1], tf.constant(2**31 - 1, tf.int64))
 
@@ -59,14 +56,11 @@ def _largest_key_where(keys, holds):
 
 
 def filter_logits(logits, top_k, top_p):
-    """OpenAI's top-k then top-p over the whole vocabulary, per row; removed logits become -inf.
-    (The sampler uses it only when `filter_candidates` cannot be exact.)
-
-    logits: float32 [b, V] (already scaled by temperature); top_k: int32 [b] (0 = off); top_p:
-    float32 [b] (1 = off). Top-k keeps logits >= the k-th largest; top-p keeps the largest logits
-    whose probabilities sum to at most p (at least the largest one), as OpenAI's sorted
-    cumulative sum does.
-    """
+    """OpenAI's top-k then top-p over the whole vocabulary, per row (the sampler's fallback when
+    `filter_candidates` cannot be exact); removed logits become -inf. logits: float32 [b, V]
+    (scaled); top_k: int32 [b] (0 = off) keeps logits >= the k-th largest; top_p: float32 [b]
+    (1 = off) keeps the largest logits whose probabilities sum to at most p (at least the largest
+    one), as OpenAI's sorted cumulative sum does."""
     keys = _sortable_keys(logits)
     k = tf.where(top_k > 0, top_k, tf.shape(logits)[-1])
     kth_key = _largest_key_where(keys, lambda kept: tf.reduce_sum(tf.cast(kept, tf.int32), -1) >= k)
@@ -79,11 +73,8 @@ def filter_logits(logits, top_k, top_p):
 
 def filter_candidates(logits, top_k, top_p):
     """Top-k/top-p over the CANDIDATES largest logits only, which is exact whenever the kept set
-    lies among them (0 < top_k <= CANDIDATES, or a nucleus smaller than that).
-
-    logits: float32 [b, V] (scaled). Returns (filtered candidate logits [b, C], their token ids
-    [b, C], exact bool [b]).
-    """
+    lies among them (0 < top_k <= CANDIDATES, or a nucleus smaller than that). logits: float32
+    [b, V] (scaled). Returns (filtered candidate logits [b, C], their ids [b, C], exact bool [b])."""
     values, ids = tf.math.top_k(logits, CANDIDATES)
     k_inside = (top_k > 0) & (top_k <= CANDIDATES)
     kth = tf.gather(values, tf.clip_by_value(top_k, 1, CANDIDATES) - 1, axis=-1, batch_dims=1)[:, None]

@@ -76,9 +76,8 @@ def is_int(value):
 
 def _as_int(value):
     """An integer, or an integral float (JSON clients send 40.0); None otherwise."""
-    if is_int(value):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+    if is_int(value) or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                         and float(value).is_integer()):
         return int(value)
     return None
 
@@ -94,8 +93,9 @@ def _as_number(value):
     return number if math.isfinite(number) else None
 
 
-def _number(field, value, low, high, rule):
-    number = _as_number(value)
+def _checked(value, field, low, high, rule, convert=_as_int):
+    """convert(value) if it is not None and in [low, high], else a SettingsError naming `field`."""
+    number = convert(value)
     if number is None or not low <= number <= high:
         raise SettingsError(field, f"{field} must be {rule}, got {shown(value)}")
     return number
@@ -103,13 +103,9 @@ def _number(field, value, low, high, rule):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """How one row picks its tokens (see the module docstring for the order and meaning).
-
-    temperature: in [0, 100], 0 = greedy. top_k: >= 0, 0 = off. top_p: in [0, 1], 1 = off, 0 =
-    only the most likely token. presence_penalty, frequency_penalty: in [-2, 2], 0 = off.
-    repetition_penalty: in [0.01, 100], 1 = off. logit_bias: {token id: bias in [-100, 100]} (ids
-    may be strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
-    Every float range keeps the sampler's float32 arithmetic finite (see the module docstring).
+    """How one row picks its tokens (the module docstring gives the order and meaning, FLOAT_RULES
+    the ranges). top_k: >= 0, 0 = off. logit_bias: {token id: bias in [-100, 100]} (ids may be
+    strings of digits, as JSON object keys are); stored as a sorted tuple of (id, bias) pairs.
     """
 
     temperature: float = 1.0
@@ -121,16 +117,13 @@ class SamplingSettings:
     logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
-        set_ = object.__setattr__
         for name in SETTING_RULES_ORDER:
             if name == "top_k":
-                top_k = _as_int(self.top_k)
-                if top_k is None or top_k < 0:
-                    raise SettingsError("top_k", f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
-                set_(self, "top_k", top_k)
+                value = _checked(self.top_k, name, 0, math.inf, "an integer >= 0 (0 = off)")
             else:
-                set_(self, name, _number(name, getattr(self, name), *FLOAT_RULES[name]))
-        set_(self, "logit_bias", _logit_bias(self.logit_bias))
+                value = _checked(getattr(self, name), name, *FLOAT_RULES[name], convert=_as_number)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -194,12 +187,7 @@ def _logit_bias(value):
 
 def check_seed(seed, field="seed"):
     """None (fresh entropy) or an integer in [0, 2**64); returns it as int or None."""
-    if seed is None:
-        return None
-    value = _as_int(seed)
-    if value is None or not 0 <= value < SEED_LIMIT:
-        raise SettingsError(field, f"{field} must be an integer in [0, 2**64), got {shown(seed)}")
-    return value
+    return None if seed is None else _checked(seed, field, 0, SEED_LIMIT - 1, "an integer in [0, 2**64)")
 
 
 def row_seeds(seed, count):
@@ -211,9 +199,7 @@ def row_seeds(seed, count):
 
 def check_length(length, field="length", limit=None):
     """New tokens to generate: an integer >= 1 (and <= `limit` when given)."""
-    value = _as_int(length)
-    if value is None or value < 1:
-        raise SettingsError(field, f"{field} must be an integer >= 1, got {shown(length)}")
+    value = _checked(length, field, 1, math.inf, "an integer >= 1")
     if limit is not None and value > limit:
         raise SettingsError(field, f"{field} must be at most {limit}, got {value}")
     return value
@@ -227,13 +213,10 @@ def check_prompt(tokens, n_vocab, n_ctx, field="prompt"):
     if len(tokens) > n_ctx:
         raise SettingsError(field, f"{field} is {len(tokens)} tokens, more than the model's context of "
                             f"{n_ctx}; shorten it")
-    ids = []
-    for token in tokens:
-        token_id = _as_int(token)
-        if token_id is None or not 0 <= token_id < n_vocab:
-            bad = [t for t in tokens if _as_int(t) is None or not 0 <= _as_int(t) < n_vocab]
-            raise SettingsError(field, f"{field} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5]}")
-        ids.append(token_id)
+    ids = [_as_int(token) for token in tokens]
+    bad = [token for token, token_id in zip(tokens, ids) if token_id is None or not 0 <= token_id < n_vocab]
+    if bad:
+        raise SettingsError(field, f"{field} has token ids outside the vocabulary [0, {n_vocab}): {bad[:5]}")
     return ids
 
 
@@ -245,10 +228,7 @@ def check_window_keep(window_keep, n_ctx, field="window_keep"):
     """Tokens kept when the window slides past n_ctx: an integer in [1, n_ctx - 1]; None = n_ctx // 2."""
     if window_keep is None:
         return default_window_keep(n_ctx)
-    value = _as_int(window_keep)
-    if value is None or not 1 <= value < n_ctx:
-        raise SettingsError(field, f"{field} must be an integer in [1, {n_ctx - 1}], got {shown(window_keep)}")
-    return value
+    return _checked(window_keep, field, 1, n_ctx - 1, f"an integer in [1, {n_ctx - 1}]")
 
 
 @dataclasses.dataclass
@@ -286,26 +266,15 @@ SETTING_NAMES = tuple(field.name for field in dataclasses.fields(SamplingSetting
 
 
 def pack_rows(settings, n_vocab):
-    """Per-row settings as NumPy arrays for the compiled sampler (one rule for turning a
-    SamplingSettings into numbers; e.g. top_k >= n_vocab becomes 0 = off).
-
-    settings: a sequence of SamplingSettings, one per row. Returns a dict of arrays [b]:
-    temperature, top_p, presence_penalty, frequency_penalty, repetition_penalty (float32), top_k
-    (int32), and logit_bias float32 [b, n_vocab] (zeros unless some row has a bias).
-    """
+    """One SamplingSettings per row as NumPy arrays for the compiled sampler (one rule for turning
+    settings into numbers; e.g. top_k >= n_vocab becomes 0 = off): the float settings float32 [b],
+    top_k int32 [b], logit_bias float32 [b, n_vocab] (zeros unless some row has a bias)."""
     for row in settings:
         row.check_vocab(n_vocab)
-    packed = {
-        "temperature": np.array([s.temperature for s in settings], np.float32),
-        "top_k": np.array([s.top_k if s.top_k < n_vocab else 0 for s in settings], np.int32),
-        "top_p": np.array([s.top_p for s in settings], np.float32),
-        "presence_penalty": np.array([s.presence_penalty for s in settings], np.float32),
-        "frequency_penalty": np.array([s.frequency_penalty for s in settings], np.float32),
-        "repetition_penalty": np.array([s.repetition_penalty for s in settings], np.float32),
-    }
-    bias = np.zeros([len(settings), n_vocab], np.float32)
+    packed = {name: np.array([getattr(s, name) for s in settings], np.float32) for name in FLOAT_RULES}
+    packed["top_k"] = np.array([s.top_k if s.top_k < n_vocab else 0 for s in settings], np.int32)
+    packed["logit_bias"] = np.zeros([len(settings), n_vocab], np.float32)
     for row, setting in enumerate(settings):
         for token, value in setting.logit_bias:
-            bias[row, token] = value
-    packed["logit_bias"] = bias
+            packed["logit_bias"][row, token] = value
     return packed

@@ -4,13 +4,8 @@ A draft proposes the next few tokens cheaply; the model checks them all in one s
 tokens (`DirectSampler.logits`: the same model step a plain decode runs, over k + 1 positions),
 and the token choice at each position (`DirectSampler.choose`: the same settings code) says how
 many to keep. Each round keeps the accepted drafts plus one token of the model's own, so it
-makes 1 to k + 1 tokens for one pass of the model over the weights.
-
-Drafts:
-- `DraftModel(model)`: a smaller model with the same vocabulary (124M for 355M), run token by
-  token on its own uncompiled sampler and cache.
-- `PromptLookup(ngram=3)` (or the string "prompt-lookup"): the tokens that followed the most
-  recent earlier occurrence of the context's last n tokens (n = ngram .. 1); no second model.
+makes 1 to k + 1 tokens for one pass of the model over the weights. Drafts: `DraftModel` (a
+smaller model) or `PromptLookup` (copied from the context). Limits: see `check`.
 
 Exactness:
 - Greedy: a draft is kept while it equals the model's own choice at its position, and the first
@@ -24,14 +19,10 @@ Exactness:
   acceptance tests and draft draws use a NumPy stream seeded by the row's seed, so a seeded call
   repeats, but its tokens are not those of plain seeded sampling (the same distribution only).
 
-Draft length adapts: it grows by one after a round that kept every draft and shrinks after a
-rejection, within [1, the draft's `tokens`]. When a single draft token is rejected outright, the
-next rounds are plain steps (1, 4, 16 ... up to PAUSE_LIMIT of them) before trying again, so a
-draft that never agrees costs a few tries (and a draft model's reading of the prompt), not a
-draft step per token.
-
-Limits (each refused with a one-line SettingsError): one row, prompt + new tokens within the
-context (no sliding window), no log-probabilities, not the compiled loop (jit_compile=True).
+Draft length adapts within [1, the draft's `tokens`]: one more after a round that kept every
+draft, fewer after a rejection. When a single draft token is rejected outright, the next 1, 4,
+16 ... PAUSE_LIMIT rounds are plain steps, so a draft that never agrees costs a few tries, not
+a draft step per token.
 """
 
 from __future__ import annotations
@@ -68,8 +59,9 @@ class Stats:
 
 
 class DraftModel:
-    """A smaller model with the same vocabulary proposes the drafts. model: a loaded GPT2, or a
-    model folder (loaded with `load_options`, e.g. dtype). tokens: most drafts per round."""
+    """A smaller model with the same vocabulary (124M for 355M) proposes the drafts, token by token
+    on its own uncompiled sampler and cache. model: a loaded GPT2, or a model folder (loaded with
+    `load_options`, e.g. dtype). tokens: most drafts per round."""
 
     def __init__(self, model, tokens: int = DEFAULT_TOKENS, **load_options) -> None:
         if isinstance(model, (str, os.PathLike)):
@@ -77,7 +69,7 @@ class DraftModel:
 
             model = load_model(model, **load_options)
         self.model = model
-        self.tokens = _check_tokens(tokens)
+        self.tokens = _at_least_one(tokens, "draft tokens")
         self.stats = Stats()
 
     def start(self, target, slots):
@@ -96,10 +88,8 @@ class PromptLookup:
     tokens (n = ngram, then shorter), the tokens that followed. tokens: most drafts per round."""
 
     def __init__(self, ngram: int = 3, tokens: int = DEFAULT_TOKENS) -> None:
-        if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 1:
-            raise SettingsError("draft", f"PromptLookup ngram must be an integer >= 1, got {ngram!r}")
-        self.ngram = ngram
-        self.tokens = _check_tokens(tokens)
+        self.ngram = _at_least_one(ngram, "PromptLookup ngram")
+        self.tokens = _at_least_one(tokens, "draft tokens")
         self.stats = Stats()
 
     def start(self, target, slots):
@@ -125,10 +115,10 @@ class PromptLookup:
         pass
 
 
-def _check_tokens(tokens):
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-        raise SettingsError("draft", f"draft tokens must be an integer >= 1, got {tokens!r}")
-    return tokens
+def _at_least_one(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SettingsError("draft", f"{what} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def as_draft(draft):
@@ -194,7 +184,8 @@ def _draw(probs, rng):
 
 
 def check(model, requests, jit_compile=None):
-    """Raises SettingsError for what speculative decoding does not do."""
+    """Raises a one-line SettingsError for what speculative decoding does not do: several rows,
+    the compiled loop, log-probabilities, prompt + new tokens past the context (no sliding window)."""
     if len(requests) != 1:
         raise SettingsError("draft", f"speculative decoding (draft=) decodes one prompt at a time, got "
                                      f"{len(requests)}; call it once per prompt")
