@@ -287,10 +287,8 @@ class Engine:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     def _warm_up_speculation(self):
-        """Traces (and runs once) every function a speculative row calls: the uncompiled sampler's
-        plain step, its model pass over several tokens and both token choices (greedy, sampled),
-        for the model and for a draft model. Each is traced once for any shape, so nothing is
-        traced while serving."""
+        """Traces (and runs once) every function a speculative row calls, for the model and a draft
+        model, greedy and sampled: each is traced once for any shape, so nothing is traced while serving."""
         from gpt2.sampling import direct, speculative
 
         t = self.stop_token

@@ -265,7 +265,7 @@ class Protocol:
         raise bad("'prompt' must be a string, a list of strings, a list of token ids or a list of token "
                   "id lists (not a mix)", "prompt")
 
-    # ------------------------------------------------------------------ shared parts
+    # ------------------------------------------------------------------ requests (shared parts, then parse_*)
 
     def _model(self, body):
         model = _string(body, "model", required=True)
@@ -311,8 +311,6 @@ class Protocol:
         return Plan(kind, rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts], max_tokens,
                     self.stop_text(stops), logprobs=logprobs, seeded=seed is not None, **fields)
 
-    # ------------------------------------------------------------------ /generate
-
     GENERATE_FIELDS = ("text", "length", "seed", *SETTING_FIELDS)
 
     def parse_generate(self, body):
@@ -325,8 +323,6 @@ class Protocol:
         seed = _checked(check_seed, body.get("seed"))
         prompts = [(text, self.encode(text, "text"))]
         return self._plan("generate", prompts, 1, settings, seed, length)
-
-    # ------------------------------------------------------------------ /v1/completions
 
     COMPLETION_FIELDS = (
         "model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "echo", "logprobs",
@@ -355,8 +351,6 @@ class Protocol:
         _checked(settings.check_vocab, self.n_vocab)
         return self._plan("completion", prompts, n, settings, seed, max_tokens, stops, logprobs, echo=echo,
                           stream=stream, include_usage=include_usage)
-
-    # ------------------------------------------------------------------ /v1/chat/completions
 
     CHAT_FIELDS = (
         "model", "messages", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream",
@@ -459,8 +453,6 @@ class Protocol:
             headers["X-Chat-History"] = f"dropped_messages={dropped}, max_tokens={max_tokens}"
             headers["Access-Control-Expose-Headers"] = "X-Chat-History"  # browsers may read it (with CORS)
         return text, tokens, max_tokens, headers
-
-    # ------------------------------------------------------------------ /tokenize, /detokenize
 
     def parse_tokenize(self, body):
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
