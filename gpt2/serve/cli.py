@@ -23,7 +23,7 @@ from gpt2.cli import EXIT_ERROR, EXIT_OK, Parser, add_model_arguments, fail, mai
 from gpt2.generate_cli import add_speculative_arguments, draft_folder
 from gpt2.runtime import import_tensorflow
 from gpt2.serve import api, httpd, protocol
-from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN, Engine
 from gpt2.serve.httpd import Limits
 
 log = logging.getLogger("gpt2.serve")
@@ -142,8 +142,7 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
-    exit code."""
+    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; the exit code."""
     parser = build_parser()
 
     def body(args):
@@ -174,27 +173,22 @@ def _serve(args, api_key):
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.sampling.api import release_free_memory
-    from gpt2.serve.engine import Engine
+    from gpt2.sampling.speculative import DraftModel, PromptLookup
 
     model_dir = resolve_model_dir(args.model, args.models_dir)
     enc = encoder_for_model_dir(model_dir)
     draft, draft_name = None, None
     draft_dir = draft_folder(args, read_hparams(model_dir))
     if draft_dir:
-        from gpt2.sampling.speculative import DraftModel
-
         log.info("loading the draft model %s ...", draft_dir)
         draft = DraftModel(load_model(draft_dir, dtype=args.dtype), tokens=args.draft_tokens)
         draft_name = args.draft_model
     elif args.prompt_lookup:
-        from gpt2.sampling.speculative import PromptLookup
-
         draft, draft_name = PromptLookup(tokens=args.draft_tokens), "prompt-lookup"
     engines = []
 
     def compile_first(model):
-        """Compiles every program before the weights are read: the compiler's memory is free
-        again before the weights take theirs (see gpt2.load_model)."""
+        """Compiles every program before the weights are read (see the module docstring and gpt2.load_model)."""
         jit = False if args.no_xla else model.default_jit_compile
         log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,

@@ -137,8 +137,7 @@ class Engine:
         self.steps_per_run = steps_per_run
         self.stream_steps_per_run = stream_steps_per_run
         self.max_failures = max_failures
-        self.pool = Pool(model, max_batch, jit_compile=jit_compile,
-                         iterations=max(steps_per_run, stream_steps_per_run))
+        self.pool = Pool(model, max_batch, jit_compile=jit_compile, iterations=max(steps_per_run, stream_steps_per_run))
         self.draft = None
         if draft is not None:
             from gpt2.sampling import speculative
@@ -407,8 +406,7 @@ class Engine:
         return len(self._running) + (self._speculation is not None)
 
     def _admissible(self):
-        return (bool(self._waiting) and not self._paused and not self._draining
-                and self._busy_slots() < self.max_batch)
+        return bool(self._waiting) and not self._paused and not self._draining and self._busy_slots() < self.max_batch
 
     def _pick(self):
         """[(job, row index)] for the free slots: each waiting request (in the order of the module

@@ -232,8 +232,7 @@ class Protocol:
         return tokens
 
     def _too_long(self, what, param):
-        return bad(f"{what}; this model's context is {self.n_ctx} tokens: shorten it", param,
-                   "context_length_exceeded")
+        return bad(f"{what}; this model's context is {self.n_ctx} tokens: shorten it", param, "context_length_exceeded")
 
     def _token_prompt(self, ids, where):
         if not ids:
