@@ -83,7 +83,9 @@ def completion_logprobs(enc, plan, prompt, ids, infos, scores=None, offset=None)
     prompt's tokens first (the first one's values null), then the sampled `ids` with their
     `infos`. top_logprobs hold the plan's number of alternatives plus the chosen token.
     text_offset counts characters from the start of the prompt (as OpenAI's does, echoed or not)
-    unless `offset` gives the first token's (a stream's later chunks)."""
+    unless `offset` gives the first token's (a stream's later chunks). None unless the plan asks."""
+    if plan.logprobs is None:
+        return None
     entries = []
     if scores is not None:
         score = scores[prompt]
@@ -113,7 +115,9 @@ def completion_logprobs(enc, plan, prompt, ids, infos, scores=None, offset=None)
 
 
 def chat_logprobs(enc, plan, ids, infos):
-    """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for `ids`."""
+    """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for `ids`; None unless the plan asks."""
+    if plan.logprobs is None:
+        return None
 
     def entry(token, logprob):
         return {"token": _text(enc, token), "logprob": finite_logprob(logprob),

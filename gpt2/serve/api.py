@@ -286,11 +286,9 @@ class App:
             if answer:
                 text, ids, infos = "".join(answer.texts[i]), answer.choices[i].ids, answer.infos[i]
                 finish_reason = answer.choices[i].finish_reason
-            logprobs = None
-            if plan.logprobs is not None:
-                logprobs = answers.completion_logprobs(self.enc, plan, prompt, ids, infos, scores)
             out.append({"text": (plan.prompt_texts[prompt] if plan.echo else "") + text, "index": i,
-                        "logprobs": logprobs, "finish_reason": finish_reason})
+                        "logprobs": answers.completion_logprobs(self.enc, plan, prompt, ids, infos, scores),
+                        "finish_reason": finish_reason})
         return json_response(200, {**head, "choices": out, "usage": answers.usage(plan, answer.choices if answer
                                                                                    else [])})
 
@@ -303,8 +301,7 @@ class App:
         answer = self._complete(request, plan)
         return json_response(200, {**head, "choices": [
             {"index": i, "message": {"role": "assistant", "content": "".join(answer.texts[i])},
-             "logprobs": answers.chat_logprobs(self.enc, plan, c.ids, answer.infos[i]) if plan.logprobs is not None
-             else None,
+             "logprobs": answers.chat_logprobs(self.enc, plan, c.ids, answer.infos[i]),
              "finish_reason": c.finish_reason}
             for i, c in enumerate(answer.choices)], "usage": answers.usage(plan, answer.choices)}, plan.headers)
 
@@ -324,16 +321,12 @@ class App:
 
         def chunk(index, text, finish_reason, ids, infos):
             if chat:
-                logprobs = answers.chat_logprobs(self.enc, plan, ids, infos) if plan.logprobs is not None and ids \
-                    else None
+                logprobs = answers.chat_logprobs(self.enc, plan, ids, infos) if ids else None
                 return _sse({**head, "choices": [{"index": index, "delta": {"content": text} if text else {},
                                                   "logprobs": logprobs, "finish_reason": finish_reason}]})
-            logprobs = None
-            if plan.logprobs is not None:
-                logprobs = answers.completion_logprobs(self.enc, plan, index // plan.n, ids, infos,
-                                                       offset=offsets[index])
-                if logprobs["tokens"]:
-                    offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            logprobs = answers.completion_logprobs(self.enc, plan, index // plan.n, ids, infos, offset=offsets[index])
+            if logprobs and logprobs["tokens"]:
+                offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             return _sse({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs,
                                               "finish_reason": finish_reason}]})
 
@@ -346,8 +339,7 @@ class App:
                         yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                          "logprobs": None, "finish_reason": None}]})
                     elif plan.echo:
-                        logprobs = (answers.completion_logprobs(self.enc, plan, prompt, [], [], scores)
-                                    if scores is not None else None)
+                        logprobs = answers.completion_logprobs(self.enc, plan, prompt, [], [], scores)
                         yield _sse({**head, "choices": [{"text": plan.prompt_texts[prompt], "index": i,
                                                          "logprobs": logprobs,
                                                          "finish_reason": None if plan.rows else "length"}]})

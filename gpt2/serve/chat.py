@@ -49,13 +49,11 @@ def _content(message, index):
     if content is None and message.get("role") == "assistant":
         return ""
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages[{index}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                                 "are supported")
-            texts.append(part["text"])
-        return "".join(texts)
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise ValueError(f"messages[{index}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                             "are supported")
+        return "".join(part["text"] for part in content)
     raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
 
 

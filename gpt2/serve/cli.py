@@ -22,14 +22,13 @@ import time
 from gpt2.cli import EXIT_ERROR, EXIT_OK, Parser, add_model_arguments, fail, main_of, number, positive_int
 from gpt2.generate_cli import add_speculative_arguments, draft_folder
 from gpt2.runtime import import_tensorflow
-from gpt2.serve import protocol
-from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN
+from gpt2.serve import api, httpd, protocol
+from gpt2.serve.engine import DEFAULT_STEPS_PER_RUN, DEFAULT_STREAM_STEPS_PER_RUN, Engine
 from gpt2.serve.httpd import Limits
 
 log = logging.getLogger("gpt2.serve")
 
 DEFAULTS = Limits()
-_positive_int = positive_int
 _seconds = number(float, lambda v: 0 < v < 1e6, "seconds > 0")
 _grace = number(float, lambda v: 0 <= v < 1e6, "seconds >= 0")
 
@@ -55,39 +54,35 @@ def build_parser():
         help="a chat longer than the context: 'error' answers 400 (default); 'truncate' drops the oldest "
              "non-system messages and caps max_tokens to what fits, saying so in an X-Chat-History header")
     limits = parser.add_argument_group("batching and limits")
-    limits.add_argument("--max-batch", type=_positive_int, default=8,
+    limits.add_argument("--max-batch", type=positive_int, default=8,
                         help="rows decoded together (slots of the compiled pool; default: 8)")
-    limits.add_argument("--max-queue", type=_positive_int, default=128,
+    limits.add_argument("--max-queue", type=positive_int, default=128,
                         help="rows (prompts x n) allowed to wait for a slot before answering 503 (default: 128)")
-    limits.add_argument("--max-request-rows", type=_positive_int, default=protocol.DEFAULT_MAX_REQUEST_ROWS,
+    limits.add_argument("--max-request-rows", type=positive_int, default=protocol.DEFAULT_MAX_REQUEST_ROWS,
                         help=f"prompts x n in one request (default: {protocol.DEFAULT_MAX_REQUEST_ROWS})")
-    limits.add_argument("--max-tokens-limit", type=_positive_int, default=protocol.DEFAULT_MAX_TOKENS_LIMIT,
+    limits.add_argument("--max-tokens-limit", type=positive_int, default=protocol.DEFAULT_MAX_TOKENS_LIMIT,
                         help="largest max_tokens / length a request may ask for; generation may run past the "
                              f"context, the window slides (default: {protocol.DEFAULT_MAX_TOKENS_LIMIT})")
-    limits.add_argument("--steps-per-run", type=_positive_int, default=DEFAULT_STEPS_PER_RUN,
+    limits.add_argument("--steps-per-run", type=positive_int, default=DEFAULT_STEPS_PER_RUN,
                         help="decode steps per compiled call; new requests join between calls "
                              f"(default: {DEFAULT_STEPS_PER_RUN})")
-    limits.add_argument("--stream-steps-per-run", type=_positive_int, default=DEFAULT_STREAM_STEPS_PER_RUN,
+    limits.add_argument("--stream-steps-per-run", type=positive_int, default=DEFAULT_STREAM_STEPS_PER_RUN,
                         help="decode steps per compiled call while a streamed request is running: 1 sends each "
                              f"token as it is made (default: {DEFAULT_STREAM_STEPS_PER_RUN})")
-    limits.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULTS.max_body_bytes,
+    limits.add_argument("--max-body-bytes", type=positive_int, default=DEFAULTS.max_body_bytes,
                         help=f"largest request body (default: {DEFAULTS.max_body_bytes})")
-    limits.add_argument("--max-connections", type=_positive_int, default=DEFAULTS.max_connections,
+    limits.add_argument("--max-connections", type=positive_int, default=DEFAULTS.max_connections,
                         help=f"open connections; more get 503 and are closed (default: {DEFAULTS.max_connections})")
-    limits.add_argument("--max-connections-per-address", type=_positive_int, default=None, metavar="N",
+    limits.add_argument("--max-connections-per-address", type=positive_int, default=None, metavar="N",
                         help="open connections from one client address (IPv6: one /64); an eighth of "
                              "--max-connections is kept for addresses holding none. Behind a reverse proxy every "
                              "connection comes from its address: set this to --max-connections there (default: a "
                              "quarter of --max-connections)")
-    limits.add_argument("--first-byte-timeout", type=_seconds, default=DEFAULTS.first_byte_timeout,
-                        help="seconds a new connection may wait before it sends its request "
-                             f"(default: {DEFAULTS.first_byte_timeout:g})")
-    limits.add_argument("--header-timeout", type=_seconds, default=DEFAULTS.header_timeout,
-                        help=f"seconds to send a request line and headers (default: {DEFAULTS.header_timeout:g})")
-    limits.add_argument("--body-timeout", type=_seconds, default=DEFAULTS.body_timeout,
-                        help=f"seconds to send a request body (default: {DEFAULTS.body_timeout:g})")
-    limits.add_argument("--idle-timeout", type=_seconds, default=DEFAULTS.idle_timeout,
-                        help=f"seconds a kept-alive connection may idle (default: {DEFAULTS.idle_timeout:g})")
+    for name, what in (("first_byte", "a new connection may wait before it sends its request"),
+                       ("header", "to send a request line and headers"), ("body", "to send a request body"),
+                       ("idle", "a kept-alive connection may idle")):
+        limits.add_argument(f"--{name.replace('_', '-')}-timeout", type=_seconds,
+                            default=getattr(DEFAULTS, f"{name}_timeout"), help=f"seconds {what} (default: %(default)g)")
     limits.add_argument("--shutdown-grace", type=_grace, default=10.0,
                         help="seconds running requests get to finish on SIGTERM / Ctrl-C (default: 10)")
     add_speculative_arguments(parser.add_argument_group(
@@ -147,8 +142,7 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; returns the
-    exit code."""
+    """Runs the command line `argv` (default: sys.argv[1:]) until SIGTERM / Ctrl-C; the exit code."""
     parser = build_parser()
 
     def body(args):
@@ -162,13 +156,9 @@ def main(argv=None):
 
 def _serve(args, api_key):
     started = time.perf_counter()
-    from gpt2.serve import api, httpd
-
-    limits = Limits(max_connections=args.max_connections,
-                    max_connections_per_address=args.max_connections_per_address,
-                    max_body_bytes=args.max_body_bytes, first_byte_timeout=args.first_byte_timeout,
-                    idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout)
+    limits = Limits(**{name: getattr(args, name) for name in (
+        "max_connections", "max_connections_per_address", "max_body_bytes", "first_byte_timeout", "idle_timeout",
+        "header_timeout", "body_timeout")})
     allowed = None
     if args.allowed_host or (api_key is None and httpd.is_loopback(args.host)):
         allowed = httpd.default_allowed_hosts(args.host, args.allowed_host)
@@ -183,27 +173,22 @@ def _serve(args, api_key):
     from encoder import encoder_for_model_dir
     from gpt2.checkpoint import load_model, read_hparams, resolve_model_dir
     from gpt2.sampling.api import release_free_memory
-    from gpt2.serve.engine import Engine
+    from gpt2.sampling.speculative import DraftModel, PromptLookup
 
     model_dir = resolve_model_dir(args.model, args.models_dir)
     enc = encoder_for_model_dir(model_dir)
     draft, draft_name = None, None
     draft_dir = draft_folder(args, read_hparams(model_dir))
     if draft_dir:
-        from gpt2.sampling.speculative import DraftModel
-
         log.info("loading the draft model %s ...", draft_dir)
         draft = DraftModel(load_model(draft_dir, dtype=args.dtype), tokens=args.draft_tokens)
         draft_name = args.draft_model
     elif args.prompt_lookup:
-        from gpt2.sampling.speculative import PromptLookup
-
         draft, draft_name = PromptLookup(tokens=args.draft_tokens), "prompt-lookup"
     engines = []
 
     def compile_first(model):
-        """Compiles every program before the weights are read: the compiler's memory is free
-        again before the weights take theirs (see gpt2.load_model)."""
+        """Compiles every program before the weights are read (see the module docstring and gpt2.load_model)."""
         jit = False if args.no_xla else model.default_jit_compile
         log.info("compiling (%s, %s) ...", args.dtype, "XLA" if jit else "no XLA")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, stop_token=enc.eot_token,
@@ -253,9 +238,7 @@ def serve_until_signalled(server, engine, grace):
     for name in ("SIGTERM", "SIGINT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="gpt2-serve-http",
-                              daemon=True)
-    thread.start()
+    httpd.start_in_thread(server)
     while not stop.wait(0.5):
         pass
     log.info("shutting down: new requests get 503, running rows have %g s to finish", grace)

@@ -137,8 +137,7 @@ class Engine:
         self.steps_per_run = steps_per_run
         self.stream_steps_per_run = stream_steps_per_run
         self.max_failures = max_failures
-        self.pool = Pool(model, max_batch, jit_compile=jit_compile,
-                         iterations=max(steps_per_run, stream_steps_per_run))
+        self.pool = Pool(model, max_batch, jit_compile=jit_compile, iterations=max(steps_per_run, stream_steps_per_run))
         self.draft = None
         if draft is not None:
             from gpt2.sampling import speculative
@@ -215,7 +214,7 @@ class Engine:
     def queue_state(self):
         with self._lock:
             return {"waiting_requests": len(self._waiting), "waiting_rows": self._waiting_rows,
-                    "running_rows": len(self._running) + (self._speculation is not None),
+                    "running_rows": self._busy_slots(),
                     "max_queue": self.max_queue}
 
     def status(self):
@@ -287,10 +286,8 @@ class Engine:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     def _warm_up_speculation(self):
-        """Traces (and runs once) every function a speculative row calls: the uncompiled sampler's
-        plain step, its model pass over several tokens and both token choices (greedy, sampled),
-        for the model and for a draft model. Each is traced once for any shape, so nothing is
-        traced while serving."""
+        """Traces (and runs once) every function a speculative row calls, for the model and a draft
+        model, greedy and sampled: each is traced once for any shape, so nothing is traced while serving."""
         from gpt2.sampling import direct, speculative
 
         t = self.stop_token
@@ -316,18 +313,15 @@ class Engine:
 
     def start(self):
         """Starts the worker thread."""
-        with self._lock:
-            self._start_worker()
-
-    def _start_worker(self):
-        self._thread = threading.Thread(target=self._serve, name="gpt2-serve-engine", daemon=True)
-        self._thread.start()
+        with self._lock:  # a Condition's RLock: _ensure_worker calls this holding it
+            self._thread = threading.Thread(target=self._serve, name="gpt2-serve-engine", daemon=True)
+            self._thread.start()
 
     def _ensure_worker(self):
         if self._thread is not None and not self._thread.is_alive() and not self._stopping:
             log.warning("the decode worker had stopped; restarting it")
             self.stats["worker_restarts"] += 1
-            self._start_worker()
+            self.start()
 
     def shutdown(self, grace=10.0):
         """Stops: waiting rows fail at once (503), running rows get up to `grace` seconds to finish,
@@ -364,21 +358,9 @@ class Engine:
     def _failed(self, error):
         """A run failed: fail its rows, reset the pool; False once the engine gives up."""
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        jobs = {job for job, _ in self._running.values()}
-        rows = len(self._running)
-        if self._speculation is not None:
-            jobs.add(self._speculation.job)
-            rows += 1
-            self._end_speculation()
+        rows = self._fail_running(500, f"generation failed: {message}", "generation_failed")
         log.error("decoding failed (%s); %d running rows get an error", message, rows)
         log.debug("decoding failure", exc_info=error)
-        for job in jobs:
-            job.put(("error", 500, f"generation failed: {message}", "generation_failed"))
-        self._running.clear()
-        try:
-            self.pool.release_all()
-        except Exception:  # noqa: BLE001 - the next run reports it
-            pass
         now = time.monotonic()
         with self._lock:
             self.stats["failures"] += 1
@@ -402,7 +384,7 @@ class Engine:
             self._drop_unwanted()
             with self._lock:
                 if self._stopping:
-                    self._cut_short()
+                    self._fail_running(503, "the server is shutting down; the answer was cut short", "shutting_down")
                     return
                 if not self._running and self._speculation is None and not self._admissible():
                     self._lock.wait()
@@ -424,8 +406,7 @@ class Engine:
         return len(self._running) + (self._speculation is not None)
 
     def _admissible(self):
-        return (bool(self._waiting) and not self._paused and not self._draining
-                and self._busy_slots() < self.max_batch)
+        return bool(self._waiting) and not self._paused and not self._draining and self._busy_slots() < self.max_batch
 
     def _pick(self):
         """[(job, row index)] for the free slots: each waiting request (in the order of the module
@@ -459,10 +440,13 @@ class Engine:
             self._end_speculation()
             with self._lock:
                 self._lock.notify_all()
-        unwanted = [slot for slot, (job, i) in self._running.items() if job.cancelled or i in job.unneeded]
-        if unwanted:
-            self.pool.release(unwanted)
-            for slot in unwanted:
+        self._release([slot for slot, (job, i) in self._running.items() if job.cancelled or i in job.unneeded])
+
+    def _release(self, slots):
+        """Frees pool `slots` (waking whoever waits for a free slot or an idle engine)."""
+        if slots:
+            self.pool.release(slots)
+            for slot in slots:
                 del self._running[slot]
             with self._lock:
                 self._lock.notify_all()
@@ -489,23 +473,25 @@ class Engine:
             job.put(("tokens", i, ids, infos, bool(done[slot])))
             if done[slot]:
                 finished.append(slot)
-        if finished:
-            self.pool.release(finished)
-            for slot in finished:
-                del self._running[slot]
-            self.stats["finished_rows"] += len(finished)
-            with self._lock:
-                self._lock.notify_all()
+        self.stats["finished_rows"] += len(finished)
+        self._release(finished)
 
-    def _cut_short(self):
+    def _fail_running(self, status, message, code):
+        """Every running row (in the pool or speculative) gets an error event and its slot freed;
+        returns their number."""
         jobs = {job for job, _ in self._running.values()}
+        rows = self._busy_slots()
         if self._speculation is not None:
             jobs.add(self._speculation.job)
             self._end_speculation()
         for job in jobs:
-            job.put(("error", 503, "the server is shutting down; the answer was cut short", "shutting_down"))
-        self.pool.release(list(self._running))
+            job.put(("error", status, message, code))
         self._running.clear()
+        try:
+            self.pool.release_all()
+        except Exception:  # noqa: BLE001 - after a failed run the pool may be broken: the next run reports it
+            pass
+        return rows
 
     # ------------------------------------------------------------------ speculative decoding (one row)
 
@@ -515,9 +501,8 @@ class Engine:
         from gpt2.sampling.settings import SettingsError
 
         row = job.rows[i]
-        if self.draft is None or (job.seeded and row.settings.temperature > 0):
-            return False
-        if len(row.prompt) + row.max_new > self.draft_context:
+        if (self.draft is None or (job.seeded and row.settings.temperature > 0)
+                or len(row.prompt) + row.max_new > self.draft_context):
             return False
         try:
             speculative.check(self.model, [row])  # what it refuses: logprobs, past the context

@@ -41,6 +41,7 @@ import logging
 import math
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -260,8 +261,6 @@ class Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         """An unexpected error on a connection: one line (no traceback for a dropped client)."""
-        import sys
-
         error = sys.exc_info()[1]
         log.warning("%s: connection ended by %s: %s", _peer(client_address), type(error).__name__, clean(error))
 
@@ -382,10 +381,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _read_head(self):
-        """Reads the request line and header lines and checks them as RFC 9112 asks: every line
-        ends with CRLF (no bare LF or CR), no obs-fold continuation lines, no control characters
-        but tab, field names are tokens with no space before the colon. Returns the header lines
-        for parse_request, or None after answering 400, 414 or 431 (the connection then closes)."""
+        """Reads and checks the request line and header lines (RFC 9112's framing, see the module
+        docstring); the header lines for parse_request, or None after answering 400, 414 or 431."""
         self.raw_requestline = line = self.rfile.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
             return self._refuse_head(414, f"the request line is over {MAX_LINE} bytes")

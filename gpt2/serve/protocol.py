@@ -103,16 +103,10 @@ def _fields(body, known):
                   unknown[0])
 
 
-def _required_string(body, name):
+def _string(body, name, required=False):
     value = body.get(name)
-    if not isinstance(value, str):
-        raise bad(f"'{name}' is required and must be a string" if value is None else
-                  f"'{name}' must be a string, got {type(value).__name__}", name)
-    return value
-
-
-def _optional_string(body, name):
-    value = body.get(name)
+    if value is None and required:
+        raise bad(f"'{name}' is required and must be a string", name)
     if value is not None and not isinstance(value, str):
         raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
     return value
@@ -139,13 +133,17 @@ def _bool(body, name):
     return value
 
 
-def _settings(body, defaults=None):
-    """SamplingSettings from the body's sampling fields (absent or null = the default)."""
-    values = {name: body[name] for name in SETTING_FIELDS if body.get(name) is not None}
+def _checked(check, *args, **kwargs):
+    """check(*args, **kwargs), a SettingsError becoming a 400 naming its field."""
     try:
-        return SamplingSettings(**{**(defaults or {}), **values})
+        return check(*args, **kwargs)
     except SettingsError as error:
         raise bad(str(error), error.field) from None
+
+
+def _settings(body):
+    """SamplingSettings from the body's sampling fields (absent or null = the default)."""
+    return _checked(SamplingSettings, **{name: body[name] for name in SETTING_FIELDS if body.get(name) is not None})
 
 
 def _stops(body):
@@ -161,16 +159,18 @@ def _stops(body):
     return [s for s in stops if s]
 
 
-def _stream_options(body, stream):
+def _stream(body):
+    """(stream, include_usage) from 'stream' and 'stream_options'."""
+    stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is None:
-        return False
+        return stream, False
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     if (not isinstance(options, dict) or set(options) - {"include_usage"}
             or not isinstance(options.get("include_usage", False), (bool, type(None)))):
         raise bad("'stream_options' must be an object with only 'include_usage' (true or false)", "stream_options")
-    return options.get("include_usage") is True
+    return stream, options.get("include_usage") is True
 
 
 def _user(body):
@@ -232,8 +232,7 @@ class Protocol:
         return tokens
 
     def _too_long(self, what, param):
-        return bad(f"{what}; this model's context is {self.n_ctx} tokens: shorten it", param,
-                   "context_length_exceeded")
+        return bad(f"{what}; this model's context is {self.n_ctx} tokens: shorten it", param, "context_length_exceeded")
 
     def _token_prompt(self, ids, where):
         if not ids:
@@ -265,10 +264,10 @@ class Protocol:
         raise bad("'prompt' must be a string, a list of strings, a list of token ids or a list of token "
                   "id lists (not a mix)", "prompt")
 
-    # ------------------------------------------------------------------ shared parts
+    # ------------------------------------------------------------------ requests (shared parts, then parse_*)
 
     def _model(self, body):
-        model = _required_string(body, "model")
+        model = _string(body, "model", required=True)
         if model not in self.model_ids:
             raise ApiError(404, f"the model {shown(model)} does not exist; this server serves {self.model_ids[0]!r} "
                            "(start it with --served-model-name NAME to accept another name)", "model",
@@ -300,38 +299,29 @@ class Protocol:
             return list(stops)
         return [text for text in (self.enc.decode(self.enc.encode(s)) for s in stops) if text]
 
-    def _rows(self, prompts, n, settings, seed, max_tokens, logprobs):
-        if max_tokens == 0:
-            return []
-        settings = settings.banning(self.never_drawn)
-        seeds = row_seeds(seed, len(prompts) * n)
-        return [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs=logprobs)
-                for p, (_, tokens) in enumerate(prompts) for j in range(n)]
-
-    @staticmethod
-    def _seed(body):
-        try:
-            return check_seed(body.get("seed"))
-        except SettingsError as error:
-            raise bad(str(error), error.field) from None
-
-    # ------------------------------------------------------------------ /generate
+    def _plan(self, kind, prompts, n, settings, seed, max_tokens, stops=(), logprobs=None, **fields):
+        """The Plan of `prompts` [(text, tokens)] x n rows (none when max_tokens is 0)."""
+        rows = []
+        if max_tokens:
+            settings = settings.banning(self.never_drawn)
+            seeds = row_seeds(seed, len(prompts) * n)
+            rows = [Row(tokens, settings, int(seeds[p * n + j]), max_tokens, logprobs=logprobs is not None)
+                    for p, (_, tokens) in enumerate(prompts) for j in range(n)]
+        return Plan(kind, rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts], max_tokens,
+                    self.stop_text(stops), logprobs=logprobs, seeded=seed is not None, **fields)
 
     GENERATE_FIELDS = ("text", "length", "seed", *SETTING_FIELDS)
 
     def parse_generate(self, body):
         """/generate: {"text", "length"?: 64, sampling settings?, "seed"?} -> Plan."""
         _fields(body, self.GENERATE_FIELDS)
-        text = _required_string(body, "text")
+        text = _string(body, "text", required=True)
         length = self._max_tokens(body, "length", DEFAULT_GENERATE_LENGTH)
         settings = _settings(body)
-        self._check_vocab(settings)
-        seed = self._seed(body)
+        _checked(settings.check_vocab, self.n_vocab)
+        seed = _checked(check_seed, body.get("seed"))
         prompts = [(text, self.encode(text, "text"))]
-        return Plan("generate", self._rows(prompts, 1, settings, seed, length, False), 1, [text],
-                    [prompts[0][1]], length, seeded=seed is not None)
-
-    # ------------------------------------------------------------------ /v1/completions
+        return self._plan("generate", prompts, 1, settings, seed, length)
 
     COMPLETION_FIELDS = (
         "model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "echo", "logprobs",
@@ -345,10 +335,9 @@ class Protocol:
         echo = _bool(body, "echo")
         max_tokens = self._max_tokens(body, "max_tokens", DEFAULT_MAX_TOKENS, low=0 if echo else 1)
         settings = _settings(body)
-        seed = self._seed(body)
+        seed = _checked(check_seed, body.get("seed"))
         stops = _stops(body)
-        stream = _bool(body, "stream")
-        include_usage = _stream_options(body, stream)
+        stream, include_usage = _stream(body)
         logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
         prompts = self.prompts(body.get("prompt"))
         n = self._n(body, prompts)
@@ -358,19 +347,9 @@ class Protocol:
                       "unsupported_parameter")
         _unsupported(body, "suffix", (None, ""))
         _user(body)
-        self._check_vocab(settings)
-        rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
-        return Plan("completion", rows, n, [text for text, _ in prompts], [tokens for _, tokens in prompts],
-                    max_tokens, self.stop_text(stops), echo, stream, include_usage, logprobs,
-                    seeded=seed is not None)
-
-    def _check_vocab(self, settings):
-        try:
-            settings.check_vocab(self.n_vocab)
-        except SettingsError as error:
-            raise bad(str(error), error.field) from None
-
-    # ------------------------------------------------------------------ /v1/chat/completions
+        _checked(settings.check_vocab, self.n_vocab)
+        return self._plan("completion", prompts, n, settings, seed, max_tokens, stops, logprobs, echo=echo,
+                          stream=stream, include_usage=include_usage)
 
     CHAT_FIELDS = (
         "model", "messages", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "stream",
@@ -400,11 +379,10 @@ class Protocol:
             room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
             max_tokens = self._max_tokens(body, name, room)
         settings = _settings(body)
-        self._check_vocab(settings)
-        seed = self._seed(body)
+        _checked(settings.check_vocab, self.n_vocab)
+        seed = _checked(check_seed, body.get("seed"))
         stops = _stops(body)
-        stream = _bool(body, "stream")
-        include_usage = _stream_options(body, stream)
+        stream, include_usage = _stream(body)
         logprobs = None
         if _bool(body, "logprobs"):
             logprobs = _int(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS)
@@ -422,9 +400,8 @@ class Protocol:
         if response_format is not None and response_format != {"type": "text"}:
             raise bad("only 'response_format': {\"type\": \"text\"} is supported", "response_format",
                       "unsupported_parameter")
-        rows = self._rows(prompts, n, settings, seed, max_tokens, logprobs is not None)
-        return Plan("chat", rows, n, [text], [tokens], max_tokens, self.stop_text(chat.STOPS + stops), False, stream,
-                    include_usage, logprobs, trim=True, headers=headers, seeded=seed is not None)
+        return self._plan("chat", prompts, n, settings, seed, max_tokens, chat.STOPS + stops, logprobs, stream=stream,
+                          include_usage=include_usage, trim=True, headers=headers)
 
     def _fit_chat(self, turns, body, name):
         """--chat-history truncate: the oldest turns that are not system turns are dropped (the
@@ -434,10 +411,7 @@ class Protocol:
         headers saying what changed (X-Chat-History: dropped_messages=D, max_tokens=M)."""
         requested = body.get(name)
         if requested is not None:
-            try:
-                requested = check_length(requested, name)
-            except SettingsError as error:
-                raise bad(str(error), name) from None
+            requested = _checked(check_length, requested, name)
         answer = min(requested or self.n_ctx, max(self.n_ctx // 2, 1))
         budget = self.n_ctx - answer  # tokens the prompt may take
         separator = len(self.enc.encode(chat.SEPARATOR + chat.MARKERS["user"])) - len(
@@ -479,16 +453,13 @@ class Protocol:
             headers["Access-Control-Expose-Headers"] = "X-Chat-History"  # browsers may read it (with CORS)
         return text, tokens, max_tokens, headers
 
-
-    # ------------------------------------------------------------------ /tokenize, /detokenize
-
     def parse_tokenize(self, body):
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?, "model"?} -> token ids. Special
         tokens written out in the text (<|endoftext|>) are recognised, as Hugging Face tokenizers do."""
         _fields(body, ("prompt", "add_special_tokens", "model"))
         _bool(body, "add_special_tokens")
-        _optional_string(body, "model")
-        text = _required_string(body, "prompt")
+        _string(body, "model")
+        text = _string(body, "prompt", required=True)
         if len(text.encode("utf-8", "surrogatepass")) > 4 * self.max_prompt_bytes:
             raise bad(f"'prompt' is over {4 * self.max_prompt_bytes} bytes", "prompt")
         return self.enc.encode(text, allow_special=True)
@@ -496,7 +467,7 @@ class Protocol:
     def parse_detokenize(self, body):
         """vLLM's /detokenize: {"tokens", "model"?} -> token ids to decode."""
         _fields(body, ("tokens", "model"))
-        _optional_string(body, "model")
+        _string(body, "model")
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < self.n_vocab for t in tokens):
             raise bad(f"'tokens' must be a list of token ids in [0, {self.n_vocab})", "tokens")
@@ -545,13 +516,11 @@ class ChoiceText:
             if self.finished:
                 break
             if token == self._eot:
-                self._pending += self._decoder.flush()
                 self._finish("stop", out)
                 break
             self.ids.append(int(token))
             self._pending += self._decoder.push([int(token)])
             if len(self.ids) >= self._max_tokens:
-                self._pending += self._decoder.flush()
                 self._finish("length", out)
                 break
             if self._stopped(out):
@@ -566,7 +535,6 @@ class ChoiceText:
         """The row ended without a reason seen in its tokens (e.g. cancelled): release the rest."""
         if self.finished:
             return ""
-        self._pending += self._decoder.flush()
         out = []
         self._finish(reason, out)
         return self._trimmed("".join(out))
@@ -596,6 +564,7 @@ class ChoiceText:
         return True
 
     def _finish(self, reason, out):
+        self._pending += self._decoder.flush()
         if not self._stopped(out):
             out.append(self._pending)
             self._pending = ""
