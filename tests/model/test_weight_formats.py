@@ -1,8 +1,8 @@
 """Narrow weights (weight-only, float32 arithmetic): int8 (a float32 scale per output channel, a
 quarter of the bytes) and float16 (half): the same numbers as float32 run on the widened weights,
 logits within a stated bound of float32, greedy decoding that follows float32 away from near ties,
-clear refusals, and generate.py --dtype. The server's no-compile-after-start-up check with int8 is
-the one slow test; float16's compiled (XLA) loop is checked by the greedy test."""
+clear refusals, and generate.py --dtype. The server's no-compile-after-start-up check with each
+narrow dtype is the one slow test; float16's compiled (XLA) loop is checked by the greedy test."""
 
 import os
 import re
@@ -233,13 +233,14 @@ def test_generate_cli_with_dtype(capsys, narrow_model, reference, monkeypatch):
 
 
 @pytest.mark.slow
-def test_server_with_int8_compiles_nothing_after_start_up(reference):
-    """The server's default for int8: the XLA-compiled loop, compiled once at start-up; its greedy
-    text is the int8 model's own."""
-    dequantized = widened(gpt2.load_model(TINY_MODEL, dtype="int8"))
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_server_with_narrow_weights_compiles_nothing_after_start_up(reference, dtype):
+    """The server's default for narrow weights: the XLA-compiled loop, compiled once at start-up;
+    its greedy text is the narrow model's own."""
+    dequantized = widened(gpt2.load_model(TINY_MODEL, dtype=dtype))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt2.serve", "--model", TINY_MODEL, "--port", "0", "--dtype", "int8",
+        [sys.executable, "-m", "gpt2.serve", "--model", TINY_MODEL, "--port", "0", "--dtype", dtype,
          "--max-batch", "2", "--log-level", "warning"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
