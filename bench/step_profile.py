@@ -93,7 +93,7 @@ def main(argv=None):
 
         x = tf.random.normal([args.batch, n_embd])
         timed = [(matmuls, "every weight matmul of a step (blocks + logits)"), (logits, "the logits matmul alone")]
-        compiled = dtype != "bfloat16"  # bfloat16's loop runs without XLA
+        compiled = model.default_jit_compile  # the formats whose loop runs under XLA (not bfloat16)
         if compiled:
             timed.append((tf.function(matmuls.python_function, autograph=False, jit_compile=True),
                           "every weight matmul of a step, XLA-compiled"))

@@ -14,6 +14,7 @@ takes seconds; see `main`. Bad input ends in a one-line `error: ...` on stderr, 
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import sys
 import textwrap
@@ -99,21 +100,21 @@ def draft_folder(args, hparams):
     return folder
 
 
-# The sampling settings checked by gpt2.sampling.settings: (name, type, default, metavar, help).
+# The sampling settings checked by gpt2.sampling.settings: (name, type, metavar, help); defaults are
+# SamplingSettings' own, except top_k (OpenAI's generate scripts sample with top_k 40).
 _SETTINGS = (
-    ("temperature", float, 1.0, "T", "divides the logits before sampling: lower is more predictable, 0 = greedy "
-                                     "(always the most likely token) (default: 1.0)"),
-    ("top_k", int, DEFAULT_TOP_K, "K",
-     f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})"),
-    ("top_p", float, 1.0, "P", "nucleus sampling: sample only among the most likely tokens whose probabilities add "
-                               "up to P, 1.0 = off, 0 = only the most likely (default: 1.0)"),
-    ("presence_penalty", float, 0.0, "X", "OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of "
-                                          "every token already generated (default: 0 = off)"),
-    ("frequency_penalty", float, 0.0, "X", "OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit "
-                                           "once per time it was generated (default: 0 = off)"),
-    ("repetition_penalty", float, 1.0, "X", "CTRL / Hugging Face repetition penalty > 0 over the prompt and the "
-                                            "generated tokens: their positive logits are divided by it, negative ones "
-                                            "multiplied (default: 1 = off; 1.2 is a common choice)"),
+    ("temperature", float, "T", "divides the logits before sampling: lower is more predictable, 0 = greedy "
+                                "(always the most likely token) (default: 1.0)"),
+    ("top_k", int, "K", f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})"),
+    ("top_p", float, "P", "nucleus sampling: sample only among the most likely tokens whose probabilities add up "
+                          "to P, 1.0 = off, 0 = only the most likely (default: 1.0)"),
+    ("presence_penalty", float, "X", "OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of "
+                                     "every token already generated (default: 0 = off)"),
+    ("frequency_penalty", float, "X", "OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit "
+                                      "once per time it was generated (default: 0 = off)"),
+    ("repetition_penalty", float, "X", "CTRL / Hugging Face repetition penalty > 0 over the prompt and the "
+                                       "generated tokens: their positive logits are divided by it, negative ones "
+                                       "multiplied (default: 1 = off; 1.2 is a common choice)"),
 )
 
 
@@ -174,8 +175,11 @@ def build_parser(prog=None):
                           help="samples computed together in one batch; nsamples need not be a multiple of it (the "
                                "last batch is smaller). With a fixed --seed, sample N is the same for every batch "
                                "size (default: 1)")
-    for name, kind, default, metavar, help_ in _SETTINGS:
-        sampling.add_argument("--" + name.replace("_", "-"), type=_setting(name, kind), default=default,
+    from gpt2.sampling.settings import SamplingSettings  # TensorFlow-free
+
+    defaults = {**dataclasses.asdict(SamplingSettings()), "top_k": DEFAULT_TOP_K}
+    for name, kind, metavar, help_ in _SETTINGS:
+        sampling.add_argument("--" + name.replace("_", "-"), type=_setting(name, kind), default=defaults[name],
                               metavar=metavar, help=help_)
     sampling.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN=BIAS",
                           help="add BIAS (in [-100, 100]) to a token id's logit; -100 bans it, 100 forces it; "
