@@ -10,10 +10,11 @@ prompts x n make k*n rows) and wait in a queue bounded by rows, not requests. Th
    same prompt share its ingestion). Requests go in order of arrival time plus their own decode
    time (max_tokens x the measured time per step): shorter ones go first, but a request is never
    overtaken by ones that arrived more than its own decode time after it;
-3. run the pool for `steps_per_run` loop iterations (a new prompt is ingested 32 tokens per
-   iteration, interleaved with the other rows' decoding), or `stream_steps_per_run` (1) while a
-   streamed request has rows running, so a stream gets each token as it is made rather than a
-   few at a time (the same program: the iteration count is an argument of the run);
+3. run the pool for `steps_per_run` loop iterations (a new prompt is ingested up to 128 tokens per
+   iteration, interleaved with the other rows' decoding: gpt2.sampling.decoder), or
+   `stream_steps_per_run` (1) while a streamed request has rows running, so a stream gets each
+   token as it is made rather than a few at a time (the same program: the iteration count is an
+   argument of the run);
 4. hand each row's new tokens (and log-probabilities when asked) to its job, and release the
    slots of finished rows at once, so their answers return at once.
 

@@ -299,6 +299,19 @@ def test_window_slides_in_batches_ragged_and_streamed(tiny_model, reference):
     assert [int(s[0]) for s in steps] == together[0][len(prompts[0]):].tolist()
 
 
+def test_prompts_either_side_of_the_small_ingest_pass_equal_the_reference(tiny_model, reference):
+    """The loop ingests SMALL_CHUNK or fewer waiting tokens in a narrow pass, more in a CHUNK-wide one:
+    prompts of SMALL_CHUNK and SMALL_CHUNK + 1 tokens, together in a batch and past the context, give
+    the naive rule's tokens."""
+    from gpt2.sampling.decoder import SMALL_CHUNK
+
+    long = reference["inputs"]["len40"][0] * 2
+    prompts = [long[:SMALL_CHUNK], long[:SMALL_CHUNK + 1], long[:1]]
+    together = gpt2.sample_sequence(tiny_model, prompts, 40, temperature=0, window_keep=SMALL_CHUNK + 1)
+    for prompt, row in zip(prompts, together):
+        assert row[len(prompt):].tolist() == naive_greedy(tiny_model, prompt, 40, SMALL_CHUNK + 1)
+
+
 def test_stop_token_past_the_context(tiny_model, reference):
     prompt = reference["inputs"]["len40"][0]
     expected = naive_greedy(tiny_model, prompt, 60, 32)
