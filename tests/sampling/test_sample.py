@@ -305,8 +305,9 @@ def test_prompts_either_side_of_the_small_ingest_pass_equal_the_reference(tiny_m
     the naive rule's tokens."""
     from gpt2.sampling.decoder import SMALL_CHUNK
 
-    long = reference["inputs"]["len40"][0] * 2
-    prompts = [long[:SMALL_CHUNK], long[:SMALL_CHUNK + 1], long[:1]]
+    text = reference["inputs"]["len40"][0]
+    prompts = [text[:SMALL_CHUNK], text[:SMALL_CHUNK + 1], text[:1]]
+    assert [len(p) for p in prompts] == [SMALL_CHUNK, SMALL_CHUNK + 1, 1]
     together = gpt2.sample_sequence(tiny_model, prompts, 40, temperature=0, window_keep=SMALL_CHUNK + 1)
     for prompt, row in zip(prompts, together):
         assert row[len(prompt):].tolist() == naive_greedy(tiny_model, prompt, 40, SMALL_CHUNK + 1)
