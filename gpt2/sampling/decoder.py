@@ -192,7 +192,7 @@ class Decoder:
         # The first SMALL_CHUNK slots are written every iteration (to scratch slots past n_ctx when no row
         # is waiting), the rest only after a CHUNK-wide pass (a one-trip loop, in place). Writing all
         # CHUNK every decode step cost batch 1 about 1 ms a step, and the conditional write of all of
-        # them about 80 ms per prompt at batch 8 (124M).
+        # them 80-100 ms per prompt at batch 8 (124M).
         at = tf.where(any_pending, start, self.cache_slots - SMALL_CHUNK)
         state = self._write(state, [[t[:, :, :SMALL_CHUNK] for t in kv] for kv in new],
                             lambda cache, update: _update_slice(cache, update, [row, 0, at, 0], self.xla))
