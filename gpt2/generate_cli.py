@@ -100,21 +100,21 @@ def draft_folder(args, hparams):
     return folder
 
 
-# The sampling settings checked by gpt2.sampling.settings: (name, type, metavar, help); defaults are
-# SamplingSettings' own, except top_k (OpenAI's generate scripts sample with top_k 40).
+# The sampling settings checked by gpt2.sampling.settings: (name, type, metavar, help); defaults (in the
+# help as %(default)) are SamplingSettings' own, except top_k (OpenAI's generate scripts sample with top_k 40).
 _SETTINGS = (
     ("temperature", float, "T", "divides the logits before sampling: lower is more predictable, 0 = greedy "
-                                "(always the most likely token) (default: 1.0)"),
-    ("top_k", int, "K", f"sample only among the K most likely tokens, 0 = no limit (default: {DEFAULT_TOP_K})"),
+                                "(always the most likely token) (default: %(default)s)"),
+    ("top_k", int, "K", "sample only among the K most likely tokens, 0 = no limit (default: %(default)s)"),
     ("top_p", float, "P", "nucleus sampling: sample only among the most likely tokens whose probabilities add up "
-                          "to P, 1.0 = off, 0 = only the most likely (default: 1.0)"),
+                          "to P, 1.0 = off, 0 = only the most likely (default: %(default)s)"),
     ("presence_penalty", float, "X", "OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of "
-                                     "every token already generated (default: 0 = off)"),
+                                     "every token already generated (default: %(default)g = off)"),
     ("frequency_penalty", float, "X", "OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit "
-                                      "once per time it was generated (default: 0 = off)"),
+                                      "once per time it was generated (default: %(default)g = off)"),
     ("repetition_penalty", float, "X", "CTRL / Hugging Face repetition penalty > 0 over the prompt and the "
                                        "generated tokens: their positive logits are divided by it, negative ones "
-                                       "multiplied (default: 1 = off; 1.2 is a common choice)"),
+                                       "multiplied (default: %(default)g = off; 1.2 is a common choice)"),
 )
 
 

@@ -141,9 +141,11 @@ def _checked(check, *args, **kwargs):
         raise bad(str(error), error.field) from None
 
 
-def _settings(body):
-    """SamplingSettings from the body's sampling fields (absent or null = the default)."""
-    return _checked(SamplingSettings, **{name: body[name] for name in SETTING_FIELDS if body.get(name) is not None})
+def _settings(body, n_vocab):
+    """(SamplingSettings from the body's sampling fields (absent or null = the default), checked
+    against the model's `n_vocab`; the seed (None = fresh))."""
+    settings = _checked(SamplingSettings, **{name: body[name] for name in SETTING_FIELDS if body.get(name) is not None})
+    return _checked(settings.check_vocab, n_vocab), _checked(check_seed, body.get("seed"))
 
 
 def _stops(body):
@@ -317,9 +319,7 @@ class Protocol:
         _fields(body, self.GENERATE_FIELDS)
         text = _string(body, "text", required=True)
         length = self._max_tokens(body, "length", DEFAULT_GENERATE_LENGTH)
-        settings = _settings(body)
-        _checked(settings.check_vocab, self.n_vocab)
-        seed = _checked(check_seed, body.get("seed"))
+        settings, seed = _settings(body, self.n_vocab)
         prompts = [(text, self.encode(text, "text"))]
         return self._plan("generate", prompts, 1, settings, seed, length)
 
@@ -334,8 +334,7 @@ class Protocol:
         self._model(body)
         echo = _bool(body, "echo")
         max_tokens = self._max_tokens(body, "max_tokens", DEFAULT_MAX_TOKENS, low=0 if echo else 1)
-        settings = _settings(body)
-        seed = _checked(check_seed, body.get("seed"))
+        settings, seed = _settings(body, self.n_vocab)
         stops = _stops(body)
         stream, include_usage = _stream(body)
         logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
@@ -347,7 +346,6 @@ class Protocol:
                       "unsupported_parameter")
         _unsupported(body, "suffix", (None, ""))
         _user(body)
-        _checked(settings.check_vocab, self.n_vocab)
         return self._plan("completion", prompts, n, settings, seed, max_tokens, stops, logprobs, echo=echo,
                           stream=stream, include_usage=include_usage)
 
@@ -378,9 +376,7 @@ class Protocol:
             tokens = self.encode(text, "messages")
             room = max(min(self.n_ctx - len(tokens), self.max_tokens_limit), 1)
             max_tokens = self._max_tokens(body, name, room)
-        settings = _settings(body)
-        _checked(settings.check_vocab, self.n_vocab)
-        seed = _checked(check_seed, body.get("seed"))
+        settings, seed = _settings(body, self.n_vocab)
         stops = _stops(body)
         stream, include_usage = _stream(body)
         logprobs = None
